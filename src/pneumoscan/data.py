@@ -1,0 +1,270 @@
+"""Datasets in the Kaggle ``chest_xray`` layout: discovery, patients, splits, checks, loading.
+
+``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*`` or, for one set, ``ROOT/{NORMAL,PNEUMONIA}/*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ImageError
+from .images import IMAGE_SUFFIXES, load_image, prepare
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+DATA_ENV = "PNEUMOSCAN_DATA"
+
+
+def shared_data_root() -> Path:
+    """Where the development data lives: ``$PNEUMOSCAN_DATA`` or ``../shared/data``."""
+    if DATA_ENV in os.environ:
+        return Path(os.environ[DATA_ENV])
+    return Path(__file__).resolve().parents[3] / "shared" / "data"  # beside a source checkout
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 NORMAL, 1 PNEUMONIA
+    patient: str
+
+    @property
+    def label_name(self) -> str:
+        return CLASSES[self.label]
+
+
+_PNEUMONIA_FILE = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_NORMAL_FILE = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
+
+
+def patient_id(filename: str) -> str:
+    """``person12_virus_3.jpeg`` -> ``person12``; ``NORMAL2-IM-0051-0001.jpeg`` -> ``NORMAL2-IM-0051``;
+    any other name is its own patient."""
+    stem = Path(filename).name
+    match = _PNEUMONIA_FILE.match(stem) or _NORMAL_FILE.match(stem)
+    return match.group(1) if match else Path(stem).stem
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursive, sorted, symlink loops tolerated)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(folder, followlinks=False):
+        found += [Path(dirpath) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def load_split(root: str | Path, split: str | None = None) -> list[Sample]:
+    """The labelled samples of one split, or of a flat ``ROOT/{NORMAL,PNEUMONIA}`` folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data folder not found")
+    folder = root / split if split and (root / split).is_dir() else root
+    if not all((folder / c).is_dir() for c in CLASSES):
+        where = f"{root}/{split}" if split else str(root)
+        raise ConfigError(f"{where}: expected class folders {' and '.join(CLASSES)} (Kaggle chest_xray layout)")
+    samples = [Sample(p, label, patient_id(p.name)) for label, c in enumerate(CLASSES) for p in list_images(folder / c)]
+    if not samples:
+        raise ConfigError(f"{folder}: no images (.jpeg, .jpg, .png, .dcm) in {' or '.join(CLASSES)}")
+    return samples
+
+
+def split_by_patient(samples: list[Sample], fraction: float = 0.1, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Carve ``fraction`` of the patients of each class out as validation: no patient on both sides."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation fraction must be between 0 and 1, got {fraction}")
+    rng = random.Random(seed)
+    val_patients: set[str] = set()
+    for label in (0, 1):
+        patients = sorted({s.patient for s in samples if s.label == label})
+        rng.shuffle(patients)
+        val_patients.update(patients[: max(1, round(fraction * len(patients)))])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
+def stratified_subset(samples: list[Sample], per_class: int | None, seed: int = 0) -> list[Sample]:
+    """At most ``per_class`` samples of each class, drawn with ``seed``, in file order."""
+    if per_class is None:
+        return samples
+    rng = random.Random(seed)
+    out = []
+    for label in (0, 1):
+        of_class = [s for s in samples if s.label == label]
+        rng.shuffle(of_class)
+        out += of_class[:per_class]
+    return sorted(out, key=lambda s: str(s.path))
+
+
+def training_splits(root: str | Path, val_source: str = "patients", val_fraction: float = 0.1, seed: int = 0):
+    """(train, val) for training: validation carved from train by patient, or the official val split."""
+    train = load_split(root, "train")
+    if val_source == "official":
+        return train, load_split(root, "val")
+    if val_source == "patients":
+        return split_by_patient(train, val_fraction, seed)
+    raise ConfigError(f"--val-source must be 'patients' or 'official', got {val_source!r}")
+
+
+def class_counts(samples: list[Sample]) -> dict[str, int]:
+    counts = Counter(s.label for s in samples)
+    return {c: counts.get(i, 0) for i, c in enumerate(CLASSES)}
+
+
+def summarize(samples: list[Sample]) -> dict:
+    """Counts of images and patients per class, for configs, reports and model cards."""
+    return {
+        "images": len(samples),
+        **{f"n_{c.lower()}": n for c, n in class_counts(samples).items()},
+        "patients": len({s.patient for s in samples}),
+    }
+
+
+# --- checking a dataset -----------------------------------------------------------------------------
+
+
+@dataclass
+class DataCheck:
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    duplicate_groups: list[list[str]] = field(default_factory=list)
+    crossing_patients: dict[str, list[str]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}"]
+        for split, c in self.counts.items():
+            out.append(f"{split:<8}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}{sum(c.values()):>8}")
+        out.append(f"unreadable files: {len(self.unreadable)}")
+        out += [f"  {line}" for line in self.unreadable]
+        crossing = [g for g in self.duplicate_groups if len({Path(p).parts[-3] for p in g}) > 1]
+        out.append(f"byte-identical groups: {len(self.duplicate_groups)} ({len(crossing)} across splits)")
+        out += [f"  {' = '.join(g)}" for g in self.duplicate_groups]
+        out.append(f"patients in more than one split: {len(self.crossing_patients)}")
+        out += [f"  {p}: {', '.join(s)}" for p, s in sorted(self.crossing_patients.items())]
+        return out
+
+
+def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
+    """Counts, unreadable images, byte-identical files and patients seen in several splits."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    splits = {s: load_split(root, s) for s in SPLITS if (root / s).is_dir()} or {"all": load_split(root)}
+    report = DataCheck(counts={s: class_counts(v) for s, v in splits.items()})
+    everything = [(split, s) for split, samples in splits.items() for s in samples]
+
+    def inspect(item):
+        path = item[1].path
+        try:
+            load_image(path)
+            return hashlib.md5(path.read_bytes()).hexdigest(), None
+        except (OSError, ImageError) as exc:
+            return None, str(exc) if isinstance(exc, ImageError) else f"{path}: {exc.strerror or exc}"
+
+    digests = defaultdict(list)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = pool.map(inspect, everything)
+        for (split, sample), (digest, error) in tqdm(zip(everything, results), total=len(everything),
+                                                    desc="checking", disable=not progress, unit="img"):
+            if error:
+                report.unreadable.append(error)
+            else:
+                digests[digest].append(str(sample.path.relative_to(root)))
+    report.duplicate_groups = sorted(g for g in digests.values() if len(g) > 1)
+    seen = defaultdict(set)
+    for split, sample in everything:
+        seen[sample.patient].add(split)
+    report.crossing_patients = {p: sorted(s) for p, s in seen.items() if len(s) > 1}
+    return report
+
+
+# --- loading for training and evaluation ------------------------------------------------------------
+
+
+def load_images(samples: list[Sample], size: int, progress: bool = True, desc: str = "loading"):
+    """Decode and resize every sample once, in parallel: ``(images (N,S,S) uint8, kept samples, errors)``.
+
+    Unreadable images are left out and reported, never fatal."""
+    from tqdm import tqdm
+
+    def one(sample: Sample):
+        try:
+            return prepare(sample.path, size), None
+        except ImageError as exc:
+            return None, str(exc)
+
+    images, kept, errors = [], [], []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for sample, (image, error) in tqdm(zip(samples, pool.map(one, samples)), total=len(samples),
+                                           desc=desc, disable=not progress, unit="img", leave=False):
+            if error:
+                errors.append(error)
+            else:
+                images.append(image)
+                kept.append(sample)
+    array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return array, kept, errors
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The seed's augmentation (Keras ImageDataGenerator semantics), each part configurable.
+
+    ``shear`` is in degrees, as Keras reads ``shear_range``; ``zoom`` 0.1 scales by 0.9 to 1.1;
+    ``brightness``/``contrast`` (off by default) jitter intensity by that fraction."""
+
+    rotation: float = 20.0
+    shift: float = 0.1
+    shear: float = 0.1
+    zoom: float = 0.1
+    hflip: bool = True
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def build(self):
+        import torch
+        from torchvision.transforms import v2
+
+        steps = [v2.RandomAffine(degrees=self.rotation, translate=(self.shift, self.shift),
+                                 scale=(1 - self.zoom, 1 + self.zoom), shear=self.shear,
+                                 interpolation=v2.InterpolationMode.BILINEAR)]
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if self.brightness or self.contrast:
+            steps.append(v2.ColorJitter(brightness=self.brightness, contrast=self.contrast))
+        return torch.nn.Sequential(*steps)
+
+
+class ImageDataset:
+    """In-memory images (uint8, ``(N,S,S)``) and labels, augmented on the fly when asked."""
+
+    def __init__(self, images: np.ndarray, labels, augmentation: Augmentation | None = None):
+        import torch
+
+        self.images = torch.from_numpy(images)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.float32)
+        self.augment = augmentation.build() if augmentation else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images[i].unsqueeze(0)
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, self.labels[i]
+
+
+__all__ = [
+    "CLASSES", "Sample", "patient_id", "list_images", "load_split", "split_by_patient", "stratified_subset", "training_splits",
+    "check_dataset", "load_images", "Augmentation", "ImageDataset", "summarize",
+]

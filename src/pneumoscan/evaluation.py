@@ -1,0 +1,163 @@
+"""``pneumoscan evaluate``: metrics with intervals, calibration, figures and report.html for a split.
+
+Predictions are made in the order of the files and written next to them (``predictions.csv``),
+so a metric can always be traced to the images it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from . import reporting as R
+from .bundle import write_json
+from .data import Sample, load_images, load_split, summarize
+from .inference import Classifier
+
+REFERENCES = {
+    "Reference MobileNetV2 (seed, 150 px)": {"auc": 0.9528, "accuracy": 0.8766, "loss": 0.2970},
+    "Kermany et al. 2018 (Cell)": {"auc": 0.968, "accuracy": 0.928, "sensitivity": 0.932, "specificity": 0.901},
+}
+
+
+@dataclass
+class ModelResult:
+    name: str
+    classifier: Classifier
+    samples: list[Sample]
+    logits: np.ndarray
+    report: dict
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.classifier.probabilities(self.logits)
+
+
+def evaluate(data: str | Path, split: str | None = "test", models: list[str | None] | None = None,
+             out: str | Path = "evaluation", engine: str = "auto", n_resamples: int = 2000, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html."""
+    from .report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = models or [None]
+    all_samples = load_split(data, split)
+    images_by_size: dict[int, tuple] = {}
+    results = []
+    for index, model in enumerate(models):
+        clf = Classifier.load(model, engine=engine)
+        if clf.image_size not in images_by_size:
+            images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split}")
+        images, samples, errors = images_by_size[clf.image_size]
+        logits = clf.logits(images)
+        name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
+        folder = out if len(models) == 1 else out / f"model_{chr(97 + index)}"
+        report = score(samples, logits, clf, split or "all", n_resamples, seed)
+        report["unreadable"] = errors
+        result = ModelResult(name, clf, samples, logits, report)
+        result.figures = make_figures(result, images, folder, seed)
+        write_predictions(folder / "predictions.csv", samples, result.probabilities, clf.threshold)
+        write_json(folder / "metrics.json", report)
+        results.append(result)
+
+    summary = {"split": split, "data": summarize(results[0].samples), "models": [r.report for r in results]}
+    if len(results) == 2:
+        summary["comparison"] = compare(results[0], results[1], n_resamples, seed)
+        write_json(out / "comparison.json", summary["comparison"])
+    summary["report"] = str(write_report(out / "report.html", results, summary, REFERENCES))
+    return summary
+
+
+def score(samples: list[Sample], logits: np.ndarray, clf: Classifier, split: str, n_resamples: int, seed: int) -> dict:
+    """The metrics of one model on one split: at its operating threshold, at 0.5, and calibration."""
+    y = np.array([s.label for s in samples])
+    groups = [s.patient for s in samples]
+    p_cal = clf.probabilities(logits)
+    p_raw = 1.0 / (1.0 + np.exp(-logits))
+    report = M.full_report(y, p_cal, groups, clf.threshold, n_resamples, seed, split)
+    report["model"] = {"name": clf.bundle.name, "path": str(clf.bundle.path), "engine": clf.engine.name,
+                       "backbone": clf.bundle.config["backbone"], "image_size": clf.image_size,
+                       "threshold_rule": clf.bundle.config.get("threshold_rule"), "temperature": clf.bundle.temperature}
+    report["at_0.5"] = M.full_report(y, p_cal, groups, 0.5, n_resamples, seed, split)
+    report["calibration"] = {"temperature": clf.bundle.temperature, "ece_before": M.expected_calibration_error(y, p_raw),
+                             "ece_after": report["ece"], "loss_before": M.log_loss(y, p_raw), "loss_after": report["loss"]}
+    return report
+
+
+def compare(a: ModelResult, b: ModelResult, n_resamples: int, seed: int) -> dict:
+    """Paired AUC comparison on the images both models read."""
+    common = sorted({s.path for s in a.samples} & {s.path for s in b.samples})
+    pa = dict(zip((s.path for s in a.samples), a.probabilities))
+    pb = dict(zip((s.path for s in b.samples), b.probabilities))
+    labels = {s.path: s.label for s in a.samples}
+    y = [labels[p] for p in common]
+    result = M.delong_test(y, [pa[p] for p in common], [pb[p] for p in common])
+    return {"a": a.name, "b": b.name, "n": len(common), "method": "DeLong (paired)", **result}
+
+
+def make_figures(result: ModelResult, images: np.ndarray, folder: Path, seed: int) -> dict[str, Path]:
+    y = np.array([s.label for s in result.samples])
+    p, t = result.probabilities, result.classifier.threshold
+    p_raw = 1.0 / (1.0 + np.exp(-result.logits))
+    figures = {
+        "ROC curve": R.plot_roc(y, p, t, folder / "roc.png"),
+        "Precision-recall": R.plot_precision_recall(y, p, t, folder / "precision_recall.png"),
+        "Reliability diagram": R.plot_reliability(y, p_raw, p, folder / "reliability.png"),
+        "Confusion matrix": R.plot_confusion(M.confusion_matrix(y, p, t), folder / "confusion_matrix.png"),
+        "Predicted probability by true class": R.plot_probability_distribution(y, p, t, folder / "probabilities.png"),
+    }
+    pick = sorted(random.Random(seed).sample(range(len(y)), min(16, len(y))))
+    figures["16 random test images"] = _grid(result, images, pick, folder / "random_predictions.png")
+    wrong_fp = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= t][:8]
+    wrong_fn = [i for i in np.argsort(p) if y[i] == 1 and p[i] < t][:8]
+    figures["Most confident false positives"] = _grid(result, images, wrong_fp, folder / "false_positives.png")
+    figures["Most confident false negatives"] = _grid(result, images, wrong_fn, folder / "false_negatives.png")
+    curves = result.classifier.bundle.path / "training_curves.png"
+    if curves.is_file():
+        figures["Training curves"] = curves
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def _grid(result: ModelResult, images: np.ndarray, indices, path: Path):
+    if not len(indices):
+        return None
+    samples = [result.samples[i] for i in indices]
+    titles, colours = R.prediction_titles(samples, result.probabilities[indices], result.classifier.threshold)
+    return R.plot_image_grid(images[indices], titles, colours, path)
+
+
+def write_predictions(path: Path, samples: list[Sample], p: np.ndarray, threshold: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "patient", "label", "probability", "predicted"])
+        for sample, prob in zip(samples, p):
+            writer.writerow([sample.path, sample.patient, sample.label_name, f"{prob:.6f}",
+                             "PNEUMONIA" if prob >= threshold else "NORMAL"])
+
+
+def metrics_table(report: dict) -> str:
+    """A readable terminal table: each headline metric at the operating threshold and at 0.5."""
+    keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
+    t, half = report, report["at_0.5"]
+    lines = [f"{report['model']['name']} on {report['split']}: {report['n']} images "
+             f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
+             f"{'metric':<12} {'at ' + format(t['threshold'], '.3f') + ' (95% CI)':<28} {'at 0.5 (95% CI)':<28}"]
+    for key in keys:
+        lines.append(f"{key:<12} {R._with_ci(t, key):<28} {R._with_ci(half, key):<28}")
+    (tn, fp), (fn, tp) = t["confusion_matrix"]
+    cal = t["calibration"]
+    lines.append(f"confusion at {t['threshold']:.3f}: TN {tn}  FP {fp}  FN {fn}  TP {tp}")
+    lines.append(f"ECE {R._fmt(cal['ece_before'])} before, {R._fmt(cal['ece_after'])} after temperature "
+                 f"{cal['temperature']:.3f}")
+    if report.get("unreadable"):
+        lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
+        lines += [f"  {e}" for e in report["unreadable"]]
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Prediction: the :class:`Classifier` API over a model bundle, with PyTorch or ONNX Runtime.
+
+    >>> from pneumoscan import Classifier
+    >>> clf = Classifier.load()                 # the bundled default model
+    >>> clf.predict(["xray.jpeg"])[0].label
+    'PNEUMONIA'
+
+Inputs are decoded in a thread pool while the previous batch runs, and every input gets a
+result: a probability, or the one-line reason it could not be read.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .errors import ConfigError, ImageError
+from .images import ImageSource, prepare, source_name
+
+ENGINES = ("auto", "onnx", "torch")
+
+
+@dataclass
+class Prediction:
+    path: str
+    probability: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "probability": self.probability, "label": self.label, "threshold": self.threshold}
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, bundle: Bundle):
+        import torch
+
+        self.torch = torch
+        self.net = bundle.load_net()
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.net(self.torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)).float().numpy()
+
+
+class OnnxEngine:
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:150]})") from None
+        self.name = "onnx-int8" if path.name.endswith(".int8.onnx") else "onnx"
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(images)[:, None]
+        return self.session.run(["logit"], {"image": batch})[0]
+
+
+def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    onnx = bundle.onnx_path(int8)
+    if engine == "onnx" or (engine == "auto" and onnx is not None):
+        if onnx is None:
+            raise ConfigError(f"{bundle.path}: no {'int8 ' if int8 else ''}ONNX model in the bundle; run pneumoscan export first")
+        return OnnxEngine(onnx)
+    return TorchEngine(bundle)
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Prediction]]:
+    """Files, folders (recursive) and glob patterns to a list of image files, plus one error per
+    argument that matched nothing."""
+    from .data import list_images
+
+    files, missing = [], []
+    for arg in paths:
+        arg = str(arg)
+        path = Path(arg)
+        if path.is_dir():
+            found = list_images(path)
+            files += found
+            if not found:
+                missing.append(Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)"))
+        elif path.exists() or os.path.lexists(path):
+            files.append(path)
+        elif glob.has_magic(arg):
+            matched = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+            files += matched
+            if not matched:
+                missing.append(Prediction(arg, error="pattern matched no files"))
+        else:
+            missing.append(Prediction(arg, error="no such file or folder"))
+    return files, missing
+
+
+class Classifier:
+    """A trained model ready to predict and explain."""
+
+    def __init__(self, bundle: Bundle, engine: str = "auto", int8: bool = False):
+        self.bundle = bundle
+        self.engine = make_engine(bundle, engine, int8)
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, engine: str = "auto", int8: bool = False) -> "Classifier":
+        """Open a bundle (the packaged default when ``path`` is None)."""
+        return cls(load_bundle(path), engine, int8)
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.bundle.temperature))
+
+    def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Logits for prepared uint8 images of shape ``(N, S, S)``."""
+        parts = [self.engine.logits(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+    def _result(self, name: str, probability: float) -> Prediction:
+        label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
+        return Prediction(name, float(probability), label, self.threshold)
+
+    def predict(self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False) -> list[Prediction]:
+        """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``."""
+        from tqdm import tqdm
+
+        inputs = list(inputs)
+        results: list[Prediction | None] = [None] * len(inputs)
+        chunks = [range(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
+        bar = tqdm(total=len(inputs), desc="predicting", unit="img", disable=not progress)
+
+        def decode(chunk):
+            return [self._pool.submit(self._prepare_one, inputs[i]) for i in chunk]
+
+        pending = decode(chunks[0]) if chunks else []
+        for n, chunk in enumerate(chunks):
+            current, pending = pending, decode(chunks[n + 1]) if n + 1 < len(chunks) else []
+            good, images = [], []
+            for i, future in zip(chunk, current):
+                image, error = future.result()
+                if error is None:
+                    good.append(i)
+                    images.append(image)
+                else:
+                    results[i] = Prediction(source_name(inputs[i]), error=error)
+            if images:
+                for i, p in zip(good, self.probabilities(self.engine.logits(np.stack(images)))):
+                    results[i] = self._result(source_name(inputs[i]), p)
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def predict_one(self, source: ImageSource) -> Prediction:
+        return self.predict([source])[0]
+
+    def _prepare_one(self, source: ImageSource):
+        try:
+            return prepare(source, self.image_size), None
+        except ImageError as exc:
+            return None, exc.reason
+
+    def explain(self, source: ImageSource):
+        """Grad-CAM for the predicted class: see :func:`pneumoscan.explain.grad_cam`."""
+        from .explain import grad_cam
+
+        if not hasattr(self, "_torch_net"):
+            self._torch_net = self.bundle.load_net()
+        return grad_cam(self._torch_net, source, self.image_size, self.threshold, self.bundle.temperature)

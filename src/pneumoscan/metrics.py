@@ -1,0 +1,235 @@
+"""Every number the project reports, in one place.
+
+Labels are 0 (NORMAL) and 1 (PNEUMONIA, the positive class); scores are probabilities of
+PNEUMONIA. Where a metric is undefined (AUC on a single class, precision with no positive
+call) it is ``None`` in results, never a crash and never a made-up number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+EPS = 1e-7
+CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
+
+
+def _arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.int64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} vs {p.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
+    return y, p
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _tie_groups(p: np.ndarray) -> np.ndarray:
+    """Index of each score's tie group in ascending order of score."""
+    return np.unique(p, return_inverse=True)[1]
+
+
+def weighted_auc(y, p, weights: np.ndarray | None = None) -> np.ndarray:
+    """Mann-Whitney AUC (ties count one half) for each row of ``weights`` (shape (B, n)) at once.
+
+    With ``weights=None`` it is the plain AUC of (y, p), returned as a 0-d array; NaN where a
+    row has no positive or no negative weight."""
+    y, p = _arrays(y, p)
+    w = np.ones((1, y.size)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    groups = _tie_groups(p)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    onehot = np.zeros((y.size, n_groups))
+    onehot[np.arange(y.size), groups] = 1.0
+    pos = (w * (y == 1)) @ onehot  # (B, G) positive weight per tie group
+    neg = (w * (y == 0)) @ onehot
+    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each group
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
+    return auc if weights is not None else auc[0]
+
+
+def roc_auc(y, p) -> float | None:
+    return _none_if_nan(float(weighted_auc(y, p)))
+
+
+def log_loss(y, p) -> float | None:
+    y, p = _arrays(y, p)
+    if not y.size:
+        return None
+    p = np.clip(p, EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def confusion_matrix(y, p, threshold: float) -> list[list[int]]:
+    """``[[TN, FP], [FN, TP]]`` with PNEUMONIA positive; a score at the threshold is PNEUMONIA."""
+    y, p = _arrays(y, p)
+    pred = p >= threshold
+    return [[int(((y == 0) & ~pred).sum()), int(((y == 0) & pred).sum())],
+            [int(((y == 1) & ~pred).sum()), int(((y == 1) & pred).sum())]]
+
+
+def _rates(tn, fp, fn, tp) -> dict[str, float]:
+    """Rates from (possibly weighted, possibly vectorised) counts; NaN where undefined."""
+    tn, fp, fn, tp = (np.asarray(v, dtype=np.float64) for v in (tn, fp, fn, tp))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = tn + fp + fn + tp
+        sensitivity = tp / (tp + fn)
+        precision = tp / (tp + fp)
+        return {
+            "accuracy": (tp + tn) / total,
+            "sensitivity": sensitivity,
+            "specificity": tn / (tn + fp),
+            "precision": precision,
+            "f1": 2 * tp / (2 * tp + fp + fn),
+        }
+
+
+def binary_metrics(y, p, threshold: float = 0.5) -> dict:
+    """The full set of DESIGN.md's metrics at one threshold (no intervals)."""
+    from sklearn.metrics import classification_report
+
+    y, p = _arrays(y, p)
+    cm = confusion_matrix(y, p, threshold)
+    (tn, fp), (fn, tp) = cm
+    rates = {k: _none_if_nan(float(v)) for k, v in _rates(tn, fp, fn, tp).items()}
+    report = classification_report(y, (p >= threshold).astype(int), labels=[0, 1], target_names=["NORMAL", "PNEUMONIA"],
+                                    output_dict=True, zero_division=0) if y.size else {}
+    return {
+        "n": int(y.size), "n_normal": int((y == 0).sum()), "n_pneumonia": int((y == 1).sum()),
+        "threshold": float(threshold), "loss": log_loss(y, p), "auc": roc_auc(y, p), **rates,
+        "confusion_matrix": cm, "classification_report": report,
+    }
+
+
+def bootstrap_ci(y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile intervals from resampling *patients* (``groups``) with replacement.
+
+    All resamples are evaluated at once as weighted metrics, so 2000 take a second or two."""
+    y, p = _arrays(y, p)
+    if not y.size:
+        return {m: None for m in CI_METRICS}
+    _, patient = np.unique(np.asarray(groups), return_inverse=True)
+    n_patients = int(patient.max()) + 1
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_patients, size=(n_resamples, n_patients))
+    counts = np.zeros((n_resamples, n_patients))
+    np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
+    w = counts[:, patient]  # (B, n): how often each image is in each resample
+    pred = p >= threshold
+    tn, fp = w @ ((y == 0) & ~pred), w @ ((y == 0) & pred)
+    fn, tp = w @ ((y == 1) & ~pred), w @ ((y == 1) & pred)
+    clipped = np.clip(p, EPS, 1 - EPS)
+    bce = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))
+    values = {**_rates(tn, fp, fn, tp), "auc": weighted_auc(y, p, w), "loss": (w @ bce) / w.sum(1)}
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for name in CI_METRICS:
+        v = values[name][np.isfinite(values[name])]
+        out[name] = [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v.size else None
+    return out
+
+
+def expected_calibration_error(y, p, n_bins: int = 15) -> float | None:
+    """ECE of the PNEUMONIA probability: equal-width bins, |mean score - positive rate| weighted by bin size."""
+    y, p = _arrays(y, p)
+    if not y.size:
+        return None
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(p[in_bin].mean() - y[in_bin].mean())
+    return float(total)
+
+
+def reliability_curve(y, p, n_bins: int = 15) -> list[tuple[float, float, int]]:
+    """(mean score, positive rate, count) for each non-empty bin, for the reliability diagram."""
+    y, p = _arrays(y, p)
+    which = np.clip(np.digitize(p, np.linspace(0, 1, n_bins + 1)[1:-1]), 0, n_bins - 1)
+    return [(float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
+            for b in range(n_bins) if (which == b).any()]
+
+
+def fit_temperature(y, logits) -> float:
+    """The temperature T > 0 minimising the log loss of sigmoid(logits / T) (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+
+    y, z = _arrays(y, logits)
+    if np.unique(y).size < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0, s) - y * s))
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20)), method="bounded")
+    return float(math.exp(result.x))
+
+
+def choose_threshold(y, p, target_sensitivity: float | None = None) -> float:
+    """The operating threshold: Youden's J (sensitivity + specificity - 1) maximised, or the
+    highest threshold that keeps sensitivity at ``target_sensitivity`` or above."""
+    y, p = _arrays(y, p)
+    if np.unique(y).size < 2:
+        return 0.5
+    candidates = np.unique(p)[::-1]  # descending: each score as a threshold (score >= t is positive)
+    pos, neg = (y == 1).sum(), (y == 0).sum()
+    order = np.argsort(-p, kind="stable")
+    tp = np.cumsum(y[order] == 1)
+    fp = np.cumsum(y[order] == 0)
+    last_of_group = np.r_[p[order][1:] != p[order][:-1], True]
+    tpr, fpr = tp[last_of_group] / pos, fp[last_of_group] / neg
+    if target_sensitivity is None:
+        best = int(np.argmax(np.round(tpr - fpr, 12)))  # ties: the higher threshold
+    else:
+        reaching = np.flatnonzero(tpr >= target_sensitivity)
+        best = int(reaching[0]) if reaching.size else len(candidates) - 1
+    return float(candidates[best])
+
+
+def delong_test(y, p_a, p_b) -> dict:
+    """Paired comparison of two AUCs on the same images (DeLong et al. 1988, fast midrank form).
+
+    Returns both AUCs, their difference (a - b) with its 95% interval, and the two-sided p-value."""
+    from scipy.stats import norm, rankdata
+
+    y, p_a = _arrays(y, p_a)
+    _, p_b = _arrays(y, p_b)
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return {"auc_a": roc_auc(y, p_a), "auc_b": roc_auc(y, p_b), "difference": None, "ci95": None, "p_value": None}
+    v10, v01, aucs = [], [], []
+    for scores in (p_a, p_b):
+        x, z = scores[pos], scores[neg]
+        rank_all = rankdata(np.r_[x, z])
+        rank_x, rank_z = rankdata(x), rankdata(z)
+        auc = (rank_all[:m].sum() - m * (m + 1) / 2) / (m * n)
+        v10.append((rank_all[:m] - rank_x) / n)  # per positive: share of negatives below it
+        v01.append(1 - (rank_all[m:] - rank_z) / m)  # per negative: share of positives above it
+        aucs.append(auc)
+    s10, s01 = np.cov(np.array(v10)), np.cov(np.array(v01))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    diff = aucs[0] - aucs[1]
+    if var <= 0:
+        return {"auc_a": aucs[0], "auc_b": aucs[1], "difference": diff, "ci95": [diff, diff], "p_value": 1.0 if diff == 0 else 0.0}
+    se = math.sqrt(var)
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": float(diff),
+            "ci95": [float(diff - 1.96 * se), float(diff + 1.96 * se)], "p_value": float(2 * norm.sf(abs(diff) / se))}
+
+
+def full_report(y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0, split: str = "test") -> dict:
+    """metrics.json's body for one threshold: point values, intervals by patient, ECE."""
+    out = {"split": split, **binary_metrics(y, p, threshold)}
+    out["ci95"] = bootstrap_ci(y, p, groups, threshold, n_resamples, seed)
+    out["ece"] = expected_calibration_error(y, p)
+    out["patients"] = int(np.unique(np.asarray(groups)).size)
+    return out

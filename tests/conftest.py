@@ -1,0 +1,68 @@
+"""Shared fixtures: small real datasets (symlinks into ../shared/data) and one small trained bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.data import shared_data_root
+
+DATA = shared_data_root()
+D224 = DATA / "chest_xray_224"
+FULLRES = DATA / "fullres_sample"
+VAL_FULLRES = DATA / "val_fullres"
+
+
+def pytest_configure(config):
+    if not D224.is_dir():
+        raise pytest.UsageError(f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder")
+
+
+def real_images(split: str, label: str, count: int, offset: int = 0) -> list[Path]:
+    """``count`` files of one split and class, spread evenly over the sorted folder (many patients)."""
+    files = sorted((D224 / split / label).iterdir())
+    step = max(1, len(files) // count)
+    return files[offset::step][:count]
+
+
+def link_dataset(root: Path, counts: dict[str, int]) -> Path:
+    """A Kaggle-layout folder of symlinks to real images: counts per split, per class."""
+    for split, n in counts.items():
+        for label in ("NORMAL", "PNEUMONIA"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in real_images(split, label, n):
+                os.symlink(f, folder / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """100 + 100 train, the official 8 + 8 val, 40 + 40 test: all real images."""
+    return link_dataset(tmp_path_factory.mktemp("small"), {"train": 100, "val": 8, "test": 40})
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(small_data, tmp_path_factory):
+    """A bundle trained for two frozen epochs on 200 real images (about 15 s): for inference tests."""
+    from pneumoscan.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    bundle = train(TrainConfig(data=str(small_data), out=str(out), epochs=2, progress=False, seed=1))
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(trained_bundle, tmp_path_factory):
+    """A copy of that bundle with model.onnx and model.int8.onnx."""
+    import shutil
+
+    from pneumoscan.bundle import load_bundle
+    from pneumoscan.export import export_onnx, quantize_int8, training_images
+
+    bundle = load_bundle(shutil.copytree(trained_bundle.path, tmp_path_factory.mktemp("exported") / "model"))
+    fp32 = export_onnx(bundle)
+    quantize_int8(bundle, fp32, training_images(bundle, None, 64))
+    return bundle

@@ -1,0 +1,85 @@
+"""Generators of unusual and broken inputs, built from one real X-ray (few committed binaries)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import D224
+
+REAL = D224 / "test" / "PNEUMONIA" / "person1_virus_6.jpeg"
+
+
+def real_grey() -> np.ndarray:
+    return np.asarray(Image.open(REAL).convert("L"))
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png16(grey: np.ndarray) -> bytes:
+    return encode(Image.fromarray((grey.astype(np.uint16) * 257)), "PNG")
+
+
+def exif_rotated(grey: np.ndarray) -> bytes:
+    """The image stored rotated by 90 degrees with EXIF orientation 6 (display: rotate back)."""
+    stored = Image.fromarray(np.rot90(grey, 1))  # counter-clockwise; orientation 6 turns it clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid PNG header claiming a huge image, with no real pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def dicom(grey: np.ndarray, photometric: str = "MONOCHROME2", pixels: bool = True, syntax: str | None = None,
+          window: tuple[float, float] | None = None, rescale: tuple[float, float] = (1.0, 0.0)) -> bytes:
+    """A DICOM file of ``grey`` stored as 12-bit values; MONOCHROME1 stores it inverted."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    values = grey.astype(np.uint16) * 16  # 0..4080
+    if photometric == "MONOCHROME1":
+        values = 4095 - values
+    slope, intercept = rescale
+    stored = np.round((values - intercept) / slope).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CR", "TEST"
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixels:
+        ds.PixelData = stored.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path

@@ -1,0 +1,78 @@
+import os
+
+import pytest
+
+from conftest import D224, link_dataset, real_images
+from pneumoscan.data import (check_dataset, load_split, patient_id, split_by_patient, stratified_subset,
+                             training_splits)
+from pneumoscan.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,patient", [
+    ("person1000_bacteria_2931.jpeg", "person1000"),
+    ("person1000_virus_1681.jpeg", "person1000"),
+    ("IM-0115-0001.jpeg", "IM-0115"),
+    ("NORMAL2-IM-0051-0001.jpeg", "NORMAL2-IM-0051"),
+    ("scan_17.png", "scan_17"),
+])
+def test_patient_ids(name, patient):
+    assert patient_id(name) == patient
+
+
+def test_real_train_split_by_patient_has_no_leak_and_keeps_class_balance():
+    samples = load_split(D224, "train")
+    assert len(samples) == 5216
+    train, val = split_by_patient(samples, 0.1, seed=3)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert len(train) + len(val) == len(samples)
+    for label in (0, 1):
+        patients = {s.patient for s in samples if s.label == label}
+        held = {s.patient for s in val if s.label == label}
+        assert abs(len(held) / len(patients) - 0.1) < 0.01
+    again = split_by_patient(samples, 0.1, seed=3)[1]
+    assert [s.path for s in again] == [s.path for s in val]
+    assert [s.path for s in split_by_patient(samples, 0.1, seed=4)[1]] != [s.path for s in val]
+
+
+def test_official_val_source_keeps_the_16_images():
+    train, val = training_splits(D224, "official")
+    assert len(val) == 16 and len(train) == 5216
+
+
+def test_flat_layout_and_errors(tmp_path):
+    flat = tmp_path / "flat"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (flat / label).mkdir(parents=True)
+        for f in real_images("test", label, 3):
+            os.symlink(f, flat / label / f.name)
+    assert len(load_split(flat)) == 6
+    assert len(load_split(flat, "test")) == 6  # a flat folder serves any split name
+    with pytest.raises(ConfigError, match="not found"):
+        load_split(tmp_path / "nope", "train")
+    (tmp_path / "empty" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "empty" / "PNEUMONIA").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        load_split(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="class folders"):
+        load_split(tmp_path)
+
+
+def test_stratified_subset():
+    samples = load_split(D224, "test")
+    sub = stratified_subset(samples, 10, seed=0)
+    assert sum(s.label for s in sub) == 10 and len(sub) == 20
+
+
+def test_data_check_finds_unreadable_duplicates_and_crossing_patients(tmp_path):
+    root = link_dataset(tmp_path / "d", {"train": 5, "test": 5})
+    (root / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"not a jpeg")
+    pneumonia = sorted((root / "train" / "PNEUMONIA").iterdir())[0]
+    os.symlink(os.readlink(pneumonia), root / "test" / "PNEUMONIA" / "person99999_virus_1.jpeg")
+    os.symlink(os.readlink(pneumonia), root / "test" / "PNEUMONIA" / pneumonia.name)
+    report = check_dataset(root, progress=False)
+    assert report.counts["train"] == {"NORMAL": 6, "PNEUMONIA": 5}
+    assert len(report.unreadable) == 1 and "broken.jpeg" in report.unreadable[0]
+    assert any(len(g) == 3 for g in report.duplicate_groups)
+    assert pneumonia.name.split("_")[0] in report.crossing_patients
+    text = "\n".join(report.lines())
+    assert "unreadable files: 1" in text and "across splits" in text

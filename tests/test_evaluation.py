@@ -1,0 +1,82 @@
+import csv
+import json
+import shutil
+
+import pytest
+
+from pneumoscan import Classifier
+
+KEYS = {"split", "n", "n_normal", "n_pneumonia", "loss", "accuracy", "auc", "sensitivity", "specificity", "precision",
+        "f1", "threshold", "confusion_matrix", "classification_report", "ci95", "ece"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_bundle, small_data, tmp_path_factory):
+    from pneumoscan.evaluation import evaluate
+
+    out = tmp_path_factory.mktemp("eval")
+    return out, evaluate(small_data, "test", [str(trained_bundle.path)], out, engine="torch", n_resamples=300,
+                         progress=False)
+
+
+def test_metrics_json_has_the_contract_keys(evaluated):
+    out, _ = evaluated
+    report = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= set(report)
+    assert report["n"] == report["n_normal"] + report["n_pneumonia"] == 80
+    (tn, fp), (fn, tp) = report["confusion_matrix"]
+    assert tn + fp == report["n_normal"] and fn + tp == report["n_pneumonia"]
+    assert report["accuracy"] == pytest.approx((tn + tp) / 80)
+    assert report["at_0.5"]["threshold"] == 0.5
+    assert report["calibration"]["ece_before"] >= 0 and report["ece"] == report["calibration"]["ece_after"]
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+        low, high = report["ci95"][key]
+        assert low <= report[key] <= high
+
+
+def test_predictions_stay_with_their_files(evaluated, trained_bundle):
+    """Each row's probability is what the model gives that file on its own, and its label is its folder's."""
+    out, _ = evaluated
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    clf = Classifier.load(trained_bundle.path, engine="torch")
+    for row in rows[::9]:
+        assert row["label"] in row["path"]
+        assert float(row["probability"]) == pytest.approx(clf.predict_one(row["path"]).probability, abs=1e-5)
+
+
+def test_figures_are_written(evaluated):
+    out, summary = evaluated
+    for name in ("roc.png", "precision_recall.png", "reliability.png", "confusion_matrix.png", "probabilities.png",
+                 "random_predictions.png"):
+        assert (out / name).stat().st_size > 5000, name
+
+
+def test_report_opens_in_a_real_browser(evaluated, tmp_path):
+    """Headless Chromium (Debian's) loads report.html offline: every figure decodes and the table is there."""
+    from playwright.sync_api import sync_playwright
+
+    out, summary = evaluated
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_())
+        page.goto((out / "report.html").as_uri())
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+        assert len(sizes) >= 8 and all(done and width > 100 for done, width in sizes)
+        table = page.inner_text("#metrics")
+        assert "Reference MobileNetV2" in table and "Kermany" in table and "AUC" in table
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
+        browser.close()
+
+
+def test_comparing_two_models(trained_bundle, exported_bundle, small_data, tmp_path):
+    from pneumoscan.evaluation import evaluate
+
+    summary = evaluate(small_data, "test", [str(trained_bundle.path), str(exported_bundle.path)], tmp_path,
+                       engine="torch", n_resamples=100, progress=False)
+    c = summary["comparison"]
+    assert c["n"] == 80 and c["difference"] == pytest.approx(0, abs=1e-9)  # the same weights
+    assert (tmp_path / "model_a" / "metrics.json").is_file() and (tmp_path / "model_b" / "metrics.json").is_file()
+    assert json.loads((tmp_path / "comparison.json").read_text())["method"].startswith("DeLong")

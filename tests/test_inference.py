@@ -1,0 +1,113 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import D224, VAL_FULLRES, real_images
+from corpus import REAL, write
+from pneumoscan import Classifier
+from pneumoscan.errors import ConfigError
+from pneumoscan.explain import class_activation_map
+from pneumoscan.images import prepare
+
+
+@pytest.fixture(scope="module")
+def clf(trained_bundle):
+    return Classifier.load(trained_bundle.path, engine="torch")
+
+
+def test_predict_accepts_paths_pil_and_arrays(clf):
+    by_path = clf.predict_one(REAL)
+    assert by_path.ok and by_path.label in ("NORMAL", "PNEUMONIA") and 0 <= by_path.probability <= 1
+    assert by_path.label == ("PNEUMONIA" if by_path.probability >= clf.threshold else "NORMAL")
+    assert clf.predict_one(Image.open(REAL)).probability == pytest.approx(by_path.probability, abs=1e-6)
+    assert clf.predict_one(np.asarray(Image.open(REAL))).probability == pytest.approx(by_path.probability, abs=1e-6)
+
+
+def test_one_corrupt_file_does_not_spoil_the_batch(clf, tmp_path):
+    files = real_images("test", "NORMAL", 20) + real_images("test", "PNEUMONIA", 20)
+    bad = write(tmp_path, "corrupt.jpeg", REAL.read_bytes()[:500])
+    inputs = files[:13] + [bad] + files[13:]
+    results = clf.predict(inputs, batch_size=8)
+    assert len(results) == 41 and sum(r.ok for r in results) == 40
+    assert results[13].path == str(bad) and "corrupt.jpeg" not in results[13].error
+    alone = {str(f): clf.predict_one(f).probability for f in files[:3] + files[-3:]}
+    for r in results:
+        if r.path in alone:
+            assert r.probability == pytest.approx(alone[r.path], abs=1e-6)  # aligned with its own file
+
+
+def test_onnx_matches_torch_on_real_images(exported_bundle):
+    files = real_images("test", "NORMAL", 12) + real_images("test", "PNEUMONIA", 12) + sorted(VAL_FULLRES.rglob("*.jpeg"))[:4]
+    torch_p = [r.probability for r in Classifier.load(exported_bundle.path, engine="torch").predict(files)]
+    onnx = Classifier.load(exported_bundle.path)  # auto: the bundle now carries model.onnx
+    assert onnx.engine.name == "onnx"
+    onnx_p = [r.probability for r in onnx.predict(files)]
+    assert np.max(np.abs(np.array(torch_p) - np.array(onnx_p))) < 1e-4
+
+
+def test_int8_stays_close(exported_bundle):
+    from pneumoscan.metrics import roc_auc
+
+    files = real_images("test", "NORMAL", 30) + real_images("test", "PNEUMONIA", 30)
+    y = [0] * 30 + [1] * 30
+    fp32 = [r.probability for r in Classifier.load(exported_bundle.path, engine="onnx").predict(files)]
+    int8 = Classifier.load(exported_bundle.path, engine="onnx", int8=True)
+    assert int8.engine.name == "onnx-int8"
+    q = [r.probability for r in int8.predict(files)]
+    assert np.mean(np.abs(np.array(fp32) - np.array(q))) < 0.06  # a 2-epoch model with a sharpening temperature
+    assert roc_auc(y, q) > roc_auc(y, fp32) - 0.03
+
+
+def test_missing_onnx_is_a_clear_error(trained_bundle):
+    with pytest.raises(ConfigError, match="no ONNX model"):
+        Classifier.load(trained_bundle.path, engine="onnx")
+
+
+def test_grad_cam_for_the_predicted_class(clf):
+    explanation = clf.explain(REAL)
+    assert explanation.heatmap.shape == explanation.image.shape == (224, 224)
+    assert explanation.heatmap.min() >= 0 and explanation.heatmap.max() == pytest.approx(1.0, abs=1e-3)
+    assert explanation.heatmap.std() > 0.01
+    x = __import__("torch").from_numpy(prepare(REAL, clf.image_size))[None, None]
+    positive = explanation.label == "PNEUMONIA"
+    chosen, _ = class_activation_map(clf._torch_net, x, positive)
+    other, _ = class_activation_map(clf._torch_net, x, not positive)
+    small = np.asarray(Image.fromarray(explanation.heatmap).resize(chosen.shape[::-1], Image.Resampling.BILINEAR))
+    assert np.corrcoef(small.ravel(), chosen.ravel())[0, 1] > np.corrcoef(small.ravel(), other.ravel())[0, 1]
+    overlay = explanation.overlay()
+    assert overlay.mode == "RGB" and overlay.size == (224, 224)
+
+
+def test_grad_cam_on_full_resolution_keeps_the_aspect(clf):
+    path = sorted(VAL_FULLRES.rglob("*.jpeg"))[0]
+    explanation = clf.explain(path)
+    w, h = Image.open(path).size
+    assert max(explanation.image.shape) == min(1024, max(w, h))
+    assert explanation.heatmap.shape == explanation.image.shape
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pneumoscan.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in real_images("test", "NORMAL", 3):
+        (folder / f.name).symlink_to(f)
+    write(folder, "bad.jpeg", b"nope")
+    done = _cli("predict", folder, "--model", trained_bundle.path, "--format", "jsonl", "--cam", tmp_path / "cams")
+    assert done.returncode == 1
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 4 and sum("error" in r for r in rows) == 1
+    assert all(set(r) == {"path", "probability", "label", "threshold"} for r in rows if "error" not in r)
+    assert "bad.jpeg" in done.stderr and "Traceback" not in done.stderr
+    assert len(list((tmp_path / "cams").glob("*.cam.png"))) == 3
+    ok = _cli("predict", real_images("test", "PNEUMONIA", 1)[0], "--model", trained_bundle.path, "--format", "csv")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "path,probability,label,threshold,error"
+    glob = _cli("predict", f"{D224}/test/NORMAL/IM-000[1-3]*", "--model", trained_bundle.path)
+    assert glob.returncode == 0 and "classified, 0 failed" in glob.stdout
