@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ DATA = shared_data_root()
 D224 = DATA / "chest_xray_224"
 FULLRES = DATA / "fullres_sample"
 VAL_FULLRES = DATA / "val_fullres"
+
+
+os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-cache-"))  # never ~/.cache in tests
 
 
 def pytest_configure(config):

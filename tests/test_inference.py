@@ -62,6 +62,17 @@ def test_int8_stays_close(exported_bundle):
     assert roc_auc(y, q) > roc_auc(y, fp32) - 0.03
 
 
+def test_auto_engine_exports_once_into_the_cache(trained_bundle):
+    from pneumoscan.inference import cache_dir
+
+    clf = Classifier.load(trained_bundle.path)  # the bundle carries no ONNX model
+    assert clf.engine.name == "onnx"
+    cached = list(cache_dir().glob(f"{trained_bundle.config['weights_sha256'][:32]}-*.onnx"))
+    assert len(cached) == 1 and not (trained_bundle.path / "model.onnx").exists()
+    torch_p = Classifier.load(trained_bundle.path, engine="torch").predict_one(REAL).probability
+    assert clf.predict_one(REAL).probability == pytest.approx(torch_p, abs=1e-4)
+
+
 def test_missing_onnx_is_a_clear_error(trained_bundle):
     with pytest.raises(ConfigError, match="no ONNX model"):
         Classifier.load(trained_bundle.path, engine="onnx")

@@ -193,6 +193,29 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the web service and page",
+                       description="Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. "
+                                   "Research software, not a medical device.")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
+    p.add_argument("--workers", type=int, default=None, help="inference threads (default: one per core)")
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="allow cross-origin requests from ORIGIN (repeatable; default: CORS off)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .service import serve
+
+    serve(args.model, args.host, args.port, engine=args.engine, max_upload_bytes=int(args.max_upload_mb * 2**20),
+          workers=args.workers, cors_origins=args.cors)
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the bundled model on bundled example X-rays and write a report",
                        description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
@@ -214,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "train, evaluate, explain and serve a transfer-learning classifier.")
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_demo, _add_data):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_serve, _add_demo, _add_data):
         add(sub)
     return parser
 

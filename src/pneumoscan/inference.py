@@ -79,15 +79,38 @@ class OnnxEngine:
         return self.session.run(["logit"], {"image": batch})[0]
 
 
+def cache_dir() -> Path:
+    """Where ONNX exports of bundles that carry none are kept: ``$PNEUMOSCAN_CACHE`` or ``~/.cache/pneumoscan``."""
+    return Path(os.environ.get("PNEUMOSCAN_CACHE", Path.home() / ".cache" / "pneumoscan"))
+
+
+def cached_onnx(bundle: Bundle) -> Path | None:
+    """The bundle's fp32 ONNX model, exported once into the cache (keyed by the weights' sha256)
+    when the bundle carries none; None where the cache cannot be written."""
+    from .export import export_onnx
+
+    path = cache_dir() / f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}.onnx"
+    if path.is_file():
+        return path
+    try:
+        return export_onnx(bundle, path)
+    except OSError:
+        return None
+
+
 def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
+    """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return TorchEngine(bundle)
     onnx = bundle.onnx_path(int8)
-    if engine == "onnx" or (engine == "auto" and onnx is not None):
-        if onnx is None:
-            raise ConfigError(f"{bundle.path}: no {'int8 ' if int8 else ''}ONNX model in the bundle; run pneumoscan export first")
-        return OnnxEngine(onnx)
-    return TorchEngine(bundle)
+    if onnx is None and int8:
+        raise ConfigError(f"{bundle.path}: no int8 ONNX model in the bundle; run pneumoscan export --int8 first")
+    if onnx is None and engine == "onnx":
+        raise ConfigError(f"{bundle.path}: no ONNX model in the bundle; run pneumoscan export first")
+    onnx = onnx or cached_onnx(bundle)
+    return OnnxEngine(onnx) if onnx is not None else TorchEngine(bundle)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Prediction]]:

@@ -1,0 +1,150 @@
+"""``pneumoscan serve``: a FastAPI service and a one-page UI over one loaded :class:`Classifier`.
+
+The model is loaded once; decoding and inference run in a thread pool sized to the cores
+(ONNX Runtime and Pillow release the GIL), so the event loop never blocks. Uploads are
+refused with 413 from their Content-Length before the body is read, and are read into
+memory only up to the limit: they are never written anywhere that could serve or keep them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .errors import ImageError
+from .inference import Classifier
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
+
+
+class PredictResponse(BaseModel):
+    path: str = Field(description="the uploaded file's name")
+    probability: float = Field(description="calibrated probability of PNEUMONIA")
+    label: str = Field(description="NORMAL or PNEUMONIA, by the model's operating threshold")
+    threshold: float = Field(description="operating threshold chosen on validation data")
+    model: str
+    version: str
+    cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
+    image: str | None = Field(None, description="the X-ray as the model read it, PNG, base64 (with ?cam=true)")
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    engine: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    engine: str
+    config: dict
+    metrics: dict
+    model_card: str
+
+
+def _png_base64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _status_for(error: ImageError) -> int:
+    reason = error.reason
+    if "not a recognised image" in reason or "not a readable DICOM" in reason:
+        return 415
+    if "over the limit" in reason or "MB limit" in reason:
+        return 413
+    return 422
+
+
+def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               workers: int | None = None, cors_origins: list[str] | None = None,
+               classifier: Classifier | None = None) -> FastAPI:
+    """The application; ``classifier`` lets tests and embedders pass one already loaded."""
+    clf = classifier or Classifier.load(model, engine=engine)
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pneumoscan")
+    app = FastAPI(title="pneumoscan", version=__version__,
+                  description="Pneumonia detection on chest X-rays. Research software, not a medical device.")
+    app.state.classifier = clf
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > max_upload_bytes + MULTIPART_OVERHEAD:
+            return JSONResponse({"detail": f"upload is {int(length) / 2**20:.1f} MB, over the "
+                                           f"{max_upload_bytes / 2**20:.0f} MB limit"}, status_code=413)
+        return await call_next(request)
+
+    def run_prediction(data: bytes, name: str, cam: bool) -> dict:
+        source = io.BytesIO(data)
+        source.name = name
+        result = clf.predict_one(source)
+        if not result.ok:
+            raise ImageError(name, result.error)
+        out = {**result.to_dict(), "model": clf.bundle.name, "version": str(clf.bundle.config.get("version", ""))}
+        if cam:
+            source.seek(0)
+            explanation = clf.explain(source)
+            out["cam"] = _png_base64(explanation.overlay())
+            from PIL import Image
+
+            out["image"] = _png_base64(Image.fromarray(explanation.image))
+        return out
+
+    @app.post("/v1/predict", response_model=PredictResponse, summary="Classify one X-ray (JPEG, PNG or DICOM)",
+              responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
+                         422: {"description": "an image that cannot be used"}})
+    async def predict(file: UploadFile, cam: bool = False):
+        data = await file.read(max_upload_bytes + 1)
+        name = file.filename or "upload"
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"{name}: upload is over the {max_upload_bytes / 2**20:.0f} MB limit")
+        if not data:
+            raise HTTPException(422, f"{name}: file is empty")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam)
+        except ImageError as exc:
+            raise HTTPException(_status_for(exc), str(exc)) from None
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz():
+        return Health(status="ok", model=clf.bundle.name, engine=clf.engine.name)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model_info():
+        card = clf.bundle.path / "MODEL_CARD.md"
+        return ModelInfo(name=clf.bundle.name, version=str(clf.bundle.config.get("version", "")), engine=clf.engine.name,
+                         config=clf.bundle.config, metrics=clf.bundle.metrics,
+                         model_card=card.read_text() if card.is_file() else "")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.router.on_shutdown.append(lambda: pool.shutdown(wait=False))
+    return app
+
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    import uvicorn
+
+    app = create_app(model, **options)
+    print(f"pneumoscan serving {app.state.classifier.bundle.name} on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)

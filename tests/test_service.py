@@ -1,0 +1,131 @@
+import base64
+import io
+import socket
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from conftest import VAL_FULLRES
+from corpus import REAL, bomb_png, dicom, real_grey
+from pneumoscan import Classifier
+from pneumoscan.service import create_app
+
+
+@pytest.fixture(scope="module")
+def app(trained_bundle):
+    return create_app(classifier=Classifier.load(trained_bundle.path, engine="torch"), max_upload_bytes=2 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return TestClient(app)
+
+
+def _post(client, name, data, **params):
+    return client.post("/v1/predict", files={"file": (name, data)}, params=params)
+
+
+def test_predict_returns_the_contract(client, app):
+    r = _post(client, "x.jpeg", REAL.read_bytes())
+    assert r.status_code == 200
+    body = r.json()
+    assert {"path", "probability", "label", "threshold", "model", "version"} <= set(body)
+    assert body["path"] == "x.jpeg" and body["label"] in ("NORMAL", "PNEUMONIA") and body["cam"] is None
+    expected = app.state.classifier.predict_one(REAL).probability
+    assert body["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_predict_with_cam_and_dicom(client):
+    r = _post(client, "x.dcm", dicom(real_grey()), cam="true")
+    assert r.status_code == 200
+    overlay = Image.open(io.BytesIO(base64.b64decode(r.json()["cam"])))
+    assert overlay.mode == "RGB" and overlay.size == (224, 224)
+
+
+@pytest.mark.parametrize("name,data,status,fragment", [
+    ("notes.jpeg", b"hello" * 100, 415, "not a recognised image"),
+    ("empty.png", b"", 422, "empty"),
+    ("cut.jpeg", REAL.read_bytes()[:300], 422, "cut.jpeg"),
+    ("bomb.png", bomb_png(), 413, "over the limit"),
+    ("tiny.png", None, 422, "1x1"),
+])
+def test_bad_uploads_get_clear_4xx(client, name, data, status, fragment):
+    if data is None:
+        buf = io.BytesIO()
+        Image.new("L", (1, 1)).save(buf, "PNG")
+        data = buf.getvalue()
+    r = _post(client, name, data)
+    assert r.status_code == status and fragment in r.json()["detail"]
+
+
+def test_oversized_upload_is_refused_before_reading(client):
+    r = _post(client, "big.jpeg", b"\xff" * (3 * 2**20))
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert client.post("/v1/predict").status_code == 422  # no file field
+
+
+def test_health_model_page_and_schema(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    info = client.get("/v1/model").json()
+    assert info["config"]["backbone"] == "efficientnet_lite0" and "validation" in info["metrics"]
+    assert "not a medical device" in info["model_card"]
+    page = client.get("/")
+    assert page.status_code == 200 and "not a medical device" in page.text and "cdn" not in page.text.lower()
+    schema = client.get("/openapi.json").json()
+    assert "PredictResponse" in schema["components"]["schemas"]
+    assert client.get("/v1/predict").status_code == 405
+    assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://x"}).headers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
+
+
+def test_page_in_a_real_browser(live_server, tmp_path_factory):
+    """Debian's Chromium, headless, offline: upload a real X-ray, see label, probability and overlay."""
+    from playwright.sync_api import sync_playwright
+
+    xray = sorted((VAL_FULLRES / "PNEUMONIA").iterdir())[0]
+    shots = tmp_path_factory.mktemp("screens")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        outside = []
+        page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((live_server, "data:")) else None)
+        page.goto(live_server)
+        page.wait_for_selector("#metric-auc")
+        page.set_input_files("#file", str(xray))
+        page.wait_for_selector("#result:not([hidden])", timeout=30000)
+        assert page.inner_text("#label") in ("NORMAL", "PNEUMONIA")
+        assert "P(pneumonia) = 0." in page.inner_text("#probability")
+        page.check("#cam-toggle")
+        assert page.eval_on_selector("#overlay", "i => !i.hidden && i.complete && i.naturalWidth > 100")
+        page.screenshot(path=str(shots / "page.png"))
+        page.set_input_files("#file", files=[{"name": "notes.jpeg", "mimeType": "image/jpeg", "buffer": b"not an image"}])
+        page.wait_for_selector("#error:not([hidden])")
+        assert "not a recognised image" in page.inner_text("#error")
+        browser.close()
+    assert outside == []
+    assert (shots / "page.png").stat().st_size > 10000
