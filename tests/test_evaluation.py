@@ -80,3 +80,14 @@ def test_comparing_two_models(trained_bundle, exported_bundle, small_data, tmp_p
     assert c["n"] == 80 and c["difference"] == pytest.approx(0, abs=1e-9)  # the same weights
     assert (tmp_path / "model_a" / "metrics.json").is_file() and (tmp_path / "model_b" / "metrics.json").is_file()
     assert json.loads((tmp_path / "comparison.json").read_text())["method"].startswith("DeLong")
+
+
+def test_record_stores_the_report_in_the_bundle(trained_bundle, small_data, tmp_path):
+    from pneumoscan.bundle import load_bundle
+    from pneumoscan.evaluation import evaluate
+
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    evaluate(small_data, "test", [str(copy)], tmp_path / "eval", engine="torch", n_resamples=50, progress=False, record=True)
+    bundle = load_bundle(copy)  # weights untouched: the sha256 still matches
+    assert bundle.metrics["test"]["n"] == 80 and "validation" in bundle.metrics
+    assert "| test (80 images" in (copy / "MODEL_CARD.md").read_text()

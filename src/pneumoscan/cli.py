@@ -112,6 +112,8 @@ def _add_evaluate(sub) -> None:
                    help="auto: ONNX Runtime when the bundle has model.onnx, else PyTorch")
     p.add_argument("--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the random image grid")
+    p.add_argument("--record", action="store_true",
+                   help="also store the report in the bundle's metrics.json (under the split name) and model card")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_evaluate)
 
@@ -122,7 +124,8 @@ def _run_evaluate(args) -> int:
 
     if args.model and len(args.model) > 2:
         raise ConfigError("--model may be given at most twice")
-    summary = evaluate(args.data, args.split, args.model, args.out, args.engine, args.bootstrap, args.seed, not args.quiet)
+    summary = evaluate(args.data, args.split, args.model, args.out, args.engine, args.bootstrap, args.seed,
+                       not args.quiet, args.record)
     for report in summary["models"]:
         print(metrics_table(report))
     if "comparison" in summary:

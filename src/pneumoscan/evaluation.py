@@ -41,8 +41,11 @@ class ModelResult:
 
 def evaluate(data: str | Path, split: str | None = "test", models: list[str | None] | None = None,
              out: str | Path = "evaluation", engine: str = "auto", n_resamples: int = 2000, seed: int = 0,
-             progress: bool = True) -> dict:
-    """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html."""
+             progress: bool = True, record: bool = False) -> dict:
+    """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html.
+
+    ``record`` also stores each model's report in its bundle (``metrics.json`` under the split's
+    name) and rewrites its model card: how the final test numbers reach the bundle."""
     from .report import write_report
 
     out = Path(out)
@@ -65,6 +68,8 @@ def evaluate(data: str | Path, split: str | None = "test", models: list[str | No
         result.figures = make_figures(result, images, folder, seed)
         write_predictions(folder / "predictions.csv", samples, result.probabilities, clf.threshold)
         write_json(folder / "metrics.json", report)
+        if record:
+            record_in_bundle(clf.bundle, split or "all", report)
         results.append(result)
 
     summary = {"split": split, "data": summarize(results[0].samples), "models": [r.report for r in results]}
@@ -73,6 +78,14 @@ def evaluate(data: str | Path, split: str | None = "test", models: list[str | No
         write_json(out / "comparison.json", summary["comparison"])
     summary["report"] = str(write_report(out / "report.html", results, summary, REFERENCES))
     return summary
+
+
+def record_in_bundle(bundle, split: str, report: dict) -> None:
+    from .bundle import METRICS
+
+    bundle.metrics[split] = {k: v for k, v in report.items() if k != "model"}
+    write_json(bundle.path / METRICS, bundle.metrics)
+    (bundle.path / "MODEL_CARD.md").write_text(R.model_card(bundle))
 
 
 def score(samples: list[Sample], logits: np.ndarray, clf: Classifier, split: str, n_resamples: int, seed: int) -> dict:
