@@ -111,10 +111,12 @@ def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     for f in real_images("test", "NORMAL", 3):
         (folder / f.name).symlink_to(f)
     write(folder, "bad.jpeg", b"nope")
-    done = _cli("predict", folder, "--model", trained_bundle.path, "--format", "jsonl", "--cam", tmp_path / "cams")
+    done = _cli("predict", folder, tmp_path / "nope.jpeg", "--model", trained_bundle.path, "--format", "jsonl",
+                "--cam", tmp_path / "cams")
     assert done.returncode == 1
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(rows) == 4 and sum("error" in r for r in rows) == 1
+    assert len(rows) == 5 and sum("error" in r for r in rows) == 2
+    assert rows[-1] == {"path": str(tmp_path / "nope.jpeg"), "error": "no such file or folder"}  # argument order kept
     assert all(set(r) == {"path", "probability", "label", "threshold"} for r in rows if "error" not in r)
     assert "bad.jpeg" in done.stderr and "Traceback" not in done.stderr
     assert len(list((tmp_path / "cams").glob("*.cam.png"))) == 3

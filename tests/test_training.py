@@ -76,3 +76,45 @@ def test_fine_tuning_and_ddp_on_two_cpu_processes(small_data, tmp_path):
     assert [r["phase"] for r in rows] == ["head", "fine_tune"]
     assert np.isfinite(float(rows[-1]["val_auc"]))
     load_bundle(out / "model")
+
+
+def _best_val_auc(run) -> float:
+    return json.loads((run / "model" / "config.json").read_text())["training"]["best_val_auc"]
+
+
+def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
+    """A run killed with SIGKILL mid-epoch continues with --resume and ends where an uninterrupted run ends."""
+    import signal
+    import time
+
+    args = ["train", "--data", str(small_data), "--epochs", "4", "--limit", "60", "--seed", "3", "--quiet"]
+    cli = [sys.executable, "-m", "pneumoscan.cli"]
+    full = subprocess.run(cli + args + ["--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-1500:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli + args + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "head-last.ckpt").is_file():
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    import torch
+
+    for ckpt in (killed / "checkpoints").glob("*.ckpt"):  # a torn temporary file may remain; never a torn checkpoint
+        assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=False)
+
+    resumed = subprocess.run(cli + ["train", "--resume", str(killed), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    rows = list(csv.DictReader(open(killed / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) == 4
+    assert abs(_best_val_auc(killed) - _best_val_auc(tmp_path / "full")) <= 0.005
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "train", "--resume", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a run folder to resume" in done.stderr

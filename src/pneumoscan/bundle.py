@@ -130,6 +130,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         raise ConfigError(f"{path}: {WEIGHTS} is missing")
     if sha256_file(weights) != config["weights_sha256"]:
         raise ConfigError(f"{weights}: sha256 does not match config.json (truncated or tampered weights)")
+    _check_weights_metadata(weights, config)
     metrics = {}
     if (path / METRICS).is_file():
         try:
@@ -137,6 +138,24 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         except ValueError as exc:
             raise ConfigError(f"{path / METRICS}: not valid JSON ({exc})") from None
     return Bundle(path, config, metrics)
+
+
+_FINGERPRINT = ("backbone", "image_size")  # written into the weights file, covered by its sha256
+
+
+def _check_weights_metadata(weights: Path, config: dict) -> None:
+    """The weights record what they were trained as; config.json must agree."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            recorded = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
+    for key in _FINGERPRINT:
+        if key in recorded and recorded[key] != str(config[key]):
+            raise ConfigError(f"{weights.parent}: config.json says {key} {config[key]!r} but the weights were "
+                              f"trained with {recorded[key]!r}")
 
 
 def write_json(path: Path, data) -> None:
@@ -174,7 +193,7 @@ def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.")
     os.close(fd)
-    save_file(state, tmp)
+    save_file(state, tmp, metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})
     os.chmod(tmp, 0o644)
     os.replace(tmp, path / WEIGHTS)
     config = {"format": FORMAT, "pneumoscan_version": __version__, "class_names": ["NORMAL", "PNEUMONIA"],

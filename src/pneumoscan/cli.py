@@ -19,8 +19,10 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a classifier on a chest_xray folder",
                        description="Train on ROOT/train (validation carved from it by patient), keep the best "
                                    "weights by validation AUC, and write a run folder with the model bundle.")
-    p.add_argument("--data", required=True, help="dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
-    p.add_argument("--out", required=True, help="run folder to write (config, history, curves, model/)")
+    p.add_argument("--data", help="dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
+    p.add_argument("--out", help="run folder to write (config, history, curves, checkpoints, model/)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run from its last checkpoint, with its own configuration")
     p.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default) or mobilenet_v2")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (bundled for efficientnet_lite0, downloaded for mobilenet_v2 where online) "
@@ -62,7 +64,13 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .data import Augmentation
+    from .errors import ConfigError
     from .training import TrainConfig, train
+
+    if args.resume:
+        return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
+    if not args.data or not args.out:
+        raise ConfigError("train needs --data ROOT and --out RUN_DIR (or --resume RUN_DIR)")
 
     augmentation = Augmentation(rotation=args.rotation, shift=args.shift, shear=args.shear, zoom=args.zoom,
                                 hflip=not args.no_hflip, brightness=args.brightness, contrast=args.contrast)
@@ -75,7 +83,10 @@ def _run_train(args) -> int:
         devices=args.devices, workers=args.workers, limit=args.limit, target_sensitivity=args.target_sensitivity,
         augmentation=augmentation, progress=not args.quiet,
     )
-    bundle = train(cfg)
+    return _report_bundle(train(cfg))
+
+
+def _report_bundle(bundle) -> int:
     if bundle is not None:
         print(f"model bundle written to {bundle.path}")
     return 0
@@ -156,10 +167,12 @@ def _run_predict(args) -> int:
     from .inference import Classifier, expand_inputs
     from .output import write_cams, write_predictions
 
-    files, missing = expand_inputs(args.paths)
+    items = expand_inputs(args.paths)
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
+    files = [x for x in items if isinstance(x, Path)]
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
-    results = missing + clf.predict(files, batch_size=args.batch_size, progress=show_progress)
+    predicted = iter(clf.predict(files, batch_size=args.batch_size, progress=show_progress))
+    results = [next(predicted) if isinstance(x, Path) else x for x in items]
     write_predictions(results, args.format, sys.stdout)
     if args.cam:
         write_cams(clf, results, Path(args.cam))

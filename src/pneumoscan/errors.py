@@ -14,9 +14,13 @@ class ConfigError(PneumoscanError):
 
 
 class ImageError(PneumoscanError):
-    """One input could not be turned into an image; the rest of a batch goes on."""
+    """One input could not be turned into an image; the rest of a batch goes on.
 
-    def __init__(self, source: str | Path, reason: str):
+    ``kind``: ``"unsupported"`` (not an image format we read), ``"too_large"`` (over a size or
+    pixel limit) or ``"invalid"`` (an image that cannot be used: empty, truncated, too small...)."""
+
+    def __init__(self, source: str | Path, reason: str, kind: str = "invalid"):
         self.source = str(source)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{self.source}: {reason}")

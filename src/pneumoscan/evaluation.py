@@ -62,7 +62,7 @@ def evaluate(data: str | Path, split: str | None = "test", models: list[str | No
         logits = clf.logits(images)
         name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
         folder = out if len(models) == 1 else out / f"model_{chr(97 + index)}"
-        report = score(samples, logits, clf, split or "all", n_resamples, seed)
+        report = score(samples, logits, clf, split or Path(data).name, n_resamples, seed)
         report["unreadable"] = errors
         result = ModelResult(name, clf, samples, logits, report)
         result.figures = make_figures(result, images, folder, seed)
@@ -72,7 +72,7 @@ def evaluate(data: str | Path, split: str | None = "test", models: list[str | No
             record_in_bundle(clf.bundle, split or "all", report)
         results.append(result)
 
-    summary = {"split": split, "data": summarize(results[0].samples), "models": [r.report for r in results]}
+    summary = {"split": split or Path(data).name, "data": summarize(results[0].samples), "models": [r.report for r in results]}
     if len(results) == 2:
         summary["comparison"] = compare(results[0], results[1], n_resamples, seed)
         write_json(out / "comparison.json", summary["comparison"])

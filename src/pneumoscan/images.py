@@ -94,7 +94,7 @@ def _read_bytes(source, name: str, max_bytes: int) -> bytes:
             raise ImageError(name, "not a regular file")
         size = path.stat().st_size
         if size > max_bytes:
-            raise ImageError(name, f"file is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit")
+            raise ImageError(name, f"file is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit", "too_large")
         try:
             data = path.read_bytes()
         except PermissionError:
@@ -102,7 +102,7 @@ def _read_bytes(source, name: str, max_bytes: int) -> bytes:
     else:
         data = source.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise ImageError(name, f"input is over the {max_bytes / 2**20:.0f} MB limit")
+            raise ImageError(name, f"input is over the {max_bytes / 2**20:.0f} MB limit", "too_large")
     if not data:
         raise ImageError(name, "file is empty")
     return data
@@ -114,7 +114,7 @@ def _looks_like_dicom(data: bytes, name: str) -> bool:
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageError(name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
+        raise ImageError(name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", "too_large")
     if min(width, height) < MIN_SIDE:
         raise ImageError(name, f"image is {width}x{height} pixels; at least {MIN_SIDE} per side expected")
 
@@ -123,7 +123,7 @@ def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image (expected JPEG, PNG or DICOM)") from None
+        raise ImageError(name, "not a recognised image (expected JPEG, PNG or DICOM)", "unsupported") from None
     _check_pixels(*image.size, name, max_pixels)
     if draft_size and image.format == "JPEG":
         image.draft("L", (2 * draft_size, 2 * draft_size))
@@ -192,7 +192,7 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001
-        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})") from None
+        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", "unsupported") from None
     if "PixelData" not in ds:
         raise ImageError(name, "DICOM file has no pixel data")
     _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), name, max_pixels)
@@ -201,7 +201,8 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
-        raise ImageError(name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})") from None
+        raise ImageError(name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})",
+                         "unsupported") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()

@@ -113,30 +113,25 @@ def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
     return OnnxEngine(onnx) if onnx is not None else TorchEngine(bundle)
 
 
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Prediction]]:
-    """Files, folders (recursive) and glob patterns to a list of image files, plus one error per
-    argument that matched nothing."""
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:
+    """Files, folders (recursive) and glob patterns to image files, in argument order; an argument
+    that matches nothing becomes a :class:`Prediction` carrying its error, in its place."""
     from .data import list_images
 
-    files, missing = [], []
-    for arg in paths:
-        arg = str(arg)
+    items: list[Path | Prediction] = []
+    for arg in map(str, paths):
         path = Path(arg)
         if path.is_dir():
             found = list_images(path)
-            files += found
-            if not found:
-                missing.append(Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)"))
-        elif path.exists() or os.path.lexists(path):
-            files.append(path)
+            items += found or [Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)")]
+        elif os.path.lexists(path):
+            items.append(path)
         elif glob.has_magic(arg):
             matched = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-            files += matched
-            if not matched:
-                missing.append(Prediction(arg, error="pattern matched no files"))
+            items += matched or [Prediction(arg, error="pattern matched no files")]
         else:
-            missing.append(Prediction(arg, error="no such file or folder"))
-    return files, missing
+            items.append(Prediction(arg, error="no such file or folder"))
+    return items
 
 
 class Classifier:
@@ -173,8 +168,10 @@ class Classifier:
         label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
         return Prediction(name, float(probability), label, self.threshold)
 
-    def predict(self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False) -> list[Prediction]:
-        """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``."""
+    def predict(self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False,
+                errors: str = "report") -> list[Prediction]:
+        """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``
+        (or, with ``errors="raise"``, raise their :class:`ImageError`)."""
         from tqdm import tqdm
 
         inputs = list(inputs)
@@ -194,8 +191,10 @@ class Classifier:
                 if error is None:
                     good.append(i)
                     images.append(image)
+                elif errors == "raise":
+                    raise error
                 else:
-                    results[i] = Prediction(source_name(inputs[i]), error=error)
+                    results[i] = Prediction(source_name(inputs[i]), error=error.reason)
             if images:
                 for i, p in zip(good, self.probabilities(self.engine.logits(np.stack(images)))):
                     results[i] = self._result(source_name(inputs[i]), p)
@@ -210,7 +209,7 @@ class Classifier:
         try:
             return prepare(source, self.image_size), None
         except ImageError as exc:
-            return None, exc.reason
+            return None, exc
 
     def explain(self, source: ImageSource):
         """Grad-CAM for the predicted class: see :func:`pneumoscan.explain.grad_cam`."""

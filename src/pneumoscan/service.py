@@ -62,13 +62,7 @@ def _png_base64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _status_for(error: ImageError) -> int:
-    reason = error.reason
-    if "not a recognised image" in reason or "not a readable DICOM" in reason:
-        return 415
-    if "over the limit" in reason or "MB limit" in reason:
-        return 413
-    return 422
+_STATUS = {"unsupported": 415, "too_large": 413, "invalid": 422}
 
 
 def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
@@ -94,9 +88,7 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
     def run_prediction(data: bytes, name: str, cam: bool) -> dict:
         source = io.BytesIO(data)
         source.name = name
-        result = clf.predict_one(source)
-        if not result.ok:
-            raise ImageError(name, result.error)
+        result = clf.predict([source], errors="raise")[0]
         out = {**result.to_dict(), "model": clf.bundle.name, "version": str(clf.bundle.config.get("version", ""))}
         if cam:
             source.seek(0)
@@ -120,7 +112,7 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam)
         except ImageError as exc:
-            raise HTTPException(_status_for(exc), str(exc)) from None
+            raise HTTPException(_STATUS.get(exc.kind, 422), str(exc)) from None
 
     @app.get("/healthz", response_model=Health)
     async def healthz():

@@ -56,6 +56,18 @@ class TrainConfig:
     target_sensitivity: float | None = None
     augmentation: Augmentation = field(default_factory=Augmentation)
     progress: bool = True
+    resume: bool = False
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, progress: bool = True) -> "TrainConfig":
+        """The configuration a run folder was started with, set to resume it."""
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: not a run folder to resume (no config.json)")
+        saved = json.loads(path.read_text())
+        saved["augmentation"] = Augmentation(**saved.get("augmentation", {}))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in saved.items() if k in known}, out=str(run_dir), progress=progress, resume=True)
 
     def check(self) -> None:
         if self.image_size < 32 or self.image_size > 1024:
@@ -201,6 +213,33 @@ def _history_callback(phase: str, n_train: int, rows: list, path: Path):
     return History()
 
 
+def _atomic_checkpoint_io():
+    """Lightning checkpoints written to a temporary file, then renamed: a kill never leaves half a file."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+
+    return AtomicCheckpointIO()
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    def number(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+    return [{k: v if k == "phase" else number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(path))]
+
+
 def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
     if mode == "none":
         return 1.0, 1.0
@@ -219,6 +258,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
     cfg.check()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     out = Path(cfg.out)
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
+    if not cfg.resume:
+        write_json(out / "config.json", run_config)
     seed_everything(cfg.seed)
     train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
@@ -242,31 +284,51 @@ def train(cfg: TrainConfig) -> Bundle | None:
     train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader)
 
-    history: list[dict] = []
     phases = [("head", cfg.epochs, 0, cfg.lr, "constant")]
     if cfg.fine_tune_epochs:
         phases.append(("fine_tune", cfg.fine_tune_epochs, cfg.unfreeze, cfg.fine_tune_lr, cfg.schedule))
-    best_score, best_state, timings = -1.0, None, {}
+    checkpoints = out / "checkpoints"
+    state = json.loads((out / "state.json").read_text()) if cfg.resume and (out / "state.json").is_file() else {}
+    history = _read_history(out / "history.csv") if cfg.resume else []
+    best_score, best_state, timings = -1.0, None, dict(state.get("seconds", {}))
     started = time.perf_counter()
     for phase, epochs, unfreeze, lr, schedule in phases:
         module.configure_phase(unfreeze, lr, schedule)
-        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename=f"{phase}-best", monitor="val_auc",
-                                     mode="max", save_top_k=1, save_weights_only=True, enable_version_counter=False)
-        trainer = L.Trainer(
-            max_epochs=epochs, accelerator="auto", devices=cfg.devices,
-            strategy="ddp" if cfg.devices > 1 else "auto", deterministic=False,
-            callbacks=[checkpoint, EarlyStopping("val_auc", mode="max", patience=cfg.patience),
-                       _history_callback(phase, len(train_set), history, out / "history.csv")],
-            logger=CSVLogger(out, name="logs", version=phase), enable_progress_bar=cfg.progress,
-            num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
-        )
-        phase_start = time.perf_counter()
-        trainer.fit(module, train_loader, val_loader)
-        timings[phase] = round(time.perf_counter() - phase_start, 1)
-        score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else -1.0
+        if phase in state.get("done", {}):  # finished before an interruption: take its result
+            score, best_path = state["done"][phase]
+        else:
+            last = checkpoints / f"{phase}-last.ckpt"
+            resume_from = str(last) if cfg.resume and last.is_file() else None
+            if resume_from:  # epochs logged after the last checkpoint are run again
+                epochs_done = torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1
+                kept = [r for r in history if r["phase"] == phase][:epochs_done]
+                history[:] = [r for r in history if r["phase"] != phase] + kept
+            else:
+                history[:] = [r for r in history if r["phase"] != phase]
+            best = ModelCheckpoint(dirpath=checkpoints, filename=f"{phase}-best", monitor="val_auc", mode="max",
+                                   save_top_k=1, save_weights_only=True, enable_version_counter=False)
+            every_epoch = ModelCheckpoint(dirpath=checkpoints, filename=f"{phase}-last", save_top_k=1,
+                                          enable_version_counter=False)
+            trainer = L.Trainer(
+                max_epochs=epochs, accelerator="auto", devices=cfg.devices,
+                strategy="ddp" if cfg.devices > 1 else "auto", deterministic=False, plugins=[_atomic_checkpoint_io()],
+                callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience),
+                           _history_callback(phase, len(train_set), history, out / "history.csv")],
+                logger=CSVLogger(out, name="logs", version=phase), enable_progress_bar=cfg.progress,
+                num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+            )
+            phase_start = time.perf_counter()
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+            timings[phase] = round(timings.get(phase, 0) + time.perf_counter() - phase_start, 1)
+            score = float(best.best_model_score) if best.best_model_score is not None else -1.0
+            best_path = best.best_model_path
+            if rank_zero:
+                state.setdefault("done", {})[phase] = [score, best_path]
+                state["seconds"] = timings
+                write_json(out / "state.json", state)
         if score > best_score:
             best_score = score
-            best_state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+            best_state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(best_state)  # each phase starts from, and the run ends with, the best so far
     if not rank_zero:
         return None
@@ -300,8 +362,7 @@ def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, tim
     validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
     validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
 
-    run_config = {k: v for k, v in asdict(cfg).items() if k != "progress"}
-    write_json(out / "config.json", run_config)
+    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png")
     speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
