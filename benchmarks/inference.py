@@ -63,10 +63,11 @@ def latencies_ms(clf: Classifier, files: list[Path]) -> list[float]:
 
 def peak_rss_child(bundle: Path, engine: str, int8: bool, files: list[Path]) -> float:
     """Peak RSS (MB) of a fresh process that loads one engine and predicts ``files``."""
-    code = ("import resource,sys,json;from pneumoscan import Classifier;"
+    # VmHWM, not ru_maxrss: the latter survives fork+exec and would report this process's peak
+    code = ("import sys,json;from pneumoscan import Classifier;"
             f"c=Classifier.load({str(bundle)!r},engine={engine!r},int8={int8});"
             "fs=json.loads(sys.stdin.read());r=c.predict(fs,batch_size=32);assert all(x.ok for x in r);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)")
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps([str(f) for f in files]),
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])

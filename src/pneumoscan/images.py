@@ -23,6 +23,7 @@ from .errors import ImageError
 MAX_PIXELS = 100_000_000  # 10k x 10k; larger headers are refused before decoding (bombs)
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MIN_SIDE = 16  # smaller than this is no radiograph
+DRAFT_OVERSAMPLE = 3  # JPEG draft decoding keeps both sides at least this many times the target size
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
@@ -52,8 +53,8 @@ def load_image(
     """Load any supported input as an 8-bit grey image, or raise :class:`ImageError`.
 
     ``draft_size`` lets the JPEG decoder skip detail that a resize to that size would throw
-    away: it decodes at the smallest power-of-two scale that keeps both sides at least twice
-    ``draft_size``.
+    away: it decodes at the smallest power-of-two scale that keeps both sides at least
+    ``DRAFT_OVERSAMPLE`` times ``draft_size``.
     """
     name = source_name(source)
     try:
@@ -126,7 +127,7 @@ def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -
         raise ImageError(name, "not a recognised image (expected JPEG, PNG or DICOM)", "unsupported") from None
     _check_pixels(*image.size, name, max_pixels)
     if draft_size and image.format == "JPEG":
-        image.draft("L", (2 * draft_size, 2 * draft_size))
+        image.draft("L", (DRAFT_OVERSAMPLE * draft_size, DRAFT_OVERSAMPLE * draft_size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # EXIF and ICC oddities are not worth a line each
         image.load()

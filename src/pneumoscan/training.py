@@ -66,7 +66,7 @@ class TrainConfig:
             raise ConfigError(f"{run_dir}: not a run folder to resume (no config.json)")
         saved = json.loads(path.read_text())
         saved["augmentation"] = Augmentation(**saved.get("augmentation", {}))
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__) - {"out", "progress", "resume"}
         return cls(**{k: v for k, v in saved.items() if k in known}, out=str(run_dir), progress=progress, resume=True)
 
     def check(self) -> None:

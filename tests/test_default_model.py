@@ -1,0 +1,56 @@
+"""The bundled model: it loads after install, is what the README says, and the draft decoding is safe for it."""
+
+import numpy as np
+import pytest
+
+from conftest import FULLRES, VAL_FULLRES
+from pneumoscan import Classifier
+from pneumoscan.bundle import default_bundle_path, load_bundle
+from pneumoscan.data import list_images
+from pneumoscan.images import load_image, prepare, resize_square
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return Classifier.load(engine="torch")
+
+
+def test_bundle_is_small_complete_and_verified():
+    path = default_bundle_path()
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    bundle = load_bundle()
+    assert {"validation", "test"} <= set(bundle.metrics)
+    assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
+    assert bundle.onnx_path(int8=True) is not None
+    card = (path / "MODEL_CARD.md").read_text()
+    assert "not a medical device" in card and "CC BY 4.0" in card and "| test (624 images" in card
+
+
+def test_bundled_model_separates_the_official_val_images(clf):
+    """The 16 official val images (never trained on): all pneumonia cases rank above most normals."""
+    from pneumoscan.metrics import roc_auc
+
+    files = list_images(VAL_FULLRES)
+    y = [int("PNEUMONIA" in str(f)) for f in files]
+    assert roc_auc(y, [r.probability for r in clf.predict(files)]) > 0.9
+
+
+def test_draft_jpeg_decoding_changes_probabilities_by_less_than_0_01(clf):
+    files = list_images(FULLRES)
+    assert len(files) == 48
+    full = np.stack([resize_square(load_image(f), clf.image_size) for f in files])
+    drafted = np.stack([prepare(f, clf.image_size) for f in files])
+    assert not np.array_equal(full, drafted)  # the draft path really decoded at reduced scale
+    diff = np.abs(clf.probabilities(clf.logits(full)) - clf.probabilities(clf.logits(drafted)))
+    assert diff.max() < 0.01
+
+
+def test_demo_runs_offline(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "report:" in done.stdout and len(list((tmp_path / "demo" / "gradcam").glob("*.cam.png"))) == 16
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 100_000
