@@ -124,3 +124,14 @@ def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "path,probability,label,threshold,error"
     glob = _cli("predict", f"{D224}/test/NORMAL/IM-000[1-3]*", "--model", trained_bundle.path)
     assert glob.returncode == 0 and "classified, 0 failed" in glob.stdout
+
+
+def test_symlink_loop_and_non_ascii_names(trained_bundle, tmp_path):
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)  # a folder that contains itself
+    (folder / "Röntgen_胸部 1.jpeg").write_bytes(REAL.read_bytes())
+    done = _cli("predict", folder, "--model", trained_bundle.path, "--format", "jsonl")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["path"].endswith("Röntgen_胸部 1.jpeg") and "probability" in rows[0]

@@ -129,3 +129,70 @@ def test_page_in_a_real_browser(live_server, tmp_path_factory):
         browser.close()
     assert outside == []
     assert (shots / "page.png").stat().st_size > 10000
+
+
+@pytest.fixture(scope="module")
+def fault_server(trained_bundle):
+    """A live server with a 1 s body timeout, for clients that misbehave."""
+    import uvicorn
+
+    app = create_app(classifier=Classifier.load(trained_bundle.path, engine="torch"), max_upload_bytes=2 * 2**20,
+                     body_timeout=1.0)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(5)
+
+
+def _multipart_head(port: int, length: int) -> bytes:
+    return (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {length}\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+
+def _good_request(port: int) -> int:
+    import httpx
+
+    return httpx.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": ("x.jpeg", REAL.read_bytes())}, timeout=30).status_code
+
+
+def test_slow_body_gets_408_and_the_server_keeps_serving(fault_server):
+    with socket.create_connection(("127.0.0.1", fault_server), timeout=10) as s:
+        s.sendall(_multipart_head(fault_server, 100_000) + REAL.read_bytes()[:1000])  # then nothing more
+        start = time.time()
+        reply = b""
+        while b"stalled" not in reply and (chunk := s.recv(4096)):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply and time.time() - start < 5
+    assert _good_request(fault_server) == 200
+
+
+def test_client_disconnecting_mid_upload_does_no_harm(fault_server):
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", fault_server), timeout=10) as s:
+            s.sendall(_multipart_head(fault_server, 200_000) + REAL.read_bytes()[:2000])
+    assert _good_request(fault_server) == 200
+
+
+def test_200_concurrent_bad_uploads_then_good_ones(fault_server):
+    import asyncio
+    import resource
+
+    import httpx
+
+    async def storm():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=50)) as client:
+            url = f"http://127.0.0.1:{fault_server}/v1/predict"
+            bad = [client.post(url, files={"file": (f"bad{i}.jpeg", REAL.read_bytes()[: 200 + i])}) for i in range(200)]
+            return [r.status_code for r in await asyncio.gather(*bad)]
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    codes = asyncio.run(storm())
+    assert len(codes) == 200 and set(codes) <= {415, 422}  # unidentifiable or truncated: each refused
+    assert all(_good_request(fault_server) == 200 for _ in range(5))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: bounded

@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -27,6 +27,7 @@ from .inference import Classifier
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request body
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 
 
@@ -65,8 +66,46 @@ def _png_base64(image) -> str:
 _STATUS = {"unsupported": 415, "too_large": 413, "invalid": 422}
 
 
+class _UploadGuard:
+    """ASGI middleware for request bodies: refuse a declared Content-Length over the limit with 413
+    before reading anything, and answer 408 when a body stalls for ``seconds`` (freeing the worker)."""
+
+    class _Stalled(BaseException):  # not Exception: the form parser would turn it into a 400
+        pass
+
+    def __init__(self, app, max_bytes: int, seconds: float):
+        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if scope["method"] == "POST" and length.isdigit() and int(length) > self.max_bytes + MULTIPART_OVERHEAD:
+            detail = f"upload is {int(length) / 2**20:.1f} MB, over the {self.max_bytes / 2**20:.0f} MB limit"
+            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        started = False
+
+        async def timed_receive():
+            try:
+                return await asyncio.wait_for(receive(), self.seconds)
+            except asyncio.TimeoutError:
+                raise self._Stalled from None
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracked_send)
+        except self._Stalled:
+            if not started:
+                detail = f"request body stalled for {self.seconds:g} s"
+                await JSONResponse({"detail": detail}, status_code=408)(scope, receive, send)
+
+
 def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               workers: int | None = None, cors_origins: list[str] | None = None,
+               workers: int | None = None, cors_origins: list[str] | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                classifier: Classifier | None = None) -> FastAPI:
     """The application; ``classifier`` lets tests and embedders pass one already loaded."""
     clf = classifier or Classifier.load(model, engine=engine)
@@ -76,14 +115,6 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
     app.state.classifier = clf
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
-
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() and int(length) > max_upload_bytes + MULTIPART_OVERHEAD:
-            return JSONResponse({"detail": f"upload is {int(length) / 2**20:.1f} MB, over the "
-                                           f"{max_upload_bytes / 2**20:.0f} MB limit"}, status_code=413)
-        return await call_next(request)
 
     def run_prediction(data: bytes, name: str, cam: bool) -> dict:
         source = io.BytesIO(data)
@@ -130,6 +161,7 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(_UploadGuard, max_bytes=max_upload_bytes, seconds=body_timeout)
     app.router.on_shutdown.append(lambda: pool.shutdown(wait=False))
     return app
 
