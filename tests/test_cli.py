@@ -5,7 +5,7 @@ import pytest
 
 from pneumoscan.cli import build_parser
 
-COMMANDS = ["train", "evaluate", "predict", "export", "demo", "data"]
+COMMANDS = ["train", "evaluate", "predict", "export", "serve", "demo", "data"]
 
 
 def _cli(*args):

@@ -132,3 +132,17 @@ def test_draft_decoding_changes_little():
         full = resize_square(load_image(path), 224)
         drafted = prepare(path, 224)
         assert np.abs(full.astype(float) - drafted.astype(float)).mean() < 2.0
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    """Permission bits do not stop root, so the refusal is simulated where the loader reads."""
+    from pathlib import Path
+
+    path = write(tmp_path, "locked.jpeg", REAL.read_bytes())
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ImageError, match="locked.jpeg: permission denied"):
+        load_image(path)

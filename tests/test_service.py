@@ -172,6 +172,20 @@ def test_slow_body_gets_408_and_the_server_keeps_serving(fault_server):
     assert _good_request(fault_server) == 200
 
 
+def test_chunked_upload_over_the_limit_is_stopped(fault_server):
+    import httpx
+
+    def body():  # no Content-Length: the server must count
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpeg\"\r\n\r\n"
+        for _ in range(64):
+            yield b"\xff" * 65536  # 4 MB in all, over the 2 MB limit
+
+    r = httpx.post(f"http://127.0.0.1:{fault_server}/v1/predict", content=body(), timeout=30,
+                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert _good_request(fault_server) == 200
+
+
 def test_client_disconnecting_mid_upload_does_no_harm(fault_server):
     for _ in range(20):
         with socket.create_connection(("127.0.0.1", fault_server), timeout=10) as s:

@@ -118,3 +118,14 @@ def test_resume_needs_a_run_folder(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "train", "--resume", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not a run folder to resume" in done.stderr
+
+
+def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
+    from conftest import link_dataset
+
+    root = link_dataset(tmp_path / "data", {"train": 20})
+    (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"broken")
+    bundle = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1, progress=False))
+    skipped = bundle.config["training"]["skipped_unreadable"]
+    assert len(skipped) == 1 and "IM-9999-0001.jpeg" in skipped[0]
+    assert "skipped" in capsys.readouterr().out

@@ -31,6 +31,7 @@ _SCHEMA = {
     "threshold": ((int, float), True), "temperature": ((int, float), True), "weights_sha256": (str, True),
     "dropout": ((int, float), False), "name": (str, False), "version": (str, False), "normalization": (dict, False),
     "threshold_rule": (str, False), "training": (dict, False), "pneumoscan_version": (str, False),
+    "notes": (str, False),
 }
 
 

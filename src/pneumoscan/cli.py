@@ -218,6 +218,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds an upload may stall before 408 (default 30)")
     p.add_argument("--workers", type=int, default=None, help="inference threads (default: one per core)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow cross-origin requests from ORIGIN (repeatable; default: CORS off)")
@@ -228,7 +229,7 @@ def _run_serve(args) -> int:
     from .service import serve
 
     serve(args.model, args.host, args.port, engine=args.engine, max_upload_bytes=int(args.max_upload_mb * 2**20),
-          workers=args.workers, cors_origins=args.cors)
+          workers=args.workers, cors_origins=args.cors, body_timeout=args.body_timeout)
     return 0
 
 

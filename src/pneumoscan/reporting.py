@@ -186,6 +186,10 @@ def model_card(bundle) -> str:
                         f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
                         f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |")
     tr = training.get("train", {})
+    cal = (metrics.get("test") or {}).get("calibration")
+    calibration = (f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
+                   f"and log loss from {_fmt(cal['loss_before'])} to {_fmt(cal['loss_after'])}." if cal else "")
+    notes = f"\n## How this model was chosen\n{c['notes']}\n" if c.get("notes") else ""
     return f"""# Model card: {c.get('name', bundle.path.name)}
 
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
@@ -214,8 +218,8 @@ of train ({training.get('validation', {}).get('images', '?')} images).
 |---|---|---|---|---|---|---|
 {chr(10).join(rows) if rows else '| (no metrics recorded) | | | | | | |'}
 
-The official test split was used once, for the final report above; nothing was chosen on it.
-
+Threshold and temperature were chosen on validation data only. {calibration}
+{notes}
 ## Known failure modes and limits
 - Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.
 - Other hospitals, scanners and processing: one centre's images; contrast, sharpness and burned-in markers

@@ -68,10 +68,12 @@ _STATUS = {"unsupported": 415, "too_large": 413, "invalid": 422}
 
 class _UploadGuard:
     """ASGI middleware for request bodies: refuse a declared Content-Length over the limit with 413
-    before reading anything, and answer 408 when a body stalls for ``seconds`` (freeing the worker)."""
+    before reading anything, stop a body without one (chunked) once it passes the limit, and
+    answer 408 when a body stalls for ``seconds`` (freeing the worker)."""
 
-    class _Stalled(BaseException):  # not Exception: the form parser would turn it into a 400
-        pass
+    class _Refused(BaseException):  # not Exception: the form parser would turn it into a 400
+        def __init__(self, status: int, detail: str):
+            self.status, self.detail = status, detail
 
     def __init__(self, app, max_bytes: int, seconds: float):
         self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
@@ -83,13 +85,19 @@ class _UploadGuard:
         if scope["method"] == "POST" and length.isdigit() and int(length) > self.max_bytes + MULTIPART_OVERHEAD:
             detail = f"upload is {int(length) / 2**20:.1f} MB, over the {self.max_bytes / 2**20:.0f} MB limit"
             return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-        started = False
+        started, received = False, 0
+        limit = self.max_bytes + MULTIPART_OVERHEAD
 
         async def timed_receive():
+            nonlocal received
             try:
-                return await asyncio.wait_for(receive(), self.seconds)
+                message = await asyncio.wait_for(receive(), self.seconds)
             except asyncio.TimeoutError:
-                raise self._Stalled from None
+                raise self._Refused(408, f"request body stalled for {self.seconds:g} s") from None
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise self._Refused(413, f"upload is over the {self.max_bytes / 2**20:.0f} MB limit")
+            return message
 
         async def tracked_send(message):
             nonlocal started
@@ -98,10 +106,9 @@ class _UploadGuard:
 
         try:
             await self.app(scope, timed_receive, tracked_send)
-        except self._Stalled:
+        except self._Refused as refusal:
             if not started:
-                detail = f"request body stalled for {self.seconds:g} s"
-                await JSONResponse({"detail": detail}, status_code=408)(scope, receive, send)
+                await JSONResponse({"detail": refusal.detail}, status_code=refusal.status)(scope, receive, send)
 
 
 def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,

@@ -333,7 +333,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
     if not rank_zero:
         return None
     wall = time.perf_counter() - started
-    return _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score)
+    return _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score,
+                       train_errors + val_errors)
 
 
 def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -347,7 +348,8 @@ def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> 
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score) -> Bundle:
+def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score,
+                skipped: list[str]) -> Bundle:
     from . import metrics as M
     from .reporting import model_card, plot_training_curves
 
@@ -368,7 +370,8 @@ def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, tim
     speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
     training = {
         "data": str(cfg.data), "train": summarize(train_samples), "validation": summarize(val_samples),
-        "recipe": run_config, "best_val_auc": best_score, "wall_seconds": round(wall, 1), "phase_seconds": timings,
+        "recipe": run_config, "best_val_auc": best_score, "skipped_unreadable": skipped,
+        "wall_seconds": round(wall, 1), "phase_seconds": timings,
         "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
         "epochs_run": len(history),
     }
@@ -386,7 +389,8 @@ def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, tim
     if (out / "curves.png").is_file():
         shutil.copyfile(out / "curves.png", out / "model" / "training_curves.png")
     (out / "model" / "MODEL_CARD.md").write_text(model_card(bundle))
-    print(json.dumps({"run": str(out), "best_val_auc": round(best_score, 4), "threshold": round(threshold, 4),
+    print(json.dumps({"run": str(out), "skipped_unreadable": len(skipped), "best_val_auc": round(best_score, 4),
+                      "threshold": round(threshold, 4),
                       "temperature": round(temperature, 3), "wall_seconds": round(wall, 1),
                       "train_images_per_s": training["train_images_per_s_median"]}))
     return bundle
