@@ -64,12 +64,19 @@ def latencies_ms(clf: Classifier, files: list[Path]) -> list[float]:
 def peak_rss_child(bundle: Path, engine: str, int8: bool, files: list[Path]) -> float:
     """Peak RSS (MB) of a fresh process that loads one engine and predicts ``files``."""
     # VmHWM, not ru_maxrss: the latter survives fork+exec and would report this process's peak
-    code = ("import sys,json;from pneumoscan import Classifier;"
-            f"c=Classifier.load({str(bundle)!r},engine={engine!r},int8={int8});"
-            "fs=json.loads(sys.stdin.read());r=c.predict(fs,batch_size=32);assert all(x.ok for x in r);"
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)")
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([str(f) for f in files]),
-                          capture_output=True, text=True, check=True)
+    code = (
+        "import sys,json;from pneumoscan import Classifier;"
+        f"c=Classifier.load({str(bundle)!r},engine={engine!r},int8={int8});"
+        "fs=json.loads(sys.stdin.read());r=c.predict(fs,batch_size=32);assert all(x.ok for x in r);"
+        "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps([str(f) for f in files]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -98,18 +105,27 @@ def main() -> None:
         rss = {name: peak_rss_child(bundle, engine, int8, test_files) for name, engine, int8 in ENGINES}
 
     base = statistics.median(rounds["torch"]["batch"])
-    print(f"End-to-end inference, files to probabilities ({len(test_files)} test images at 224 px; "
-          f"{len(fullres)} full-resolution files); medians of {args.repeats} interleaved rounds")
-    print(f"| engine | 224 px images/s (batch 32) | ratio to torch | full-res images/s | batch-1 p50 ms | "
-          f"batch-1 p95 ms | peak RSS MB |")
+    print(
+        f"End-to-end inference, files to probabilities ({len(test_files)} test images at 224 px; "
+        f"{len(fullres)} full-resolution files); medians of {args.repeats} interleaved rounds"
+    )
+    print(
+        "| engine | 224 px images/s (batch 32) | ratio to torch | full-res images/s | batch-1 p50 ms | "
+        "batch-1 p95 ms | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in classifiers:
         r = rounds[name]
         batch = statistics.median(r["batch"])
         p50, p95 = np.percentile(r["latency"], [50, 95])
-        print(f"| {name} | {batch:.0f} | {batch / base:.2f}x | {statistics.median(r['fullres']):.0f} | "
-              f"{p50:.1f} | {p95:.1f} | {rss[name]:.0f} |")
-    print(f"(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB with all three loaded)")
+        print(
+            f"| {name} | {batch:.0f} | {batch / base:.2f}x | {statistics.median(r['fullres']):.0f} | "
+            f"{p50:.1f} | {p95:.1f} | {rss[name]:.0f} |"
+        )
+    print(
+        f"(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, "
+        "all three engines loaded)"
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def main() -> None:
     files = list_images(shared_data_root() / "chest_xray_224" / "test")
     payloads = [(f.name, f.read_bytes()) for f in files]
     port = free_port()
-    cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port)] + (["--model", args.model] if args.model else [])
+    cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port)] + (
+        ["--model", args.model] if args.model else []
+    )
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,10 +110,15 @@ def main() -> None:
     print(f"pneumoscan serve on 127.0.0.1, {args.clients} concurrent clients, {os.cpu_count()} cores")
     print("| requests | sent | requests/s | ratio to baseline | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (rate, (p50, p95, p99), errors, sent) in (("GET /healthz (baseline)", base), ("POST /v1/predict (224 px JPEG)", result)):
+    for name, (rate, (p50, p95, p99), errors, sent) in (
+        ("GET /healthz (baseline)", base),
+        ("POST /v1/predict (224 px JPEG)", result),
+    ):
         print(f"| {name} | {sent} | {rate:.0f} | {rate / base[0]:.3f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} |")
-    print(f"server RSS: {before:.0f} MB before the measured requests, {after:.0f} MB after "
-          f"({100 * (after - before) / before:+.1f}%)")
+    print(
+        f"server RSS: {before:.0f} MB before the measured requests, {after:.0f} MB after "
+        f"({100 * (after - before) / before:+.1f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import D224
+from PIL import Image
 
 REAL = D224 / "test" / "PNEUMONIA" / "person1_virus_6.jpeg"
 
@@ -24,7 +23,7 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def png16(grey: np.ndarray) -> bytes:
-    return encode(Image.fromarray((grey.astype(np.uint16) * 257)), "PNG")
+    return encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG")
 
 
 def exif_rotated(grey: np.ndarray) -> bytes:
@@ -44,11 +43,19 @@ def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
 
 
-def dicom(grey: np.ndarray, photometric: str = "MONOCHROME2", pixels: bool = True, syntax: str | None = None,
-          window: tuple[float, float] | None = None, rescale: tuple[float, float] = (1.0, 0.0)) -> bytes:
+def dicom(
+    grey: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    pixels: bool = True,
+    syntax: str | None = None,
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] = (1.0, 0.0),
+) -> bytes:
     """A DICOM file of ``grey`` stored as 12-bit values; MONOCHROME1 stores it inverted."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

@@ -42,13 +42,16 @@ def test_truncated_weights(copy):
         load_bundle(copy)
 
 
-@pytest.mark.parametrize("changes,fragment", [
-    ({"image_size": 150}, "image_size 150 but the weights were trained with '224'"),
-    ({"backbone": "mobilenet_v2"}, "backbone 'mobilenet_v2' but the weights"),
-    ({"threshold": 1.5}, "threshold 1.5 is not a probability"),
-    ({"temperature": "hot"}, "'temperature' has the wrong type"),
-    ({"format": "other/9"}, "unsupported bundle format"),
-])
+@pytest.mark.parametrize(
+    "changes,fragment",
+    [
+        ({"image_size": 150}, "image_size 150 but the weights were trained with '224'"),
+        ({"backbone": "mobilenet_v2"}, "backbone 'mobilenet_v2' but the weights"),
+        ({"threshold": 1.5}, "threshold 1.5 is not a probability"),
+        ({"temperature": "hot"}, "'temperature' has the wrong type"),
+        ({"format": "other/9"}, "unsupported bundle format"),
+    ],
+)
 def test_mismatched_or_invalid_config(copy, changes, fragment):
     _edit_config(copy, **changes)
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -65,7 +68,11 @@ def test_broken_json_and_missing_files(copy, tmp_path):
 
 def test_cli_refuses_a_tampered_bundle_with_exit_2(copy):
     _edit_config(copy, weights_sha256="0" * 64)
-    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", "x.jpeg", "--model", str(copy)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "predict", "x.jpeg", "--model", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "sha256 does not match" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -9,7 +9,9 @@ COMMANDS = ["train", "evaluate", "predict", "export", "serve", "demo", "data"]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pneumoscan.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -21,11 +23,14 @@ def test_every_option_is_explained(command):
             assert action.help, f"{command} {action.option_strings} has no help"
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["train", "--data", "/no/such/folder", "--out", "/tmp/x"], "/no/such/folder: data folder not found"),
-    (["evaluate", "--data", "/no/such/folder", "--model", "/no/bundle"], "/no/such/folder: data folder not found"),
-    (["predict", "x.jpeg", "--model", "/no/bundle"], "/no/bundle: not a model bundle"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["train", "--data", "/no/such/folder", "--out", "/tmp/x"], "/no/such/folder: data folder not found"),
+        (["evaluate", "--data", "/no/such/folder", "--model", "/no/bundle"], "/no/such/folder: data folder not found"),
+        (["predict", "x.jpeg", "--model", "/no/bundle"], "/no/bundle: not a model bundle"),
+    ],
+)
 def test_configuration_errors_are_one_line_and_exit_2(args, fragment):
     done = _cli(*args)
     assert done.returncode == 2

@@ -1,20 +1,22 @@
 import os
 
 import pytest
-
 from conftest import D224, link_dataset, real_images
-from pneumoscan.data import (check_dataset, load_split, patient_id, split_by_patient, stratified_subset,
-                             training_splits)
+
+from pneumoscan.data import check_dataset, load_split, patient_id, split_by_patient, stratified_subset, training_splits
 from pneumoscan.errors import ConfigError
 
 
-@pytest.mark.parametrize("name,patient", [
-    ("person1000_bacteria_2931.jpeg", "person1000"),
-    ("person1000_virus_1681.jpeg", "person1000"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("NORMAL2-IM-0051-0001.jpeg", "NORMAL2-IM-0051"),
-    ("scan_17.png", "scan_17"),
-])
+@pytest.mark.parametrize(
+    "name,patient",
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1000_virus_1681.jpeg", "person1000"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0051-0001.jpeg", "NORMAL2-IM-0051"),
+        ("scan_17.png", "scan_17"),
+    ],
+)
 def test_patient_ids(name, patient):
     assert patient_id(name) == patient
 

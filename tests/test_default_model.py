@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import FULLRES, VAL_FULLRES
+
 from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle
 from pneumoscan.data import list_images
@@ -49,8 +49,12 @@ def test_demo_runs_offline(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "demo", "--out", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "demo", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-1000:]
     assert "report:" in done.stdout and len(list((tmp_path / "demo" / "gradcam").glob("*.cam.png"))) == 16
     assert (tmp_path / "demo" / "report.html").stat().st_size > 100_000

@@ -6,8 +6,24 @@ import pytest
 
 from pneumoscan import Classifier
 
-KEYS = {"split", "n", "n_normal", "n_pneumonia", "loss", "accuracy", "auc", "sensitivity", "specificity", "precision",
-        "f1", "threshold", "confusion_matrix", "classification_report", "ci95", "ece"}
+KEYS = {
+    "split",
+    "n",
+    "n_normal",
+    "n_pneumonia",
+    "loss",
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "threshold",
+    "confusion_matrix",
+    "classification_report",
+    "ci95",
+    "ece",
+}
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +31,9 @@ def evaluated(trained_bundle, small_data, tmp_path_factory):
     from pneumoscan.evaluation import evaluate
 
     out = tmp_path_factory.mktemp("eval")
-    return out, evaluate(small_data, "test", [str(trained_bundle.path)], out, engine="torch", n_resamples=300,
-                         progress=False)
+    return out, evaluate(
+        small_data, "test", [str(trained_bundle.path)], out, engine="torch", n_resamples=300, progress=False
+    )
 
 
 def test_metrics_json_has_the_contract_keys(evaluated):
@@ -46,8 +63,14 @@ def test_predictions_stay_with_their_files(evaluated, trained_bundle):
 
 def test_figures_are_written(evaluated):
     out, summary = evaluated
-    for name in ("roc.png", "precision_recall.png", "reliability.png", "confusion_matrix.png", "probabilities.png",
-                 "random_predictions.png"):
+    for name in (
+        "roc.png",
+        "precision_recall.png",
+        "reliability.png",
+        "confusion_matrix.png",
+        "probabilities.png",
+        "random_predictions.png",
+    ):
         assert (out / name).stat().st_size > 5000, name
 
 
@@ -58,10 +81,15 @@ def test_report_opens_in_a_real_browser(evaluated, tmp_path):
     out, summary = evaluated
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
-                                    "--disable-background-networking", "--disable-component-update"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
         page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
-        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_())
+        page.route(
+            "**/*",
+            lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_(),
+        )
         page.goto((out / "report.html").as_uri())
         sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
         assert len(sizes) >= 8 and all(done and width > 100 for done, width in sizes)
@@ -74,8 +102,15 @@ def test_report_opens_in_a_real_browser(evaluated, tmp_path):
 def test_comparing_two_models(trained_bundle, exported_bundle, small_data, tmp_path):
     from pneumoscan.evaluation import evaluate
 
-    summary = evaluate(small_data, "test", [str(trained_bundle.path), str(exported_bundle.path)], tmp_path,
-                       engine="torch", n_resamples=100, progress=False)
+    summary = evaluate(
+        small_data,
+        "test",
+        [str(trained_bundle.path), str(exported_bundle.path)],
+        tmp_path,
+        engine="torch",
+        n_resamples=100,
+        progress=False,
+    )
     c = summary["comparison"]
     assert c["n"] == 80 and c["difference"] == pytest.approx(0, abs=1e-9)  # the same weights
     assert (tmp_path / "model_a" / "metrics.json").is_file() and (tmp_path / "model_b" / "metrics.json").is_file()
@@ -87,7 +122,9 @@ def test_record_stores_the_report_in_the_bundle(trained_bundle, small_data, tmp_
     from pneumoscan.evaluation import evaluate
 
     copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
-    evaluate(small_data, "test", [str(copy)], tmp_path / "eval", engine="torch", n_resamples=50, progress=False, record=True)
+    evaluate(
+        small_data, "test", [str(copy)], tmp_path / "eval", engine="torch", n_resamples=50, progress=False, record=True
+    )
     bundle = load_bundle(copy)  # weights untouched: the sha256 still matches
     assert bundle.metrics["test"]["n"] == 80 and "validation" in bundle.metrics
     assert "| test (80 images" in (copy / "MODEL_CARD.md").read_text()

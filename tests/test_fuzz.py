@@ -6,9 +6,10 @@ Bounded for the suite (a few hundred examples, a deadline per example catches ha
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from corpus import REAL, dicom, encode, png16, real_grey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from pneumoscan.errors import ImageError
 from pneumoscan.images import load_image, prepare
 
@@ -39,8 +40,11 @@ def test_arbitrary_bytes(data):
     _load_or_refuse(data)
 
 
-@given(st.sampled_from(sorted(SEEDS)), st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), min_size=1, max_size=12),
-       st.integers(0, 10**7))
+@given(
+    st.sampled_from(sorted(SEEDS)),
+    st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), min_size=1, max_size=12),
+    st.integers(0, 10**7),
+)
 def test_mutated_real_files(kind, flips, cut):
     data = bytearray(SEEDS[kind])
     for position, value in flips:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from corpus import REAL, bomb_png, dicom, encode, exif_rotated, png16, real_grey, write
 from PIL import Image
 
-from corpus import REAL, bomb_png, dicom, encode, exif_rotated, png16, real_grey, write
 from pneumoscan.errors import ImageError
 from pneumoscan.images import load_image, prepare
 
@@ -64,9 +64,11 @@ def test_dicom_without_pixel_data(tmp_path, grey):
 
 
 def test_dicom_transfer_syntax_without_handler(tmp_path, grey):
+    import io
+
+    import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEG2000Lossless
-    import pydicom, io
 
     ds = pydicom.dcmread(io.BytesIO(dicom(grey)))
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
@@ -87,11 +89,14 @@ def test_truncated_jpeg_is_refused(tmp_path, cut):
     assert str(info.value).startswith(str(path))
 
 
-@pytest.mark.parametrize("name,data,reason", [
-    ("empty.jpeg", b"", "empty"),
-    ("text.jpeg", b"this is not an image\n" * 20, "not a recognised image"),
-    ("bomb.png", bomb_png(), "over the limit"),
-])
+@pytest.mark.parametrize(
+    "name,data,reason",
+    [
+        ("empty.jpeg", b"", "empty"),
+        ("text.jpeg", b"this is not an image\n" * 20, "not a recognised image"),
+        ("bomb.png", bomb_png(), "over the limit"),
+    ],
+)
 def test_bad_files_give_one_line_reasons(tmp_path, name, data, reason):
     with pytest.raises(ImageError, match=reason) as info:
         load_image(write(tmp_path, name, data))
@@ -126,6 +131,7 @@ def test_arrays_pil_and_bytes_agree(grey):
 def test_draft_decoding_changes_little():
     """Reduced-scale JPEG decoding on full-resolution files: pixels close to a full decode."""
     from conftest import FULLRES
+
     from pneumoscan.images import resize_square
 
     for path in sorted((FULLRES / "NORMAL").iterdir())[:4]:

@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import D224, VAL_FULLRES, real_images
 from corpus import REAL, write
+from PIL import Image
+
 from pneumoscan import Classifier
 from pneumoscan.errors import ConfigError
 from pneumoscan.explain import class_activation_map
@@ -41,7 +41,11 @@ def test_one_corrupt_file_does_not_spoil_the_batch(clf, tmp_path):
 
 
 def test_onnx_matches_torch_on_real_images(exported_bundle):
-    files = real_images("test", "NORMAL", 12) + real_images("test", "PNEUMONIA", 12) + sorted(VAL_FULLRES.rglob("*.jpeg"))[:4]
+    files = (
+        real_images("test", "NORMAL", 12)
+        + real_images("test", "PNEUMONIA", 12)
+        + sorted(VAL_FULLRES.rglob("*.jpeg"))[:4]
+    )
     torch_p = [r.probability for r in Classifier.load(exported_bundle.path, engine="torch").predict(files)]
     onnx = Classifier.load(exported_bundle.path)  # auto: the bundle now carries model.onnx
     assert onnx.engine.name == "onnx"
@@ -102,7 +106,9 @@ def test_grad_cam_on_full_resolution_keeps_the_aspect(clf):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pneumoscan.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
@@ -111,8 +117,17 @@ def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     for f in real_images("test", "NORMAL", 3):
         (folder / f.name).symlink_to(f)
     write(folder, "bad.jpeg", b"nope")
-    done = _cli("predict", folder, tmp_path / "nope.jpeg", "--model", trained_bundle.path, "--format", "jsonl",
-                "--cam", tmp_path / "cams")
+    done = _cli(
+        "predict",
+        folder,
+        tmp_path / "nope.jpeg",
+        "--model",
+        trained_bundle.path,
+        "--format",
+        "jsonl",
+        "--cam",
+        tmp_path / "cams",
+    )
     assert done.returncode == 1
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(rows) == 5 and sum("error" in r for r in rows) == 2

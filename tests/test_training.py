@@ -13,8 +13,16 @@ from pneumoscan.training import TrainConfig, train
 
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent
-    for name in ("config.json", "history.csv", "curves.png", "model/model.safetensors", "model/config.json",
-                 "model/metrics.json", "model/MODEL_CARD.md", "model/training_curves.png"):
+    for name in (
+        "config.json",
+        "history.csv",
+        "curves.png",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/metrics.json",
+        "model/MODEL_CARD.md",
+        "model/training_curves.png",
+    ):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 2 and {"train_auc", "val_auc", "train_loss", "val_loss", "train_images_per_s"} <= set(rows[0])
@@ -50,8 +58,11 @@ def test_seeded_cpu_runs_repeat(small_data, tmp_path):
         return open(out / "history.csv").read().splitlines()[1].split(",")
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
-    keep = [i for i, k in enumerate(open(tmp_path / "a" / "history.csv").readline().strip().split(","))
-            if k not in ("epoch_seconds", "train_images_per_s")]
+    keep = [
+        i
+        for i, k in enumerate(open(tmp_path / "a" / "history.csv").readline().strip().split(","))
+        if k not in ("epoch_seconds", "train_images_per_s")
+    ]
     assert [a[i] for i in keep] == [b[i] for i in keep]
 
 
@@ -67,8 +78,27 @@ def test_bad_configurations(small_data, tmp_path):
 def test_fine_tuning_and_ddp_on_two_cpu_processes(small_data, tmp_path):
     """`--devices 2` runs DDP (gloo) with the same code; both phases complete and a bundle is written."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "pneumoscan.cli", "train", "--data", str(small_data), "--out", str(out),
-           "--epochs", "1", "--fine-tune-epochs", "1", "--unfreeze", "2", "--limit", "24", "--devices", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pneumoscan.cli",
+        "train",
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--fine-tune-epochs",
+        "1",
+        "--unfreeze",
+        "2",
+        "--limit",
+        "24",
+        "--devices",
+        "2",
+        "--quiet",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "GLOBAL_RANK: 1" in done.stderr + done.stdout
@@ -107,7 +137,9 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     for ckpt in (killed / "checkpoints").glob("*.ckpt"):  # a torn temporary file may remain; never a torn checkpoint
         assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=False)
 
-    resumed = subprocess.run(cli + ["train", "--resume", str(killed), "--quiet"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        cli + ["train", "--resume", str(killed), "--quiet"], capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-1500:]
     rows = list(csv.DictReader(open(killed / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) == 4
@@ -115,8 +147,12 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
 
 
 def test_resume_needs_a_run_folder(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "train", "--resume", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "train", "--resume", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "not a run folder to resume" in done.stderr
 
 

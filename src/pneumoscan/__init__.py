@@ -1,8 +1,8 @@
 """pneumoscan: pneumonia detection on chest X-rays.
 
-    >>> from pneumoscan import Classifier
-    >>> clf = Classifier.load()  # the bundled default model
-    >>> clf.predict(["chest.jpeg"])
+>>> from pneumoscan import Classifier
+>>> clf = Classifier.load()  # the bundled default model
+>>> clf.predict(["chest.jpeg"])
 """
 
 __version__ = "0.1.0"

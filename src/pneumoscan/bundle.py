@@ -27,10 +27,20 @@ ONNX_INT8 = "model.int8.onnx"
 
 # key: (types, required)
 _SCHEMA = {
-    "format": (str, True), "backbone": (str, True), "image_size": (int, True), "class_names": (list, True),
-    "threshold": ((int, float), True), "temperature": ((int, float), True), "weights_sha256": (str, True),
-    "dropout": ((int, float), False), "name": (str, False), "version": (str, False), "normalization": (dict, False),
-    "threshold_rule": (str, False), "training": (dict, False), "pneumoscan_version": (str, False),
+    "format": (str, True),
+    "backbone": (str, True),
+    "image_size": (int, True),
+    "class_names": (list, True),
+    "threshold": ((int, float), True),
+    "temperature": ((int, float), True),
+    "weights_sha256": (str, True),
+    "dropout": ((int, float), False),
+    "name": (str, False),
+    "version": (str, False),
+    "normalization": (dict, False),
+    "threshold_rule": (str, False),
+    "training": (dict, False),
+    "pneumoscan_version": (str, False),
     "notes": (str, False),
 }
 
@@ -107,8 +117,10 @@ class Bundle:
             state = load_file(str(self.path / WEIGHTS))
             net.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{self.path}: weights do not match backbone {self.config['backbone']} "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]})") from None
+            raise ConfigError(
+                f"{self.path}: weights do not match backbone {self.config['backbone']} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]})"
+            ) from None
         return net.eval()
 
 
@@ -119,7 +131,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         path = path.parent
     if not (path / CONFIG).is_file():
         if path == default_bundle_path():
-            raise ConfigError("no bundled model in this install; pass --model BUNDLE (a folder made by pneumoscan train)")
+            raise ConfigError(
+                "no bundled model in this install; pass --model BUNDLE (a folder made by pneumoscan train)"
+            )
         raise ConfigError(f"{path}: not a model bundle (no {CONFIG})")
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -155,8 +169,10 @@ def _check_weights_metadata(weights: Path, config: dict) -> None:
         raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
     for key in _FINGERPRINT:
         if key in recorded and recorded[key] != str(config[key]):
-            raise ConfigError(f"{weights.parent}: config.json says {key} {config[key]!r} but the weights were "
-                              f"trained with {recorded[key]!r}")
+            raise ConfigError(
+                f"{weights.parent}: config.json says {key} {config[key]!r} but the weights were "
+                f"trained with {recorded[key]!r}"
+            )
 
 
 def write_json(path: Path, data) -> None:
@@ -197,8 +213,13 @@ def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None
     save_file(state, tmp, metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})
     os.chmod(tmp, 0o644)
     os.replace(tmp, path / WEIGHTS)
-    config = {"format": FORMAT, "pneumoscan_version": __version__, "class_names": ["NORMAL", "PNEUMONIA"],
-              **config, "weights_sha256": sha256_file(path / WEIGHTS)}
+    config = {
+        "format": FORMAT,
+        "pneumoscan_version": __version__,
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        **config,
+        "weights_sha256": sha256_file(path / WEIGHTS),
+    }
     validate_config(config, str(path))
     write_json(path / CONFIG, config)
     if metrics is not None:

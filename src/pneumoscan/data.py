@@ -173,8 +173,9 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
     digests = defaultdict(list)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = pool.map(inspect, everything)
-        for (split, sample), (digest, error) in tqdm(zip(everything, results), total=len(everything),
-                                                    desc="checking", disable=not progress, unit="img"):
+        for (_split, sample), (digest, error) in tqdm(
+            zip(everything, results), total=len(everything), desc="checking", disable=not progress, unit="img"
+        ):
             if error:
                 report.unreadable.append(error)
             else:
@@ -204,8 +205,14 @@ def load_images(samples: list[Sample], size: int, progress: bool = True, desc: s
 
     images, kept, errors = [], [], []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for sample, (image, error) in tqdm(zip(samples, pool.map(one, samples)), total=len(samples),
-                                           desc=desc, disable=not progress, unit="img", leave=False):
+        for sample, (image, error) in tqdm(
+            zip(samples, pool.map(one, samples)),
+            total=len(samples),
+            desc=desc,
+            disable=not progress,
+            unit="img",
+            leave=False,
+        ):
             if error:
                 errors.append(error)
             else:
@@ -234,9 +241,15 @@ class Augmentation:
         import torch
         from torchvision.transforms import v2
 
-        steps = [v2.RandomAffine(degrees=self.rotation, translate=(self.shift, self.shift),
-                                 scale=(1 - self.zoom, 1 + self.zoom), shear=self.shear,
-                                 interpolation=v2.InterpolationMode.BILINEAR)]
+        steps = [
+            v2.RandomAffine(
+                degrees=self.rotation,
+                translate=(self.shift, self.shift),
+                scale=(1 - self.zoom, 1 + self.zoom),
+                shear=self.shear,
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        ]
         if self.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if self.brightness or self.contrast:
@@ -265,6 +278,17 @@ class ImageDataset:
 
 
 __all__ = [
-    "CLASSES", "Sample", "patient_id", "list_images", "load_split", "split_by_patient", "stratified_subset", "training_splits",
-    "check_dataset", "load_images", "Augmentation", "ImageDataset", "summarize",
+    "CLASSES",
+    "Sample",
+    "patient_id",
+    "list_images",
+    "load_split",
+    "split_by_patient",
+    "stratified_subset",
+    "training_splits",
+    "check_dataset",
+    "load_images",
+    "Augmentation",
+    "ImageDataset",
+    "summarize",
 ]

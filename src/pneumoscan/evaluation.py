@@ -39,9 +39,17 @@ class ModelResult:
         return self.classifier.probabilities(self.logits)
 
 
-def evaluate(data: str | Path, split: str | None = "test", models: list[str | None] | None = None,
-             out: str | Path = "evaluation", engine: str = "auto", n_resamples: int = 2000, seed: int = 0,
-             progress: bool = True, record: bool = False) -> dict:
+def evaluate(
+    data: str | Path,
+    split: str | None = "test",
+    models: list[str | None] | None = None,
+    out: str | Path = "evaluation",
+    engine: str = "auto",
+    n_resamples: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+    record: bool = False,
+) -> dict:
     """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html.
 
     ``record`` also stores each model's report in its bundle (``metrics.json`` under the split's
@@ -72,7 +80,11 @@ def evaluate(data: str | Path, split: str | None = "test", models: list[str | No
             record_in_bundle(clf.bundle, split or "all", report)
         results.append(result)
 
-    summary = {"split": split or Path(data).name, "data": summarize(results[0].samples), "models": [r.report for r in results]}
+    summary = {
+        "split": split or Path(data).name,
+        "data": summarize(results[0].samples),
+        "models": [r.report for r in results],
+    }
     if len(results) == 2:
         summary["comparison"] = compare(results[0], results[1], n_resamples, seed)
         write_json(out / "comparison.json", summary["comparison"])
@@ -95,12 +107,23 @@ def score(samples: list[Sample], logits: np.ndarray, clf: Classifier, split: str
     p_cal = clf.probabilities(logits)
     p_raw = 1.0 / (1.0 + np.exp(-logits))
     report = M.full_report(y, p_cal, groups, clf.threshold, n_resamples, seed, split)
-    report["model"] = {"name": clf.bundle.name, "path": str(clf.bundle.path), "engine": clf.engine.name,
-                       "backbone": clf.bundle.config["backbone"], "image_size": clf.image_size,
-                       "threshold_rule": clf.bundle.config.get("threshold_rule"), "temperature": clf.bundle.temperature}
+    report["model"] = {
+        "name": clf.bundle.name,
+        "path": str(clf.bundle.path),
+        "engine": clf.engine.name,
+        "backbone": clf.bundle.config["backbone"],
+        "image_size": clf.image_size,
+        "threshold_rule": clf.bundle.config.get("threshold_rule"),
+        "temperature": clf.bundle.temperature,
+    }
     report["at_0.5"] = M.full_report(y, p_cal, groups, 0.5, n_resamples, seed, split)
-    report["calibration"] = {"temperature": clf.bundle.temperature, "ece_before": M.expected_calibration_error(y, p_raw),
-                             "ece_after": report["ece"], "loss_before": M.log_loss(y, p_raw), "loss_after": report["loss"]}
+    report["calibration"] = {
+        "temperature": clf.bundle.temperature,
+        "ece_before": M.expected_calibration_error(y, p_raw),
+        "ece_after": report["ece"],
+        "loss_before": M.log_loss(y, p_raw),
+        "loss_after": report["loss"],
+    }
     return report
 
 
@@ -152,24 +175,34 @@ def write_predictions(path: Path, samples: list[Sample], p: np.ndarray, threshol
         writer = csv.writer(f)
         writer.writerow(["path", "patient", "label", "probability", "predicted"])
         for sample, prob in zip(samples, p):
-            writer.writerow([sample.path, sample.patient, sample.label_name, f"{prob:.6f}",
-                             "PNEUMONIA" if prob >= threshold else "NORMAL"])
+            writer.writerow(
+                [
+                    sample.path,
+                    sample.patient,
+                    sample.label_name,
+                    f"{prob:.6f}",
+                    "PNEUMONIA" if prob >= threshold else "NORMAL",
+                ]
+            )
 
 
 def metrics_table(report: dict) -> str:
     """A readable terminal table: each headline metric at the operating threshold and at 0.5."""
     keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
     t, half = report, report["at_0.5"]
-    lines = [f"{report['model']['name']} on {report['split']}: {report['n']} images "
-             f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
-             f"{'metric':<12} {'at ' + format(t['threshold'], '.3f') + ' (95% CI)':<28} {'at 0.5 (95% CI)':<28}"]
+    lines = [
+        f"{report['model']['name']} on {report['split']}: {report['n']} images "
+        f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
+        f"{'metric':<12} {'at ' + format(t['threshold'], '.3f') + ' (95% CI)':<28} {'at 0.5 (95% CI)':<28}",
+    ]
     for key in keys:
         lines.append(f"{key:<12} {R._with_ci(t, key):<28} {R._with_ci(half, key):<28}")
     (tn, fp), (fn, tp) = t["confusion_matrix"]
     cal = t["calibration"]
     lines.append(f"confusion at {t['threshold']:.3f}: TN {tn}  FP {fp}  FN {fn}  TP {tp}")
-    lines.append(f"ECE {R._fmt(cal['ece_before'])} before, {R._fmt(cal['ece_after'])} after temperature "
-                 f"{cal['temperature']:.3f}")
+    lines.append(
+        f"ECE {R._fmt(cal['ece_before'])} before, {R._fmt(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
+    )
     if report.get("unreadable"):
         lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
         lines += [f"  {e}" for e in report["unreadable"]]

@@ -74,5 +74,6 @@ def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature:
     heatmap = np.clip(np.asarray(heat, dtype=np.float32), 0, None)
     if heatmap.max() > 0:
         heatmap /= heatmap.max()
-    return Explanation(heatmap, np.asarray(image, dtype=np.uint8), float(probability),
-                       "PNEUMONIA" if positive else "NORMAL")
+    return Explanation(
+        heatmap, np.asarray(image, dtype=np.uint8), float(probability), "PNEUMONIA" if positive else "NORMAL"
+    )

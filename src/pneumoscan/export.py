@@ -34,25 +34,38 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17, input_names=["image"],
-                          output_names=["logit", "probability"],
-                          dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["logit", "probability"],
+            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
+        )
     os.replace(tmp, out)
     return out
 
 
-def quantize_int8(bundle: Bundle, fp32_model: Path, images: np.ndarray, out: str | Path | None = None,
-                  method: str = "MinMax") -> Path:
+def quantize_int8(
+    bundle: Bundle, fp32_model: Path, images: np.ndarray, out: str | Path | None = None, method: str = "MinMax"
+) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``images`` (uint8 (N,S,S)),
     which must come from training data, never from the test split. ``method``: ONNX Runtime's
     activation-range calibration, MinMax, Percentile or Entropy."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([images[i:i + 16][:, None] for i in range(0, len(images), 16)])
+            self.batches = iter([images[i : i + 16][:, None] for i in range(0, len(images), 16)])
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -62,9 +75,17 @@ def quantize_int8(bundle: Bundle, fp32_model: Path, images: np.ndarray, out: str
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_head_nodes(prepared), calibrate_method=getattr(CalibrationMethod, method))
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_head_nodes(prepared),
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
     return out
 
 

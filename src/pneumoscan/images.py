@@ -95,7 +95,9 @@ def _read_bytes(source, name: str, max_bytes: int) -> bytes:
             raise ImageError(name, "not a regular file")
         size = path.stat().st_size
         if size > max_bytes:
-            raise ImageError(name, f"file is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit", "too_large")
+            raise ImageError(
+                name, f"file is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit", "too_large"
+            )
         try:
             data = path.read_bytes()
         except PermissionError:
@@ -115,7 +117,9 @@ def _looks_like_dicom(data: bytes, name: str) -> bool:
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageError(name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", "too_large")
+        raise ImageError(
+            name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", "too_large"
+        )
     if min(width, height) < MIN_SIDE:
         raise ImageError(name, f"image is {width}x{height} pixels; at least {MIN_SIDE} per side expected")
 
@@ -202,8 +206,9 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
-        raise ImageError(name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})",
-                         "unsupported") from None
+        raise ImageError(
+            name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})", "unsupported"
+        ) from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -49,14 +49,12 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, bundle: Bundle):
-        import torch
-
-        self.torch = torch
         self.net = bundle.load_net()
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.net(self.torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)).float().numpy()
+        from .models import predict_logits
+
+        return predict_logits(self.net, images, batch_size=max(1, len(images)))
 
 
 class OnnxEngine:
@@ -143,7 +141,7 @@ class Classifier:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, engine: str = "auto", int8: bool = False) -> "Classifier":
+    def load(cls, path: str | os.PathLike | None = None, engine: str = "auto", int8: bool = False) -> Classifier:
         """Open a bundle (the packaged default when ``path`` is None)."""
         return cls(load_bundle(path), engine, int8)
 
@@ -161,15 +159,16 @@ class Classifier:
 
     def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""
-        parts = [self.engine.logits(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        parts = [self.engine.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
     def _result(self, name: str, probability: float) -> Prediction:
         label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
         return Prediction(name, float(probability), label, self.threshold)
 
-    def predict(self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False,
-                errors: str = "report") -> list[Prediction]:
+    def predict(
+        self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False, errors: str = "report"
+    ) -> list[Prediction]:
         """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``
         (or, with ``errors="raise"``, raise their :class:`ImageError`)."""
         from tqdm import tqdm

@@ -69,8 +69,10 @@ def confusion_matrix(y, p, threshold: float) -> list[list[int]]:
     """``[[TN, FP], [FN, TP]]`` with PNEUMONIA positive; a score at the threshold is PNEUMONIA."""
     y, p = _arrays(y, p)
     pred = p >= threshold
-    return [[int(((y == 0) & ~pred).sum()), int(((y == 0) & pred).sum())],
-            [int(((y == 1) & ~pred).sum()), int(((y == 1) & pred).sum())]]
+    return [
+        [int(((y == 0) & ~pred).sum()), int(((y == 0) & pred).sum())],
+        [int(((y == 1) & ~pred).sum()), int(((y == 1) & pred).sum())],
+    ]
 
 
 def _rates(tn, fp, fn, tp) -> dict[str, float]:
@@ -97,17 +99,34 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
     cm = confusion_matrix(y, p, threshold)
     (tn, fp), (fn, tp) = cm
     rates = {k: _none_if_nan(float(v)) for k, v in _rates(tn, fp, fn, tp).items()}
-    report = classification_report(y, (p >= threshold).astype(int), labels=[0, 1], target_names=["NORMAL", "PNEUMONIA"],
-                                    output_dict=True, zero_division=0) if y.size else {}
+    report = (
+        classification_report(
+            y,
+            (p >= threshold).astype(int),
+            labels=[0, 1],
+            target_names=["NORMAL", "PNEUMONIA"],
+            output_dict=True,
+            zero_division=0,
+        )
+        if y.size
+        else {}
+    )
     return {
-        "n": int(y.size), "n_normal": int((y == 0).sum()), "n_pneumonia": int((y == 1).sum()),
-        "threshold": float(threshold), "loss": log_loss(y, p), "auc": roc_auc(y, p), **rates,
-        "confusion_matrix": cm, "classification_report": report,
+        "n": int(y.size),
+        "n_normal": int((y == 0).sum()),
+        "n_pneumonia": int((y == 1).sum()),
+        "threshold": float(threshold),
+        "loss": log_loss(y, p),
+        "auc": roc_auc(y, p),
+        **rates,
+        "confusion_matrix": cm,
+        "classification_report": report,
     }
 
 
-def bootstrap_ci(y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, list[float] | None]:
+def bootstrap_ci(
+    y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, list[float] | None]:
     """Percentile intervals from resampling *patients* (``groups``) with replacement.
 
     All resamples are evaluated at once as weighted metrics, so 2000 take a second or two."""
@@ -154,8 +173,11 @@ def reliability_curve(y, p, n_bins: int = 15) -> list[tuple[float, float, int]]:
     """(mean score, positive rate, count) for each non-empty bin, for the reliability diagram."""
     y, p = _arrays(y, p)
     which = np.clip(np.digitize(p, np.linspace(0, 1, n_bins + 1)[1:-1]), 0, n_bins - 1)
-    return [(float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
-            for b in range(n_bins) if (which == b).any()]
+    return [
+        (float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
+        for b in range(n_bins)
+        if (which == b).any()
+    ]
 
 
 def fit_temperature(y, logits) -> float:
@@ -220,10 +242,21 @@ def delong_test(y, p_a, p_b) -> dict:
     var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
     diff = aucs[0] - aucs[1]
     if var <= 0:
-        return {"auc_a": aucs[0], "auc_b": aucs[1], "difference": diff, "ci95": [diff, diff], "p_value": 1.0 if diff == 0 else 0.0}
+        return {
+            "auc_a": aucs[0],
+            "auc_b": aucs[1],
+            "difference": diff,
+            "ci95": [diff, diff],
+            "p_value": 1.0 if diff == 0 else 0.0,
+        }
     se = math.sqrt(var)
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": float(diff),
-            "ci95": [float(diff - 1.96 * se), float(diff + 1.96 * se)], "p_value": float(2 * norm.sf(abs(diff) / se))}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "difference": float(diff),
+        "ci95": [float(diff - 1.96 * se), float(diff + 1.96 * se)],
+        "p_value": float(2 * norm.sf(abs(diff) / se)),
+    }
 
 
 def full_report(y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0, split: str = "test") -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +46,9 @@ class PneumoniaNet(nn.Module):
         super().__init__()
         self.normalize = GreyToImageNet()
         self.body = body
-        self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1))
+        self.head = nn.Sequential(
+            nn.Linear(n_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
 
     @property
     def n_blocks(self) -> int:
@@ -82,6 +85,17 @@ class ModelWithSigmoid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(x) / self.temperature)
+
+
+def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
+    net = net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
+            out.append(net(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def create_model(
@@ -151,8 +165,14 @@ def lite0_from_lukemelas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """Rename a lukemelas-style EfficientNet-Lite0 state dict onto timm's ``efficientnet_lite0``."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    other_blocks = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    other_blocks = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     where = [(stage, i) for stage, n in enumerate(LITE0_REPEATS) for i in range(n)]
     out = {}
     for key, value in state.items():
@@ -195,7 +215,9 @@ def _mobilenet_v2_body(weights) -> tuple[nn.Sequential, int]:
         net = timm.create_model("mobilenetv2_100", pretrained=False)
         _load_strict(net, state, weights)
         return nn.Sequential(*_timm_units(net)), net.num_features
-    raise ConfigError(f"{weights}: not a torchvision or timm MobileNetV2 checkpoint (no features.0.0.weight or conv_stem.weight)")
+    raise ConfigError(
+        f"{weights}: not a torchvision or timm MobileNetV2 checkpoint (no features.0.0.weight or conv_stem.weight)"
+    )
 
 
 def _torchvision_mnv2_units(net: nn.Module) -> nn.Sequential:
@@ -230,5 +252,7 @@ def _load_strict(net: nn.Module, state: dict, source) -> None:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and k not in classifier]
     if missing:
-        raise ConfigError(f"{source}: checkpoint does not match the architecture ({len(missing)} weights missing, e.g. {missing[0]})")
+        raise ConfigError(
+            f"{source}: checkpoint does not match the architecture ({len(missing)} weights missing, e.g. {missing[0]})"
+        )
     net.load_state_dict(usable, strict=False)

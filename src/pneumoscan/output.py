@@ -20,8 +20,15 @@ def write_predictions(results: list[Prediction], fmt: str, stream: TextIO = sys.
         writer = csv.writer(stream)
         writer.writerow(["path", "probability", "label", "threshold", "error"])
         for r in results:
-            writer.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}", r.label or "",
-                             "" if r.threshold is None else f"{r.threshold:.6f}", r.error or ""])
+            writer.writerow(
+                [
+                    r.path,
+                    "" if r.probability is None else f"{r.probability:.6f}",
+                    r.label or "",
+                    "" if r.threshold is None else f"{r.threshold:.6f}",
+                    r.error or "",
+                ]
+            )
     elif fmt == "table":
         stream.write(f"{'label':<10} {'probability':>11}  path\n")
         for r in results:
@@ -31,8 +38,10 @@ def write_predictions(results: list[Prediction], fmt: str, stream: TextIO = sys.
                 stream.write(f"{'ERROR':<10} {'':>11}  {r.path}: {r.error}\n")
         ok = sum(r.ok for r in results)
         threshold = next((r.threshold for r in results if r.ok), None)
-        stream.write(f"{ok} classified, {len(results) - ok} failed"
-                     + (f"; PNEUMONIA when probability >= {threshold:.4f}\n" if threshold is not None else "\n"))
+        stream.write(
+            f"{ok} classified, {len(results) - ok} failed"
+            + (f"; PNEUMONIA when probability >= {threshold:.4f}\n" if threshold is not None else "\n")
+        )
     else:
         raise ValueError(f"unknown format {fmt!r}")
 

@@ -9,17 +9,21 @@ from pathlib import Path
 from .reporting import _fmt
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9;line-height:1.45}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+body{line-height:1.45}
 main{max-width:1100px;margin:0 auto;padding:16px}
-h1{font-size:1.5rem;margin:.4em 0}h2{font-size:1.15rem;margin-top:1.6em;border-bottom:1px solid #d8dce3;padding-bottom:.2em}
+h1{font-size:1.5rem;margin:.4em 0}
+h2{font-size:1.15rem;margin-top:1.6em;border-bottom:1px solid #d8dce3;padding-bottom:.2em}
 .notice{background:#fff4d6;border:1px solid #e8c66a;border-radius:6px;padding:.6em .9em}
 .wrap{overflow-x:auto}table{border-collapse:collapse;background:#fff;min-width:100%;font-size:.92rem}
-th,td{border:1px solid #dde1e7;padding:.35em .55em;text-align:left;white-space:nowrap}th{background:#eef1f5}
+th,td{border:1px solid #dde1e7;padding:.35em .55em;text-align:left;white-space:nowrap}
+th{background:#eef1f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:14px}
 figure{margin:0;background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:8px}
 figure.wide{grid-column:1/-1}img{width:100%;height:auto}figcaption{font-size:.9rem;color:#4a5263;margin-top:4px}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;background:#fff;padding:.6em;border:1px solid #dde1e7}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;background:#fff;padding:.6em}
+dl{border:1px solid #dde1e7}
 dt{font-weight:600}
 """
 
@@ -43,7 +47,10 @@ def _metrics_table(results, references: dict) -> str:
     rows = []
     for r in results:
         rep = r.report
-        for label, part in ((f"{r.name}, threshold {rep['threshold']:.3f}", rep), (f"{r.name}, threshold 0.5", rep["at_0.5"])):
+        for label, part in (
+            (f"{r.name}, threshold {rep['threshold']:.3f}", rep),
+            (f"{r.name}, threshold 0.5", rep["at_0.5"]),
+        ):
             rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(part, k) for k in _KEYS)}</tr>")
     for name, ref in references.items():
         cells = "".join(f'<td class="num">{_fmt(ref.get(k))}</td>' for k in _KEYS)
@@ -60,9 +67,13 @@ def _model_section(r) -> str:
         except Exception:  # noqa: BLE001 - the section is informative only
             params = None
     items = {
-        "bundle": str(r.classifier.bundle.path), "backbone": c["backbone"], "parameters": f"{params:,}" if params else "n/a",
-        "image size": f"{c['image_size']} px", "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')}, chosen on validation)",
-        "temperature": f"{c['temperature']:.4f}", "engine": r.classifier.engine.name,
+        "bundle": str(r.classifier.bundle.path),
+        "backbone": c["backbone"],
+        "parameters": f"{params:,}" if params else "n/a",
+        "image size": f"{c['image_size']} px",
+        "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')}, chosen on validation)",
+        "temperature": f"{c['temperature']:.4f}",
+        "engine": r.classifier.engine.name,
     }
     (tn, fp), (fn, tp) = r.report["confusion_matrix"]
     items["confusion at threshold"] = f"TN {tn}, FP {fp}, FN {fn}, TP {tp}"
@@ -75,31 +86,45 @@ def _model_section(r) -> str:
 def write_report(path: Path, results, summary: dict, references: dict) -> Path:
     data = summary["data"]
     split = summary["split"] or "all"
-    parts = [f"<h1>pneumoscan evaluation: {html.escape(split)} split</h1>",
-             '<p class="notice">Research software, not a medical device. Metrics are on the '
-             f"{html.escape(split)} split, touched only for this report; thresholds and temperatures were chosen on validation data.</p>",
-             "<h2>Data</h2>",
-             f"<p>{data['images']} images: {data['n_normal']} NORMAL, {data['n_pneumonia']} PNEUMONIA, "
-             f"from {data['patients']} patients.</p>"]
+    parts = [
+        f"<h1>pneumoscan evaluation: {html.escape(split)} split</h1>",
+        '<p class="notice">Research software, not a medical device. Metrics are on the '
+        f"{html.escape(split)} split, touched only for this report; thresholds and temperatures were chosen on "
+        "validation data.</p>",
+        "<h2>Data</h2>",
+        f"<p>{data['images']} images: {data['n_normal']} NORMAL, {data['n_pneumonia']} PNEUMONIA, "
+        f"from {data['patients']} patients.</p>",
+    ]
     unreadable = results[0].report.get("unreadable") or []
     if unreadable:
-        parts.append(f"<p>{len(unreadable)} unreadable files skipped: " + "; ".join(map(html.escape, unreadable[:20])) + "</p>")
+        parts.append(
+            f"<p>{len(unreadable)} unreadable files skipped: " + "; ".join(map(html.escape, unreadable[:20])) + "</p>"
+        )
     parts.append("<h2>Model</h2>" + "".join(_model_section(r) for r in results))
-    parts.append("<h2>Metrics (95% intervals: bootstrap over patients, 2000 resamples)</h2>" + _metrics_table(results, references))
+    parts.append(
+        "<h2>Metrics (95% intervals: bootstrap over patients, 2000 resamples)</h2>"
+        + _metrics_table(results, references)
+    )
     if "comparison" in summary:
         c = summary["comparison"]
-        parts.append(f"<h2>Comparison</h2><p>AUC difference (A &minus; B) on {c['n']} shared images: "
-                     f"{_fmt(c['difference'], 4)} (95% CI {_fmt((c['ci95'] or [None])[0], 4)} to "
-                     f"{_fmt((c['ci95'] or [None, None])[1], 4)}), p = {_fmt(c['p_value'], 4)} ({c['method']}).</p>")
+        parts.append(
+            f"<h2>Comparison</h2><p>AUC difference (A &minus; B) on {c['n']} shared images: "
+            f"{_fmt(c['difference'], 4)} (95% CI {_fmt((c['ci95'] or [None])[0], 4)} to "
+            f"{_fmt((c['ci95'] or [None, None])[1], 4)}), p = {_fmt(c['p_value'], 4)} ({c['method']}).</p>"
+        )
     for r in results:
         figures = "".join(
             f'<figure class="{"wide" if any(w in title for w in _WIDE) else ""}">'
             f'<img alt="{html.escape(title)}" src="{_img(p)}"><figcaption>{html.escape(title)}</figcaption></figure>'
-            for title, p in r.figures.items())
+            for title, p in r.figures.items()
+        )
         parts.append(f"<h2>Figures: {html.escape(r.name)}</h2><div class='figs'>{figures}</div>")
-    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<title>pneumoscan evaluation</title><style>{_CSS}</style></head><body><main>{''.join(parts)}</main></body></html>")
+    page = (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>pneumoscan evaluation</title><style>{_CSS}</style></head>"
+        f"<body><main>{''.join(parts)}</main></body></html>"
+    )
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path

@@ -60,8 +60,15 @@ def plot_confusion(cm: list[list[int]], path: Path) -> Path:
         ax.imshow(np.nan_to_num(values), cmap="Blues", vmin=0)
         for (i, j), v in np.ndenumerate(values):
             dark = np.nan_to_num(values[i, j]) > np.nan_to_num(values).max() / 2
-            ax.text(j, i, fmt.format(v) if np.isfinite(v) else "-", ha="center", va="center",
-                    color="white" if dark else "black", fontsize=13)
+            ax.text(
+                j,
+                i,
+                fmt.format(v) if np.isfinite(v) else "-",
+                ha="center",
+                va="center",
+                color="white" if dark else "black",
+                fontsize=13,
+            )
         ax.set_xticks([0, 1], ["NORMAL", "PNEUMONIA"])
         ax.set_yticks([0, 1], ["NORMAL", "PNEUMONIA"])
         ax.set_xlabel("predicted")
@@ -131,8 +138,13 @@ def plot_reliability(y, p_raw, p_cal, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
     for p, name, style in ((p_raw, "uncalibrated", "-o"), (p_cal, "temperature-scaled", "-s")):
         curve = M.reliability_curve(y, p)
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], style, markersize=4,
-                label=f"{name} (ECE {M.expected_calibration_error(y, p):.3f})")
+        ax.plot(
+            [c[0] for c in curve],
+            [c[1] for c in curve],
+            style,
+            markersize=4,
+            label=f"{name} (ECE {M.expected_calibration_error(y, p):.3f})",
+        )
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("fraction PNEUMONIA")
     ax.set_title("Reliability (15 bins)")
@@ -182,24 +194,33 @@ def model_card(bundle) -> str:
     for split in ("validation", "test"):
         r = metrics.get(split)
         if r:
-            rows.append(f"| {split} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
-                        f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
-                        f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |")
+            rows.append(
+                f"| {split} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
+                f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
+                f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
+            )
     tr = training.get("train", {})
     cal = (metrics.get("test") or {}).get("calibration")
-    calibration = (f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
-                   f"and log loss from {_fmt(cal['loss_before'])} to {_fmt(cal['loss_after'])}." if cal else "")
+    calibration = (
+        f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
+        f"and log loss from {_fmt(cal['loss_before'])} to {_fmt(cal['loss_after'])}."
+        if cal
+        else ""
+    )
     notes = f"\n## How this model was chosen\n{c['notes']}\n" if c.get("notes") else ""
-    return f"""# Model card: {c.get('name', bundle.path.name)}
+    return f"""# Model card: {c.get("name", bundle.path.name)}
 
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
 
 ## Model
-- Backbone: `{c['backbone']}` (ImageNet-pretrained), a dense head (128 units, ReLU, dropout {c.get('dropout', 0.2)}), one logit.
-- Input: {c['image_size']}x{c['image_size']} grey image (aspect ratio squashed), replicated to 3 channels, ImageNet mean/std.
-- Operating threshold: {c['threshold']:.4f} ({c.get('threshold_rule', 'youden')}, chosen on validation data, never on test).
-- Temperature: {c['temperature']:.4f} (fitted on validation data).
-- Weights sha256: `{c['weights_sha256']}`.
+- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head (128 units, ReLU,
+  dropout {c.get("dropout", 0.2)}), one logit.
+- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
+  ImageNet mean/std.
+- Operating threshold: {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}, chosen on validation data,
+  never on test).
+- Temperature: {c["temperature"]:.4f} (fitted on validation data).
+- Weights sha256: `{c["weights_sha256"]}`.
 
 ## Intended use
 Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
@@ -209,14 +230,14 @@ clinician reading every image. Probabilities are calibrated on validation data f
 Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
 Cell 172(5):1122-1131; data on Mendeley Data (licence CC BY 4.0), the same as Kaggle's "Chest X-Ray Images (Pneumonia)".
 Paediatric patients aged 1 to 5 at Guangzhou Women and Children's Medical Center, anterior-posterior views.
-Trained on the official train split ({tr.get('images', '?')} images: {tr.get('n_normal', '?')} NORMAL,
-{tr.get('n_pneumonia', '?')} PNEUMONIA, {tr.get('patients', '?')} patients), with validation patients held out
-of train ({training.get('validation', {}).get('images', '?')} images).
+Trained on the official train split ({tr.get("images", "?")} images: {tr.get("n_normal", "?")} NORMAL,
+{tr.get("n_pneumonia", "?")} PNEUMONIA, {tr.get("patients", "?")} patients), with validation patients held out
+of train ({training.get("validation", {}).get("images", "?")} images).
 
-## Metrics (threshold {c['threshold']:.3f}; 95% intervals by patient bootstrap)
+## Metrics (threshold {c["threshold"]:.3f}; 95% intervals by patient bootstrap)
 | split | AUC | accuracy | sensitivity | specificity | loss | ECE |
 |---|---|---|---|---|---|---|
-{chr(10).join(rows) if rows else '| (no metrics recorded) | | | | | | |'}
+{chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
 
 Threshold and temperature were chosen on validation data only. {calibration}
 {notes}

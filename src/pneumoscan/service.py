@@ -111,14 +111,24 @@ class _UploadGuard:
                 await JSONResponse({"detail": refusal.detail}, status_code=refusal.status)(scope, receive, send)
 
 
-def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-               workers: int | None = None, cors_origins: list[str] | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               classifier: Classifier | None = None) -> FastAPI:
+def create_app(
+    model: str | os.PathLike | None = None,
+    *,
+    engine: str = "auto",
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    workers: int | None = None,
+    cors_origins: list[str] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    classifier: Classifier | None = None,
+) -> FastAPI:
     """The application; ``classifier`` lets tests and embedders pass one already loaded."""
     clf = classifier or Classifier.load(model, engine=engine)
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pneumoscan")
-    app = FastAPI(title="pneumoscan", version=__version__,
-                  description="Pneumonia detection on chest X-rays. Research software, not a medical device.")
+    app = FastAPI(
+        title="pneumoscan",
+        version=__version__,
+        description="Pneumonia detection on chest X-rays. Research software, not a medical device.",
+    )
     app.state.classifier = clf
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
@@ -137,9 +147,16 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
             out["image"] = _png_base64(Image.fromarray(explanation.image))
         return out
 
-    @app.post("/v1/predict", response_model=PredictResponse, summary="Classify one X-ray (JPEG, PNG or DICOM)",
-              responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
-                         422: {"description": "an image that cannot be used"}})
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        summary="Classify one X-ray (JPEG, PNG or DICOM)",
+        responses={
+            413: {"description": "upload too large"},
+            415: {"description": "not an image"},
+            422: {"description": "an image that cannot be used"},
+        },
+    )
     async def predict(file: UploadFile, cam: bool = False):
         data = await file.read(max_upload_bytes + 1)
         name = file.filename or "upload"
@@ -159,9 +176,14 @@ def create_app(model: str | os.PathLike | None = None, *, engine: str = "auto", 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info():
         card = clf.bundle.path / "MODEL_CARD.md"
-        return ModelInfo(name=clf.bundle.name, version=str(clf.bundle.config.get("version", "")), engine=clf.engine.name,
-                         config=clf.bundle.config, metrics=clf.bundle.metrics,
-                         model_card=card.read_text() if card.is_file() else "")
+        return ModelInfo(
+            name=clf.bundle.name,
+            version=str(clf.bundle.config.get("version", "")),
+            engine=clf.engine.name,
+            config=clf.bundle.config,
+            metrics=clf.bundle.metrics,
+            model_card=card.read_text() if card.is_file() else "",
+        )
 
     @app.get("/", include_in_schema=False)
     async def index():

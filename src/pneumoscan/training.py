@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import logging
+import os
 import random
 import shutil
 import time
@@ -26,7 +26,7 @@ from torch import nn
 from .bundle import Bundle, save_bundle, write_json
 from .data import Augmentation, ImageDataset, load_images, stratified_subset, summarize, training_splits
 from .errors import ConfigError
-from .models import create_model
+from .models import create_model, predict_logits
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainConfig:
     resume: bool = False
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, progress: bool = True) -> "TrainConfig":
+    def from_run(cls, run_dir: str | Path, progress: bool = True) -> TrainConfig:
         """The configuration a run folder was started with, set to resume it."""
         path = Path(run_dir) / "config.json"
         if not path.is_file():
@@ -137,7 +137,7 @@ def _lit_class():
             trunk = self.__dict__["_trunk"] or self._frozen_prefix().eval()
             with torch.no_grad():
                 features = trunk(x)
-            return self.net.head(self.net.body[self.split:](features)).squeeze(1)
+            return self.net.head(self.net.body[self.split :](features)).squeeze(1)
 
         def _loss(self, logits, y, training: bool):
             if not training:
@@ -154,7 +154,9 @@ def _lit_class():
             auc, acc = (self.train_auc, self.train_acc) if stage == "train" else (self.val_auc, self.val_acc)
             auc.update(p, y.int())
             acc.update(p, y.int())
-            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+            self.log(
+                f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
+            )
             self.log(f"{stage}_auc", auc, on_step=False, on_epoch=True, prog_bar=True)
             self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True)
             return loss
@@ -205,9 +207,15 @@ def _history_callback(phase: str, n_train: int, rows: list, path: Path):
                 return
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
             train_seconds = self.train_seconds or (time.perf_counter() - self.start)
-            rows.append({"phase": phase, "epoch": len(rows) + 1, **{k: round(metrics[k], 5) for k in sorted(metrics)},
-                         "train_images_per_s": round(n_train / train_seconds, 2),
-                         "epoch_seconds": round(time.perf_counter() - self.start, 1)})
+            rows.append(
+                {
+                    "phase": phase,
+                    "epoch": len(rows) + 1,
+                    **{k: round(metrics[k], 5) for k in sorted(metrics)},
+                    "train_images_per_s": round(n_train / train_seconds, 2),
+                    "epoch_seconds": round(time.perf_counter() - self.start, 1),
+                }
+            )
             write_history(path, rows)  # after every epoch, so a run can be watched
 
     return History()
@@ -231,13 +239,16 @@ def _atomic_checkpoint_io():
 def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
+
     def number(text: str):
         try:
             return int(text)
         except ValueError:
             return float(text)
 
-    return [{k: v if k == "phase" else number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(path))]
+    return [
+        {k: v if k == "phase" else number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(path))
+    ]
 
 
 def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
@@ -247,14 +258,45 @@ def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
     return n / (2 * max(n - pos, 1)), n / (2 * max(pos, 1))
 
 
-def train(cfg: TrainConfig) -> Bundle | None:
-    """Train, keep the best weights, pick threshold and temperature on validation, write the run folder.
-
-    Returns the bundle on the main process (``None`` on other DDP ranks)."""
+def _trainer(cfg: TrainConfig, phase: str, epochs: int, history_callback):
+    """A Lightning trainer for one phase, and its best-by-validation-AUC checkpoint callback."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    out = Path(cfg.out)
+    best = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename=f"{phase}-best",
+        monitor="val_auc",
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+    )
+    every_epoch = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename=f"{phase}-last", save_top_k=1, enable_version_counter=False
+    )  # full state, for --resume
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=cfg.devices,
+        strategy="ddp" if cfg.devices > 1 else "auto",
+        plugins=[_atomic_checkpoint_io()],
+        logger=CSVLogger(out, name="logs", version=phase),
+        callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience), history_callback],
+        enable_progress_bar=cfg.progress,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    return trainer, best
+
+
+def train(cfg: TrainConfig) -> Bundle | None:
+    """Train, keep the best weights, pick threshold and temperature on validation, write the run folder.
+
+    Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     out = Path(cfg.out)
@@ -266,7 +308,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
     rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    x_train, train_samples, train_errors = load_images(train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train")
+    x_train, train_samples, train_errors = load_images(
+        train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train"
+    )
     x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, cfg.progress and rank_zero, "loading val")
     if rank_zero:
         for line in train_errors + val_errors:
@@ -305,17 +349,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
                 history[:] = [r for r in history if r["phase"] != phase] + kept
             else:
                 history[:] = [r for r in history if r["phase"] != phase]
-            best = ModelCheckpoint(dirpath=checkpoints, filename=f"{phase}-best", monitor="val_auc", mode="max",
-                                   save_top_k=1, save_weights_only=True, enable_version_counter=False)
-            every_epoch = ModelCheckpoint(dirpath=checkpoints, filename=f"{phase}-last", save_top_k=1,
-                                          enable_version_counter=False)
-            trainer = L.Trainer(
-                max_epochs=epochs, accelerator="auto", devices=cfg.devices,
-                strategy="ddp" if cfg.devices > 1 else "auto", deterministic=False, plugins=[_atomic_checkpoint_io()],
-                callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience),
-                           _history_callback(phase, len(train_set), history, out / "history.csv")],
-                logger=CSVLogger(out, name="logs", version=phase), enable_progress_bar=cfg.progress,
-                num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+            trainer, best = _trainer(
+                cfg, phase, epochs, _history_callback(phase, len(train_set), history, out / "history.csv")
             )
             phase_start = time.perf_counter()
             trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
@@ -333,23 +368,24 @@ def train(cfg: TrainConfig) -> Bundle | None:
     if not rank_zero:
         return None
     wall = time.perf_counter() - started
-    return _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score,
-                       train_errors + val_errors)
+    return _finish_run(
+        cfg,
+        out,
+        net,
+        val_set,
+        val_samples,
+        train_samples,
+        history,
+        timings,
+        wall,
+        best_score,
+        train_errors + val_errors,
+    )
 
 
-def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
-    net = net.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).unsqueeze(1)
-            out.append(net(batch).float().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score,
-                skipped: list[str]) -> Bundle:
+def _finish_run(
+    cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score, skipped: list[str]
+) -> Bundle:
     from . import metrics as M
     from .reporting import model_card, plot_training_curves
 
@@ -369,28 +405,49 @@ def _finish_run(cfg, out, net, val_set, val_samples, train_samples, history, tim
     plot_training_curves(history, out / "curves.png")
     speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
     training = {
-        "data": str(cfg.data), "train": summarize(train_samples), "validation": summarize(val_samples),
-        "recipe": run_config, "best_val_auc": best_score, "skipped_unreadable": skipped,
-        "wall_seconds": round(wall, 1), "phase_seconds": timings,
+        "data": str(cfg.data),
+        "train": summarize(train_samples),
+        "validation": summarize(val_samples),
+        "recipe": run_config,
+        "best_val_auc": best_score,
+        "skipped_unreadable": skipped,
+        "wall_seconds": round(wall, 1),
+        "phase_seconds": timings,
         "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
         "epochs_run": len(history),
     }
     bundle_config = {
-        "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}", "version": time.strftime("%Y.%m.%d"),
-        "backbone": cfg.backbone, "image_size": cfg.image_size, "dropout": cfg.dropout,
-        "normalization": {"input": "8-bit grey, replicated to 3 channels inside the model", "mean": [0.485, 0.456, 0.406],
-                          "std": [0.229, 0.224, 0.225]},
+        "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}",
+        "version": time.strftime("%Y.%m.%d"),
+        "backbone": cfg.backbone,
+        "image_size": cfg.image_size,
+        "dropout": cfg.dropout,
+        "normalization": {
+            "input": "8-bit grey, replicated to 3 channels inside the model",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
         "threshold": threshold,
         "threshold_rule": "youden" if cfg.target_sensitivity is None else f"sensitivity>={cfg.target_sensitivity}",
-        "temperature": temperature, "training": training,
+        "temperature": temperature,
+        "training": training,
     }
     bundle_metrics = {"validation": validation}
     bundle = save_bundle(out / "model", net, bundle_config, bundle_metrics)
     if (out / "curves.png").is_file():
         shutil.copyfile(out / "curves.png", out / "model" / "training_curves.png")
     (out / "model" / "MODEL_CARD.md").write_text(model_card(bundle))
-    print(json.dumps({"run": str(out), "skipped_unreadable": len(skipped), "best_val_auc": round(best_score, 4),
-                      "threshold": round(threshold, 4),
-                      "temperature": round(temperature, 3), "wall_seconds": round(wall, 1),
-                      "train_images_per_s": training["train_images_per_s_median"]}))
+    print(
+        json.dumps(
+            {
+                "run": str(out),
+                "skipped_unreadable": len(skipped),
+                "best_val_auc": round(best_score, 4),
+                "threshold": round(threshold, 4),
+                "temperature": round(temperature, 3),
+                "wall_seconds": round(wall, 1),
+                "train_images_per_s": training["train_images_per_s_median"],
+            }
+        )
+    )
     return bundle
