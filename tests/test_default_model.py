@@ -58,3 +58,28 @@ def test_demo_runs_offline(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-1000:]
     assert "report:" in done.stdout and len(list((tmp_path / "demo" / "gradcam").glob("*.cam.png"))) == 16
     assert (tmp_path / "demo" / "report.html").stat().st_size > 100_000
+
+
+def test_re_encodings_of_one_image_agree_within_0_01(clf):
+    """The same X-ray as JPEG, PNG, 16-bit PNG, RGBA, palette, DICOM (both polarities) and EXIF-rotated JPEG."""
+    from PIL import Image
+
+    from corpus import REAL, dicom, encode, exif_rotated, png16, real_grey
+
+    grey = real_grey()
+    image = Image.fromarray(grey)
+    versions = {
+        "jpeg": REAL.read_bytes(),
+        "png": encode(image, "PNG"),
+        "png16": png16(grey),
+        "rgba": encode(image.convert("RGBA"), "PNG"),
+        "palette": encode(image.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "PNG"),
+        "dicom": dicom(grey),
+        "dicom-monochrome1": dicom(grey, "MONOCHROME1"),
+        "exif-rotated": exif_rotated(grey),
+    }
+    results = clf.predict(list(versions.values()))
+    probabilities = {name: r.probability for name, r in zip(versions, results)}
+    assert all(r.ok for r in results)
+    spread = max(probabilities.values()) - min(probabilities.values())
+    assert spread < 0.01, probabilities
