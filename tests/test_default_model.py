@@ -62,9 +62,8 @@ def test_demo_runs_offline(tmp_path, monkeypatch):
 
 def test_re_encodings_of_one_image_agree_within_0_01(clf):
     """The same X-ray as JPEG, PNG, 16-bit PNG, RGBA, palette, DICOM (both polarities) and EXIF-rotated JPEG."""
-    from PIL import Image
-
     from corpus import REAL, dicom, encode, exif_rotated, png16, real_grey
+    from PIL import Image
 
     grey = real_grey()
     image = Image.fromarray(grey)

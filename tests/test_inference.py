@@ -150,3 +150,15 @@ def test_symlink_loop_and_non_ascii_names(trained_bundle, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["path"].endswith("Röntgen_胸部 1.jpeg") and "probability" in rows[0]
+
+
+def test_concurrent_explanations_do_not_mix(clf):
+    """Grad-CAM hooks the shared network; 16 threads explaining two images get the sequential answers
+    (without the lock this raises or mixes heatmaps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = real_images("test", "NORMAL", 1) + real_images("test", "PNEUMONIA", 1)
+    expected = [clf.explain(f).heatmap for f in files]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: clf.explain(files[i % 2]).heatmap, range(32)))
+    assert all(np.allclose(g, expected[i % 2], atol=1e-4) for i, g in enumerate(got))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ class Classifier:
         self.bundle = bundle
         self.engine = make_engine(bundle, engine, int8)
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+        self._torch_net = None
+        self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, engine: str = "auto", int8: bool = False) -> Classifier:
@@ -214,6 +217,7 @@ class Classifier:
         """Grad-CAM for the predicted class: see :func:`pneumoscan.explain.grad_cam`."""
         from .explain import grad_cam
 
-        if not hasattr(self, "_torch_net"):
-            self._torch_net = self.bundle.load_net()
-        return grad_cam(self._torch_net, source, self.image_size, self.threshold, self.bundle.temperature)
+        with self._explain_lock:
+            if self._torch_net is None:
+                self._torch_net = self.bundle.load_net()
+            return grad_cam(self._torch_net, source, self.image_size, self.threshold, self.bundle.temperature)

@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from . import __version__
@@ -142,8 +143,6 @@ def create_app(
             source.seek(0)
             explanation = clf.explain(source)
             out["cam"] = _png_base64(explanation.overlay())
-            from PIL import Image
-
             out["image"] = _png_base64(Image.fromarray(explanation.image))
         return out
 
