@@ -165,3 +165,16 @@ def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
     skipped = bundle.config["training"]["skipped_unreadable"]
     assert len(skipped) == 1 and "IM-9999-0001.jpeg" in skipped[0]
     assert "skipped" in capsys.readouterr().out
+
+
+def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
+    from pneumoscan.data import fits_in_memory
+
+    assert fits_in_memory(5216, 224) and not fits_in_memory(10**9, 224)
+    bundle = train(
+        TrainConfig(
+            data=str(small_data), out=str(tmp_path), epochs=1, limit=24, cache="disk", workers=2, progress=False
+        )
+    )
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert len(rows) == 1 and 0.5 < float(rows[0]["val_auc"]) <= 1 and 0 < bundle.threshold < 1

@@ -81,6 +81,13 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--workers", type=int, default=0, help="data-loader worker processes (default 0: images are in memory)"
     )
+    p.add_argument(
+        "--cache",
+        choices=("auto", "memory", "disk"),
+        default="auto",
+        help="keep decoded training images in memory, or stream them from disk with loader workers "
+        "(default auto: memory when they take at most a quarter of RAM)",
+    )
     p.add_argument("--limit", type=int, default=None, help="use at most N training images per class (quick runs)")
     aug = p.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)")
     aug.add_argument("--rotation", type=float, default=20.0, help="max rotation in degrees (20)")
@@ -135,6 +142,7 @@ def _run_train(args) -> int:
         seed=args.seed,
         devices=args.devices,
         workers=args.workers,
+        cache=args.cache,
         limit=args.limit,
         target_sensitivity=args.target_sensitivity,
         augmentation=augmentation,

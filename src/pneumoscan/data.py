@@ -191,10 +191,11 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
 # --- loading for training and evaluation ------------------------------------------------------------
 
 
-def load_images(samples: list[Sample], size: int, progress: bool = True, desc: str = "loading"):
+def load_images(samples: list[Sample], size: int, progress: bool = True, desc: str = "loading", keep: bool = True):
     """Decode and resize every sample once, in parallel: ``(images (N,S,S) uint8, kept samples, errors)``.
 
-    Unreadable images are left out and reported, never fatal."""
+    Unreadable images are left out and reported, never fatal. ``keep=False`` only checks that each
+    image decodes (for data streamed from disk) and returns ``None`` for the images."""
     from tqdm import tqdm
 
     def one(sample: Sample):
@@ -216,10 +217,19 @@ def load_images(samples: list[Sample], size: int, progress: bool = True, desc: s
             if error:
                 errors.append(error)
             else:
-                images.append(image)
+                if keep:
+                    images.append(image)
                 kept.append(sample)
+    if not keep:
+        return None, kept, errors
     array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
     return array, kept, errors
+
+
+def fits_in_memory(n_images: int, size: int, share: float = 0.25) -> bool:
+    """Whether ``n_images`` decoded ``size`` x ``size`` grey images take at most ``share`` of physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return n_images * size * size <= share * physical
 
 
 @dataclass(frozen=True)
@@ -258,12 +268,14 @@ class Augmentation:
 
 
 class ImageDataset:
-    """In-memory images (uint8, ``(N,S,S)``) and labels, augmented on the fly when asked."""
+    """Images and labels for training, augmented on the fly when asked: decoded in memory
+    (``images``: a uint8 array ``(N,S,S)``) or read from disk at each access (``images``: paths)."""
 
-    def __init__(self, images: np.ndarray, labels, augmentation: Augmentation | None = None):
+    def __init__(self, images, labels, augmentation: Augmentation | None = None, size: int | None = None):
         import torch
 
-        self.images = torch.from_numpy(images)
+        self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else list(images)
+        self.size = size
         self.labels = torch.as_tensor(list(labels), dtype=torch.float32)
         self.augment = augmentation.build() if augmentation else None
 
@@ -271,7 +283,14 @@ class ImageDataset:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        image = self.images[i].unsqueeze(0)
+        import torch
+
+        image = (
+            self.images[i]
+            if isinstance(self.images, torch.Tensor)
+            else torch.from_numpy(prepare(self.images[i], self.size))
+        )
+        image = image.unsqueeze(0)
         if self.augment is not None:
             image = self.augment(image)
         return image, self.labels[i]

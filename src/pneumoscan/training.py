@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bundle import Bundle, save_bundle, write_json
-from .data import Augmentation, ImageDataset, load_images, stratified_subset, summarize, training_splits
+from .data import (
+    Augmentation,
+    ImageDataset,
+    fits_in_memory,
+    load_images,
+    stratified_subset,
+    summarize,
+    training_splits,
+)
 from .errors import ConfigError
 from .models import create_model, predict_logits
 
@@ -52,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     devices: int = 1
     workers: int = 0
+    cache: str = "auto"
     limit: int | None = None
     target_sensitivity: float | None = None
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -76,6 +85,8 @@ class TrainConfig:
             raise ConfigError("--epochs, --batch-size and --devices must be at least 1, --fine-tune-epochs at least 0")
         if self.schedule not in ("constant", "onecycle"):
             raise ConfigError(f"--schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
+        if self.cache not in ("auto", "memory", "disk"):
+            raise ConfigError(f"--cache must be 'auto', 'memory' or 'disk', got {self.cache!r}")
         if self.class_weights not in ("balanced", "none"):
             raise ConfigError(f"--class-weights must be 'balanced' or 'none', got {self.class_weights!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -308,8 +319,9 @@ def train(cfg: TrainConfig) -> Bundle | None:
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
     rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and fits_in_memory(len(train_samples), cfg.image_size))
     x_train, train_samples, train_errors = load_images(
-        train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train"
+        train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train", keep=in_memory
     )
     x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, cfg.progress and rank_zero, "loading val")
     if rank_zero:
@@ -321,12 +333,21 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
     module = _lit_class()(net, _balanced_weights(y_train, cfg.class_weights), cfg.label_smoothing, cfg.image_size)
-    train_set = ImageDataset(x_train, y_train, cfg.augmentation)
+    if not in_memory:  # streamed from disk: loader processes decode while the model trains
+        x_train = [s.path for s in train_samples]
+    train_set = ImageDataset(x_train, y_train, cfg.augmentation, cfg.image_size)
     val_set = ImageDataset(x_val, [s.label for s in val_samples])
-    loader = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    workers = cfg.workers or (0 if in_memory else os.cpu_count() or 1)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)  # validation is always in memory
 
     phases = [("head", cfg.epochs, 0, cfg.lr, "constant")]
     if cfg.fine_tune_epochs:
