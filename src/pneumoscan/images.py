@@ -30,6 +30,8 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 # We apply our own pixel limit; PIL's bomb check would only warn below twice its own.
 Image.MAX_IMAGE_PIXELS = None
+# pydicom warns about every malformed tag; the loader's one-line errors say what matters.
+warnings.filterwarnings("ignore", module="pydicom")
 
 
 def source_name(source: ImageSource) -> str:
