@@ -48,3 +48,10 @@ def test_data_check_reports(small_data):
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
     assert rows["train"] == ["100", "100", "200"] and rows["test"] == ["40", "40", "80"]
     assert "unreadable files: 0" in done.stdout and "patients in more than one split" in done.stdout
+
+
+def test_usage_errors_are_one_line_and_exit_2():
+    for args in (["predict"], ["train", "--epochs", "many"], ["frobnicate"]):
+        done = _cli(*args)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "--help" in done.stderr

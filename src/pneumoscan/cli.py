@@ -15,6 +15,13 @@ from .errors import PneumoscanError
 MODEL_HELP = "model bundle folder (default: the bundled model)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -371,7 +378,7 @@ def _run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pneumoscan",
         description="Pneumonia detection on chest X-rays: "
         "train, evaluate, explain and serve a transfer-learning classifier.",
