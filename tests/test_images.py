@@ -38,7 +38,6 @@ def test_16_bit_png_keeps_its_scale(tmp_path, grey):
 
 def test_exif_orientation_is_applied(tmp_path, grey):
     path = write(tmp_path, "rot.jpeg", exif_rotated(grey))
-    assert Image.open(path).size == grey.shape[::-1]  # square, so check pixels instead
     loaded = np.asarray(load_image(path))
     assert _close(loaded, grey, tol=4.0)
     assert not _close(np.asarray(Image.open(path).convert("L")), grey, tol=4.0)  # stored pixels are rotated

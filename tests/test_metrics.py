@@ -105,3 +105,14 @@ def test_delong():
     assert result["ci95"][0] < result["difference"] < result["ci95"][1]
     assert M.delong_test([1, 1, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])["p_value"] is None
     assert not math.isnan(M.delong_test(y, good, good + 1e-9 * rng.random(400))["p_value"])
+
+
+def test_bootstrap_on_a_large_set_runs_in_chunks():
+    """20,000 images: resamples are evaluated 200 at a time (several chunks), with all-distinct scores."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 20000)
+    p = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
+    ci = M.bootstrap_ci(y, p, np.arange(20000) // 2, 0.5, n_resamples=500, seed=1)
+    point = M.binary_metrics(y, p, 0.5)
+    assert ci["auc"][0] < point["auc"] < ci["auc"][1] and ci["auc"][1] - ci["auc"][0] < 0.03
+    assert M.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))

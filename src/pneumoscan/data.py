@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import re
@@ -165,8 +166,11 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
     def inspect(item):
         path = item[1].path
         try:
-            load_image(path)
-            return hashlib.md5(path.read_bytes()).hexdigest(), None
+            data = path.read_bytes()  # read once: decoded and hashed from the same bytes
+            source = io.BytesIO(data)
+            source.name = str(path)
+            load_image(source)
+            return hashlib.md5(data).hexdigest(), None
         except (OSError, ImageError) as exc:
             return None, str(exc) if isinstance(exc, ImageError) else f"{path}: {exc.strerror or exc}"
 

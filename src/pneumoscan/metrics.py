@@ -29,24 +29,20 @@ def _none_if_nan(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _tie_groups(p: np.ndarray) -> np.ndarray:
-    """Index of each score's tie group in ascending order of score."""
-    return np.unique(p, return_inverse=True)[1]
-
-
 def weighted_auc(y, p, weights: np.ndarray | None = None) -> np.ndarray:
     """Mann-Whitney AUC (ties count one half) for each row of ``weights`` (shape (B, n)) at once.
 
     With ``weights=None`` it is the plain AUC of (y, p), returned as a 0-d array; NaN where a
-    row has no positive or no negative weight."""
+    row has no positive or no negative weight. Memory and time are O(B * n)."""
     y, p = _arrays(y, p)
     w = np.ones((1, y.size)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    groups = _tie_groups(p)
-    n_groups = int(groups.max()) + 1 if groups.size else 0
-    onehot = np.zeros((y.size, n_groups))
-    onehot[np.arange(y.size), groups] = 1.0
-    pos = (w * (y == 1)) @ onehot  # (B, G) positive weight per tie group
-    neg = (w * (y == 0)) @ onehot
+    if not y.size:
+        return np.full(w.shape[0], np.nan) if weights is not None else np.array(np.nan)
+    order = np.argsort(p, kind="stable")
+    starts = np.flatnonzero(np.r_[True, p[order][1:] != p[order][:-1]])  # first index of each tie group
+    w, y = w[:, order], y[order]
+    pos = np.add.reduceat(w * (y == 1), starts, axis=1)  # (B, G) positive weight per tie group
+    neg = np.add.reduceat(w * (y == 0), starts, axis=1)
     below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each group
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
@@ -129,23 +125,28 @@ def bootstrap_ci(
 ) -> dict[str, list[float] | None]:
     """Percentile intervals from resampling *patients* (``groups``) with replacement.
 
-    All resamples are evaluated at once as weighted metrics, so 2000 take a second or two."""
+    Resamples are evaluated as weighted metrics, many at a time, so 2000 take a second or two."""
     y, p = _arrays(y, p)
     if not y.size:
         return {m: None for m in CI_METRICS}
     _, patient = np.unique(np.asarray(groups), return_inverse=True)
     n_patients = int(patient.max()) + 1
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_patients, size=(n_resamples, n_patients))
-    counts = np.zeros((n_resamples, n_patients))
-    np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
-    w = counts[:, patient]  # (B, n): how often each image is in each resample
     pred = p >= threshold
-    tn, fp = w @ ((y == 0) & ~pred), w @ ((y == 0) & pred)
-    fn, tp = w @ ((y == 1) & ~pred), w @ ((y == 1) & pred)
+    cells = np.stack([(y == 0) & ~pred, (y == 0) & pred, (y == 1) & ~pred, (y == 1) & pred], axis=1).astype(float)
     clipped = np.clip(p, EPS, 1 - EPS)
     bce = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))
-    values = {**_rates(tn, fp, fn, tp), "auc": weighted_auc(y, p, w), "loss": (w @ bce) / w.sum(1)}
+    parts = []
+    chunk = max(1, 4_000_000 // max(y.size, n_patients))  # resamples at a time: bounded memory
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        draws = rng.integers(0, n_patients, size=(b, n_patients))
+        flat = (np.arange(b)[:, None] * n_patients + draws).ravel()
+        counts = np.bincount(flat, minlength=b * n_patients).reshape(b, n_patients).astype(float)
+        w = counts[:, patient]  # (b, n): how often each image is in each resample
+        tn, fp, fn, tp = (w @ cells).T
+        parts.append({**_rates(tn, fp, fn, tp), "auc": weighted_auc(y, p, w), "loss": (w @ bce) / w.sum(1)})
+    values = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     tail = (1 - level) / 2 * 100
     out = {}
     for name in CI_METRICS:
