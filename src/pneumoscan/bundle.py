@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .errors import ConfigError
 
@@ -42,6 +44,7 @@ _SCHEMA = {
     "training": (dict, False),
     "pneumoscan_version": (str, False),
     "notes": (str, False),
+    "calibration": (dict, False),
 }
 
 
@@ -101,6 +104,10 @@ class Bundle:
     @property
     def temperature(self) -> float:
         return float(self.config["temperature"])
+
+    def probabilities(self, logits):
+        """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         path = self.path / (ONNX_INT8 if int8 else ONNX)

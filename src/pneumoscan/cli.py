@@ -283,6 +283,50 @@ def _run_predict(args) -> int:
     return 1 if any(not r.ok for r in results) else 0
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="refit threshold and temperature on labelled local images (new bundle)",
+        description="Refit a bundle's temperature and operating threshold on labelled images from the site "
+        "where it will run, and write a copy of the bundle with them (weights unchanged). The metrics it "
+        "prints are in-sample: evaluate the new bundle on other images before relying on it.",
+    )
+    p.add_argument(
+        "--data", required=True, help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder"
+    )
+    p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="folder for the recalibrated bundle (not the source bundle)")
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="choose the highest threshold with at least this sensitivity instead of Youden's J",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    from .calibrate import calibrate_bundle
+    from .evaluation import metrics_table
+
+    bundle, report = calibrate_bundle(
+        args.data, args.out, args.model, args.split, args.target_sensitivity, args.bootstrap, progress=not args.quiet
+    )
+    site = bundle.config["calibration"]
+    print(
+        f"threshold {site['source_threshold']:.4f} -> {bundle.threshold:.4f} ({bundle.config['threshold_rule']}), "
+        f"temperature {site['source_temperature']:.4f} -> {bundle.temperature:.4f}"
+    )
+    print(metrics_table(report))
+    print(f"calibrated bundle written to {bundle.path} (metrics above are in-sample)")
+    return 1 if report["unreadable"] else 0
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -385,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_evaluate, _add_predict, _add_export, _add_serve, _add_demo, _add_data):
+    for add in (_add_train, _add_evaluate, _add_calibrate, _add_predict, _add_export, _add_serve, _add_demo, _add_data):
         add(sub)
     return parser
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import metrics as M
 from . import reporting as R
-from .bundle import write_json
+from .bundle import Bundle, write_json
 from .data import Sample, load_images, load_split, summarize
 from .inference import Classifier
 
@@ -70,7 +70,7 @@ def evaluate(
         logits = clf.logits(images)
         name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
         folder = out if len(models) == 1 else out / f"model_{chr(97 + index)}"
-        report = score(samples, logits, clf, split or Path(data).name, n_resamples, seed)
+        report = score(samples, logits, clf.bundle, clf.engine.name, split or Path(data).name, n_resamples, seed)
         report["unreadable"] = errors
         result = ModelResult(name, clf, samples, logits, report)
         result.figures = make_figures(result, images, folder, seed)
@@ -100,25 +100,27 @@ def record_in_bundle(bundle, split: str, report: dict) -> None:
     (bundle.path / "MODEL_CARD.md").write_text(R.model_card(bundle))
 
 
-def score(samples: list[Sample], logits: np.ndarray, clf: Classifier, split: str, n_resamples: int, seed: int) -> dict:
+def score(
+    samples: list[Sample], logits: np.ndarray, bundle: Bundle, engine: str, split: str, n_resamples: int, seed: int
+) -> dict:
     """The metrics of one model on one split: at its operating threshold, at 0.5, and calibration."""
     y = np.array([s.label for s in samples])
     groups = [s.patient for s in samples]
-    p_cal = clf.probabilities(logits)
+    p_cal = bundle.probabilities(logits)
     p_raw = 1.0 / (1.0 + np.exp(-logits))
-    report = M.full_report(y, p_cal, groups, clf.threshold, n_resamples, seed, split)
+    report = M.full_report(y, p_cal, groups, bundle.threshold, n_resamples, seed, split)
     report["model"] = {
-        "name": clf.bundle.name,
-        "path": str(clf.bundle.path),
-        "engine": clf.engine.name,
-        "backbone": clf.bundle.config["backbone"],
-        "image_size": clf.image_size,
-        "threshold_rule": clf.bundle.config.get("threshold_rule"),
-        "temperature": clf.bundle.temperature,
+        "name": bundle.name,
+        "path": str(bundle.path),
+        "engine": engine,
+        "backbone": bundle.config["backbone"],
+        "image_size": bundle.image_size,
+        "threshold_rule": bundle.config.get("threshold_rule"),
+        "temperature": bundle.temperature,
     }
     report["at_0.5"] = M.full_report(y, p_cal, groups, 0.5, n_resamples, seed, split)
     report["calibration"] = {
-        "temperature": clf.bundle.temperature,
+        "temperature": bundle.temperature,
         "ece_before": M.expected_calibration_error(y, p_raw),
         "ece_after": report["ece"],
         "loss_before": M.log_loss(y, p_raw),

@@ -84,11 +84,13 @@ def cache_dir() -> Path:
 
 
 def cached_onnx(bundle: Bundle) -> Path | None:
-    """The bundle's fp32 ONNX model, exported once into the cache (keyed by the weights' sha256)
-    when the bundle carries none; None where the cache cannot be written."""
+    """The bundle's fp32 ONNX model, exported once into the cache when the bundle carries none;
+    None where the cache cannot be written. Keyed by the weights' sha256 and the temperature, which
+    the export bakes into its probability output."""
     from .export import export_onnx
 
-    path = cache_dir() / f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}.onnx"
+    key = f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}-t{bundle.temperature:.6f}"
+    path = cache_dir() / f"{key}.onnx"
     if path.is_file():
         return path
     try:
@@ -158,7 +160,7 @@ class Classifier:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.bundle.temperature))
+        return self.bundle.probabilities(logits)
 
     def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""

@@ -75,18 +75,6 @@ class PneumoniaNet(nn.Module):
         return split
 
 
-class ModelWithSigmoid(nn.Module):
-    """What is exported and served: uint8 images in, probabilities of PNEUMONIA out."""
-
-    def __init__(self, net: PneumoniaNet, temperature: float = 1.0):
-        super().__init__()
-        self.net = net
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x) / self.temperature)
-
-
 def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
     net = net.eval()

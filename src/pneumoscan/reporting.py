@@ -186,16 +186,36 @@ def _with_ci(report: dict, key: str) -> str:
     return _fmt(report.get(key)) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def _calibration_advice(site: dict | None) -> str:
+    if site:
+        return "Threshold and temperature were refitted on labelled local images (see Model)."
+    return (
+        "Threshold and temperature come from validation data of the training hospital only; before use elsewhere,\n"
+        "refit them on labelled local images with `pneumoscan calibrate` and evaluate on other local images."
+    )
+
+
 def model_card(bundle) -> str:
     """MODEL_CARD.md for a bundle, from its config and metrics."""
     c, metrics = bundle.config, bundle.metrics
     training = c.get("training", {})
+    site = c.get("calibration")
+    fitted_on = (
+        f"fitted by `pneumoscan calibrate` on {site['images']} labelled images of {site['data']}; "
+        f"{site['source']} had {site['source_threshold']:.4f} and {site['source_temperature']:.4f}"
+        if site
+        else "fitted on validation data, never on test"
+    )
     rows = []
-    for split in ("validation", "test"):
+    for split, label in (
+        ("validation", "validation"),
+        ("calibration", "calibration set (in-sample)"),
+        ("test", "test"),
+    ):
         r = metrics.get(split)
         if r:
             rows.append(
-                f"| {split} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
+                f"| {label} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
                 f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
                 f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
             )
@@ -217,14 +237,13 @@ def model_card(bundle) -> str:
   dropout {c.get("dropout", 0.2)}), one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
-- Operating threshold: {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}, chosen on validation data,
-  never on test).
-- Temperature: {c["temperature"]:.4f} (fitted on validation data).
+- Operating threshold: {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}); temperature
+  {c["temperature"]:.4f}. Both {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.
 
 ## Intended use
 Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
-clinician reading every image. Probabilities are calibrated on validation data from the training hospital only.
+clinician reading every image. {_calibration_advice(site)}
 
 ## Training data
 Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
@@ -239,7 +258,7 @@ of train ({training.get("validation", {}).get("images", "?")} images).
 |---|---|---|---|---|---|---|
 {chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
 
-Threshold and temperature were chosen on validation data only. {calibration}
+{calibration}
 {notes}
 ## Known failure modes and limits
 - Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.

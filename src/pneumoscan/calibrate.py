@@ -1,0 +1,82 @@
+"""Site calibration: refit a bundle's temperature and operating threshold on local labelled images.
+
+A bundle's threshold and temperature were fitted on validation patients from the training hospital.
+Under a shift of patients, period or scanner they need not hold: on the official test split the
+bundled model's Youden threshold from validation trades specificity for sensitivity. With labelled
+images from where a model will run, :func:`calibrate_bundle` writes a copy of the bundle with both
+refitted there. The weights are copied unchanged (same sha256), so AUC is unchanged; the metrics it
+records are in-sample and say so. Evaluate on other images before trusting the new operating point.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .bundle import CARD, CONFIG, METRICS, ONNX, ONNX_INT8, WEIGHTS, Bundle, validate_config, write_json
+from .data import load_images, load_split
+from .errors import ConfigError
+from .inference import Classifier
+
+
+def calibrate_bundle(
+    data: str | Path,
+    out: str | Path,
+    model: str | Path | None = None,
+    split: str | None = None,
+    target_sensitivity: float | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Bundle, dict]:
+    """Fit temperature and threshold (Youden, or the highest one reaching ``target_sensitivity``) on
+    the labelled images of ``data`` (``split`` of a Kaggle layout, or a flat NORMAL/PNEUMONIA folder)
+    and write the recalibrated bundle to ``out``. Returns it with its in-sample report."""
+    from .evaluation import score
+    from .reporting import model_card
+
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+    clf = Classifier.load(model)
+    source = clf.bundle
+    out = Path(out)
+    if out.resolve() == source.path.resolve():
+        raise ConfigError(f"{out}: write the calibrated bundle to a new folder, not over its source")
+    images, samples, errors = load_images(load_split(data, split), clf.image_size, progress, "loading")
+    y = np.array([s.label for s in samples])
+    if len(set(y.tolist())) < 2:
+        raise ConfigError(f"{data}: calibration needs readable images of both classes")
+    logits = clf.logits(images)
+    temperature = M.fit_temperature(y, logits)
+    threshold = M.choose_threshold(y, 1.0 / (1.0 + np.exp(-logits / temperature)), target_sensitivity)
+    config = {
+        **source.config,
+        "threshold": threshold,
+        "temperature": temperature,
+        "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
+        "calibration": {
+            "source": source.name,
+            "source_threshold": source.threshold,
+            "source_temperature": source.temperature,
+            "data": str(Path(data) / split if split else data),
+            "images": len(y),
+            "patients": len({s.patient for s in samples}),
+        },
+    }
+    validate_config(config, str(out))
+    bundle = Bundle(out, config)
+    report = score(samples, logits, bundle, clf.engine.name, "calibration", n_resamples, seed)
+    report.update(in_sample=True, unreadable=errors)
+    bundle.metrics["calibration"] = {k: v for k, v in report.items() if k != "model"}
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (ONNX, ONNX_INT8):  # ONNX files bake the temperature into their probability output
+        (out / stale).unlink(missing_ok=True)
+    shutil.copyfile(source.path / WEIGHTS, out / WEIGHTS)
+    write_json(out / CONFIG, config)
+    write_json(out / METRICS, bundle.metrics)
+    (out / CARD).write_text(model_card(bundle))
+    return bundle, report
