@@ -8,6 +8,7 @@ from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle
 from pneumoscan.data import list_images
 from pneumoscan.images import load_image, prepare, resize_square
+from pneumoscan.reporting import model_card
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def test_bundle_is_small_complete_and_verified():
     assert bundle.onnx_path(int8=True) is not None
     card = (path / "MODEL_CARD.md").read_text()
     assert "not a medical device" in card and "CC BY 4.0" in card and "| test (624 images" in card
+    assert card == model_card(bundle)  # regenerated whenever the card's template changes
 
 
 def test_bundled_model_separates_the_official_val_images(clf):

@@ -190,8 +190,9 @@ def _calibration_advice(site: dict | None) -> str:
     if site:
         return "Threshold and temperature were refitted on labelled local images (see Model)."
     return (
-        "Threshold and temperature come from validation data of the training hospital only; before use elsewhere,\n"
-        "refit them on labelled local images with `pneumoscan calibrate` and evaluate on other local images."
+        "Threshold and temperature come from validation patients of the training\n"
+        "hospital only: before use elsewhere, refit them on labelled local images with `pneumoscan calibrate`, then\n"
+        "evaluate on other local images."
     )
 
 
@@ -237,8 +238,8 @@ def model_card(bundle) -> str:
   dropout {c.get("dropout", 0.2)}), one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
-- Operating threshold: {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}); temperature
-  {c["temperature"]:.4f}. Both {fitted_on}.
+- Operating threshold {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}) and temperature {c["temperature"]:.4f}:
+  both {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.
 
 ## Intended use
