@@ -6,8 +6,7 @@
    differences against a full decode, and decode+resize speed, for each draft oversampling.
 2. int8 against fp32 ONNX on validation (patients held out of train, seed 0, as in training) and on
    the test split (a final report: nothing is chosen on it).
-3. Horizontal-flip test-time augmentation (mean of the image's and its mirror's logits), on
-   validation only: AUC, and log loss after a temperature fitted to each variant.
+(Horizontal-flip test-time augmentation is measured per run by recipe_exploration.py table.)
 """
 
 from __future__ import annotations
@@ -78,22 +77,6 @@ def int8_table(clf: Classifier, data: Path) -> None:
             )
 
 
-def flip_tta_table(clf: Classifier, data: Path) -> None:
-    _, val = training_splits(data, "patients", 0.1, 0)
-    x, kept, _ = load_images(val, clf.image_size, progress=False)
-    y = np.array([s.label for s in kept])
-    plain = clf.logits(x)
-    variants = {"none": plain, "h-flip, mean logit": (plain + clf.logits(x[..., ::-1].copy())) / 2}
-    print(f"\nHorizontal-flip test-time augmentation, validation ({len(y)} images)")
-    print("| TTA | AUC | loss (own temperature) | errors at own Youden threshold | forward passes |")
-    print("|---|---|---|---|---|")
-    for i, (name, z) in enumerate(variants.items()):
-        t = M.fit_temperature(y, z)
-        p = 1 / (1 + np.exp(-z / t))
-        errors = int(((p >= M.choose_threshold(y, p)) != y).sum())
-        print(f"| {name} | {M.roc_auc(y, p):.5f} | {M.log_loss(y, p):.4f} | {errors} | {i + 1} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="bundle (default: the bundled model)")
@@ -102,7 +85,6 @@ def main() -> None:
     root = shared_data_root()
     draft_table(clf, list_images(root / "fullres_sample"))
     int8_table(clf, root / "chest_xray_224")
-    flip_tta_table(clf, root / "chest_xray_224")
 
 
 if __name__ == "__main__":
