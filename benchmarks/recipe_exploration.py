@@ -10,9 +10,10 @@ train --resume`` then runs only the fine-tuning phase. One variant costs a fine-
 whole run, and every variant starts from the same weights. Exploration only: a recipe chosen this
 way is retrained from scratch with one command before it ships.
 
-``table`` prints, per run: best validation AUC, validation log loss after the run's own temperature,
-the same two with horizontal-flip test-time augmentation, fine-tuning seconds per epoch, and the run's
-wall time as if trained from scratch (the shared head phase counted).
+``table`` prints, per run, from its bundle: validation AUC (the best epoch's, as kept), validation log
+loss after the run's own temperature, the same two with horizontal-flip test-time augmentation,
+fine-tuning seconds per epoch (median), and the minutes of training as if run from scratch (the shared
+head phase counted).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def validation_row(run: Path) -> str:
     fine_tune_epochs = [float(r[2]) for r in history if r[1] == "fine_tune"]
     per_epoch = f"{statistics.median(fine_tune_epochs):.0f}" if fine_tune_epochs else "–"
     wall = sum(training["phase_seconds"].values()) / 60
-    return f"| {run.name} | {training['best_val_auc']:.5f} | " + " | ".join(cells) + f" | {per_epoch} | {wall:.1f} |"
+    return f"| {run.name} | " + " | ".join(cells) + f" | {per_epoch} | {wall:.1f} |"
 
 
 def main() -> None:
@@ -94,8 +95,8 @@ def main() -> None:
         branch(args.source, args.target, dict(parse_setting(s) for s in args.set))
         return
     print(
-        "| run | best val AUC | val loss (own T) | val AUC, flip TTA | val loss, flip TTA | "
-        "fine-tuning s/epoch | wall min (head + fine-tuning) |"
+        "| run | val AUC | val loss (own T) | val AUC, flip TTA | val loss, flip TTA | "
+        "fine-tuning s/epoch | training min (head + fine-tuning) |"
     )
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
