@@ -67,12 +67,15 @@ def test_int8_stays_close(exported_bundle):
 
 
 def test_auto_engine_exports_once_into_the_cache(trained_bundle):
-    from pneumoscan.inference import cache_dir
+    from pneumoscan.inference import onnx_cache_path
 
     clf = Classifier.load(trained_bundle.path)  # the bundle carries no ONNX model
     assert clf.engine.name == "onnx"
-    cached = list(cache_dir().glob(f"{trained_bundle.config['weights_sha256'][:32]}-*.onnx"))
-    assert len(cached) == 1 and not (trained_bundle.path / "model.onnx").exists()
+    cached = onnx_cache_path(trained_bundle)
+    assert cached.is_file() and not (trained_bundle.path / "model.onnx").exists()
+    written = cached.stat().st_mtime_ns
+    assert Classifier.load(trained_bundle.path).engine.name == "onnx"
+    assert cached.stat().st_mtime_ns == written  # exported once, then reused
     torch_p = Classifier.load(trained_bundle.path, engine="torch").predict_one(REAL).probability
     assert clf.predict_one(REAL).probability == pytest.approx(torch_p, abs=1e-4)
 

@@ -83,14 +83,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PNEUMOSCAN_CACHE", Path.home() / ".cache" / "pneumoscan"))
 
 
+def onnx_cache_path(bundle: Bundle) -> Path:
+    """Where the cache keeps a bundle's fp32 export: keyed by the weights' sha256 and the temperature,
+    which the export bakes into its probability output."""
+    return cache_dir() / f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}-t{bundle.temperature:.6f}.onnx"
+
+
 def cached_onnx(bundle: Bundle) -> Path | None:
     """The bundle's fp32 ONNX model, exported once into the cache when the bundle carries none;
-    None where the cache cannot be written. Keyed by the weights' sha256 and the temperature, which
-    the export bakes into its probability output."""
+    None where the cache cannot be written."""
     from .export import export_onnx
 
-    key = f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}-t{bundle.temperature:.6f}"
-    path = cache_dir() / f"{key}.onnx"
+    path = onnx_cache_path(bundle)
     if path.is_file():
         return path
     try:
