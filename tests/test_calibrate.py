@@ -109,7 +109,8 @@ def test_cli(trained_bundle, small_data, tmp_path, capsys):
         ["calibrate", "--data", str(small_data), "--split", "test", "--model", str(trained_bundle.path)]
         + ["--out", str(tmp_path / "m"), "--bootstrap", "100", "--quiet"]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    assert f"threshold {trained_bundle.threshold:.4f} -> " in out and "in-sample" in out
+    assert f"threshold {trained_bundle.threshold:.4f} -> " in captured.out and "in-sample" in captured.out
+    assert "only 40 NORMAL and 40 PNEUMONIA images" in captured.err  # 40 < 50 of each class
     assert load_bundle(tmp_path / "m").config["calibration"]["images"] == 80

@@ -21,6 +21,19 @@ from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
 
+FEW_PER_CLASS = 50  # below this many images of either class, say the fit is unreliable
+
+
+def small_set_warning(report: dict) -> str | None:
+    """A one-line warning when the calibration set is too small to fit a threshold on."""
+    fewest = min(report["n_normal"], report["n_pneumonia"])
+    if fewest >= FEW_PER_CLASS:
+        return None
+    return (
+        f"warning: only {report['n_normal']} NORMAL and {report['n_pneumonia']} PNEUMONIA images; a threshold "
+        f"fitted on fewer than {FEW_PER_CLASS} of each class is unreliable (see the intervals)"
+    )
+
 
 def calibrate_bundle(
     data: str | Path,

@@ -311,7 +311,7 @@ def _add_calibrate(sub) -> None:
 
 
 def _run_calibrate(args) -> int:
-    from .calibrate import calibrate_bundle
+    from .calibrate import calibrate_bundle, small_set_warning
     from .evaluation import metrics_table
 
     bundle, report = calibrate_bundle(
@@ -323,6 +323,8 @@ def _run_calibrate(args) -> int:
         f"temperature {site['source_temperature']:.4f} -> {bundle.temperature:.4f}"
     )
     print(metrics_table(report))
+    if warning := small_set_warning(report):
+        print(warning, file=sys.stderr)
     print(f"calibrated bundle written to {bundle.path} (metrics above are in-sample)")
     return 1 if report["unreadable"] else 0
 

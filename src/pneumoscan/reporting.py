@@ -202,8 +202,8 @@ def model_card(bundle) -> str:
     training = c.get("training", {})
     site = c.get("calibration")
     fitted_on = (
-        f"fitted by `pneumoscan calibrate` on {site['images']} labelled images of {site['data']}; "
-        f"{site['source']} had {site['source_threshold']:.4f} and {site['source_temperature']:.4f}"
+        f"fitted by `pneumoscan calibrate` on {site['images']} labelled images of {site['data']}\n"
+        f"  (its source, {site['source']}, had {site['source_threshold']:.4f} and {site['source_temperature']:.4f})"
         if site
         else "fitted on validation data, never on test"
     )
