@@ -71,7 +71,7 @@ def validation_row(run: Path) -> str:
     cells = []
     for z in (plain, flipped):
         t = M.fit_temperature(y, z)
-        p = 1 / (1 + np.exp(-z / t))
+        p = M.sigmoid(z, t)
         cells += [f"{M.roc_auc(y, p):.5f}", f"{M.log_loss(y, p):.4f}"]
     training = bundle.config["training"]
     history = [r.split(",") for r in (run / "history.csv").read_text().splitlines()[1:]]

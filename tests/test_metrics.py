@@ -116,3 +116,14 @@ def test_bootstrap_on_a_large_set_runs_in_chunks():
     point = M.binary_metrics(y, p, 0.5)
     assert ci["auc"][0] < point["auc"] < ci["auc"][1] and ci["auc"][1] - ci["auc"][0] < 0.03
     assert M.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+
+
+def test_sigmoid_applies_the_temperature_and_never_overflows():
+    import warnings
+
+    assert M.sigmoid(0.0) == 0.5
+    assert M.sigmoid(2.0, temperature=2.0) == pytest.approx(1 / (1 + np.exp(-1.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning at extreme logits
+        p = M.sigmoid(np.array([-1000.0, 1000.0]))
+    assert p[0] == pytest.approx(0.0, abs=1e-300) and p[1] == 1.0

@@ -14,10 +14,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .errors import ConfigError
+from .metrics import sigmoid
 
 FORMAT = "pneumoscan-bundle/1"
 WEIGHTS = "model.safetensors"
@@ -107,7 +106,7 @@ class Bundle:
 
     def probabilities(self, logits):
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.temperature))
+        return sigmoid(logits, self.temperature)
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         path = self.path / (ONNX_INT8 if int8 else ONNX)

@@ -64,7 +64,7 @@ def calibrate_bundle(
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
     logits = clf.logits(images)
     temperature = M.fit_temperature(y, logits)
-    threshold = M.choose_threshold(y, 1.0 / (1.0 + np.exp(-logits / temperature)), target_sensitivity)
+    threshold = M.choose_threshold(y, M.sigmoid(logits, temperature), target_sensitivity)
     config = {
         **source.config,
         "threshold": threshold,

@@ -107,7 +107,7 @@ def score(
     y = np.array([s.label for s in samples])
     groups = [s.patient for s in samples]
     p_cal = bundle.probabilities(logits)
-    p_raw = 1.0 / (1.0 + np.exp(-logits))
+    p_raw = M.sigmoid(logits)
     report = M.full_report(y, p_cal, groups, bundle.threshold, n_resamples, seed, split)
     report["model"] = {
         "name": bundle.name,
@@ -143,7 +143,7 @@ def compare(a: ModelResult, b: ModelResult, n_resamples: int, seed: int) -> dict
 def make_figures(result: ModelResult, images: np.ndarray, folder: Path, seed: int) -> dict[str, Path]:
     y = np.array([s.label for s in result.samples])
     p, t = result.probabilities, result.classifier.threshold
-    p_raw = 1.0 / (1.0 + np.exp(-result.logits))
+    p_raw = M.sigmoid(result.logits)
     figures = {
         "ROC curve": R.plot_roc(y, p, t, folder / "roc.png"),
         "Precision-recall": R.plot_precision_recall(y, p, t, folder / "precision_recall.png"),

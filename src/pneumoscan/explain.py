@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .images import ImageSource, load_image, resize_square
+from .metrics import sigmoid
 
 DISPLAY_MAX_SIDE = 1024
 
@@ -64,7 +65,7 @@ def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature:
     x = torch.from_numpy(resize_square(image, size))[None, None]
     with torch.inference_mode():
         logit = float(net(x)[0])
-    probability = 1.0 / (1.0 + np.exp(-logit / temperature))
+    probability = float(sigmoid(logit, temperature))
     positive = probability >= threshold
     cam, _ = class_activation_map(net, x, positive)
     scale = min(1.0, DISPLAY_MAX_SIDE / max(image.size))

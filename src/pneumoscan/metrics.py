@@ -15,6 +15,13 @@ EPS = 1e-7
 CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
 
 
+def sigmoid(logits, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities of PNEUMONIA from logits divided by ``temperature`` (temperature scaling);
+    computed without overflow for logits of any size."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
 def _arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y, dtype=np.int64).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()

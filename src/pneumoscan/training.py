@@ -413,8 +413,8 @@ def _finish_run(
     y_val = np.array([s.label for s in val_samples])
     logits = predict_logits(net, val_set.images.numpy())
     temperature = M.fit_temperature(y_val, logits)
-    p_raw = 1 / (1 + np.exp(-logits))
-    p_cal = 1 / (1 + np.exp(-logits / temperature))
+    p_raw = M.sigmoid(logits)
+    p_cal = M.sigmoid(logits, temperature)
     threshold = M.choose_threshold(y_val, p_cal, cfg.target_sensitivity)
     groups = [s.patient for s in val_samples]
     validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
