@@ -60,12 +60,15 @@ def roc_auc(y, p) -> float | None:
     return _none_if_nan(float(weighted_auc(y, p)))
 
 
+def _image_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each image (scores clipped away from 0 and 1)."""
+    p = np.clip(p, EPS, 1 - EPS)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
 def log_loss(y, p) -> float | None:
     y, p = _arrays(y, p)
-    if not y.size:
-        return None
-    p = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(_image_losses(y, p).mean()) if y.size else None
 
 
 def confusion_matrix(y, p, threshold: float) -> list[list[int]]:
@@ -141,8 +144,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     pred = p >= threshold
     cells = np.stack([(y == 0) & ~pred, (y == 0) & pred, (y == 1) & ~pred, (y == 1) & pred], axis=1).astype(float)
-    clipped = np.clip(p, EPS, 1 - EPS)
-    bce = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))
+    bce = _image_losses(y, p)
     parts = []
     chunk = max(1, 4_000_000 // max(y.size, n_patients))  # resamples at a time: bounded memory
     for start in range(0, n_resamples, chunk):
@@ -167,14 +169,7 @@ def expected_calibration_error(y, p, n_bins: int = 15) -> float | None:
     y, p = _arrays(y, p)
     if not y.size:
         return None
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(p[in_bin].mean() - y[in_bin].mean())
-    return float(total)
+    return float(sum(count * abs(score - rate) for score, rate, count in reliability_curve(y, p, n_bins)) / y.size)
 
 
 def reliability_curve(y, p, n_bins: int = 15) -> list[tuple[float, float, int]]:
@@ -251,10 +246,10 @@ def delong_test(y, p_a, p_b) -> dict:
     diff = aucs[0] - aucs[1]
     if var <= 0:
         return {
-            "auc_a": aucs[0],
-            "auc_b": aucs[1],
-            "difference": diff,
-            "ci95": [diff, diff],
+            "auc_a": float(aucs[0]),
+            "auc_b": float(aucs[1]),
+            "difference": float(diff),
+            "ci95": [float(diff), float(diff)],
             "p_value": 1.0 if diff == 0 else 0.0,
         }
     se = math.sqrt(var)
