@@ -104,6 +104,14 @@ class Bundle:
     def temperature(self) -> float:
         return float(self.config["temperature"])
 
+    @property
+    def operating_point_source(self) -> str:
+        """Where the threshold and temperature were fitted, in words."""
+        site = self.config.get("calibration")
+        if site:
+            return f"{site['images']} labelled images of {site['data']} (pneumoscan calibrate)"
+        return "validation data (patients held out of training), never on test"
+
     def probabilities(self, logits):
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
         return sigmoid(logits, self.temperature)

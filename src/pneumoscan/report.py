@@ -71,7 +71,8 @@ def _model_section(r) -> str:
         "backbone": c["backbone"],
         "parameters": f"{params:,}" if params else "n/a",
         "image size": f"{c['image_size']} px",
-        "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')}, chosen on validation)",
+        "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')})",
+        "threshold and temperature fitted on": r.classifier.bundle.operating_point_source,
         "temperature": f"{c['temperature']:.4f}",
         "engine": r.classifier.engine.name,
     }
@@ -89,8 +90,8 @@ def write_report(path: Path, results, summary: dict, references: dict) -> Path:
     parts = [
         f"<h1>pneumoscan evaluation: {html.escape(split)} split</h1>",
         '<p class="notice">Research software, not a medical device. Metrics are on the '
-        f"{html.escape(split)} split, touched only for this report; thresholds and temperatures were chosen on "
-        "validation data.</p>",
+        f"{html.escape(split)} split, touched only for this report; each model's threshold and temperature were "
+        "fitted on other data, named in its section.</p>",
         "<h2>Data</h2>",
         f"<p>{data['images']} images: {data['n_normal']} NORMAL, {data['n_pneumonia']} PNEUMONIA, "
         f"from {data['patients']} patients.</p>",

@@ -201,11 +201,10 @@ def model_card(bundle) -> str:
     c, metrics = bundle.config, bundle.metrics
     training = c.get("training", {})
     site = c.get("calibration")
-    fitted_on = (
-        f"fitted by `pneumoscan calibrate` on {site['images']} labelled images of {site['data']}\n"
-        f"  (its source, {site['source']}, had {site['source_threshold']:.4f} and {site['source_temperature']:.4f})"
+    fitted_on = f"fitted on {bundle.operating_point_source}" + (
+        f"\n  (its source, {site['source']}, had {site['source_threshold']:.4f} and {site['source_temperature']:.4f})"
         if site
-        else "fitted on validation data, never on test"
+        else ""
     )
     rows = []
     for split, label in (

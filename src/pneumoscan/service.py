@@ -36,7 +36,7 @@ class PredictResponse(BaseModel):
     path: str = Field(description="the uploaded file's name")
     probability: float = Field(description="calibrated probability of PNEUMONIA")
     label: str = Field(description="NORMAL or PNEUMONIA, by the model's operating threshold")
-    threshold: float = Field(description="operating threshold chosen on validation data")
+    threshold: float = Field(description="operating threshold (where it was fitted: GET /v1/model)")
     model: str
     version: str
     cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
@@ -53,6 +53,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     engine: str
+    operating_point: str = Field(description="where the threshold and temperature were fitted")
     config: dict
     metrics: dict
     model_card: str
@@ -179,6 +180,7 @@ def create_app(
             name=clf.bundle.name,
             version=str(clf.bundle.config.get("version", "")),
             engine=clf.engine.name,
+            operating_point=clf.bundle.operating_point_source,
             config=clf.bundle.config,
             metrics=clf.bundle.metrics,
             model_card=card.read_text() if card.is_file() else "",

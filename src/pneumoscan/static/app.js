@@ -12,14 +12,18 @@ async function loadModel() {
     const response = await fetch("/v1/model");
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const info = await response.json();
-    const v = (info.metrics || {}).validation || {};
+    const metrics = info.metrics || {};
+    const v = metrics.validation || metrics.calibration || {};
+    const caption = metrics.validation
+      ? "Validation metrics (patients held out of training; 95% intervals)"
+      : "Calibration-set metrics (in-sample; 95% intervals)";
     const ci = (key) => (v.ci95 && v.ci95[key] ? ` (${fmt(v.ci95[key][0])}–${fmt(v.ci95[key][1])})` : "");
     const rows = ["auc", "accuracy", "sensitivity", "specificity"].map(
       (k) => `<tr><th>${k === "auc" ? "AUC" : k}</th><td id="metric-${k}">${fmt(v[k])}${ci(k)}</td></tr>`).join("");
     $("model").innerHTML =
       `<p><b>${info.name}</b> (${info.config.backbone}, ${info.config.image_size} px, engine ${info.engine}); ` +
-      `threshold ${fmt(info.config.threshold)}, chosen on validation data.</p>` +
-      `<table><caption class="small">Validation metrics (patients held out of training; 95% intervals)</caption>${rows}</table>`;
+      `threshold ${fmt(info.config.threshold)}, fitted on ${info.operating_point}.</p>` +
+      `<table><caption class="small">${caption}</caption>${rows}</table>`;
   } catch (err) {
     $("model").textContent = `Model information could not be loaded: ${err.message}`;
   }
