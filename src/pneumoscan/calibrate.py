@@ -63,13 +63,12 @@ def calibrate_bundle(
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
     logits = clf.logits(images)
-    temperature = M.fit_temperature(y, logits)
-    threshold = M.choose_threshold(y, M.sigmoid(logits, temperature), target_sensitivity)
+    temperature, threshold, rule = M.fit_operating_point(y, logits, target_sensitivity)
     config = {
         **source.config,
         "threshold": threshold,
         "temperature": temperature,
-        "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
+        "threshold_rule": rule,
         "calibration": {
             "source": source.name,
             "source_threshold": source.threshold,

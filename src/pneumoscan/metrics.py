@@ -220,6 +220,15 @@ def choose_threshold(y, p, target_sensitivity: float | None = None) -> float:
     return float(candidates[best])
 
 
+def fit_operating_point(y, logits, target_sensitivity: float | None = None) -> tuple[float, float, str]:
+    """Temperature, then threshold on the calibrated probabilities (Youden's J, or the highest
+    threshold reaching ``target_sensitivity``), and the rule's name: ``(temperature, threshold, rule)``."""
+    temperature = fit_temperature(y, logits)
+    threshold = choose_threshold(y, sigmoid(logits, temperature), target_sensitivity)
+    rule = "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}"
+    return temperature, threshold, rule
+
+
 def delong_test(y, p_a, p_b) -> dict:
     """Paired comparison of two AUCs on the same images (DeLong et al. 1988, fast midrank form).
 

@@ -34,7 +34,7 @@ from .data import (
     training_splits,
 )
 from .errors import ConfigError
-from .models import create_model, predict_logits
+from .models import IMAGENET_MEAN, IMAGENET_STD, create_model, predict_logits
 
 
 @dataclass
@@ -77,6 +77,10 @@ class TrainConfig:
         saved["augmentation"] = Augmentation(**saved.get("augmentation", {}))
         known = set(cls.__dataclass_fields__) - {"out", "progress", "resume"}
         return cls(**{k: v for k, v in saved.items() if k in known}, out=str(run_dir), progress=progress, resume=True)
+
+    def recorded(self) -> dict:
+        """The settings that define the run, as written to config.json (not how it is watched or resumed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "resume")}
 
     def check(self) -> None:
         if self.image_size < 32 or self.image_size > 1024:
@@ -311,9 +315,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
     cfg.check()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     out = Path(cfg.out)
-    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     if not cfg.resume:
-        write_json(out / "config.json", run_config)
+        write_json(out / "config.json", cfg.recorded())
     seed_everything(cfg.seed)
     train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
@@ -412,16 +415,13 @@ def _finish_run(
 
     y_val = np.array([s.label for s in val_samples])
     logits = predict_logits(net, val_set.images.numpy())
-    temperature = M.fit_temperature(y_val, logits)
-    p_raw = M.sigmoid(logits)
-    p_cal = M.sigmoid(logits, temperature)
-    threshold = M.choose_threshold(y_val, p_cal, cfg.target_sensitivity)
+    temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.target_sensitivity)
+    p_raw, p_cal = M.sigmoid(logits), M.sigmoid(logits, temperature)
     groups = [s.patient for s in val_samples]
     validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
     validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
     validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
 
-    run_config = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     write_history(out / "history.csv", history)
     plot_training_curves(history, out / "curves.png")
     speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
@@ -429,7 +429,7 @@ def _finish_run(
         "data": str(cfg.data),
         "train": summarize(train_samples),
         "validation": summarize(val_samples),
-        "recipe": run_config,
+        "recipe": cfg.recorded(),
         "best_val_auc": best_score,
         "skipped_unreadable": skipped,
         "wall_seconds": round(wall, 1),
@@ -445,11 +445,11 @@ def _finish_run(
         "dropout": cfg.dropout,
         "normalization": {
             "input": "8-bit grey, replicated to 3 channels inside the model",
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
         },
         "threshold": threshold,
-        "threshold_rule": "youden" if cfg.target_sensitivity is None else f"sensitivity>={cfg.target_sensitivity}",
+        "threshold_rule": rule,
         "temperature": temperature,
         "training": training,
     }
