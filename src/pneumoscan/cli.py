@@ -15,6 +15,21 @@ from .errors import PneumoscanError
 MODEL_HELP = "model bundle folder (default: the bundled model)"
 
 
+def _add_operating_rule(p, data: str) -> None:
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help=f"threshold: the highest one whose sensitivity on {data} is at least this, instead of Youden's J",
+    )
+
+
+def _add_bootstrap(p) -> None:
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (and exit 2), like every other error of the CLI."""
 
@@ -77,12 +92,7 @@ def _add_train(sub) -> None:
         help="'patients': carve validation from train by patient (default); 'official': the 16-image val split",
     )
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients per class held out (default 0.1)")
-    p.add_argument(
-        "--target-sensitivity",
-        type=float,
-        default=None,
-        help="choose the threshold for this validation sensitivity instead of Youden's J",
-    )
+    _add_operating_rule(p, "validation")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, order and augmentation")
     p.add_argument("--devices", type=int, default=1, help="processes/devices; 2+ runs DDP (gloo on CPU)")
     p.add_argument(
@@ -203,9 +213,7 @@ def _add_evaluate(sub) -> None:
         default="auto",
         help="auto: ONNX Runtime when the bundle has model.onnx, else PyTorch",
     )
-    p.add_argument(
-        "--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)"
-    )
+    _add_bootstrap(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the random image grid")
     p.add_argument(
         "--record",
@@ -297,15 +305,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for the recalibrated bundle (not the source bundle)")
-    p.add_argument(
-        "--target-sensitivity",
-        type=float,
-        default=None,
-        help="choose the highest threshold with at least this sensitivity instead of Youden's J",
-    )
-    p.add_argument(
-        "--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)"
-    )
+    _add_operating_rule(p, "these images")
+    _add_bootstrap(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_calibrate)
 
