@@ -121,6 +121,7 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     cli = [sys.executable, "-m", "pneumoscan.cli"]
     full = subprocess.run(cli + args + ["--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-1500:]
+    assert "GPU available" not in full.stderr and "Tip:" not in full.stderr  # Lightning's banners are silenced
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli + args + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

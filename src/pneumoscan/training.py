@@ -313,6 +313,8 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
+    import lightning.pytorch  # noqa: F401 - its import sets its logger to INFO; quieten it afterwards
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     out = Path(cfg.out)
     if not cfg.resume:
