@@ -10,7 +10,7 @@ import pytest
 
 from pneumoscan.data import shared_data_root
 
-DATA = shared_data_root()
+DATA = shared_data_root().resolve()
 D224 = DATA / "chest_xray_224"
 FULLRES = DATA / "fullres_sample"
 VAL_FULLRES = DATA / "val_fullres"

@@ -25,7 +25,7 @@ def local_set(small_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(trained_bundle, local_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrated") / "model"
-    return calibrate_bundle(local_set, out, trained_bundle.path, n_resamples=200, progress=False)
+    return calibrate_bundle(local_set, out, model=trained_bundle.path, n_resamples=200, progress=False)
 
 
 def _labels_and_logits(bundle_path, folder):
@@ -66,34 +66,42 @@ def test_writes_a_loadable_bundle_with_the_same_weights(calibrated, trained_bund
 
 def test_target_sensitivity_is_reached_in_sample(trained_bundle, local_set, tmp_path):
     bundle, report = calibrate_bundle(
-        local_set, tmp_path / "m", trained_bundle.path, target_sensitivity=0.95, n_resamples=100, progress=False
+        local_set, tmp_path / "m", model=trained_bundle.path, target_sensitivity=0.95, n_resamples=100, progress=False
     )
     assert report["sensitivity"] >= 0.95
     assert bundle.config["threshold_rule"] == "sensitivity>=0.95"
 
 
-def test_onnx_probabilities_follow_the_new_temperature(calibrated, trained_bundle, local_set):
-    """The ONNX export bakes the temperature in, so a recalibrated bundle must not reuse the source's export."""
-    from pneumoscan.inference import cached_onnx
+def test_calibrated_bundle_keeps_its_onnx_models(exported_bundle, local_set, tmp_path):
+    """ONNX exports hold logits only: a recalibrated bundle keeps them (int8 included), with the new
+    operating point in their metadata, and shares the fp32 cache with its source."""
+    from pneumoscan.inference import onnx_cache_path
 
-    bundle, _ = calibrated
-    source_onnx, new_onnx = cached_onnx(trained_bundle), cached_onnx(bundle)
-    assert source_onnx != new_onnx
+    bundle, _ = calibrate_bundle(local_set, tmp_path / "m", model=exported_bundle.path, n_resamples=50, progress=False)
+    assert set(bundle.config["files"]) == {"model.onnx", "model.int8.onnx"}
+    assert onnx_cache_path(bundle) == onnx_cache_path(exported_bundle)
+    files = [p for p in sorted(local_set.rglob("*.jpeg"))[:6]]
+    source, calibrated = Classifier.load(exported_bundle.path, int8=True), Classifier.load(bundle.path, int8=True)
+    images, _, _ = load_images(load_split(local_set)[:6], bundle.image_size, progress=False)
+    assert np.allclose(source.logits(images), calibrated.logits(images))
+    got = calibrated.predict(files)
+    assert all(r.ok and r.threshold == pytest.approx(bundle.threshold) for r in got)
     import onnxruntime as ort
 
-    images, _, _ = load_images(load_split(local_set)[:4], bundle.image_size, progress=False)
-    logit, probability = ort.InferenceSession(str(new_onnx)).run(None, {"image": images[:, None]})
-    assert np.allclose(probability, bundle.probabilities(logit), atol=1e-5)
+    meta = ort.InferenceSession(str(bundle.path / "model.int8.onnx")).get_modelmeta().custom_metadata_map
+    assert float(meta["pneumoscan_temperature"]) == pytest.approx(bundle.temperature)
 
 
-def test_stale_onnx_files_are_removed_and_the_source_is_protected(trained_bundle, local_set, tmp_path):
+def test_unrecorded_onnx_files_are_ignored_and_the_source_is_protected(trained_bundle, local_set, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"old export with another temperature")
-    calibrate_bundle(local_set, out, trained_bundle.path, n_resamples=50, progress=False)
-    assert not (out / "model.onnx").exists()
+    (out / "model.onnx").write_bytes(b"old export, recorded nowhere")
+    with pytest.warns(UserWarning, match="not recorded"):
+        bundle, _ = calibrate_bundle(local_set, out, model=trained_bundle.path, n_resamples=50, progress=False)
+        reloaded = load_bundle(out)
+    assert bundle.onnx_path() is None and reloaded.onnx_path() is None and "files" in reloaded.config
     with pytest.raises(ConfigError, match="new folder"):
-        calibrate_bundle(local_set, trained_bundle.path, trained_bundle.path, progress=False)
+        calibrate_bundle(local_set, trained_bundle.path, model=trained_bundle.path, progress=False)
 
 
 def test_one_class_is_refused(trained_bundle, local_set, tmp_path):
@@ -102,7 +110,7 @@ def test_one_class_is_refused(trained_bundle, local_set, tmp_path):
     (one_class / "NORMAL").mkdir()
     (one_class / "NORMAL" / "IM-0000-0000.jpeg").write_bytes(b"not an image")
     with pytest.raises(ConfigError, match="both classes"):
-        calibrate_bundle(one_class, tmp_path / "m", trained_bundle.path, progress=False)
+        calibrate_bundle(one_class, tmp_path / "m", model=trained_bundle.path, progress=False)
 
 
 def test_cli(trained_bundle, small_data, tmp_path, capsys):

@@ -8,7 +8,7 @@ from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle
 from pneumoscan.data import list_images
 from pneumoscan.images import load_image, prepare, resize_square
-from pneumoscan.reporting import model_card
+from pneumoscan.model_card import model_card
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_predictions_stay_with_their_files(evaluated, trained_bundle):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     clf = Classifier.load(trained_bundle.path, engine="torch")
     for row in rows[::9]:
-        assert row["label"] in row["path"]
+        assert row["true_label"] in row["path"]
         assert float(row["probability"]) == pytest.approx(clf.predict_one(row["path"]).probability, abs=1e-5)
 
 

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from corpus import REAL, bomb_png, dicom, encode, exif_rotated, png16, real_grey, write
@@ -145,9 +147,13 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
     path = write(tmp_path, "locked.jpeg", REAL.read_bytes())
 
-    def refuse(self):
-        raise PermissionError(13, "Permission denied")
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    def refuse(file, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ImageError, match="locked.jpeg: permission denied"):
         load_image(path)

@@ -123,7 +123,7 @@ def test_page_in_a_real_browser(live_server, tmp_path_factory):
             "request", lambda req: outside.append(req.url) if not req.url.startswith((live_server, "data:")) else None
         )
         page.goto(live_server)
-        page.wait_for_selector("#metric-auc")
+        page.wait_for_selector("#metric-validation-auc")
         page.set_input_files("#file", str(xray))
         page.wait_for_selector("#result:not([hidden])", timeout=30000)
         assert page.inner_text("#label") in ("NORMAL", "PNEUMONIA")

@@ -1,21 +1,28 @@
 """The model bundle: a folder with weights (safetensors), config, metrics and model card.
 
 ``model.safetensors``, ``config.json``, ``metrics.json``, ``MODEL_CARD.md`` and optionally
-``model.onnx`` / ``model.int8.onnx``. The config records the sha256 of the weights, which is
-checked at every load: a tampered or truncated bundle stops with a clear message.
+``model.onnx`` / ``model.int8.onnx`` and ``training_curves.png``. Bundles come from anywhere, so
+everything in one is hostile until checked: the config records the sha256 of the weights and of
+every ONNX model, checked at every load, and config and metrics are validated (types, ranges, size,
+nesting) so that a bundle either loads with one line saying why not, or works.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError
+from .labels import CLASSES
 from .metrics import sigmoid
 
 FORMAT = "pneumoscan-bundle/1"
@@ -25,6 +32,13 @@ METRICS = "metrics.json"
 CARD = "MODEL_CARD.md"
 ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
+CURVES = "training_curves.png"
+ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out
+ANSWER_FILES = (ONNX, ONNX_INT8)  # besides the weights, the files that can change an answer: sha256 in config
+EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
+MAX_JSON_BYTES = 4 * 2**20
+MAX_JSON_DEPTH = 32
+BACKBONES = ("efficientnet_lite0", "mobilenet_v2")  # what a bundle may name; built in models.py
 
 # key: (types, required)
 _SCHEMA = {
@@ -35,7 +49,9 @@ _SCHEMA = {
     "threshold": ((int, float), True),
     "temperature": ((int, float), True),
     "weights_sha256": (str, True),
+    "files": (dict, False),
     "dropout": ((int, float), False),
+    "hidden": (int, False),
     "name": (str, False),
     "version": (str, False),
     "normalization": (dict, False),
@@ -45,6 +61,15 @@ _SCHEMA = {
     "notes": (str, False),
     "calibration": (dict, False),
 }
+_CALIBRATION_SCHEMA = {
+    "source": str,
+    "source_threshold": (int, float),
+    "source_temperature": (int, float),
+    "data": str,
+    "images": int,
+    "patients": int,
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def default_bundle_path() -> Path:
@@ -59,8 +84,59 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a file someone else may have made: bounded size and nesting, no NaN or
+    Infinity, one line naming the file when anything is off."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ConfigError(
+                f"{path}: {what} is {size / 2**20:.1f} MB, over the {MAX_JSON_BYTES / 2**20:.0f} MB limit"
+            )
+        text = path.read_bytes().decode("utf-8")
+        # Nesting is checked before parsing: json's parser recurses once per level.
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _bracket_depth(text) > MAX_JSON_DEPTH:
+            raise ConfigError(f"{path}: {what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        data = json.loads(text, parse_constant=_no_constants)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:150]
+        raise ConfigError(f"{path}: not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of brackets outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped = not escaped and ch == "\\"
+            if ch == '"' and not escaped:
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def validate_config(config: dict, where: str) -> None:
-    """Check ``config`` against the bundle schema; one line naming the first problem."""
+    """Check ``config`` against the bundle schema, ranges included; one line naming the first problem.
+    A config that passes here cannot fail later on first use."""
+    from .images import NORMALIZATION
+
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: config.json must hold a JSON object")
     for key, (types, required) in _SCHEMA.items():
@@ -72,14 +148,69 @@ def validate_config(config: dict, where: str) -> None:
             raise ConfigError(f"{where}: config.json '{key}' has the wrong type ({type(config[key]).__name__})")
     if config["format"] != FORMAT:
         raise ConfigError(f"{where}: unsupported bundle format {config['format']!r} (expected {FORMAT})")
+    if config["backbone"] not in BACKBONES:
+        raise ConfigError(f"{where}: unknown backbone {config['backbone']!r} (expected one of {', '.join(BACKBONES)})")
     if not 32 <= config["image_size"] <= 1024:
         raise ConfigError(f"{where}: image_size {config['image_size']} is outside 32..1024")
     if not 0 < config["threshold"] < 1:
         raise ConfigError(f"{where}: threshold {config['threshold']} is not a probability in (0, 1)")
-    if not config["temperature"] > 0:
-        raise ConfigError(f"{where}: temperature must be positive")
-    if config["class_names"] != ["NORMAL", "PNEUMONIA"]:
-        raise ConfigError(f"{where}: class_names must be ['NORMAL', 'PNEUMONIA']")
+    if not 1e-3 <= config["temperature"] <= 1e3:
+        raise ConfigError(f"{where}: temperature {config['temperature']} is outside 0.001..1000")
+    if not 0 <= config.get("dropout", 0.2) < 1:
+        raise ConfigError(f"{where}: dropout {config['dropout']} is outside [0, 1)")
+    if not 1 <= config.get("hidden", 128) <= 4096:
+        raise ConfigError(f"{where}: hidden {config['hidden']} is outside 1..4096")
+    if list(config["class_names"]) != list(CLASSES):
+        raise ConfigError(f"{where}: class_names must be {list(CLASSES)}")
+    if config.get("normalization", NORMALIZATION) != NORMALIZATION:
+        raise ConfigError(f"{where}: normalization differs from the one the model applies ({NORMALIZATION})")
+    if not _SHA256.fullmatch(config["weights_sha256"]):
+        raise ConfigError(f"{where}: weights_sha256 is not a sha256 hex digest")
+    files = config.get("files", {})
+    for name, digest in files.items():
+        if name not in ANSWER_FILES or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ConfigError(f"{where}: config.json 'files' may only map {', '.join(ANSWER_FILES)} to sha256 digests")
+    for key in ("name", "version", "threshold_rule", "notes"):
+        if len(config.get(key, "")) > (20_000 if key == "notes" else 200):
+            raise ConfigError(f"{where}: config.json '{key}' is too long")
+    for part in ("train", "validation", "recipe"):
+        if not isinstance(config.get("training", {}).get(part, {}), dict):
+            raise ConfigError(f"{where}: config.json 'training.{part}' must be an object")
+    site = config.get("calibration")
+    if site is not None:
+        for key, types in _CALIBRATION_SCHEMA.items():
+            if not isinstance(site.get(key), types) or isinstance(site.get(key), bool):
+                raise ConfigError(f"{where}: config.json 'calibration.{key}' is missing or has the wrong type")
+
+
+_METRIC_NUMBERS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "ece", "threshold")
+
+
+def validate_metrics(metrics: dict, where: str) -> None:
+    """metrics.json: an object of reports (one per split) whose headline numbers are numbers or null."""
+    for split, report in metrics.items():
+        if not isinstance(report, dict):
+            raise ConfigError(f"{where}: metrics.json '{split}' must be an object")
+        for key in ("n", "n_normal", "n_pneumonia", "patients"):
+            if key in report and (not isinstance(report[key], int) or isinstance(report[key], bool)):
+                raise ConfigError(f"{where}: metrics.json '{split}.{key}' must be a whole number")
+        for key in _METRIC_NUMBERS:
+            value = report.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"{where}: metrics.json '{split}.{key}' must be a number or null")
+        ci = report.get("ci95", {})
+        if not isinstance(ci, dict) or not all(
+            v is None or (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v))
+            for v in ci.values()
+        ):
+            raise ConfigError(f"{where}: metrics.json '{split}.ci95' must map metrics to [low, high]")
+        cm = report.get("confusion_matrix")
+        if cm is not None and not (
+            isinstance(cm, list)
+            and len(cm) == 2
+            and all(isinstance(row, list) and len(row) == 2 and all(isinstance(x, int) for x in row) for row in cm)
+        ):
+            raise ConfigError(f"{where}: metrics.json '{split}.confusion_matrix' must be [[TN, FP], [FN, TP]]")
 
 
 @dataclass
@@ -116,9 +247,19 @@ class Bundle:
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
         return sigmoid(logits, self.temperature)
 
+    def parameter_count(self) -> int:
+        """Trainable values in the weights (batch-norm statistics left out), read from the file's header."""
+        from safetensors import safe_open
+
+        buffers = ("running_mean", "running_var", "num_batches_tracked")
+        with safe_open(str(self.path / WEIGHTS), framework="numpy") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if not k.endswith(buffers)]
+        return int(sum(math.prod(shape) for shape in shapes))
+
     def onnx_path(self, int8: bool = False) -> Path | None:
-        path = self.path / (ONNX_INT8 if int8 else ONNX)
-        return path if path.is_file() else None
+        """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json."""
+        name = ONNX_INT8 if int8 else ONNX
+        return self.path / name if name in self.config.get("files", {}) else None
 
     def load_net(self):
         """The PyTorch network with the bundle's weights, in eval mode."""
@@ -126,7 +267,12 @@ class Bundle:
 
         from .models import create_model
 
-        net = create_model(self.config["backbone"], weights=None, dropout=float(self.config.get("dropout", 0.2)))
+        net = create_model(
+            self.config["backbone"],
+            weights=None,
+            dropout=float(self.config.get("dropout", 0.2)),
+            hidden=int(self.config.get("hidden", 128)),
+        )
         try:
             state = load_file(str(self.path / WEIGHTS))
             net.load_state_dict(state, strict=True)
@@ -139,7 +285,8 @@ class Bundle:
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Open and verify a bundle (the packaged default when ``path`` is None)."""
+    """Open and verify a bundle (the packaged default when ``path`` is None): config and metrics
+    validated, and the sha256 of the weights and of every recorded ONNX model checked."""
     path = Path(path) if path is not None else default_bundle_path()
     if path.is_file() and path.name == CONFIG:
         path = path.parent
@@ -149,10 +296,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
                 "no bundled model in this install; pass --model BUNDLE (a folder made by pneumoscan train)"
             )
         raise ConfigError(f"{path}: not a model bundle (no {CONFIG})")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path / CONFIG}: not valid JSON ({exc})") from None
+    config = read_json_object(path / CONFIG, "config.json")
     validate_config(config, str(path))
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -160,12 +304,16 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     if sha256_file(weights) != config["weights_sha256"]:
         raise ConfigError(f"{weights}: sha256 does not match config.json (truncated or tampered weights)")
     _check_weights_metadata(weights, config)
-    metrics = {}
-    if (path / METRICS).is_file():
-        try:
-            metrics = json.loads((path / METRICS).read_text())
-        except ValueError as exc:
-            raise ConfigError(f"{path / METRICS}: not valid JSON ({exc})") from None
+    for name, digest in config.get("files", {}).items():
+        if not (path / name).is_file():
+            raise ConfigError(f"{path}: {name} is recorded in config.json but missing")
+        if sha256_file(path / name) != digest:
+            raise ConfigError(f"{path / name}: sha256 does not match config.json (swapped or tampered file)")
+    for name in ANSWER_FILES:
+        if (path / name).is_file() and name not in config.get("files", {}):
+            warnings.warn(f"{path / name} is not recorded in config.json and will not be used", stacklevel=2)
+    metrics = read_json_object(path / METRICS, "metrics.json") if (path / METRICS).is_file() else {}
+    validate_metrics(metrics, str(path))
     return Bundle(path, config, metrics)
 
 
@@ -191,15 +339,21 @@ def _check_weights_metadata(weights: Path, config: dict) -> None:
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    atomic_write(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
+    atomic_write(path, (json.dumps(data, indent=2, default=_jsonable, allow_nan=False) + "\n").encode())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | Path) -> None:
+    """Write bytes (or a copy of a file) to ``path`` through a temporary file and a rename: readers
+    never see half a file, and a failure leaves the old one in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            else:
+                f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -209,35 +363,100 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def _jsonable(value):
     if hasattr(value, "item"):
-        return value.item()
+        value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None, card: str | None = None) -> Bundle:
-    """Write a bundle: weights first, then the config that vouches for them."""
+def onnx_metadata(config: dict) -> dict[str, str]:
+    """What an exported ONNX file says about itself: the weights it came from and the bundle's
+    operating point (the config stays authoritative; this is for readers of the file alone)."""
+    return {
+        "pneumoscan_weights_sha256": config["weights_sha256"],
+        "pneumoscan_image_size": str(config["image_size"]),
+        "pneumoscan_threshold": repr(float(config["threshold"])),
+        "pneumoscan_temperature": repr(float(config["temperature"])),
+    }
+
+
+def with_metadata(model_path: Path, metadata: dict[str, str]) -> bytes:
+    """An ONNX file's bytes with ``metadata`` set in its metadata_props."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    kept = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+def _onnx_metadata_current(path: Path, metadata: dict[str, str]) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    recorded = {p.key: p.value for p in model.metadata_props}
+    return all(recorded.get(k) == v for k, v in metadata.items())
+
+
+def write_bundle(
+    path: str | Path,
+    config: dict,
+    metrics: dict | None = None,
+    *,
+    weights: Path,
+    files: dict[str, bytes | Path] | None = None,
+) -> Bundle:
+    """The one way a bundle is written. ``weights`` (a safetensors file, copied unless already in
+    place) and ``files`` (ONNX models, training curves: name -> bytes or a file to copy) are written
+    atomically; ONNX models already in the folder and recorded in ``config`` stay. config.json, which
+    vouches for every file that can change an answer by its sha256, is written after them, then
+    metrics.json and a model card regenerated from both."""
+    from .model_card import model_card
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if Path(weights).resolve() != (path / WEIGHTS).resolve():
+        atomic_write(path / WEIGHTS, Path(weights))
+    for name, data in (files or {}).items():
+        if name not in EXTRA_FILES:
+            raise ValueError(f"a bundle holds no file named {name!r}")
+        atomic_write(path / name, data)
+    onnx = [n for n in ANSWER_FILES if (path / n).is_file() and (n in config.get("files", {}) or n in (files or {}))]
+    config = {
+        "format": FORMAT,
+        "pneumoscan_version": __version__,
+        "class_names": list(CLASSES),
+        **config,
+        "weights_sha256": sha256_file(path / WEIGHTS),
+    }
+    for name in onnx:  # their metadata follows the operating point (a calibration changes it)
+        if not _onnx_metadata_current(path / name, onnx_metadata(config)):
+            atomic_write(path / name, with_metadata(path / name, onnx_metadata(config)))
+    config["files"] = {name: sha256_file(path / name) for name in onnx}
+    validate_config(config, str(path))
+    metrics = metrics or {}
+    validate_metrics(metrics, str(path))
+    write_json(path / CONFIG, config)
+    write_json(path / METRICS, metrics)
+    bundle = Bundle(path, config, metrics)
+    atomic_write(path / CARD, model_card(bundle).encode())
+    return bundle
+
+
+def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None, extras: dict | None = None) -> Bundle:
+    """A bundle from a trained network: its weights (with backbone and image size in their metadata)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.")
-    os.close(fd)
-    save_file(state, tmp, metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path / WEIGHTS)
-    config = {
-        "format": FORMAT,
-        "pneumoscan_version": __version__,
-        "class_names": ["NORMAL", "PNEUMONIA"],
-        **config,
-        "weights_sha256": sha256_file(path / WEIGHTS),
-    }
-    validate_config(config, str(path))
-    write_json(path / CONFIG, config)
-    if metrics is not None:
-        write_json(path / METRICS, metrics)
-    if card is not None:
-        atomic_write(path / CARD, card.encode())
-    return Bundle(path, config, metrics or {})
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        weights = Path(tmp) / WEIGHTS
+        save_file(state, str(weights), metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})
+        return write_bundle(path, config, metrics, weights=weights, files=extras)

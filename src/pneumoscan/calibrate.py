@@ -10,13 +10,12 @@ records are in-sample and say so. Evaluate on other images before trusting the n
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics as M
-from .bundle import CARD, CONFIG, METRICS, ONNX, ONNX_INT8, WEIGHTS, Bundle, validate_config, write_json
+from .bundle import WEIGHTS, Bundle, validate_config, write_bundle
 from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
@@ -38,6 +37,7 @@ def small_set_warning(report: dict) -> str | None:
 def calibrate_bundle(
     data: str | Path,
     out: str | Path,
+    *,
     model: str | Path | None = None,
     split: str | None = None,
     target_sensitivity: float | None = None,
@@ -49,7 +49,6 @@ def calibrate_bundle(
     the labelled images of ``data`` (``split`` of a Kaggle layout, or a flat NORMAL/PNEUMONIA folder)
     and write the recalibrated bundle to ``out``. Returns it with its in-sample report."""
     from .evaluation import score
-    from .reporting import model_card
 
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
@@ -80,15 +79,11 @@ def calibrate_bundle(
     }
     validate_config(config, str(out))
     bundle = Bundle(out, config)
-    report = score(samples, logits, bundle, clf.engine.name, "calibration", n_resamples, seed)
+    report = score(
+        samples, logits, bundle, engine=clf.engine.name, split="calibration", n_resamples=n_resamples, seed=seed
+    )
     report.update(in_sample=True, unreadable=errors)
-    bundle.metrics["calibration"] = {k: v for k, v in report.items() if k != "model"}
-
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (ONNX, ONNX_INT8):  # ONNX files bake the temperature into their probability output
-        (out / stale).unlink(missing_ok=True)
-    shutil.copyfile(source.path / WEIGHTS, out / WEIGHTS)
-    write_json(out / CONFIG, config)
-    write_json(out / METRICS, bundle.metrics)
-    (out / CARD).write_text(model_card(bundle))
-    return bundle, report
+    metrics = {"calibration": {k: v for k, v in report.items() if k != "model"}}
+    # ONNX models hold logits only: they stay valid (the writer puts the new operating point in their metadata).
+    onnx = {path.name: path for path in (source.onnx_path(False), source.onnx_path(True)) if path is not None}
+    return write_bundle(out, config, metrics, weights=source.path / WEIGHTS, files=onnx), report

@@ -7,18 +7,44 @@ configuration error, always one line and never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
+from . import settings
 from .errors import PneumoscanError
+from .text import printable
 
 MODEL_HELP = "model bundle folder (default: the bundled model)"
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: ``kind`` within [low, high] (``low_open``: strictly above low), or a usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_operating_rule(p, data: str) -> None:
     p.add_argument(
         "--target-sensitivity",
-        type=float,
+        type=_number(float, 0, 1, low_open=True),
         default=None,
         help=f"threshold: the highest one whose sensitivity on {data} is at least this, instead of Youden's J",
     )
@@ -26,7 +52,21 @@ def _add_operating_rule(p, data: str) -> None:
 
 def _add_bootstrap(p) -> None:
     p.add_argument(
-        "--bootstrap", type=int, default=2000, help="patient bootstrap resamples for the 95%% intervals (2000)"
+        "--bootstrap",
+        type=_number(int, 1, 100_000),
+        default=2000,
+        help="patient bootstrap resamples for the 95%% intervals (default 2000)",
+    )
+
+
+def _add_engine(p) -> None:
+    from .inference import ENGINES
+
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="auto (default): ONNX Runtime (the bundle's model or a cached export), else PyTorch",
     )
 
 
@@ -38,139 +78,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(sub) -> None:
+    from .data import Augmentation
+    from .training import TrainConfig
+
     p = sub.add_parser(
         "train",
         help="train a classifier on a chest_xray folder",
         description="Train on ROOT/train (validation carved from it by patient), keep the best "
         "weights by validation AUC, and write a run folder with the model bundle.",
     )
-    p.add_argument("--data", help="dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
-    p.add_argument("--out", help="run folder to write (config, history, curves, checkpoints, model/)")
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         default=None,
         help="continue an interrupted run from its last checkpoint, with its own configuration",
     )
-    p.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default) or mobilenet_v2")
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet' (bundled for efficientnet_lite0, downloaded for mobilenet_v2 where online) "
-        "or a torchvision/timm checkpoint FILE",
+    settings.add_options(p, TrainConfig)
+    settings.add_options(
+        p.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)"), Augmentation
     )
-    p.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default 224)")
-    p.add_argument("--epochs", type=int, default=10, help="frozen-backbone epochs, phase 1 (default 10)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch and device (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of phase 1 (default 1e-3)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation AUC before stopping (5)")
-    p.add_argument(
-        "--fine-tune-epochs", type=int, default=0, help="phase 2 epochs with the last blocks unfrozen (0: none)"
-    )
-    p.add_argument(
-        "--unfreeze", type=int, default=6, help="blocks unfrozen in phase 2, counted from the top (default 6)"
-    )
-    p.add_argument("--fine-tune-lr", type=float, default=1e-5, help="Adam learning rate of phase 2 (default 1e-5)")
-    p.add_argument(
-        "--schedule",
-        choices=("constant", "onecycle"),
-        default="constant",
-        help="phase 2 learning-rate schedule (default constant)",
-    )
-    p.add_argument(
-        "--class-weights",
-        choices=("balanced", "none"),
-        default="balanced",
-        help="weight the loss so both classes count equally (default balanced)",
-    )
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="pull training targets towards 0.5 by this much")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the last dense layer (default 0.2)")
-    p.add_argument(
-        "--val-source",
-        choices=("patients", "official"),
-        default="patients",
-        help="'patients': carve validation from train by patient (default); 'official': the 16-image val split",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of patients per class held out (default 0.1)")
-    _add_operating_rule(p, "validation")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation, order and augmentation")
-    p.add_argument("--devices", type=int, default=1, help="processes/devices; 2+ runs DDP (gloo on CPU)")
-    p.add_argument(
-        "--workers", type=int, default=0, help="data-loader worker processes (default 0: images are in memory)"
-    )
-    p.add_argument(
-        "--cache",
-        choices=("auto", "memory", "disk"),
-        default="auto",
-        help="keep decoded training images in memory, or stream them from disk with loader workers "
-        "(default auto: memory when they take at most a quarter of RAM)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="use at most N training images per class (quick runs)")
-    aug = p.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)")
-    aug.add_argument("--rotation", type=float, default=20.0, help="max rotation in degrees (20)")
-    aug.add_argument("--shift", type=float, default=0.1, help="max width/height shift as a fraction (0.1)")
-    aug.add_argument("--shear", type=float, default=0.1, help="max shear in degrees (0.1, as Keras reads it)")
-    aug.add_argument("--zoom", type=float, default=0.1, help="zoom range: scale in [1-z, 1+z] (0.1)")
-    aug.add_argument("--no-hflip", action="store_true", help="turn off random horizontal flips")
-    aug.add_argument("--brightness", type=float, default=0.0, help="brightness jitter fraction (0: off)")
-    aug.add_argument("--contrast", type=float, default=0.0, help="contrast jitter fraction (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
     from .data import Augmentation
-    from .errors import ConfigError
     from .training import TrainConfig, train
 
     if args.resume:
         return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
-    if not args.data or not args.out:
-        raise ConfigError("train needs --data ROOT and --out RUN_DIR (or --resume RUN_DIR)")
-
-    augmentation = Augmentation(
-        rotation=args.rotation,
-        shift=args.shift,
-        shear=args.shear,
-        zoom=args.zoom,
-        hflip=not args.no_hflip,
-        brightness=args.brightness,
-        contrast=args.contrast,
-    )
-    cfg = TrainConfig(
-        data=args.data,
-        out=args.out,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        fine_tune_epochs=args.fine_tune_epochs,
-        unfreeze=args.unfreeze,
-        fine_tune_lr=args.fine_tune_lr,
-        schedule=args.schedule,
-        class_weights=args.class_weights,
-        label_smoothing=args.label_smoothing,
-        dropout=args.dropout,
-        val_source=args.val_source,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        devices=args.devices,
-        workers=args.workers,
-        cache=args.cache,
-        limit=args.limit,
-        target_sensitivity=args.target_sensitivity,
-        augmentation=augmentation,
-        progress=not args.quiet,
+    cfg = settings.from_args(
+        TrainConfig, args, augmentation=settings.from_args(Augmentation, args), progress=not args.quiet
     )
     return _report_bundle(train(cfg))
 
 
 def _report_bundle(bundle) -> int:
     if bundle is not None:
-        print(f"model bundle written to {bundle.path}")
+        print(f"model bundle written to {printable(bundle.path)}")
     return 0
 
 
@@ -192,7 +137,7 @@ def _run_data_check(args) -> int:
     from .data import check_dataset
 
     report = check_dataset(args.root, progress=not args.quiet)
-    print("\n".join(report.lines()))
+    print("\n".join(map(printable, report.lines())))
     return 1 if report.unreadable else 0
 
 
@@ -207,14 +152,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", default="test", help="split folder to evaluate (default test)")
     p.add_argument("--model", action="append", default=None, help=MODEL_HELP + "; give twice to compare two models")
     p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
-    p.add_argument(
-        "--engine",
-        choices=("auto", "onnx", "torch"),
-        default="auto",
-        help="auto: ONNX Runtime when the bundle has model.onnx, else PyTorch",
-    )
+    _add_engine(p)
     _add_bootstrap(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the random image grid")
+    p.add_argument(
+        "--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the bootstrap and of the random image grid"
+    )
     p.add_argument(
         "--record",
         action="store_true",
@@ -231,7 +173,15 @@ def _run_evaluate(args) -> int:
     if args.model and len(args.model) > 2:
         raise ConfigError("--model may be given at most twice")
     summary = evaluate(
-        args.data, args.split, args.model, args.out, args.engine, args.bootstrap, args.seed, not args.quiet, args.record
+        args.data,
+        args.split,
+        args.model,
+        args.out,
+        engine=args.engine,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+        progress=not args.quiet,
+        record=args.record,
     )
     for report in summary["models"]:
         print(metrics_table(report))
@@ -243,11 +193,13 @@ def _run_evaluate(args) -> int:
             if c["difference"] is not None
             else "AUC difference undefined"
         )
-    print(f"report: {summary['report']}")
+    print(f"report: {printable(summary['report'])}")
     return 1 if any(r["unreadable"] for r in summary["models"]) else 0
 
 
 def _add_predict(sub) -> None:
+    from .output import FORMATS
+
     p = sub.add_parser(
         "predict",
         help="classify image files, folders or globs",
@@ -258,26 +210,25 @@ def _add_predict(sub) -> None:
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--format", choices=("table", "csv", "jsonl"), default="table", help="output format (default table)")
-    p.add_argument(
-        "--engine",
-        choices=("auto", "onnx", "torch"),
-        default="auto",
-        help="auto: ONNX Runtime when the bundle has model.onnx, else PyTorch",
-    )
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    _add_engine(p)
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
     p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default 32)")
+    p.add_argument(
+        "--batch-size", type=_number(int, 1, 4096), default=32, help="images per inference batch (default 32)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
     from .inference import Classifier, expand_inputs
-    from .output import write_cams, write_predictions
+    from .output import ensure_folder, write_cams, write_predictions
 
-    items = expand_inputs(args.paths)
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
+    if args.cam:
+        ensure_folder(args.cam)
+    items = expand_inputs(args.paths)
     files = [x for x in items if isinstance(x, Path)]
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
     predicted = iter(clf.predict(files, batch_size=args.batch_size, progress=show_progress))
@@ -287,7 +238,7 @@ def _run_predict(args) -> int:
         write_cams(clf, results, Path(args.cam))
     for r in results:
         if not r.ok:
-            print(f"pneumoscan: {r.path}: {r.error}", file=sys.stderr)
+            print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
     return 1 if any(not r.ok for r in results) else 0
 
 
@@ -316,7 +267,13 @@ def _run_calibrate(args) -> int:
     from .evaluation import metrics_table
 
     bundle, report = calibrate_bundle(
-        args.data, args.out, args.model, args.split, args.target_sensitivity, args.bootstrap, progress=not args.quiet
+        args.data,
+        args.out,
+        model=args.model,
+        split=args.split,
+        target_sensitivity=args.target_sensitivity,
+        n_resamples=args.bootstrap,
+        progress=not args.quiet,
     )
     site = bundle.config["calibration"]
     print(
@@ -326,7 +283,7 @@ def _run_calibrate(args) -> int:
     print(metrics_table(report))
     if warning := small_set_warning(report):
         print(warning, file=sys.stderr)
-    print(f"calibrated bundle written to {bundle.path} (metrics above are in-sample)")
+    print(f"calibrated bundle written to {printable(bundle.path)} (metrics above are in-sample)")
     return 1 if report["unreadable"] else 0
 
 
@@ -345,21 +302,31 @@ def _add_export(sub) -> None:
         default=None,
         help="dataset root whose train split calibrates int8 (default: the bundle's training data)",
     )
-    p.add_argument("--calibration-images", type=int, default=256, help="training images used to calibrate int8 (256)")
+    p.add_argument(
+        "--calibration-images",
+        type=_number(int, 2, 100_000),
+        default=256,
+        help="training images used to calibrate int8 (default 256)",
+    )
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     from .bundle import load_bundle
     from .export import export_onnx, quantize_int8, training_images
+    from .output import ensure_folder
 
     bundle = load_bundle(args.model)
+    if args.out:
+        if Path(args.out).is_dir():
+            raise PneumoscanError(f"{printable(args.out)}: --out names a folder; give a FILE.onnx")
+        ensure_folder(Path(args.out).parent)
+    images = training_images(bundle, args.calibration_data, args.calibration_images) if args.int8 else None
     fp32 = export_onnx(bundle, args.out)
-    print(f"ONNX fp32: {fp32}")
-    if args.int8:
-        images = training_images(bundle, args.calibration_data, args.calibration_images)
+    print(f"ONNX fp32: {printable(fp32)}")
+    if images is not None:
         out = Path(args.out).with_suffix(".int8.onnx") if args.out else None
-        print(f"ONNX int8: {quantize_int8(bundle, fp32, images, out)}")
+        print(f"ONNX int8: {printable(quantize_int8(bundle, fp32, images, out))}")
     return 0
 
 
@@ -372,13 +339,37 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port, 1-65535 (default 8000)")
+    _add_engine(p)
     p.add_argument(
-        "--engine", choices=("auto", "onnx", "torch"), default="auto", help="inference engine (default auto)"
+        "--max-upload-mb",
+        type=_number(float, 0, 100, low_open=True),
+        default=20,
+        help="largest accepted upload in MB (default 20; at most the loader's 100 MB file limit)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
-    p.add_argument("--body-timeout", type=float, default=30, help="seconds an upload may stall before 408 (default 30)")
-    p.add_argument("--workers", type=int, default=None, help="inference threads (default: one per core)")
+    p.add_argument(
+        "--body-timeout",
+        type=_number(float, 0, 3600, low_open=True),
+        default=30,
+        help="seconds an upload may stall before 408 (default 30)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_number(float, 0, 3600, low_open=True),
+        default=10,
+        help="seconds a client has to send a complete request head (line and headers), counted from the "
+        "connection or from the previous response; then the connection is closed (default 10)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_number(int, 1, 1_000_000),
+        default=None,
+        help="open connections at most; more are closed at once (default 1000, or fewer where the "
+        "process may open fewer files)",
+    )
+    p.add_argument(
+        "--workers", type=_number(int, 1, 256), default=None, help="inference threads (default: one per core)"
+    )
     p.add_argument(
         "--cors",
         action="append",
@@ -401,6 +392,8 @@ def _run_serve(args) -> int:
         workers=args.workers,
         cors_origins=args.cors,
         body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
     )
     return 0
 
@@ -418,8 +411,9 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from .demo import run_demo
+    from .output import ensure_folder
 
-    return run_demo(Path(args.out))
+    return run_demo(ensure_folder(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,17 +431,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_decoders() -> None:
+    """For this process only (an application's choice, never made on import): the decoders' own warnings
+    (pydicom's malformed tags, Pillow's EXIF oddities and bomb notice, which our limits make redundant)
+    are not worth a line each; the loader's one-line errors say what matters."""
+    warnings.filterwarnings("ignore", module="pydicom")
+    warnings.filterwarnings("ignore", module="PIL")
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"pneumoscan: warning: {printable(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 never stop the output
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    warnings.showwarning = _one_line_warnings
+    quiet_decoders()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except PneumoscanError as exc:
-        print(f"pneumoscan: error: {exc}", file=sys.stderr)
+        print(f"pneumoscan: error: {printable(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output that cannot be written, a disk that is full
+        where = f"{printable(exc.filename)}: " if exc.filename else ""
+        print(f"pneumoscan: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pneumoscan: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback; PNEUMOSCAN_DEBUG=1 shows it
+        if os.environ.get("PNEUMOSCAN_DEBUG"):
+            raise
+        detail = printable(str(exc).splitlines()[0][:200]) if str(exc) else ""
+        print(
+            f"pneumoscan: error: unexpected {type(exc).__name__}: {detail} (set PNEUMOSCAN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ImageError
-from .images import IMAGE_SUFFIXES, load_image, prepare
+from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
+from .labels import CLASSES
+from .settings import option
 
-CLASSES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
 DATA_ENV = "PNEUMOSCAN_DATA"
 
 
 def shared_data_root() -> Path:
-    """Where the development data lives: ``$PNEUMOSCAN_DATA`` or ``../shared/data``."""
-    if DATA_ENV in os.environ:
-        return Path(os.environ[DATA_ENV])
-    return Path(__file__).resolve().parents[3] / "shared" / "data"  # beside a source checkout
+    """Where the development data lives (tests, benchmarks): ``$PNEUMOSCAN_DATA``, else ``../shared/data``
+    from the current folder (the project's root)."""
+    return Path(os.environ.get(DATA_ENV, "../shared/data"))
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,23 @@ def patient_id(filename: str) -> str:
     return match.group(1) if match else Path(stem).stem
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursive, sorted, symlink loops tolerated)."""
-    found = []
-    for dirpath, _dirs, files in os.walk(folder, followlinks=False):
-        found += [Path(dirpath) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+def list_images(folder: Path, problems: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Image files below ``folder``, sorted. The walk keeps its own stack (any depth, no recursion
+    limit) and does not follow links to folders (no loops); folders it cannot list are named, with
+    the reason, in ``problems``."""
+    found, pending = [], [Path(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                    elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append(Path(entry.path))
+        except OSError as exc:
+            if problems is not None:
+                problems.append((str(current), f"folder cannot be listed ({exc.strerror or exc})"))
     return sorted(found)
 
 
@@ -166,13 +178,13 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
     def inspect(item):
         path = item[1].path
         try:
-            data = path.read_bytes()  # read once: decoded and hashed from the same bytes
-            source = io.BytesIO(data)
+            data = read_bytes(path, str(path))  # the loader's own checks: regular files, size limit
+            source = io.BytesIO(data)  # read once: decoded and hashed from the same bytes
             source.name = str(path)
             load_image(source)
             return hashlib.md5(data).hexdigest(), None
-        except (OSError, ImageError) as exc:
-            return None, str(exc) if isinstance(exc, ImageError) else f"{path}: {exc.strerror or exc}"
+        except ImageError as exc:
+            return None, str(exc)
 
     digests = defaultdict(list)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -243,13 +255,13 @@ class Augmentation:
     ``shear`` is in degrees, as Keras reads ``shear_range``; ``zoom`` 0.1 scales by 0.9 to 1.1;
     ``brightness``/``contrast`` (off by default) jitter intensity by that fraction."""
 
-    rotation: float = 20.0
-    shift: float = 0.1
-    shear: float = 0.1
-    zoom: float = 0.1
-    hflip: bool = True
-    brightness: float = 0.0
-    contrast: float = 0.0
+    rotation: float = option(20.0, "max rotation in degrees", at_least=0, at_most=180)
+    shift: float = option(0.1, "max width/height shift as a fraction", at_least=0, below=1)
+    shear: float = option(0.1, "max shear in degrees, as Keras reads it", at_least=0, below=90)
+    zoom: float = option(0.1, "zoom range: scale in [1-z, 1+z]", at_least=0, below=1)
+    hflip: bool = option(True, "turn off random horizontal flips", flag="--no-hflip")
+    brightness: float = option(0.0, "brightness jitter fraction (0: off)", at_least=0, at_most=1)
+    contrast: float = option(0.0, "contrast jitter fraction (0: off)", at_least=0, at_most=1)
 
     def build(self):
         import torch

@@ -6,18 +6,21 @@ so a metric can always be traced to the images it came from.
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import figures as R
 from . import metrics as M
-from . import reporting as R
-from .bundle import Bundle, write_json
+from .bundle import WEIGHTS, Bundle, write_bundle, write_json
 from .data import Sample, load_images, load_split, summarize
-from .inference import Classifier
+from .errors import ConfigError
+from .inference import Classifier, Prediction
+from .labels import label_of
+from .output import ensure_folder, write_prediction_file
+from .text import number, printable, with_ci
 
 REFERENCES = {
     "Reference MobileNetV2 (seed, 150 px)": {"auc": 0.9528, "accuracy": 0.8766, "loss": 0.2970},
@@ -44,6 +47,7 @@ def evaluate(
     split: str | None = "test",
     models: list[str | None] | None = None,
     out: str | Path = "evaluation",
+    *,
     engine: str = "auto",
     n_resamples: int = 2000,
     seed: int = 0,
@@ -54,27 +58,31 @@ def evaluate(
 
     ``record`` also stores each model's report in its bundle (``metrics.json`` under the split's
     name) and rewrites its model card: how the final test numbers reach the bundle."""
-    from .report import write_report
+    from .html_report import write_report
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(out)
     models = models or [None]
     all_samples = load_split(data, split)
+    split_name = split or Path(data).name
+    classifiers = [Classifier.load(model, engine=engine) for model in models]  # bad bundles stop before any work
     images_by_size: dict[int, tuple] = {}
     results = []
-    for index, model in enumerate(models):
-        clf = Classifier.load(model, engine=engine)
+    for index, clf in enumerate(classifiers):
         if clf.image_size not in images_by_size:
             images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split}")
         images, samples, errors = images_by_size[clf.image_size]
+        if not samples:
+            raise ConfigError(f"{data}: none of the {len(all_samples)} images could be read (first: {errors[0]})")
         logits = clf.logits(images)
         name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
-        folder = out if len(models) == 1 else out / f"model_{chr(97 + index)}"
-        report = score(samples, logits, clf.bundle, clf.engine.name, split or Path(data).name, n_resamples, seed)
+        folder = out if len(models) == 1 else ensure_folder(out / f"model_{chr(97 + index)}")
+        report = score(
+            samples, logits, clf.bundle, engine=clf.engine.name, split=split_name, n_resamples=n_resamples, seed=seed
+        )
         report["unreadable"] = errors
         result = ModelResult(name, clf, samples, logits, report)
-        result.figures = make_figures(result, images, folder, seed)
-        write_predictions(folder / "predictions.csv", samples, result.probabilities, clf.threshold)
+        result.figures = make_figures(result, images, folder, seed, split_name)
+        write_prediction_file(folder / "predictions.csv", _prediction_rows(result))
         write_json(folder / "metrics.json", report)
         if record:
             record_in_bundle(clf.bundle, split or "all", report)
@@ -92,16 +100,29 @@ def evaluate(
     return summary
 
 
-def record_in_bundle(bundle, split: str, report: dict) -> None:
-    from .bundle import METRICS
+def record_in_bundle(bundle: Bundle, split: str, report: dict) -> None:
+    """Store a report in the bundle's metrics (under the split's name); the card is regenerated."""
+    metrics = {**bundle.metrics, split: {k: v for k, v in report.items() if k != "model"}}
+    updated = write_bundle(bundle.path, bundle.config, metrics, weights=bundle.path / WEIGHTS)
+    bundle.config, bundle.metrics = updated.config, updated.metrics
 
-    bundle.metrics[split] = {k: v for k, v in report.items() if k != "model"}
-    write_json(bundle.path / METRICS, bundle.metrics)
-    (bundle.path / "MODEL_CARD.md").write_text(R.model_card(bundle))
+
+def _prediction_rows(result: ModelResult) -> list[tuple[Prediction, Sample]]:
+    t = result.classifier.threshold
+    return [
+        (Prediction(str(s.path), float(p), label_of(p, t), t), s) for s, p in zip(result.samples, result.probabilities)
+    ]
 
 
 def score(
-    samples: list[Sample], logits: np.ndarray, bundle: Bundle, engine: str, split: str, n_resamples: int, seed: int
+    samples: list[Sample],
+    logits: np.ndarray,
+    bundle: Bundle,
+    *,
+    engine: str,
+    split: str,
+    n_resamples: int = 2000,
+    seed: int = 0,
 ) -> dict:
     """The metrics of one model on one split: at its operating threshold, at 0.5, and calibration."""
     y = np.array([s.label for s in samples])
@@ -140,19 +161,21 @@ def compare(a: ModelResult, b: ModelResult, n_resamples: int, seed: int) -> dict
     return {"a": a.name, "b": b.name, "n": len(common), "method": "DeLong (paired)", **result}
 
 
-def make_figures(result: ModelResult, images: np.ndarray, folder: Path, seed: int) -> dict[str, Path]:
+def make_figures(result: ModelResult, images: np.ndarray, folder: Path, seed: int, split: str) -> dict[str, Path]:
     y = np.array([s.label for s in result.samples])
     p, t = result.probabilities, result.classifier.threshold
     p_raw = M.sigmoid(result.logits)
-    figures = {
-        "ROC curve": R.plot_roc(y, p, t, folder / "roc.png"),
-        "Precision-recall": R.plot_precision_recall(y, p, t, folder / "precision_recall.png"),
-        "Reliability diagram": R.plot_reliability(y, p_raw, p, folder / "reliability.png"),
-        "Confusion matrix": R.plot_confusion(M.confusion_matrix(y, p, t), folder / "confusion_matrix.png"),
-        "Predicted probability by true class": R.plot_probability_distribution(y, p, t, folder / "probabilities.png"),
-    }
+    figures = {}
+    if len(set(y.tolist())) == 2:  # curves need both classes
+        figures["ROC curve"] = R.plot_roc(y, p, t, folder / "roc.png")
+        figures["Precision-recall"] = R.plot_precision_recall(y, p, t, folder / "precision_recall.png")
+        figures["Reliability diagram"] = R.plot_reliability(y, p_raw, p, folder / "reliability.png")
+    figures["Confusion matrix"] = R.plot_confusion(M.confusion_matrix(y, p, t), folder / "confusion_matrix.png")
+    figures["Predicted probability by true class"] = R.plot_probability_distribution(
+        y, p, t, folder / "probabilities.png"
+    )
     pick = sorted(random.Random(seed).sample(range(len(y)), min(16, len(y))))
-    figures["16 random test images"] = _grid(result, images, pick, folder / "random_predictions.png")
+    figures[f"{len(pick)} random {split} images"] = _grid(result, images, pick, folder / "random_predictions.png")
     wrong_fp = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= t][:8]
     wrong_fn = [i for i in np.argsort(p) if y[i] == 1 and p[i] < t][:8]
     figures["Most confident false positives"] = _grid(result, images, wrong_fp, folder / "false_positives.png")
@@ -171,41 +194,24 @@ def _grid(result: ModelResult, images: np.ndarray, indices, path: Path):
     return R.plot_image_grid(images[indices], titles, colours, path)
 
 
-def write_predictions(path: Path, samples: list[Sample], p: np.ndarray, threshold: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "patient", "label", "probability", "predicted"])
-        for sample, prob in zip(samples, p):
-            writer.writerow(
-                [
-                    sample.path,
-                    sample.patient,
-                    sample.label_name,
-                    f"{prob:.6f}",
-                    "PNEUMONIA" if prob >= threshold else "NORMAL",
-                ]
-            )
-
-
 def metrics_table(report: dict) -> str:
     """A readable terminal table: each headline metric at the operating threshold and at 0.5."""
     keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
     t, half = report, report["at_0.5"]
     lines = [
-        f"{report['model']['name']} on {report['split']}: {report['n']} images "
+        f"{printable(report['model']['name'])} on {printable(report['split'])}: {report['n']} images "
         f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
         f"{'metric':<12} {'at ' + format(t['threshold'], '.3f') + ' (95% CI)':<28} {'at 0.5 (95% CI)':<28}",
     ]
     for key in keys:
-        lines.append(f"{key:<12} {R._with_ci(t, key):<28} {R._with_ci(half, key):<28}")
+        lines.append(f"{key:<12} {with_ci(t, key):<28} {with_ci(half, key):<28}")
     (tn, fp), (fn, tp) = t["confusion_matrix"]
     cal = t["calibration"]
     lines.append(f"confusion at {t['threshold']:.3f}: TN {tn}  FP {fp}  FN {fn}  TP {tp}")
     lines.append(
-        f"ECE {R._fmt(cal['ece_before'])} before, {R._fmt(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
+        f"ECE {number(cal['ece_before'])} before, {number(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
     )
     if report.get("unreadable"):
         lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
-        lines += [f"  {e}" for e in report["unreadable"]]
+        lines += [f"  {printable(e)}" for e in report["unreadable"]]
     return "\n".join(lines)

@@ -1,55 +1,68 @@
-"""ONNX export of a bundle (uint8 grey images in; logit and calibrated probability out) and int8 quantisation."""
+"""ONNX export of a bundle (uint8 grey images in, logits out) and int8 quantisation.
+
+The exported graph holds the network alone, normalisation included. Temperature and threshold stay in
+the bundle's config (and are copied into the ONNX metadata for readers of the file alone), so a
+recalibrated bundle keeps its ONNX models and one export serves every calibration of the weights."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .bundle import ONNX, ONNX_INT8, Bundle
-
-
-class _Exported(nn.Module):
-    def __init__(self, net: nn.Module, temperature: float):
-        super().__init__()
-        self.net = net
-        self.temperature = float(temperature)
-
-    def forward(self, image: torch.Tensor):
-        logit = self.net(image)
-        return logit, torch.sigmoid(logit / self.temperature)
+from .bundle import (
+    ONNX,
+    ONNX_INPUT,
+    ONNX_INT8,
+    ONNX_OUTPUT,
+    WEIGHTS,
+    Bundle,
+    atomic_write,
+    onnx_metadata,
+    with_metadata,
+    write_bundle,
+)
 
 
 def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
-    """Write the whole model, normalisation and sigmoid included, as ONNX (opset 17, dynamic batch).
-
-    Input ``image``: uint8 ``(N, 1, S, S)``; outputs ``logit`` and ``probability`` ``(N,)``."""
-    out = Path(out) if out else bundle.path / ONNX
-    model = _Exported(bundle.load_net(), bundle.temperature).eval()
+    """Write the whole network, normalisation included, as ONNX (opset 17, dynamic batch): input
+    ``image`` uint8 ``(N, 1, S, S)``, output ``logit`` ``(N,)``. Without ``out`` it goes into the
+    bundle, recorded by sha256 in its config."""
+    net = bundle.load_net()
     example = torch.zeros((1, 1, bundle.image_size, bundle.image_size), dtype=torch.uint8)
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of torch.export, but it handles this model
-        # without extra dependencies and its output is tested for parity; silence the notice.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=17,
-            input_names=["image"],
-            output_names=["logit", "probability"],
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "probability": {0: "batch"}},
-        )
-    os.replace(tmp, out)
-    return out
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.inference_mode(), warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of torch.export, but it handles this model
+            # without extra dependencies and its output is tested for parity; silence the notice.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                net,
+                (example,),
+                str(raw),
+                dynamo=False,
+                opset_version=17,
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            )
+        data = with_metadata(raw, onnx_metadata(bundle.config))
+    if out is None:
+        _add_to_bundle(bundle, ONNX, data)
+        return bundle.path / ONNX
+    atomic_write(Path(out), data)
+    return Path(out)
+
+
+def _add_to_bundle(bundle: Bundle, name: str, data: bytes | Path) -> None:
+    """Write an ONNX model into its bundle, through the one bundle writer (sha256 recorded)."""
+    updated = write_bundle(
+        bundle.path, bundle.config, bundle.metrics, weights=bundle.path / WEIGHTS, files={name: data}
+    )
+    bundle.config = updated.config
 
 
 def quantize_int8(
@@ -73,15 +86,14 @@ def quantize_int8(
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else {"image": np.ascontiguousarray(batch)}
+            return None if batch is None else {ONNX_INPUT: np.ascontiguousarray(batch)}
 
-    out = Path(out) if out else bundle.path / ONNX_INT8
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
-            str(out),
+            str(quantized),
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
@@ -90,7 +102,12 @@ def quantize_int8(
             nodes_to_exclude=_head_nodes(prepared),
             calibrate_method=getattr(CalibrationMethod, method),
         )
-    return out
+        data = with_metadata(quantized, onnx_metadata(bundle.config))
+    if out is None:
+        _add_to_bundle(bundle, ONNX_INT8, data)
+        return bundle.path / ONNX_INT8
+    atomic_write(Path(out), data)
+    return Path(out)
 
 
 def training_images(bundle: Bundle, root: str | Path | None, count: int = 256, seed: int = 0) -> np.ndarray:
@@ -110,4 +127,4 @@ def _head_nodes(model_path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path)).graph
-    return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul", "Sigmoid", "Div")]
+    return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]

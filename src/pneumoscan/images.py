@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
+import stat
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -21,17 +22,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 MAX_PIXELS = 100_000_000  # 10k x 10k; larger headers are refused before decoding (bombs)
+MAX_DECODED_BYTES = 256 * 2**20  # pixel memory one decoded image may take (Pillow: after draft scaling)
+MAX_DICOM_BYTES = 64 * 2**20  # DICOM pixel data, all frames (a 4300x4300 16-bit radiograph is 37 MB)
 MAX_FILE_BYTES = 100 * 1024 * 1024
 MIN_SIDE = 16  # smaller than this is no radiograph
 DRAFT_OVERSAMPLE = 3  # JPEG draft decoding keeps both sides at least this many times the target size
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+PIL_FORMATS = ("JPEG", "PNG")  # the only formats Pillow may decode for us; DICOM goes through pydicom
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+UNSUPPORTED = "not a recognised image (expected JPEG, PNG or DICOM)"
+
+# The one preprocessing definition outside the loader: the model itself (models.GreyToImageNet, and so
+# its ONNX export) turns uint8 grey (N, 1, S, S) into ImageNet-normalised three-channel input.
+NORMALIZATION = {
+    "input": "8-bit grey, replicated to 3 channels inside the model",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
-
-# We apply our own pixel limit; PIL's bomb check would only warn below twice its own.
-Image.MAX_IMAGE_PIXELS = None
-# pydicom warns about every malformed tag; the loader's one-line errors say what matters.
-warnings.filterwarnings("ignore", module="pydicom")
 
 
 def source_name(source: ImageSource) -> str:
@@ -59,17 +68,25 @@ def load_image(
     ``DRAFT_OVERSAMPLE`` times ``draft_size``.
     """
     name = source_name(source)
+    # No warnings filter here: catch_warnings is process-wide and not thread-safe, and this runs in
+    # thread pools. Applications choose what to show (the CLI hides the decoders' chatter).
     try:
         if isinstance(source, Image.Image):
+            _check_size(name, *source.size, max_pixels, _bytes_per_pixel(source.mode))
             return _to_grey(source, name)
         if isinstance(source, np.ndarray):
-            return _array_to_grey(source, name)
-        data = _read_bytes(source, name, max_bytes)
-        if _looks_like_dicom(data, name):
+            return _array_to_grey(source, name, max_pixels)
+        data = read_bytes(source, name, max_bytes)
+        kind = sniff(data, name)
+        if kind == "dicom":
             return _load_dicom(data, name, max_pixels)
+        if kind is None:
+            raise ImageError(name, UNSUPPORTED, "unsupported")
         return _load_pil(data, name, draft_size, max_pixels)
     except ImageError:
         raise
+    except MemoryError:
+        raise ImageError(name, "not enough memory to decode this image", "too_large") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this input's error
         raise ImageError(name, _describe(exc)) from exc
 
@@ -86,24 +103,14 @@ def prepare(source: ImageSource, size: int) -> np.ndarray:
     return resize_square(load_image(source, draft_size=size), size)
 
 
-def _read_bytes(source, name: str, max_bytes: int) -> bytes:
+def read_bytes(source, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a path, bytes or binary stream, at most ``max_bytes`` of them. A path must be a
+    regular file (checked on the opened descriptor: a FIFO, a device or a link to one never hangs or
+    floods memory)."""
     if isinstance(source, bytes):
         data = source
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageError(name, "no such file")
-        if not path.is_file():
-            raise ImageError(name, "not a regular file")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageError(
-                name, f"file is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit", "too_large"
-            )
-        try:
-            data = path.read_bytes()
-        except PermissionError:
-            raise ImageError(name, "permission denied") from None
+        data = _read_regular_file(Path(source), name, max_bytes)
     else:
         data = source.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -113,14 +120,78 @@ def _read_bytes(source, name: str, max_bytes: int) -> bytes:
     return data
 
 
-def _looks_like_dicom(data: bytes, name: str) -> bool:
-    return data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))
+def _read_regular_file(path: Path, name: str, max_bytes: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageError(name, "no such file") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except OSError as exc:
+        raise ImageError(name, f"cannot be opened ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(name, "not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageError(
+                name, f"file is {info.st_size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB limit", "too_large"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(name, f"cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while we read it
+        raise ImageError(name, f"file is over the {max_bytes / 2**20:.0f} MB limit", "too_large")
+    return data
 
 
-def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
+def sniff(data: bytes, name: str) -> str | None:
+    """What the bytes are, by their content: ``"jpeg"``, ``"png"``, ``"dicom"`` or None. A name
+    ending in .dcm only counts for DICOM files without the 128-byte preamble, which have no magic."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom")):
+        return "dicom"
+    return None
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    if mode in ("I", "F"):
+        return 4
+    if mode.startswith("I;16"):
+        return 2
+    try:
+        return Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        return 4
+
+
+def _check_size(
+    name: str,
+    width: int,
+    height: int,
+    max_pixels: int,
+    bytes_per_pixel: int = 1,
+    frames: int = 1,
+    max_bytes: int = MAX_DECODED_BYTES,
+) -> None:
+    """Refuse, from the header alone, images too small to be radiographs or too large to decode safely."""
     if width * height > max_pixels:
         raise ImageError(
             name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", "too_large"
+        )
+    decoded = frames * width * height * bytes_per_pixel
+    if decoded > max_bytes:
+        raise ImageError(
+            name,
+            f"decoding it would take {decoded / 2**20:.0f} MB ({frames} frame(s) of {width}x{height}), "
+            f"over the {max_bytes / 2**20:.0f} MB limit",
+            "too_large",
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(name, f"image is {width}x{height} pixels; at least {MIN_SIDE} per side expected")
@@ -128,16 +199,17 @@ def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
 
 def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image (expected JPEG, PNG or DICOM)", "unsupported") from None
-    _check_pixels(*image.size, name, max_pixels)
-    if draft_size and image.format == "JPEG":
+        raise ImageError(name, UNSUPPORTED, "unsupported") from None
+    except Image.DecompressionBombError:
+        raise ImageError(name, f"image is over the limit of {max_pixels:,} pixels", "too_large") from None
+    _check_size(name, *image.size, max_pixels)
+    if draft_size and image.format in ("JPEG", "MPO"):
         image.draft("L", (DRAFT_OVERSAMPLE * draft_size, DRAFT_OVERSAMPLE * draft_size))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # EXIF and ICC oddities are not worth a line each
-        image.load()
-        image = ImageOps.exif_transpose(image)
+    _check_size(name, *image.size, max_pixels, _bytes_per_pixel(image.mode))
+    image.load()
+    image = ImageOps.exif_transpose(image)
     return _to_grey(image, name)
 
 
@@ -153,15 +225,21 @@ def _to_grey(image: Image.Image, name: str) -> Image.Image:
     raise ImageError(name, f"unsupported pixel mode {image.mode}")
 
 
-def _array_to_grey(array: np.ndarray, name: str) -> Image.Image:
+def _array_to_grey(array: np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Grey uint8 from an array: HxW, HxWx1, HxWx3 or HxWx4, any integer or float type."""
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         raise ImageError(name, f"array of shape {np.shape(array)} is not an image (HxW or HxWxC expected)")
-    _check_pixels(a.shape[1], a.shape[0], name, MAX_PIXELS)
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
+        raise ImageError(name, f"array of type {a.dtype} is not an image (integers or floats expected)")
+    _check_size(name, a.shape[1], a.shape[0], max_pixels)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
     if a.dtype != np.uint8:
+        if not np.isfinite(a).all():
+            raise ImageError(name, "array holds NaN or infinite values")
         a = _scale_to_uint8(a)
     if a.ndim == 3:  # colour: the same luma conversion as for colour files
         return Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB").convert("L")
@@ -192,18 +270,60 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def _check_deflated_dicom(data: bytes, name: str) -> None:
+    """pydicom inflates a deflated dataset whole, before anything can be checked: bound that first."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, True)
+        meta = _read_file_meta_info(stream)
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception:  # noqa: BLE001 - a broken header is pydicom's to report
+        return
+    if syntax != DEFLATED_DICOM:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = len(inflater.decompress(data[stream.tell() :], MAX_DICOM_BYTES + 1))
+    except zlib.error as exc:
+        raise ImageError(name, f"not a readable DICOM file (deflated data: {exc})", "unsupported") from None
+    if inflated > MAX_DICOM_BYTES:
+        raise ImageError(
+            name, f"deflated DICOM data inflate past the {MAX_DICOM_BYTES / 2**20:.0f} MB limit", "too_large"
+        )
+
+
+def _dicom_geometry(ds) -> tuple[int, int, int, int]:
+    """(columns, rows, frames, bytes per pixel) from the header, before any pixel is decoded."""
+
+    def number(key: str, default: int) -> int:
+        value = ds.get(key, default)
+        try:
+            return int(value if value not in (None, "") else default)
+        except (TypeError, ValueError):
+            return default
+
+    bits = number("BitsAllocated", 16)
+    samples = number("SamplesPerPixel", 1)
+    return number("Columns", 0), number("Rows", 0), max(1, number("NumberOfFrames", 1)), max(1, samples * -(-bits // 8))
+
+
 def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    _check_deflated_dicom(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001
         raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", "unsupported") from None
     if "PixelData" not in ds:
         raise ImageError(name, "DICOM file has no pixel data")
-    _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), name, max_pixels)
+    columns, rows, frames, depth = _dicom_geometry(ds)
+    _check_size(name, columns, rows, max_pixels, depth, frames, MAX_DICOM_BYTES)
     try:
+        ds.pixel_array_options(index=0)  # classification reads the first frame only
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -211,15 +331,13 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(
             name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})", "unsupported"
         ) from None
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
         if photometric == "MONOCHROME1":
             pixels = pixels.max() + pixels.min() - pixels
         return Image.fromarray(_stretch(pixels), "L")
-    return _array_to_grey(pixels, name)
+    return _array_to_grey(pixels, name, max_pixels)
 
 
 def _describe(exc: Exception) -> str:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle
+from .bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
 from .errors import ConfigError, ImageError
 from .images import ImageSource, prepare, source_name
+from .labels import label_of
 
-ENGINES = ("auto", "onnx", "torch")
+ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TorchEngine:
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, bundle: Bundle, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -71,11 +72,29 @@ class OnnxEngine:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:150]})") from None
+        _check_onnx_contract(self.session, path, bundle)
         self.name = "onnx-int8" if path.name.endswith(".int8.onnx") else "onnx"
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(images)[:, None]
-        return self.session.run(["logit"], {"image": batch})[0]
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})[0]
+
+
+def _check_onnx_contract(session, path: Path, bundle: Bundle) -> None:
+    """An ONNX model is used only if it was exported from this bundle's weights and takes and gives
+    what the export makes: uint8 ``(N, 1, S, S)`` in, one logit per image out."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    size = bundle.image_size
+    if len(inputs) != 1 or inputs[0].name != ONNX_INPUT or inputs[0].type != "tensor(uint8)":
+        raise ConfigError(f"{path}: ONNX model must take one uint8 input named '{ONNX_INPUT}'")
+    if list(inputs[0].shape[1:]) != [1, size, size]:
+        raise ConfigError(f"{path}: ONNX input shape {inputs[0].shape} does not match (N, 1, {size}, {size})")
+    output = next((o for o in outputs if o.name == ONNX_OUTPUT), None)
+    if output is None or output.type not in ("tensor(float)", "tensor(double)") or len(output.shape) != 1:
+        raise ConfigError(f"{path}: ONNX model must give a float output '{ONNX_OUTPUT}' of shape (N,)")
+    recorded = session.get_modelmeta().custom_metadata_map.get("pneumoscan_weights_sha256")
+    if recorded != bundle.config["weights_sha256"]:
+        raise ConfigError(f"{path}: ONNX model was not exported from this bundle's weights (metadata sha256 differs)")
 
 
 def cache_dir() -> Path:
@@ -84,20 +103,35 @@ def cache_dir() -> Path:
 
 
 def onnx_cache_path(bundle: Bundle) -> Path:
-    """Where the cache keeps a bundle's fp32 export: keyed by the weights' sha256 and the temperature,
-    which the export bakes into its probability output."""
-    return cache_dir() / f"{bundle.config['weights_sha256'][:32]}-{bundle.image_size}-t{bundle.temperature:.6f}.onnx"
+    """Where the cache keeps a bundle's fp32 export: keyed by the weights' sha256 and the image size
+    (the export holds logits only, so every calibration of the same weights shares it)."""
+    return cache_dir() / f"{bundle.config['weights_sha256']}-{bundle.image_size}.onnx"
+
+
+def _trusted_cache_file(path: Path) -> bool:
+    """A cached export is used only if this user owns it and nobody else can write it or its folder;
+    its origin is then checked like any ONNX model (:func:`_check_onnx_contract`)."""
+    try:
+        for item in (path, path.parent):
+            info = item.stat()
+            if info.st_uid != os.getuid() or info.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return path.is_file()
 
 
 def cached_onnx(bundle: Bundle) -> Path | None:
     """The bundle's fp32 ONNX model, exported once into the cache when the bundle carries none;
-    None where the cache cannot be written."""
-    from .export import export_onnx
-
+    None where the cache cannot be written. PyTorch is imported only to make the export."""
     path = onnx_cache_path(bundle)
-    if path.is_file():
+    if _trusted_cache_file(path):
         return path
     try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, path.parent.stat().st_mode & ~0o022)
+        from .export import export_onnx
+
         return export_onnx(bundle, path)
     except OSError:
         return None
@@ -115,7 +149,7 @@ def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
     if onnx is None and engine == "onnx":
         raise ConfigError(f"{bundle.path}: no ONNX model in the bundle; run pneumoscan export first")
     onnx = onnx or cached_onnx(bundle)
-    return OnnxEngine(onnx) if onnx is not None else TorchEngine(bundle)
+    return OnnxEngine(onnx, bundle) if onnx is not None else TorchEngine(bundle)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:
@@ -126,8 +160,12 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]
     items: list[Path | Prediction] = []
     for arg in map(str, paths):
         path = Path(arg)
-        if path.is_dir():
-            found = list_images(path)
+        if not arg.strip():
+            items.append(Prediction(arg, error="empty path"))
+        elif path.is_dir():
+            problems: list[tuple[str, str]] = []
+            found = list_images(path, problems)
+            items += [Prediction(where, error=why) for where, why in problems]
             items += found or [Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)")]
         elif os.path.lexists(path):
             items.append(path)
@@ -150,7 +188,7 @@ class Classifier:
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, engine: str = "auto", int8: bool = False) -> Classifier:
+    def load(cls, path: str | os.PathLike | None = None, *, engine: str = "auto", int8: bool = False) -> Classifier:
         """Open a bundle (the packaged default when ``path`` is None)."""
         return cls(load_bundle(path), engine, int8)
 
@@ -172,8 +210,7 @@ class Classifier:
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
     def _result(self, name: str, probability: float) -> Prediction:
-        label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
-        return Prediction(name, float(probability), label, self.threshold)
+        return Prediction(name, float(probability), label_of(probability, self.threshold), self.threshold)
 
     def predict(
         self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False, errors: str = "report"
@@ -218,6 +255,8 @@ class Classifier:
             return prepare(source, self.image_size), None
         except ImageError as exc:
             return None, exc
+        except Exception as exc:  # noqa: BLE001 - one input's failure never costs the others their result
+            return None, ImageError(source_name(source), f"cannot be read ({type(exc).__name__})")
 
     def explain(self, source: ImageSource):
         """Grad-CAM for the predicted class: see :func:`pneumoscan.explain.grad_cam`."""

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from .labels import CLASSES
+
 EPS = 1e-7
 CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
 
@@ -110,7 +112,7 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
             y,
             (p >= threshold).astype(int),
             labels=[0, 1],
-            target_names=["NORMAL", "PNEUMONIA"],
+            target_names=list(CLASSES),
             output_dict=True,
             zero_division=0,
         )

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bundle import BACKBONES
 from .errors import ConfigError
+from .images import NORMALIZATION
 
-BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(NORMALIZATION["mean"])
+IMAGENET_STD = tuple(NORMALIZATION["std"])
 # EfficientNet-Lite0 blocks per stage, as in the lukemelas checkpoint's flat `_blocks.N`.
 LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
 
@@ -44,6 +45,7 @@ class PneumoniaNet(nn.Module):
 
     def __init__(self, body: nn.Sequential, n_features: int, hidden: int = 128, dropout: float = 0.2):
         super().__init__()
+        self.hidden = hidden
         self.normalize = GreyToImageNet()
         self.body = body
         self.head = nn.Sequential(
@@ -91,6 +93,7 @@ def create_model(
     *,
     weights: str | Path | None = "imagenet",
     dropout: float = 0.2,
+    hidden: int = 128,
 ) -> PneumoniaNet:
     """A classifier on an ImageNet-pretrained backbone.
 
@@ -100,7 +103,7 @@ def create_model(
     bundle's weights are loaded over them).
     """
     body, n_features = _backbone_body(backbone, weights)
-    return PneumoniaNet(body, n_features, dropout=dropout)
+    return PneumoniaNet(body, n_features, hidden=hidden, dropout=dropout)
 
 
 def imagenet_classifier(backbone: str = "efficientnet_lite0", weights: str | Path | None = "imagenet") -> nn.Module:

@@ -4,6 +4,11 @@ The model is loaded once; decoding and inference run in a thread pool sized to t
 (ONNX Runtime and Pillow release the GIL), so the event loop never blocks. Uploads are
 refused with 413 from their Content-Length before the body is read, and are read into
 memory only up to the limit: they are never written anywhere that could serve or keep them.
+
+Clients are hostile until proven otherwise: a request head must arrive within ``header_timeout``
+seconds and a body may not stall for ``body_timeout``; open connections are capped; every response
+carries a Content-Security-Policy that allows no inline script and nothing from other origins; no
+redirect is built from the client's Host header; the API docs are served from this package, offline.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import base64
 import io
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,15 +27,31 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 from .inference import Classifier
+from .model_card import GENERALISATION_NOTE
+from .text import printable
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request body
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a complete request head
+DEFAULT_MAX_CONNECTIONS = 1000
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# Swagger UI sets some styles inline; its scripts are still ours alone (static/docs.js), never inline.
+DOCS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
 class PredictResponse(BaseModel):
@@ -54,6 +76,7 @@ class ModelInfo(BaseModel):
     version: str
     engine: str
     operating_point: str = Field(description="where the threshold and temperature were fitted")
+    generalisation_note: str = Field(description="what the validation and test numbers predict for a new hospital")
     config: dict
     metrics: dict
     model_card: str
@@ -113,6 +136,93 @@ class _UploadGuard:
                 await JSONResponse({"detail": refusal.detail}, status_code=refusal.status)(scope, receive, send)
 
 
+class _SecurityHeaders:
+    """ASGI middleware: a Content-Security-Policy and the usual hardening headers on every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        policy = (DOCS_CSP if scope["path"] == "/docs" else CSP).encode()
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", policy)]
+                message["headers"] += SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for the request head and a cap on connections.
+
+    uvicorn's keep-alive timeout is reset by every byte received, so a client that trickles a header
+    a byte at a time, or never finishes it, would hold its connection forever. Here a connection that
+    has not delivered a complete request head ``header_timeout`` seconds after it opened (or after the
+    previous response) is closed, and connections beyond ``max_connections`` are closed at once."""
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    _head_deadline = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.close()
+            return
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_deadline_passed)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _waiting_for_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _head_deadline_passed(self) -> None:
+        self._head_deadline = None
+        if self._waiting_for_head() and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if not self._waiting_for_head():  # a complete head arrived: the body has its own timeout
+            self._cancel_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._waiting_for_head() and not self.transport.is_closing():
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or fewer where the process may not open that many files (with room to spare)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(16, min(DEFAULT_MAX_CONNECTIONS, soft - 128))
+
+
+def protocol_class(header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None) -> type:
+    """A :class:`GuardedH11Protocol` with these limits, for ``uvicorn.Config(http=...)``."""
+    limits = {"header_timeout": header_timeout, "max_connections": max_connections or default_max_connections()}
+    return type("PneumoscanHTTP", (GuardedH11Protocol,), limits)
+
+
 def create_app(
     model: str | os.PathLike | None = None,
     *,
@@ -130,7 +240,10 @@ def create_app(
         title="pneumoscan",
         version=__version__,
         description="Pneumonia detection on chest X-rays. Research software, not a medical device.",
+        docs_url=None,  # FastAPI's pages load Swagger UI from a CDN; ours serves it from this package
+        redoc_url=None,
     )
+    app.router.redirect_slashes = False  # a redirect would echo the client's Host header
     app.state.classifier = clf
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
@@ -181,6 +294,7 @@ def create_app(
             version=str(clf.bundle.config.get("version", "")),
             engine=clf.engine.name,
             operating_point=clf.bundle.operating_point_source,
+            generalisation_note=GENERALISATION_NOTE,
             config=clf.bundle.config,
             metrics=clf.bundle.metrics,
             model_card=card.read_text() if card.is_file() else "",
@@ -190,15 +304,63 @@ def create_app(
     async def index():
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return FileResponse(STATIC / "docs.html")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=_swagger_ui_path()), name="docs-assets")
     app.add_middleware(_UploadGuard, max_bytes=max_upload_bytes, seconds=body_timeout)
+    app.add_middleware(_SecurityHeaders)
     app.router.on_shutdown.append(lambda: pool.shutdown(wait=False))
     return app
 
 
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+def _swagger_ui_path() -> Path:
+    import swagger_ui_bundle
+
+    return Path(swagger_ui_bundle.swagger_ui_path)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or one line saying why not (a busy port, an address not on this machine)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise ConfigError(f"{host}:{port}: cannot listen ({exc.strerror or exc})") from None
+    return sock
+
+
+def make_server(
+    app, sock: socket.socket, *, header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None
+):
+    """A uvicorn server for ``app`` on ``sock`` with the guarded protocol; ``server.run(sockets=[sock])``."""
     import uvicorn
 
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_keep_alive=5,
+        http=protocol_class(header_timeout, max_connections),
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(
+    model=None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int | None = None,
+    **options,
+) -> None:
+    sock = listen(host, port)  # before loading the model: a busy port fails at once
     app = create_app(model, **options)
-    print(f"pneumoscan serving {app.state.classifier.bundle.name} on http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    print(f"pneumoscan serving {printable(app.state.classifier.bundle.name)} on http://{host}:{port}/")
+    make_server(app, sock, header_timeout=header_timeout, max_connections=max_connections).run(sockets=[sock])

@@ -13,17 +13,20 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from .bundle import Bundle, save_bundle, write_json
+from . import settings
+from .bundle import Bundle, read_json_object, save_bundle, write_json
 from .data import (
     Augmentation,
     ImageDataset,
@@ -34,67 +37,106 @@ from .data import (
     training_splits,
 )
 from .errors import ConfigError
-from .models import IMAGENET_MEAN, IMAGENET_STD, create_model, predict_logits
+from .images import NORMALIZATION
+from .models import BACKBONES, create_model, predict_logits
+from .settings import option
+from .text import printable
+
+SCHEDULES = ("constant", "onecycle")
+CLASS_WEIGHTS = ("balanced", "none")
+VAL_SOURCES = ("patients", "official")
+CACHE_MODES = ("auto", "memory", "disk")
 
 
 @dataclass
 class TrainConfig:
-    data: str
-    out: str
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = "imagenet"
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    patience: int = 5
-    fine_tune_epochs: int = 0
-    unfreeze: int = 6
-    fine_tune_lr: float = 1e-5
-    schedule: str = "constant"
-    class_weights: str = "balanced"
-    label_smoothing: float = 0.0
-    dropout: float = 0.2
-    val_source: str = "patients"
-    val_fraction: float = 0.1
-    seed: int = 0
-    devices: int = 1
-    workers: int = 0
-    cache: str = "auto"
-    limit: int | None = None
-    target_sensitivity: float | None = None
+    """A training run's settings; each option's default, help and allowed values live here alone."""
+
+    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
+    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)")
+    backbone: str = option("efficientnet_lite0", f"ImageNet-pretrained backbone: {' or '.join(BACKBONES)}")
+    weights: str = option(
+        "imagenet",
+        "'imagenet' (bundled for efficientnet_lite0, downloaded for mobilenet_v2 where online) "
+        "or a torchvision/timm checkpoint FILE",
+    )
+    image_size: int = option(224, "square input size in pixels", at_least=32, at_most=1024)
+    epochs: int = option(10, "frozen-backbone epochs, phase 1", at_least=1, at_most=10_000)
+    batch_size: int = option(32, "images per batch and device", at_least=1, at_most=4096)
+    lr: float = option(1e-3, "Adam learning rate of phase 1", above=0, at_most=10)
+    patience: int = option(5, "epochs without a better validation AUC before stopping", at_least=1)
+    fine_tune_epochs: int = option(
+        0, "phase 2 epochs with the last blocks unfrozen (0: none)", at_least=0, at_most=10_000
+    )
+    unfreeze: int = option(6, "blocks unfrozen in phase 2, counted from the top", at_least=0)
+    fine_tune_lr: float = option(1e-5, "Adam learning rate of phase 2", above=0, at_most=10)
+    schedule: str = option("constant", "phase 2 learning-rate schedule", choices=SCHEDULES)
+    class_weights: str = option("balanced", "weight the loss so both classes count equally", choices=CLASS_WEIGHTS)
+    label_smoothing: float = option(0.0, "pull training targets towards 0.5 by this much", at_least=0, below=1)
+    dropout: float = option(0.2, "dropout before the last dense layer", at_least=0, below=1)
+    val_source: str = option(
+        "patients",
+        "'patients': carve validation from train by patient; 'official': the 16-image val split",
+        choices=VAL_SOURCES,
+    )
+    val_fraction: float = option(0.1, "share of patients per class held out for validation", above=0, below=1)
+    target_sensitivity: float | None = option(
+        None,
+        "threshold: the highest one whose sensitivity on validation is at least this, instead of Youden's J",
+        above=0,
+        at_most=1,
+    )
+    seed: int = option(0, "seed for the split, initialisation, order and augmentation", at_least=0, below=2**32)
+    devices: int = option(1, "processes/devices; 2+ runs DDP (gloo on CPU)", at_least=1, at_most=1024)
+    workers: int = option(0, "data-loader worker processes (0: images are in memory)", at_least=0, at_most=256)
+    cache: str = option(
+        "auto",
+        "keep decoded training images in memory, or stream them from disk with loader workers "
+        "(auto: memory when they take at most a quarter of RAM)",
+        choices=CACHE_MODES,
+    )
+    limit: int | None = option(None, "use at most N training images per class (quick runs)", at_least=1)
     augmentation: Augmentation = field(default_factory=Augmentation)
     progress: bool = True
     resume: bool = False
 
     @classmethod
     def from_run(cls, run_dir: str | Path, progress: bool = True) -> TrainConfig:
-        """The configuration a run folder was started with, set to resume it."""
+        """The configuration a run folder was started with, set to resume it (validated like any other)."""
         path = Path(run_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{run_dir}: not a run folder to resume (no config.json)")
-        saved = json.loads(path.read_text())
-        saved["augmentation"] = Augmentation(**saved.get("augmentation", {}))
-        known = set(cls.__dataclass_fields__) - {"out", "progress", "resume"}
-        return cls(**{k: v for k, v in saved.items() if k in known}, out=str(run_dir), progress=progress, resume=True)
+        saved = read_json_object(path, "run configuration")
+        augmentation = saved.get("augmentation", {})
+        if not isinstance(augmentation, dict) or set(augmentation) - {f.name for f in fields(Augmentation)}:
+            raise ConfigError(f"{path}: 'augmentation' must be an object of known augmentation settings")
+        known = {f.name for f in fields(cls)} - {"out", "progress", "resume", "augmentation"}
+        try:
+            cfg = cls(
+                **{k: v for k, v in saved.items() if k in known},
+                augmentation=Augmentation(**augmentation),
+                out=str(run_dir),
+                progress=progress,
+                resume=True,
+            )
+            cfg.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return cfg
 
     def recorded(self) -> dict:
         """The settings that define the run, as written to config.json (not how it is watched or resumed)."""
         return {k: v for k, v in asdict(self).items() if k not in ("progress", "resume")}
 
     def check(self) -> None:
-        if self.image_size < 32 or self.image_size > 1024:
-            raise ConfigError(f"--image-size must be between 32 and 1024, got {self.image_size}")
-        if self.epochs < 1 or self.fine_tune_epochs < 0 or self.batch_size < 1 or self.devices < 1:
-            raise ConfigError("--epochs, --batch-size and --devices must be at least 1, --fine-tune-epochs at least 0")
-        if self.schedule not in ("constant", "onecycle"):
-            raise ConfigError(f"--schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
-        if self.cache not in ("auto", "memory", "disk"):
-            raise ConfigError(f"--cache must be 'auto', 'memory' or 'disk', got {self.cache!r}")
-        if self.class_weights not in ("balanced", "none"):
-            raise ConfigError(f"--class-weights must be 'balanced' or 'none', got {self.class_weights!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError("--label-smoothing must be in [0, 1)")
+        if not self.data:
+            raise ConfigError("train needs --data ROOT")
+        if not self.out:
+            raise ConfigError("train needs --out RUN_DIR")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+        settings.check(self)
+        settings.check(self.augmentation)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,83 +157,207 @@ def compile_frozen(module: nn.Module, example: torch.Tensor) -> nn.Module:
         return module
 
 
-def _lit_class():
-    """The LightningModule class, built on first use so that importing this file does not import Lightning."""
-    import lightning as L
-    from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+class LitClassifier(L.LightningModule):
+    """The network, its loss and its metrics, for one phase at a time (:meth:`configure_phase`)."""
 
-    class _LitClassifier(L.LightningModule):
-        def __init__(self, net, class_weights: tuple[float, float], label_smoothing: float, image_size: int):
-            super().__init__()
-            self.net = net
-            self.image_size = image_size
-            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
-            self.label_smoothing = label_smoothing
-            self.train_auc, self.val_auc = BinaryAUROC(), BinaryAUROC()
-            self.train_acc, self.val_acc = BinaryAccuracy(), BinaryAccuracy()
-            self.configure_phase(unfreeze=0, lr=1e-3, schedule="constant")
+    def __init__(self, net, class_weights: tuple[float, float], label_smoothing: float, image_size: int):
+        super().__init__()
+        self.net = net
+        self.image_size = image_size
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+        self.label_smoothing = label_smoothing
+        self.train_auc, self.val_auc = BinaryAUROC(), BinaryAUROC()
+        self.train_acc, self.val_acc = BinaryAccuracy(), BinaryAccuracy()
+        self.configure_phase(Phase("head", 1, 0, 1e-3, "constant"))
 
-        def configure_phase(self, unfreeze: int, lr: float, schedule: str) -> None:
-            self.split = self.net.set_trainable(unfreeze)
-            self.lr, self.schedule = lr, schedule
-            self.__dict__["_trunk"] = None  # not a submodule: DDP and checkpoints never see it
+    def configure_phase(self, phase: Phase) -> None:
+        self.split = self.net.set_trainable(phase.unfreeze)
+        self.lr, self.schedule = phase.lr, phase.schedule
+        self.__dict__["_trunk"] = None  # not a submodule: DDP and checkpoints never see it
 
-        def _frozen_prefix(self) -> nn.Module:
-            return nn.Sequential(self.net.normalize, *self.net.body[: self.split])
+    def _frozen_prefix(self) -> nn.Module:
+        return nn.Sequential(self.net.normalize, *self.net.body[: self.split])
 
-        def on_fit_start(self) -> None:
-            if self.device.type == "cpu":
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
-            example = torch.zeros((2, 1, self.image_size, self.image_size), dtype=torch.uint8, device=self.device)
-            self.__dict__["_trunk"] = compile_frozen(self._frozen_prefix(), example)
+    def on_fit_start(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.world_size))
+        example = torch.zeros((2, 1, self.image_size, self.image_size), dtype=torch.uint8, device=self.device)
+        self.__dict__["_trunk"] = compile_frozen(self._frozen_prefix(), example)
 
-        def on_train_epoch_start(self) -> None:
-            self._frozen_prefix().eval()  # frozen batch norms keep their ImageNet statistics
+    def on_train_epoch_start(self) -> None:
+        self._frozen_prefix().eval()  # frozen batch norms keep their ImageNet statistics
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            trunk = self.__dict__["_trunk"] or self._frozen_prefix().eval()
-            with torch.no_grad():
-                features = trunk(x)
-            return self.net.head(self.net.body[self.split :](features)).squeeze(1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.__dict__["_trunk"] or self._frozen_prefix().eval()
+        with torch.no_grad():
+            features = trunk(x)
+        return self.net.head(self.net.body[self.split :](features)).squeeze(1)
 
-        def _loss(self, logits, y, training: bool):
-            if not training:
-                return F.binary_cross_entropy_with_logits(logits, y)
-            target = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-            weights = self.class_weights[y.long()]
-            return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights).mean()
+    def _loss(self, logits, y, training: bool):
+        if not training:
+            return F.binary_cross_entropy_with_logits(logits, y)
+        target = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        weights = self.class_weights[y.long()]
+        return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights).mean()
 
-        def _step(self, batch, stage: str):
-            x, y = batch
-            logits = self(x)
-            loss = self._loss(logits, y, stage == "train")
-            p = torch.sigmoid(logits.detach())
-            auc, acc = (self.train_auc, self.train_acc) if stage == "train" else (self.val_auc, self.val_acc)
-            auc.update(p, y.int())
-            acc.update(p, y.int())
-            self.log(
-                f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
-            )
-            self.log(f"{stage}_auc", auc, on_step=False, on_epoch=True, prog_bar=True)
-            self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True)
-            return loss
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y, stage == "train")
+        p = torch.sigmoid(logits.detach())
+        auc, acc = (self.train_auc, self.train_acc) if stage == "train" else (self.val_auc, self.val_acc)
+        auc.update(p, y.int())
+        acc.update(p, y.int())
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}_auc", auc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True)
+        return loss
 
-        def training_step(self, batch, batch_idx):
-            return self._step(batch, "train")
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
 
-        def validation_step(self, batch, batch_idx):
-            self._step(batch, "val")
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
 
-        def configure_optimizers(self):
-            params = [p for p in self.parameters() if p.requires_grad]
-            optimizer = torch.optim.Adam(params, lr=self.lr)
-            if self.schedule == "constant":
-                return optimizer
-            steps = int(self.trainer.estimated_stepping_batches)
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=steps)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        if self.schedule == "constant":
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    return _LitClassifier
+
+class History(L.Callback):
+    """One row per epoch (metrics, training throughput, wall time), written after every epoch."""
+
+    def __init__(self, run: RunState, phase: str, n_train: int):
+        self.run, self.phase, self.n_train = run, phase, n_train
+
+    def on_train_epoch_start(self, trainer, module):
+        self.start = time.perf_counter()
+        self.train_seconds = None
+
+    def on_validation_epoch_start(self, trainer, module):
+        if trainer.training or self.train_seconds is None:
+            self.train_seconds = time.perf_counter() - self.start
+
+    def on_train_epoch_end(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        train_seconds = self.train_seconds or (time.perf_counter() - self.start)
+        self.run.history.append(
+            {
+                "phase": self.phase,
+                "epoch": len(self.run.history) + 1,
+                **{k: round(metrics[k], 5) for k in sorted(metrics)},
+                "train_images_per_s": round(self.n_train / train_seconds, 2),
+                "epoch_seconds": round(time.perf_counter() - self.start, 1),
+            }
+        )
+        self.run.save_history()  # after every epoch, so a run can be watched
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, then renamed (a kill never leaves half a file), and
+    read back without unpickling anything but tensors and plain containers: a run folder from someone
+    else cannot run code here."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read_checkpoint(Path(path))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint as tensors and plain data (``torch.load(weights_only=True)``), or one line saying why not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickled code, a torn file, not a checkpoint at all
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: refused as a checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ConfigError(f"{path}: not a training checkpoint (no state_dict)")
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "head" or "fine_tune"
+    epochs: int
+    unfreeze: int
+    lr: float
+    schedule: str
+
+
+def phases(cfg: TrainConfig) -> list[Phase]:
+    """Phase 1 trains the head on a frozen backbone; phase 2 (optional) also the last blocks."""
+    out = [Phase("head", cfg.epochs, 0, cfg.lr, "constant")]
+    if cfg.fine_tune_epochs:
+        out.append(Phase("fine_tune", cfg.fine_tune_epochs, cfg.unfreeze, cfg.fine_tune_lr, cfg.schedule))
+    return out
+
+
+class RunState:
+    """A run folder's bookkeeping: ``config.json``, ``history.csv``, ``state.json`` (finished phases
+    with their best score and checkpoint, seconds per phase) and ``checkpoints/``. Everything read back
+    on ``--resume`` is validated: checkpoints must lie in this run's ``checkpoints/`` folder."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.out = out
+        self.checkpoints = out / "checkpoints"
+        self.state = self._read_state() if resume else {}
+        self.history = _read_history(out / "history.csv") if resume else []
+        self.seconds: dict[str, float] = dict(self.state.get("seconds", {}))
+
+    def _read_state(self) -> dict:
+        path = self.out / "state.json"
+        if not path.is_file():
+            return {}
+        state = read_json_object(path, "run state")
+        done = state.get("done", {})
+        seconds = state.get("seconds", {})
+        valid_done = isinstance(done, dict) and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], (int, float)) and isinstance(v[1], str)
+            for v in done.values()
+        )
+        valid_seconds = isinstance(seconds, dict) and all(isinstance(v, (int, float)) for v in seconds.values())
+        if not (valid_done and valid_seconds):
+            raise ConfigError(f"{path}: not a valid run state (done: phase -> [score, checkpoint]; seconds)")
+        return state
+
+    def finished(self, phase: str) -> tuple[float, Path] | None:
+        """(best score, best checkpoint) of a phase finished before an interruption."""
+        if phase not in self.state.get("done", {}):
+            return None
+        score, checkpoint = self.state["done"][phase]
+        return float(score), self.checkpoints / Path(checkpoint).name  # only ever inside this run
+
+    def last_checkpoint(self, phase: str) -> Path | None:
+        last = self.checkpoints / f"{phase}-last.ckpt"
+        return last if last.is_file() else None
+
+    def rewind(self, phase: str, resume_from: Path | None) -> None:
+        """Forget history rows of ``phase`` logged after ``resume_from`` (those epochs run again)."""
+        epochs_done = int(read_checkpoint(resume_from).get("epoch", -1)) + 1 if resume_from else 0
+        kept = [r for r in self.history if r["phase"] == phase][:epochs_done]
+        self.history[:] = [r for r in self.history if r["phase"] != phase] + kept
+
+    def finish_phase(self, phase: str, score: float, checkpoint: str, seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0) + seconds, 1)
+        self.state.setdefault("done", {})[phase] = [score, Path(checkpoint).name]
+        self.state["seconds"] = self.seconds
+        write_json(self.out / "state.json", self.state)
+
+    def save_history(self) -> None:
+        write_history(self.out / "history.csv", self.history)
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -203,54 +369,6 @@ def write_history(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _history_callback(phase: str, n_train: int, rows: list, path: Path):
-    import lightning as L
-
-    class History(L.Callback):
-        """One row per epoch: metrics, training throughput and wall time."""
-
-        def on_train_epoch_start(self, trainer, module):
-            self.start = time.perf_counter()
-            self.train_seconds = None
-
-        def on_validation_epoch_start(self, trainer, module):
-            if trainer.training or self.train_seconds is None:
-                self.train_seconds = time.perf_counter() - self.start
-
-        def on_train_epoch_end(self, trainer, module):
-            if not trainer.is_global_zero:
-                return
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            train_seconds = self.train_seconds or (time.perf_counter() - self.start)
-            rows.append(
-                {
-                    "phase": phase,
-                    "epoch": len(rows) + 1,
-                    **{k: round(metrics[k], 5) for k in sorted(metrics)},
-                    "train_images_per_s": round(n_train / train_seconds, 2),
-                    "epoch_seconds": round(time.perf_counter() - self.start, 1),
-                }
-            )
-            write_history(path, rows)  # after every epoch, so a run can be watched
-
-    return History()
-
-
-def _atomic_checkpoint_io():
-    """Lightning checkpoints written to a temporary file, then renamed: a kill never leaves half a file."""
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-
-    return AtomicCheckpointIO()
-
-
 def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -259,11 +377,16 @@ def _read_history(path: Path) -> list[dict]:
         try:
             return int(text)
         except ValueError:
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                raise ConfigError(f"{path}: not a history written by pneumoscan ({text[:40]!r})") from None
 
-    return [
-        {k: v if k == "phase" else number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(open(path))
-    ]
+    with open(path, newline="") as f:
+        rows = [{k: v if k == "phase" else number(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+    if any(not isinstance(r.get("phase"), str) or "epoch" not in r for r in rows):
+        raise ConfigError(f"{path}: not a history written by pneumoscan (phase and epoch per row)")
+    return rows
 
 
 def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
@@ -273,16 +396,14 @@ def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
     return n / (2 * max(n - pos, 1)), n / (2 * max(pos, 1))
 
 
-def _trainer(cfg: TrainConfig, phase: str, epochs: int, history_callback):
+def _trainer(cfg: TrainConfig, run: RunState, phase: Phase, history: History):
     """A Lightning trainer for one phase, and its best-by-validation-AUC checkpoint callback."""
-    import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    out = Path(cfg.out)
     best = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        filename=f"{phase}-best",
+        dirpath=run.checkpoints,
+        filename=f"{phase.name}-best",
         monitor="val_auc",
         mode="max",
         save_top_k=1,
@@ -290,16 +411,16 @@ def _trainer(cfg: TrainConfig, phase: str, epochs: int, history_callback):
         enable_version_counter=False,
     )
     every_epoch = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename=f"{phase}-last", save_top_k=1, enable_version_counter=False
+        dirpath=run.checkpoints, filename=f"{phase.name}-last", save_top_k=1, enable_version_counter=False
     )  # full state, for --resume
     trainer = L.Trainer(
-        max_epochs=epochs,
+        max_epochs=phase.epochs,
         accelerator="auto",
         devices=cfg.devices,
         strategy="ddp" if cfg.devices > 1 else "auto",
-        plugins=[_atomic_checkpoint_io()],
-        logger=CSVLogger(out, name="logs", version=phase),
-        callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience), history_callback],
+        plugins=[SafeCheckpointIO()],
+        logger=CSVLogger(run.out, name="logs", version=phase.name),
+        callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience), history],
         enable_progress_bar=cfg.progress,
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -308,136 +429,139 @@ def _trainer(cfg: TrainConfig, phase: str, epochs: int, history_callback):
     return trainer, best
 
 
+@dataclass
+class TrainingData:
+    train_set: ImageDataset
+    val_set: ImageDataset
+    train_samples: list
+    val_samples: list
+    skipped: list[str]
+    in_memory: bool
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def load_training_data(cfg: TrainConfig, rank_zero: bool) -> TrainingData:
+    """Train and validation images (validation carved by patient), decoded once; unreadable ones skipped."""
+    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
+    train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
+    val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
+    in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and fits_in_memory(len(train_samples), cfg.image_size))
+    show = cfg.progress and rank_zero
+    x_train, train_samples, train_errors = load_images(
+        train_samples, cfg.image_size, show, "loading train", keep=in_memory
+    )
+    x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, show, "loading val")
+    if rank_zero:
+        for line in train_errors + val_errors:
+            print(f"skipped {printable(line)}")
+    y_train = [s.label for s in train_samples]
+    if len(set(y_train)) < 2 or len({s.label for s in val_samples}) < 2:
+        raise ConfigError(f"{cfg.data}: training and validation sets need readable images of both classes")
+    if not in_memory:  # streamed from disk: loader processes decode while the model trains
+        x_train = [s.path for s in train_samples]
+    return TrainingData(
+        ImageDataset(x_train, y_train, cfg.augmentation, cfg.image_size),
+        ImageDataset(x_val, [s.label for s in val_samples]),
+        train_samples,
+        val_samples,
+        train_errors + val_errors,
+        in_memory,
+    )
+
+
+def _loaders(cfg: TrainConfig, data: TrainingData):
+    workers = cfg.workers or (0 if data.in_memory else os.cpu_count() or 1)
+    train_loader = torch.utils.data.DataLoader(
+        data.train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    val_loader = torch.utils.data.DataLoader(data.val_set, batch_size=cfg.batch_size)  # always in memory
+    return train_loader, val_loader
+
+
+def run_phase(cfg: TrainConfig, run: RunState, module: LitClassifier, phase: Phase, loaders, n_train: int):
+    """Train one phase (or take its result from an interrupted run): ``(best score, best checkpoint)``."""
+    module.configure_phase(phase)
+    if (finished := run.finished(phase.name)) is not None:
+        return finished
+    resume_from = run.last_checkpoint(phase.name) if cfg.resume else None
+    run.rewind(phase.name, resume_from)
+    trainer, best = _trainer(cfg, run, phase, History(run, phase.name, n_train))
+    started = time.perf_counter()
+    trainer.fit(module, *loaders, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+    score = float(best.best_model_score) if best.best_model_score is not None else -1.0
+    if _is_rank_zero():
+        run.finish_phase(phase.name, score, best.best_model_path, time.perf_counter() - started)
+    return score, Path(best.best_model_path)
+
+
 def train(cfg: TrainConfig) -> Bundle | None:
     """Train, keep the best weights, pick threshold and temperature on validation, write the run folder.
 
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
-    import lightning.pytorch  # noqa: F401 - its import sets its logger to INFO; quieten it afterwards
-
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
-    out = Path(cfg.out)
+    run = RunState(Path(cfg.out), cfg.resume)
     if not cfg.resume:
-        write_json(out / "config.json", cfg.recorded())
+        write_json(run.out / "config.json", cfg.recorded())
     seed_everything(cfg.seed)
-    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
-    train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
-    val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
-    rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and fits_in_memory(len(train_samples), cfg.image_size))
-    x_train, train_samples, train_errors = load_images(
-        train_samples, cfg.image_size, cfg.progress and rank_zero, "loading train", keep=in_memory
-    )
-    x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, cfg.progress and rank_zero, "loading val")
-    if rank_zero:
-        for line in train_errors + val_errors:
-            print(f"skipped {line}")
-    y_train = [s.label for s in train_samples]
-    if len(set(y_train)) < 2 or len({s.label for s in val_samples}) < 2:
-        raise ConfigError(f"{cfg.data}: training and validation sets need images of both classes")
-
+    rank_zero = _is_rank_zero()
+    data = load_training_data(cfg, rank_zero)
     net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
-    module = _lit_class()(net, _balanced_weights(y_train, cfg.class_weights), cfg.label_smoothing, cfg.image_size)
-    if not in_memory:  # streamed from disk: loader processes decode while the model trains
-        x_train = [s.path for s in train_samples]
-    train_set = ImageDataset(x_train, y_train, cfg.augmentation, cfg.image_size)
-    val_set = ImageDataset(x_val, [s.label for s in val_samples])
-    workers = cfg.workers or (0 if in_memory else os.cpu_count() or 1)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+    module = LitClassifier(
+        net,
+        _balanced_weights([s.label for s in data.train_samples], cfg.class_weights),
+        cfg.label_smoothing,
+        cfg.image_size,
     )
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size)  # validation is always in memory
-
-    phases = [("head", cfg.epochs, 0, cfg.lr, "constant")]
-    if cfg.fine_tune_epochs:
-        phases.append(("fine_tune", cfg.fine_tune_epochs, cfg.unfreeze, cfg.fine_tune_lr, cfg.schedule))
-    checkpoints = out / "checkpoints"
-    state = json.loads((out / "state.json").read_text()) if cfg.resume and (out / "state.json").is_file() else {}
-    history = _read_history(out / "history.csv") if cfg.resume else []
-    best_score, best_state, timings = -1.0, None, dict(state.get("seconds", {}))
+    loaders = _loaders(cfg, data)
+    best_score, best_state = -1.0, None
     started = time.perf_counter()
-    for phase, epochs, unfreeze, lr, schedule in phases:
-        module.configure_phase(unfreeze, lr, schedule)
-        if phase in state.get("done", {}):  # finished before an interruption: take its result
-            score, best_path = state["done"][phase]
-        else:
-            last = checkpoints / f"{phase}-last.ckpt"
-            resume_from = str(last) if cfg.resume and last.is_file() else None
-            if resume_from:  # epochs logged after the last checkpoint are run again
-                epochs_done = torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1
-                kept = [r for r in history if r["phase"] == phase][:epochs_done]
-                history[:] = [r for r in history if r["phase"] != phase] + kept
-            else:
-                history[:] = [r for r in history if r["phase"] != phase]
-            trainer, best = _trainer(
-                cfg, phase, epochs, _history_callback(phase, len(train_set), history, out / "history.csv")
-            )
-            phase_start = time.perf_counter()
-            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
-            timings[phase] = round(timings.get(phase, 0) + time.perf_counter() - phase_start, 1)
-            score = float(best.best_model_score) if best.best_model_score is not None else -1.0
-            best_path = best.best_model_path
-            if rank_zero:
-                state.setdefault("done", {})[phase] = [score, best_path]
-                state["seconds"] = timings
-                write_json(out / "state.json", state)
+    for phase in phases(cfg):
+        score, checkpoint = run_phase(cfg, run, module, phase, loaders, len(data.train_set))
         if score > best_score:
-            best_score = score
-            best_state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+            best_score, best_state = score, read_checkpoint(checkpoint)["state_dict"]
         module.load_state_dict(best_state)  # each phase starts from, and the run ends with, the best so far
     if not rank_zero:
         return None
-    wall = time.perf_counter() - started
-    return _finish_run(
-        cfg,
-        out,
-        net,
-        val_set,
-        val_samples,
-        train_samples,
-        history,
-        timings,
-        wall,
-        best_score,
-        train_errors + val_errors,
-    )
+    return finish_run(cfg, run, net, data, best_score, time.perf_counter() - started)
 
 
-def _finish_run(
-    cfg, out, net, val_set, val_samples, train_samples, history, timings, wall, best_score, skipped: list[str]
-) -> Bundle:
+def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_score: float, wall: float) -> Bundle:
+    """Fit the operating point on validation, then write curves, metrics and the bundle."""
     from . import metrics as M
-    from .reporting import model_card, plot_training_curves
+    from .figures import plot_training_curves
 
-    y_val = np.array([s.label for s in val_samples])
-    logits = predict_logits(net, val_set.images.numpy())
+    y_val = np.array([s.label for s in data.val_samples])
+    logits = predict_logits(net, data.val_set.images.numpy())
     temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.target_sensitivity)
     p_raw, p_cal = M.sigmoid(logits), M.sigmoid(logits, temperature)
-    groups = [s.patient for s in val_samples]
+    groups = [s.patient for s in data.val_samples]
     validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
     validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
     validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
 
-    write_history(out / "history.csv", history)
-    plot_training_curves(history, out / "curves.png")
-    speeds = {phase: [r["train_images_per_s"] for r in history if r["phase"] == phase] for phase in timings}
+    run.save_history()
+    curves = plot_training_curves(run.history, run.out / "curves.png")
+    speeds = {phase: [r["train_images_per_s"] for r in run.history if r["phase"] == phase] for phase in run.seconds}
     training = {
         "data": str(cfg.data),
-        "train": summarize(train_samples),
-        "validation": summarize(val_samples),
+        "train": summarize(data.train_samples),
+        "validation": summarize(data.val_samples),
         "recipe": cfg.recorded(),
         "best_val_auc": best_score,
-        "skipped_unreadable": skipped,
+        "skipped_unreadable": data.skipped,
         "wall_seconds": round(wall, 1),
-        "phase_seconds": timings,
+        "phase_seconds": run.seconds,
         "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
-        "epochs_run": len(history),
+        "epochs_run": len(run.history),
     }
     bundle_config = {
         "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}",
@@ -445,26 +569,20 @@ def _finish_run(
         "backbone": cfg.backbone,
         "image_size": cfg.image_size,
         "dropout": cfg.dropout,
-        "normalization": {
-            "input": "8-bit grey, replicated to 3 channels inside the model",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-        },
+        "hidden": net.hidden,
+        "normalization": NORMALIZATION,
         "threshold": threshold,
         "threshold_rule": rule,
         "temperature": temperature,
         "training": training,
     }
-    bundle_metrics = {"validation": validation}
-    bundle = save_bundle(out / "model", net, bundle_config, bundle_metrics)
-    if (out / "curves.png").is_file():
-        shutil.copyfile(out / "curves.png", out / "model" / "training_curves.png")
-    (out / "model" / "MODEL_CARD.md").write_text(model_card(bundle))
+    extras = {"training_curves.png": curves.read_bytes()} if curves else {}
+    bundle = save_bundle(run.out / "model", net, bundle_config, {"validation": validation}, extras=extras)
     print(
         json.dumps(
             {
-                "run": str(out),
-                "skipped_unreadable": len(skipped),
+                "run": str(run.out),
+                "skipped_unreadable": len(data.skipped),
                 "best_val_auc": round(best_score, 4),
                 "threshold": round(threshold, 4),
                 "temperature": round(temperature, 3),

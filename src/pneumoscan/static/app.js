@@ -7,23 +7,61 @@ function showError(message) {
   $("error").hidden = false;
 }
 
+// Everything shown comes from the server, and so from a bundle or an upload someone else made:
+// it is always inserted as text (textContent, attributes), never parsed as HTML.
+function el(tag, text, attrs = {}) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  return node;
+}
+
+const SPLITS = [
+  ["validation", "validation (training hospital, held-out patients)"],
+  ["test", "held-out test split (other patients, another time)"],
+  ["calibration", "calibration set (in-sample)"],
+];
+const METRICS = [["auc", "AUC"], ["accuracy", "accuracy"], ["sensitivity", "sensitivity"], ["specificity", "specificity"]];
+
+function metricCell(report, key) {
+  const ci = report.ci95 && Array.isArray(report.ci95[key]) ? ` (${fmt(report.ci95[key][0])}–${fmt(report.ci95[key][1])})` : "";
+  return `${fmt(report[key])}${ci}`;
+}
+
+function metricsTable(metrics) {
+  const shown = SPLITS.filter(([key]) => metrics[key] && typeof metrics[key] === "object");
+  const table = el("table", null, { id: "metrics" });
+  table.append(el("caption", "95% intervals by patient bootstrap", { class: "small" }));
+  const head = el("tr");
+  head.append(el("th", "metric"));
+  shown.forEach(([key, label]) => head.append(el("th", `${label}, ${metrics[key].n} images`, { id: `split-${key}` })));
+  table.append(head);
+  for (const [key, label] of METRICS) {
+    const row = el("tr");
+    row.append(el("th", label));
+    shown.forEach(([split]) => row.append(el("td", metricCell(metrics[split], key), { id: `metric-${split}-${key}` })));
+    table.append(row);
+  }
+  return table;
+}
+
 async function loadModel() {
   try {
     const response = await fetch("/v1/model");
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const info = await response.json();
+    const config = info.config || {};
     const metrics = info.metrics || {};
-    const v = metrics.validation || metrics.calibration || {};
-    const caption = metrics.validation
-      ? "Validation metrics (patients held out of training; 95% intervals)"
-      : "Calibration-set metrics (in-sample; 95% intervals)";
-    const ci = (key) => (v.ci95 && v.ci95[key] ? ` (${fmt(v.ci95[key][0])}–${fmt(v.ci95[key][1])})` : "");
-    const rows = ["auc", "accuracy", "sensitivity", "specificity"].map(
-      (k) => `<tr><th>${k === "auc" ? "AUC" : k}</th><td id="metric-${k}">${fmt(v[k])}${ci(k)}</td></tr>`).join("");
-    $("model").innerHTML =
-      `<p><b>${info.name}</b> (${info.config.backbone}, ${info.config.image_size} px, engine ${info.engine}); ` +
-      `threshold ${fmt(info.config.threshold)}, fitted on ${info.operating_point}.</p>` +
-      `<table><caption class="small">${caption}</caption>${rows}</table>`;
+    const box = $("model");
+    box.replaceChildren();
+    const summary = el("p");
+    summary.append(el("b", info.name));
+    summary.append(` (${config.backbone}, ${config.image_size} px, engine ${info.engine}); ` +
+      `threshold ${fmt(config.threshold)} (${config.threshold_rule || "rule not recorded"}), ` +
+      `fitted on ${info.operating_point}.`);
+    box.append(summary);
+    box.append(metricsTable(metrics));
+    box.append(el("p", info.generalisation_note, { class: "small", id: "generalisation" }));
   } catch (err) {
     $("model").textContent = `Model information could not be loaded: ${err.message}`;
   }

@@ -1,4 +1,4 @@
-"""Figures (PNG) and texts (model card) made from predictions and metrics."""
+"""Figures (PNG) made from predictions, metrics and training history."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
+from .labels import CLASSES, label_of
+from .text import printable
 
 NORMAL_COLOUR, PNEUMONIA_COLOUR = "#2b83ba", "#d7191c"
 
@@ -69,8 +71,8 @@ def plot_confusion(cm: list[list[int]], path: Path) -> Path:
                 color="white" if dark else "black",
                 fontsize=13,
             )
-        ax.set_xticks([0, 1], ["NORMAL", "PNEUMONIA"])
-        ax.set_yticks([0, 1], ["NORMAL", "PNEUMONIA"])
+        ax.set_xticks([0, 1], CLASSES)
+        ax.set_yticks([0, 1], CLASSES)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title)
@@ -163,7 +165,7 @@ def plot_image_grid(images, titles: list[str], colours: list[str], path: Path, c
         ax.axis("off")
     for ax, image, title, colour in zip(axes.ravel(), images, titles, colours):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=8, color=colour)
+        ax.set_title(title, fontsize=8, color=colour, parse_math=False)  # file names are not math
     fig.tight_layout()
     return _save(fig, path)
 
@@ -171,102 +173,7 @@ def plot_image_grid(images, titles: list[str], colours: list[str], path: Path, c
 def prediction_titles(samples, p, threshold: float) -> tuple[list[str], list[str]]:
     titles, colours = [], []
     for sample, prob in zip(samples, p):
-        predicted = "PNEUMONIA" if prob >= threshold else "NORMAL"
-        titles.append(f"{sample.path.name[:24]}\ntrue {sample.label_name} / pred {predicted}\np={prob:.3f}")
+        predicted = label_of(prob, threshold)
+        titles.append(f"{printable(sample.path.name)[:24]}\ntrue {sample.label_name} / pred {predicted}\np={prob:.3f}")
         colours.append("green" if predicted == sample.label_name else "red")
     return titles, colours
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _with_ci(report: dict, key: str) -> str:
-    ci = (report.get("ci95") or {}).get(key)
-    return _fmt(report.get(key)) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-
-def _calibration_advice(site: dict | None) -> str:
-    if site:
-        return "Threshold and temperature were refitted on labelled local images (see Model)."
-    return (
-        "Threshold and temperature come from validation patients of the training\n"
-        "hospital only: before use elsewhere, refit them on labelled local images with `pneumoscan calibrate`, then\n"
-        "evaluate on other local images."
-    )
-
-
-def model_card(bundle) -> str:
-    """MODEL_CARD.md for a bundle, from its config and metrics."""
-    c, metrics = bundle.config, bundle.metrics
-    training = c.get("training", {})
-    site = c.get("calibration")
-    fitted_on = f"fitted on {bundle.operating_point_source}" + (
-        f"\n  (its source, {site['source']}, had {site['source_threshold']:.4f} and {site['source_temperature']:.4f})"
-        if site
-        else ""
-    )
-    rows = []
-    for split, label in (
-        ("validation", "validation"),
-        ("calibration", "calibration set (in-sample)"),
-        ("test", "test"),
-    ):
-        r = metrics.get(split)
-        if r:
-            rows.append(
-                f"| {label} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
-                f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
-                f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
-            )
-    tr = training.get("train", {})
-    cal = (metrics.get("test") or {}).get("calibration")
-    calibration = (
-        f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
-        f"and log loss from {_fmt(cal['loss_before'])} to {_fmt(cal['loss_after'])}."
-        if cal
-        else ""
-    )
-    notes = f"\n## How this model was chosen\n{c['notes']}\n" if c.get("notes") else ""
-    return f"""# Model card: {c.get("name", bundle.path.name)}
-
-**Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
-
-## Model
-- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head (128 units, ReLU,
-  dropout {c.get("dropout", 0.2)}), one logit.
-- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
-  ImageNet mean/std.
-- Operating threshold {c["threshold"]:.4f} ({c.get("threshold_rule", "youden")}) and temperature {c["temperature"]:.4f}:
-  both {fitted_on}.
-- Weights sha256: `{c["weights_sha256"]}`.
-
-## Intended use
-Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
-clinician reading every image. {_calibration_advice(site)}
-
-## Training data
-Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
-Cell 172(5):1122-1131; data on Mendeley Data (licence CC BY 4.0), the same as Kaggle's "Chest X-Ray Images (Pneumonia)".
-Paediatric patients aged 1 to 5 at Guangzhou Women and Children's Medical Center, anterior-posterior views.
-Trained on the official train split ({tr.get("images", "?")} images: {tr.get("n_normal", "?")} NORMAL,
-{tr.get("n_pneumonia", "?")} PNEUMONIA, {tr.get("patients", "?")} patients), with validation patients held out
-of train ({training.get("validation", {}).get("images", "?")} images).
-
-## Metrics (threshold {c["threshold"]:.3f}; 95% intervals by patient bootstrap)
-| split | AUC | accuracy | sensitivity | specificity | loss | ECE |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
-
-{calibration}
-{notes}
-## Known failure modes and limits
-- Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.
-- Other hospitals, scanners and processing: one centre's images; contrast, sharpness and burned-in markers
-  are known shortcuts on this data, and performance elsewhere is unknown.
-- Lateral or posterior-anterior views, cropped or rotated images, non-chest images: out of scope; the model
-  still outputs a probability for them.
-- Devices and lines (tubes, catheters, electrodes) and post-operative images are not represented.
-- The test split's normal images are called pneumonia more often than validation predicts: expect lower
-  specificity than on validation.
-"""

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from .reporting import _fmt
+from .text import number as _fmt
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -60,12 +60,7 @@ def _metrics_table(results, references: dict) -> str:
 
 def _model_section(r) -> str:
     c = r.classifier.bundle.config
-    params = c.get("parameters")
-    if params is None:
-        try:
-            params = sum(p.numel() for p in r.classifier.bundle.load_net().parameters())
-        except Exception:  # noqa: BLE001 - the section is informative only
-            params = None
+    params = r.classifier.bundle.parameter_count()
     items = {
         "bundle": str(r.classifier.bundle.path),
         "backbone": c["backbone"],

@@ -1,0 +1,106 @@
+"""MODEL_CARD.md: what a bundle is, where its numbers come from, and where it fails.
+
+Every string taken from a bundle is written as inert Markdown (:func:`text.markdown_text`): a card
+never carries HTML or links that its bundle's author slipped into a name or a note."""
+
+from __future__ import annotations
+
+from .text import markdown_text as md
+from .text import number as _fmt
+from .text import with_ci as _with_ci
+
+GENERALISATION_NOTE = (
+    "Validation patients come from the training hospital and overstate what another hospital will see: "
+    "the held-out test split (other patients, another time) is the better guide, and labelled local "
+    "images (pneumoscan calibrate, then evaluate) the best."
+)
+
+
+def _calibration_advice(site: dict | None) -> str:
+    if site:
+        return "Threshold and temperature were refitted on labelled local images (see Model)."
+    return (
+        "Threshold and temperature come from validation patients of the training\n"
+        "hospital only: before use elsewhere, refit them on labelled local images with `pneumoscan calibrate`, then\n"
+        "evaluate on other local images."
+    )
+
+
+def model_card(bundle) -> str:
+    """MODEL_CARD.md for a bundle, from its config and metrics."""
+    c, metrics = bundle.config, bundle.metrics
+    training = c.get("training", {})
+    site = c.get("calibration")
+    fitted_on = f"fitted on {md(bundle.operating_point_source)}" + (
+        f"\n  (its source, {md(site['source'])}, had {site['source_threshold']:.4f} "
+        f"and {site['source_temperature']:.4f})"
+        if site
+        else ""
+    )
+    rows = []
+    for split, label in (
+        ("validation", "validation"),
+        ("calibration", "calibration set (in-sample)"),
+        ("test", "test"),
+    ):
+        r = metrics.get(split)
+        if r:
+            rows.append(
+                f"| {label} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
+                f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
+                f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
+            )
+    tr = training.get("train", {})
+    cal = (metrics.get("test") or {}).get("calibration")
+    calibration = (
+        f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
+        f"and log loss from {_fmt(cal['loss_before'])} to {_fmt(cal['loss_after'])}."
+        if cal
+        else ""
+    )
+    notes = f"\n## How this model was chosen\n{md(c['notes'])}\n" if c.get("notes") else ""
+    return f"""# Model card: {md(c.get("name", bundle.path.name))}
+
+**Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
+
+## Model
+- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head (128 units, ReLU,
+  dropout {c.get("dropout", 0.2)}), one logit.
+- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
+  ImageNet mean/std.
+- Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
+  temperature {c["temperature"]:.4f}:
+  both {fitted_on}.
+- Weights sha256: `{c["weights_sha256"]}`.
+
+## Intended use
+Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
+clinician reading every image. {_calibration_advice(site)}
+
+## Training data
+Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
+Cell 172(5):1122-1131; data on Mendeley Data (licence CC BY 4.0), the same as Kaggle's "Chest X-Ray Images (Pneumonia)".
+Paediatric patients aged 1 to 5 at Guangzhou Women and Children's Medical Center, anterior-posterior views.
+Trained on the official train split ({md(tr.get("images", "?"))} images: {md(tr.get("n_normal", "?"))} NORMAL,
+{md(tr.get("n_pneumonia", "?"))} PNEUMONIA, {md(tr.get("patients", "?"))} patients), with validation patients held out
+of train ({md(training.get("validation", {}).get("images", "?"))} images).
+
+## Metrics (threshold {c["threshold"]:.3f}; 95% intervals by patient bootstrap)
+| split | AUC | accuracy | sensitivity | specificity | loss | ECE |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
+
+{GENERALISATION_NOTE}
+
+{calibration}
+{notes}
+## Known failure modes and limits
+- Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.
+- Other hospitals, scanners and processing: one centre's images; contrast, sharpness and burned-in markers
+  are known shortcuts on this data, and performance elsewhere is unknown.
+- Lateral or posterior-anterior views, cropped or rotated images, non-chest images: out of scope; the model
+  still outputs a probability for them.
+- Devices and lines (tubes, catheters, electrodes) and post-operative images are not represented.
+- The test split's normal images are called pneumonia more often than validation predicts: expect lower
+  specificity than on validation.
+"""
