@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscan import Classifier
-from pneumoscan.service import create_app
+from pneumoscan.service import create_app, listen, make_server
 
 
 @pytest.fixture(scope="module")
@@ -84,26 +84,28 @@ def test_health_model_page_and_schema(client):
     assert "access-control-allow-origin" not in client.get("/healthz", headers={"Origin": "http://x"}).headers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def live_server(app):
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+def run_server(app, **limits):
+    """The production serving stack (guarded protocol, our socket) in a thread: ``(port, stop)``."""
+    sock = listen("127.0.0.1", 0)
+    server = make_server(app, sock, **limits)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(5)
+
+    return sock.getsockname()[1], stop
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    port, stop = run_server(app)
     yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    stop()
 
 
 def test_page_in_a_real_browser(live_server, tmp_path_factory):
@@ -144,20 +146,12 @@ def test_page_in_a_real_browser(live_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fault_server(trained_bundle):
     """A live server with a 1 s body timeout, for clients that misbehave."""
-    import uvicorn
-
     app = create_app(
         classifier=Classifier.load(trained_bundle.path, engine="torch"), max_upload_bytes=2 * 2**20, body_timeout=1.0
     )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    port, stop = run_server(app)
     yield port
-    server.should_exit = True
-    thread.join(5)
+    stop()
 
 
 def _multipart_head(port: int, length: int) -> bytes:
@@ -229,3 +223,102 @@ def test_200_concurrent_bad_uploads_then_good_ones(fault_server):
     assert len(codes) == 200 and set(codes) <= {415, 422}  # unidentifiable or truncated: each refused
     assert all(_good_request(fault_server) == 200 for _ in range(5))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: bounded
+
+
+def test_half_open_connections_are_closed_and_capped(app):
+    """Clients that never finish their request head are dropped after the head deadline; connections
+    beyond the cap are closed at once; the server keeps answering throughout."""
+    import httpx
+
+    port, stop = run_server(app, header_timeout=1.0, max_connections=24)
+    try:
+        idle = []
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * i)  # never finished
+            idle.append(s)
+        time.sleep(0.3)
+        closed_at_once = sum(_closed(s, wait=0.05) for s in idle)
+        assert closed_at_once >= 40 - 24  # over the cap
+        for _ in range(8):  # a client trickling bytes does not buy time: the deadline counts from the start
+            for s in idle:
+                try:
+                    s.send(b"a")
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        assert all(_closed(s, wait=1.0) for s in idle)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        for s in idle:
+            s.close()
+        stop()
+
+
+def test_bundle_strings_are_text_on_the_page(trained_bundle, tmp_path):
+    """A bundle whose name and operating-point source carry markup (calibrate takes the source from a
+    folder name): the page shows them as text, runs nothing, and shows test numbers beside validation."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
+
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    bundle = load_bundle(copy)
+    name = "<img src=x onerror=\"document.title='owned'\">"
+    config = {**bundle.config, "name": name}
+    config["calibration"] = {
+        "source": "<script>document.title='owned'</script>",
+        "source_threshold": 0.5,
+        "source_temperature": 1.0,
+        "data": "<img src=y onerror=\"document.title='owned'\">",
+        "images": 80,
+        "patients": 60,
+    }
+    metrics = {**bundle.metrics, "test": bundle.metrics["validation"]}
+    write_bundle(copy, config, metrics, weights=copy / WEIGHTS)
+    port, stop = run_server(create_app(classifier=Classifier.load(copy, engine="torch")))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#metric-test-auc")
+            time.sleep(0.3)
+            assert page.title() == "pneumoscan"
+            assert page.eval_on_selector_all("#model img, #model script", "n => n.length") == 0
+            assert name in page.inner_text("#model") and "training hospital" in page.inner_text("#generalisation")
+            browser.close()
+    finally:
+        stop()
+
+
+def _closed(s: socket.socket, wait: float) -> bool:
+    s.settimeout(wait)
+    try:
+        return s.recv(1024) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_security_headers_and_no_host_reflection(client):
+    page = client.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for path in ("/static", "/v1/model/", "/healthz/"):
+        r = client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert "evil.example" not in r.headers.get("location", "") and r.status_code < 500
+
+
+def test_docs_work_offline(client):
+    import re
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and not re.search(r"(src|href)=\"(https?:)?//", docs.text)
+    assert "<script>" not in docs.text  # no inline script: the CSP forbids it
+    for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
+        assert client.get(asset).status_code == 200, asset

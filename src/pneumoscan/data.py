@@ -158,12 +158,18 @@ class DataCheck:
             out.append(f"{split:<8}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}{sum(c.values()):>8}")
         out.append(f"unreadable files: {len(self.unreadable)}")
         out += [f"  {line}" for line in self.unreadable]
-        crossing = [g for g in self.duplicate_groups if len({Path(p).parts[-3] for p in g}) > 1]
+        crossing = [g for g in self.duplicate_groups if len({_split_of(p) for p in g}) > 1]
         out.append(f"byte-identical groups: {len(self.duplicate_groups)} ({len(crossing)} across splits)")
         out += [f"  {' = '.join(g)}" for g in self.duplicate_groups]
         out.append(f"patients in more than one split: {len(self.crossing_patients)}")
         out += [f"  {p}: {', '.join(s)}" for p, s in sorted(self.crossing_patients.items())]
         return out
+
+
+def _split_of(relative: str) -> str:
+    """The split a file (relative to the dataset root) lies in; "all" in a flat NORMAL/PNEUMONIA folder."""
+    parts = Path(relative).parts
+    return parts[0] if len(parts) > 2 else "all"
 
 
 def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:

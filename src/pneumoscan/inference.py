@@ -121,11 +121,11 @@ def _trusted_cache_file(path: Path) -> bool:
     return path.is_file()
 
 
-def cached_onnx(bundle: Bundle) -> Path | None:
-    """The bundle's fp32 ONNX model, exported once into the cache when the bundle carries none;
-    None where the cache cannot be written. PyTorch is imported only to make the export."""
+def cached_onnx(bundle: Bundle, fresh: bool = False) -> Path | None:
+    """The bundle's fp32 ONNX model, exported once into the cache when the bundle carries none
+    (again with ``fresh``); None where the cache cannot be written. PyTorch is imported only to export."""
     path = onnx_cache_path(bundle)
-    if _trusted_cache_file(path):
+    if _trusted_cache_file(path) and not fresh:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -148,8 +148,22 @@ def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
         raise ConfigError(f"{bundle.path}: no int8 ONNX model in the bundle; run pneumoscan export --int8 first")
     if onnx is None and engine == "onnx":
         raise ConfigError(f"{bundle.path}: no ONNX model in the bundle; run pneumoscan export first")
-    onnx = onnx or cached_onnx(bundle)
-    return OnnxEngine(onnx, bundle) if onnx is not None else TorchEngine(bundle)
+    if onnx is not None:
+        return OnnxEngine(onnx, bundle)
+    return _cached_engine(bundle)
+
+
+def _cached_engine(bundle: Bundle):
+    """ONNX Runtime on the cached export; a cached file that fails its checks is exported again."""
+    for fresh in (False, True):
+        path = cached_onnx(bundle, fresh)
+        if path is None:
+            break
+        try:
+            return OnnxEngine(path, bundle)
+        except ConfigError:
+            continue
+    return TorchEngine(bundle)
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:

@@ -1,0 +1,468 @@
+"""Hostile inputs: run folders, bundles, file names and files made by someone else.
+
+Each test names the class of problem it guards; each fails on the code before the hardening."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from corpus import REAL, bomb_png, dicom, encode, real_grey, write
+from PIL import Image
+
+from pneumoscan import Classifier
+from pneumoscan.bundle import load_bundle
+from pneumoscan.errors import ConfigError, ImageError
+from pneumoscan.images import load_image
+
+CLI = [sys.executable, "-m", "pneumoscan.cli"]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, timeout=300, **kw)
+
+
+def _one_line(done) -> str:
+    err = done.stderr.decode("utf-8", "replace") if isinstance(done.stderr, bytes) else done.stderr
+    assert "Traceback" not in err, err[-2000:]
+    return err
+
+
+# --- 1. run folders: resume never unpickles -----------------------------------------------------------------
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED']}",))
+
+
+def test_resume_refuses_a_planted_checkpoint(small_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = {"data": str(small_data), "out": str(run), "epochs": 1, "limit": 8}
+    (run / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "pwned"
+    os.environ["PWNED"] = str(marker)
+    torch.save({"state_dict": {}, "epoch": 0, "evil": _Payload()}, run / "checkpoints" / "head-last.ckpt")
+    done = _cli("train", "--resume", run, "--quiet")
+    err = _one_line(done)
+    assert done.returncode == 2 and "head-last.ckpt: refused as a checkpoint" in err, err
+    assert not marker.exists()
+
+
+def test_resume_state_cannot_point_outside_the_run(small_data, tmp_path):
+    from pneumoscan.training import RunState
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text(json.dumps({"done": {"head": [0.9, "/etc/passwd"]}, "seconds": {}}))
+    score, checkpoint = RunState(run, resume=True).finished("head")
+    assert checkpoint == run / "checkpoints" / "passwd"
+
+
+@pytest.mark.parametrize(
+    "config,fragment",
+    [
+        ("{broken", "not valid JSON"),
+        ('{"data": "x", "out": "y", "epochs": "many"}', "--epochs must be int"),
+        ('{"data": "x", "out": "y", "dropout": 7}', "--dropout must be"),
+        ('{"data": "x", "out": "y", "augmentation": {"rotation": -400}}', "--rotation must be"),
+        ('{"data": "x", "out": "y", "augmentation": {"evil": 1}}', "augmentation"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
+def test_resume_with_a_broken_config_is_one_line(tmp_path, config, fragment):
+    (tmp_path / "config.json").write_text(config)
+    done = _cli("train", "--resume", tmp_path)
+    err = _one_line(done)
+    assert done.returncode == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- 2. bundles: strings are text, files are verified, values are checked at load ----------------------------
+
+
+@pytest.fixture
+def hostile_bundle(exported_bundle, tmp_path):
+    """A copy of a real bundle whose strings carry markup, as a hostile author would write them."""
+    from pneumoscan.bundle import WEIGHTS, write_bundle
+
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    bundle = load_bundle(copy)
+    config = {
+        **bundle.config,
+        "name": '<img src=x onerror="document.title=1">',
+        "notes": "<script>alert(1)</script> [click](javascript:alert(1))",
+        "threshold_rule": "<b>youden</b>",
+    }
+    return write_bundle(copy, config, bundle.metrics, weights=copy / WEIGHTS)
+
+
+def test_bundle_strings_stay_text_in_the_model_card(hostile_bundle):
+    card = (hostile_bundle.path / "MODEL_CARD.md").read_text()
+    assert "<script>" not in card and "<img" not in card and "<b>" not in card
+    assert "&lt;script&gt;" in card and "\\[click\\]" in card
+
+
+def test_swapped_onnx_is_refused(exported_bundle, tmp_path):
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    shutil.copyfile(copy / "model.int8.onnx", copy / "model.onnx")
+    with pytest.raises(ConfigError, match="model.onnx: sha256 does not match"):
+        load_bundle(copy)
+    done = _cli("predict", REAL, "--model", copy)
+    assert done.returncode == 2 and "sha256 does not match" in _one_line(done)
+
+
+def test_onnx_from_other_weights_is_refused_even_with_a_matching_sha(exported_bundle, trained_bundle, tmp_path):
+    """An ONNX model must carry the bundle's weights digest in its metadata, whatever config.json says."""
+    from pneumoscan.bundle import sha256_file
+
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    other = tmp_path / "other.onnx"
+    import onnx
+
+    model = onnx.load(str(copy / "model.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "pneumoscan_weights_sha256":
+            prop.value = "0" * 64
+    onnx.save(model, str(other))
+    shutil.copyfile(other, copy / "model.onnx")
+    config = json.loads((copy / "config.json").read_text())
+    config["files"]["model.onnx"] = sha256_file(copy / "model.onnx")
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="not exported from this bundle's weights"):
+        Classifier.load(copy, engine="onnx")
+
+
+def test_a_poisoned_cache_entry_is_exported_again(trained_bundle):
+    from pneumoscan.inference import onnx_cache_path
+
+    Classifier.load(trained_bundle.path)  # fills the cache
+    path = onnx_cache_path(trained_bundle)
+    path.write_bytes(b"not an onnx model")
+    clf = Classifier.load(trained_bundle.path)
+    assert clf.engine.name == "onnx" and clf.predict_one(REAL).ok
+
+
+def _edit(path: Path, name: str, edit) -> None:
+    target = path / name
+    data = json.loads(target.read_text())
+    target.write_text(edit(data) if callable(edit) else edit)
+
+
+@pytest.mark.parametrize(
+    "name,edit,fragment",
+    [
+        ("config.json", lambda c: json.dumps({**c, "dropout": 5}), "dropout 5"),
+        ("config.json", lambda c: json.dumps({**c, "temperature": 1e300}), "temperature"),
+        ("config.json", lambda c: json.dumps(c).replace('"temperature": ', '"temperature": Infinity, "x": '), "JSON"),
+        ("config.json", lambda c: json.dumps({**c, "notes": [[[[[[[[]]]]]]]]}), "'notes' has the wrong type"),
+        ("config.json", lambda c: json.dumps(c)[:-1] + ', "deep": ' + "[" * 5000 + "]" * 5000 + "}", "nested"),
+        ("config.json", lambda c: json.dumps({**c, "calibration": {"source": 1}}), "calibration.source"),
+        ("config.json", lambda c: json.dumps({**c, "files": {"../../etc/passwd": "0" * 64}}), "'files'"),
+        ("config.json", lambda c: json.dumps({**c, "backbone": "vgg"}), "unknown backbone"),
+        ("metrics.json", lambda m: "[1, 2, 3]", "metrics.json must hold a JSON object"),
+        ("metrics.json", lambda m: json.dumps({"validation": {"auc": "high"}}), "validation.auc"),
+        ("metrics.json", lambda m: json.dumps({"validation": {"ci95": {"auc": "wide"}}}), "ci95"),
+    ],
+)
+def test_bundle_values_that_would_fail_later_are_refused_at_load(trained_bundle, tmp_path, name, edit, fragment):
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    _edit(copy, name, edit)
+    with pytest.raises(ConfigError, match=fragment):
+        load_bundle(copy)
+    done = _cli("predict", REAL, "--model", copy, "--format", "jsonl")
+    err = _one_line(done)
+    assert done.returncode == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_onnx_with_the_wrong_contract_is_refused(exported_bundle, tmp_path):
+    """Input of another type, an output of another name: refused when the engine is built, not on first use."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pneumoscan.bundle import onnx_metadata, sha256_file
+
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    size = exported_bundle.image_size
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["score"], keepdims=0)],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for key, value in onnx_metadata(exported_bundle.config).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(copy / "model.onnx"))
+    config = json.loads((copy / "config.json").read_text())
+    config["files"]["model.onnx"] = sha256_file(copy / "model.onnx")
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="uint8 input"):
+        Classifier.load(copy, engine="onnx")
+
+
+# --- 3 and 4. names: CSV cells never start formulas, terminals never get control characters ------------------
+
+
+@pytest.fixture
+def hostile_names(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["=HYPERLINK(evil).jpeg", "+1.jpeg", "@sum.jpeg", "-2.jpeg", "a\nPNEUMONIA     0.9999  forged.jpeg"]
+    names.append("\x1b[2J\x1b]0;owned\x07.jpeg")
+    for name in names:
+        shutil.copyfile(REAL, folder / name)
+    return folder, names
+
+
+def test_csv_cells_never_start_a_formula(hostile_names, trained_bundle):
+    import csv
+
+    folder, names = hostile_names
+    done = _cli("predict", folder, "--model", trained_bundle.path, "--format", "csv")
+    assert done.returncode == 0
+    rows = list(csv.DictReader(io.StringIO(done.stdout.decode())))
+    assert len(rows) == len(names)
+    for row in rows:
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    jsonl = _cli("predict", folder, "--model", trained_bundle.path, "--format", "jsonl")
+    paths = {Path(json.loads(line)["path"]).name for line in jsonl.stdout.decode().splitlines()}
+    assert paths == set(names)  # JSON lines keep the names exact
+
+
+def test_evaluation_predictions_csv_is_safe_too(trained_bundle, tmp_path):
+    import csv
+
+    from pneumoscan.evaluation import evaluate
+
+    root = tmp_path / "data"
+    for label, source in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_virus_6.jpeg")):
+        (root / label).mkdir(parents=True)
+        shutil.copyfile(REAL, root / label / f"=cmd{label}$x^2$.jpeg")  # formula and matplotlib math
+        shutil.copyfile(REAL, root / label / source)
+    evaluate(root, None, [str(trained_bundle.path)], tmp_path / "eval", engine="torch", n_resamples=20, progress=False)
+    rows = list(csv.reader(open(tmp_path / "eval" / "predictions.csv")))
+    assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+    assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "random_predictions.png").is_file()
+
+
+def test_table_and_errors_escape_control_characters(hostile_names, trained_bundle, tmp_path):
+    folder, names = hostile_names
+    (folder / "bad\r\x1b[1A.jpeg").write_bytes(b"broken")
+    done = _cli("predict", folder, "--model", trained_bundle.path)
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 1
+    assert "\x1b" not in out + err and "\r" not in out + err and "\x07" not in out + err
+    assert len(out.strip().splitlines()) == len(names) + 1 + 2  # header, one line per input, summary
+    assert len(err.strip().splitlines()) == 1 and "\\x1b" in err
+
+
+def test_names_that_are_not_utf8_print(trained_bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9-\xff.jpeg")
+    shutil.copyfile(REAL, folder / name)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    for fmt in ("table", "csv", "jsonl"):
+        done = _cli("predict", folder, "--model", trained_bundle.path, "--format", fmt, env=env)
+        assert done.returncode == 0, done.stderr
+        assert b"\\xe9" in done.stdout or b"\\udce9" in done.stdout
+
+
+# --- 5. only the promised formats -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "WEBP", "BMP", "PPM", "TGA", "ICO", "EPS", "PCX", "IM"])
+def test_only_jpeg_png_and_dicom_are_decoded(tmp_path, fmt):
+    image = Image.fromarray(real_grey()[:128, :128])
+    try:
+        data = encode(image, fmt)
+    except (OSError, KeyError):  # a format this Pillow cannot write: its header is enough to sniff
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n" if fmt == "EPS" else b"\x00" * 256
+    for name in ("x.jpeg", "x.png", "x.tif"):
+        with pytest.raises(ImageError, match="not a recognised image") as caught:
+            load_image(write(tmp_path, name, data))
+        assert caught.value.kind == "unsupported"
+
+
+def test_a_jpeg_named_dcm_is_read_by_content(tmp_path):
+    expected = np.asarray(load_image(REAL))
+    assert np.array_equal(np.asarray(load_image(write(tmp_path, "x.dcm", REAL.read_bytes()))), expected)
+
+
+# --- 6. DICOM decompression bombs -------------------------------------------------------------------------
+
+
+def _deflated_dicom(pixel_bytes: int) -> bytes:
+    """A deflate-compressed DICOM whose pixel data inflate to ``pixel_bytes``, built without holding them."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=True)
+
+    def element(group, elem, vr, value: bytes) -> bytes:
+        return group.to_bytes(2, "little") + elem.to_bytes(2, "little") + vr + len(value).to_bytes(2, "little") + value
+
+    side = int((pixel_bytes // 2) ** 0.5)
+    body = element(0x0028, 0x0010, b"US", side.to_bytes(2, "little")) + element(
+        0x0028, 0x0011, b"US", side.to_bytes(2, "little")
+    )
+    body += b"\xe0\x7f\x10\x00OW\x00\x00" + (pixel_bytes).to_bytes(4, "little")
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflate.compress(body)]
+    chunk = b"\0" * (1 << 20)
+    for _ in range(pixel_bytes >> 20):
+        parts.append(deflate.compress(chunk))
+    parts.append(deflate.flush())
+    return b"\0" * 128 + b"DICM" + head.getvalue() + b"".join(parts)
+
+
+def test_deflated_dicom_bomb_is_refused_before_inflating(tmp_path):
+    import resource
+
+    data = _deflated_dicom(1 << 30)  # 1 GB of pixels in about 1 MB
+    assert len(data) < 2 * 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="inflate past") as caught:
+        load_image(write(tmp_path, "bomb.dcm", data))
+    assert caught.value.kind == "too_large"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300 * 1024  # KB
+
+
+def test_multiframe_dicom_is_bounded_by_all_its_frames(tmp_path):
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(dicom(real_grey())))
+    ds.NumberOfFrames = 5000  # 5000 x 224 x 224 x 2 bytes = 500 MB if decoded
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageError, match="5000 frame") as caught:
+        load_image(write(tmp_path, "frames.dcm", buf.getvalue()))
+    assert caught.value.kind == "too_large"
+
+
+def test_a_small_multiframe_dicom_uses_its_first_frame(tmp_path):
+    from pydicom import dcmread
+
+    grey = real_grey()
+    ds = dcmread(io.BytesIO(dicom(grey)))
+    second = np.flipud(grey)
+    values = np.concatenate([grey, second]).astype(np.uint16) * 16
+    ds.NumberOfFrames = 2
+    ds.PixelData = values.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    first = np.asarray(load_image(write(tmp_path, "two.dcm", buf.getvalue())), dtype=float)
+    assert np.corrcoef(first.ravel(), grey.ravel())[0, 1] > 0.99
+
+
+# --- 8. special files and in-memory images ------------------------------------------------------------------
+
+
+def test_data_check_refuses_special_files(tmp_path):
+    root = tmp_path / "set"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        shutil.copyfile(REAL, root / label / "good.jpeg")
+    os.symlink("/dev/zero", root / "NORMAL" / "zero.jpeg")
+    os.mkfifo(root / "PNEUMONIA" / "fifo.jpeg")
+    start = time.time()
+    done = _cli("data", "check", root, "--quiet")
+    assert time.time() - start < 60
+    out = done.stdout.decode()
+    assert done.returncode == 1 and out.count("not a regular file") == 2, out
+
+
+def test_the_api_checks_pil_images_and_arrays_like_files(trained_bundle):
+    clf = Classifier.load(trained_bundle.path)
+    bomb = Image.open(io.BytesIO(bomb_png(12000, 12000)))  # lazily opened: 144 MP claimed by its header
+    results = clf.predict([Image.new("L", (1, 1)), bomb, np.zeros((1, 1)), np.full((64, 64), np.nan), REAL])
+    assert [r.ok for r in results] == [False, False, False, False, True]
+    assert "1x1" in results[0].error and "over the limit" in results[1].error and "NaN" in results[3].error
+
+
+# --- 11. one line, never a traceback ------------------------------------------------------------------------
+
+
+def test_output_paths_that_cannot_be_written(trained_bundle, small_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args in (
+        ["evaluate", "--data", small_data, "--split", "test", "--model", trained_bundle.path, "--out", blocker],
+        ["calibrate", "--data", small_data, "--split", "test", "--model", trained_bundle.path, "--out", blocker],
+        ["export", "--model", trained_bundle.path, "--out", blocker / "x.onnx"],
+        ["demo", "--out", blocker],
+        ["predict", REAL, "--model", trained_bundle.path, "--cam", blocker],
+    ):
+        done = _cli(*args, "--quiet") if args[0] in ("evaluate", "calibrate") else _cli(*args)
+        err = _one_line(done)
+        assert done.returncode == 2 and len(err.strip().splitlines()) == 1 and str(blocker) in err, (args, err)
+
+
+def test_long_names_with_cam_and_empty_paths(trained_bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_name = "x" * 250 + ".jpeg"
+    shutil.copyfile(REAL, folder / long_name)
+    done = _cli("predict", folder, "--model", trained_bundle.path, "--cam", tmp_path / "cams")
+    assert done.returncode == 0, _one_line(done)
+    assert len(list((tmp_path / "cams").iterdir())) == 1
+    done = _cli("predict", "", REAL, "--model", trained_bundle.path, "--format", "jsonl")
+    rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert done.returncode == 1 and rows[0] == {"path": "", "error": "empty path"} and "probability" in rows[1]
+
+
+def test_deeply_nested_folders(trained_bundle, tmp_path):
+    deep = tmp_path / "deep"
+    current = deep
+    deep.mkdir()
+    for _ in range(1100):  # one level at a time: os.makedirs itself recurses
+        current = current / "d"
+        current.mkdir()
+    shutil.copyfile(REAL, current / "x.jpeg")
+    done = _cli("predict", deep, "--model", trained_bundle.path, "--format", "jsonl")
+    err = _one_line(done)
+    assert done.returncode in (0, 1) and done.stdout, err
+
+
+def test_a_class_folder_of_unreadable_images(trained_bundle, tmp_path):
+    root = tmp_path / "data"
+    (root / "NORMAL").mkdir(parents=True)
+    (root / "PNEUMONIA").mkdir()
+    shutil.copyfile(REAL, root / "PNEUMONIA" / "person1_virus_6.jpeg")
+    (root / "NORMAL" / "IM-0001-0001.jpeg").write_bytes(b"broken")
+    done = _cli("evaluate", "--data", root, "--model", trained_bundle.path, "--out", tmp_path / "e", "--quiet")
+    _one_line(done)
+    assert done.returncode == 1 and (tmp_path / "e" / "metrics.json").is_file()
+
+
+def test_serve_on_a_busy_port_is_one_line(trained_bundle):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        done = _cli("serve", "--model", trained_bundle.path, "--port", port)
+    err = _one_line(done)
+    assert done.returncode == 2 and f"127.0.0.1:{port}: cannot listen" in err and len(err.strip().splitlines()) == 1
