@@ -55,8 +55,8 @@ def int8_table(clf: Classifier, data: Path) -> None:
         print("(the bundle has no int8 model: run pneumoscan export --int8)")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = OnnxEngine(export_onnx(bundle, Path(tmp) / "fp32.onnx"))
-        q = OnnxEngine(int8)
+        fp32 = OnnxEngine(export_onnx(bundle, Path(tmp) / "fp32.onnx"), bundle)
+        q = OnnxEngine(int8, bundle)
         _, val = training_splits(data, "patients", 0.1, 0)
         print("\nint8 against fp32 (ONNX Runtime)")
         print(

@@ -10,6 +10,8 @@ import pytest
 from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture
 def copy(trained_bundle, tmp_path):

@@ -37,11 +37,13 @@ def test_configuration_errors_are_one_line_and_exit_2(args, fragment):
     assert fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
+@pytest.mark.data
 def test_unknown_backbone_exits_2(small_data, tmp_path):
     done = _cli("train", "--data", small_data, "--out", tmp_path, "--backbone", "resnet9", "--limit", "8")
     assert done.returncode == 2 and "unknown backbone 'resnet9'" in done.stderr
 
 
+@pytest.mark.data
 def test_data_check_reports(small_data):
     done = _cli("data", "check", small_data, "--quiet")
     assert done.returncode == 0

@@ -6,6 +6,8 @@ from conftest import D224, link_dataset, real_images
 from pneumoscan.data import check_dataset, load_split, patient_id, split_by_patient, stratified_subset, training_splits
 from pneumoscan.errors import ConfigError
 
+pytestmark = pytest.mark.data
+
 
 @pytest.mark.parametrize(
     "name,patient",

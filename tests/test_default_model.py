@@ -10,6 +10,8 @@ from pneumoscan.data import list_images
 from pneumoscan.images import load_image, prepare, resize_square
 from pneumoscan.model_card import model_card
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture(scope="module")
 def clf():
@@ -22,7 +24,11 @@ def test_bundle_is_small_complete_and_verified():
     bundle = load_bundle()
     assert {"validation", "test"} <= set(bundle.metrics)
     assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
-    assert bundle.onnx_path(int8=True) is not None
+    assert bundle.onnx_path(int8=True) is not None and set(bundle.config["files"]) == {"model.int8.onnx"}
+    # the operating-point decision: balanced (0.5), said to be taken after the test read
+    assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"
+    assert "after the test split had been read" in bundle.config["notes"]
+    assert bundle.metrics["test"]["threshold"] == 0.5 and bundle.metrics["validation"]["threshold"] == 0.5
     card = (path / "MODEL_CARD.md").read_text()
     assert "not a medical device" in card and "CC BY 4.0" in card and "| test (624 images" in card
     assert card == model_card(bundle)  # regenerated whenever the card's template changes
@@ -59,6 +65,7 @@ def test_demo_runs_offline(tmp_path, monkeypatch):
     )
     assert done.returncode == 0, done.stderr[-1000:]
     assert "report:" in done.stdout and len(list((tmp_path / "demo" / "gradcam").glob("*.cam.png"))) == 16
+    assert "held-out test split, 624 images: auc 0.972" in done.stdout and "overstate" in done.stdout
     assert (tmp_path / "demo" / "report.html").stat().st_size > 100_000
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from pneumoscan import Classifier
 
+pytestmark = pytest.mark.data
+
 KEYS = {
     "split",
     "n",
@@ -74,6 +76,7 @@ def test_figures_are_written(evaluated):
         assert (out / name).stat().st_size > 5000, name
 
 
+@pytest.mark.browser
 def test_report_opens_in_a_real_browser(evaluated, tmp_path):
     """Headless Chromium (Debian's) loads report.html offline: every figure decodes and the table is there."""
     from playwright.sync_api import sync_playwright
@@ -128,3 +131,32 @@ def test_record_stores_the_report_in_the_bundle(trained_bundle, small_data, tmp_
     bundle = load_bundle(copy)  # weights untouched: the sha256 still matches
     assert bundle.metrics["test"]["n"] == 80 and "validation" in bundle.metrics
     assert "| test (80 images" in (copy / "MODEL_CARD.md").read_text()
+
+
+def test_cross_fitted_local_calibration(trained_bundle, small_data, tmp_path):
+    """`--cross-fit K`: pooled out-of-fold predictions reported beside the plain ones, in metrics.json,
+    the console table and report.html."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cf"
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "evaluate", "--data", small_data, "--model", trained_bundle.path]
+        + ["--out", out, "--cross-fit", "3", "--bootstrap", "100", "--quiet", "--ledger", tmp_path / "reads.csv"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    cf = json.loads((out / "metrics.json").read_text())["cross_fit"]
+    assert cf["n"] == 80 and cf["folds"] == 3 and len(cf["fold_thresholds"]) == 3 and cf["rule"] == "youden"
+    (tn, fp), (fn, tp) = cf["confusion_matrix"]
+    assert tn + fp + fn + tp == 80 and cf["accuracy"] == pytest.approx((tn + tp) / 80)
+    assert cf["ci95"]["accuracy"][0] <= cf["accuracy"] <= cf["ci95"]["accuracy"][1]
+    assert "cross-fitted local calibration (3 patient folds" in done.stdout
+    assert "cross-fitted local calibration (3 folds" in (out / "report.html").read_text()
+    import csv
+
+    (row,) = list(csv.DictReader(open(tmp_path / "reads.csv")))
+    assert row["weights_sha256"] == trained_bundle.config["weights_sha256"] and row["split"] == "test"
+    assert float(row["auc"]) == pytest.approx(json.loads((out / "metrics.json").read_text())["auc"], abs=1e-4)

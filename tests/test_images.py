@@ -8,6 +8,8 @@ from PIL import Image
 from pneumoscan.errors import ImageError
 from pneumoscan.images import load_image, prepare
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture(scope="module")
 def grey():

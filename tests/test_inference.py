@@ -13,6 +13,8 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.explain import class_activation_map
 from pneumoscan.images import prepare
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture(scope="module")
 def clf(trained_bundle):

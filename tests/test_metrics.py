@@ -92,6 +92,21 @@ def test_threshold_rules():
     assert M.binary_metrics(y, p, t)["sensitivity"] >= 0.6
 
 
+def test_operating_rules_name_what_they_did():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    logits = (2 * y - 1) * 1.5 + rng.normal(0, 1.5, 300) + 0.8  # shifted: Youden moves away from 0.5
+    temperature, threshold, rule = M.fit_operating_point(y, logits)
+    assert (threshold, rule) == (0.5, "balanced") and temperature == pytest.approx(M.fit_temperature(y, logits))
+    _, youden, rule = M.fit_operating_point(y, logits, "youden")
+    assert rule == "youden" and youden == pytest.approx(M.choose_threshold(y, M.sigmoid(logits, temperature)))
+    assert youden != 0.5
+    _, t, rule = M.fit_operating_point(y, logits, "balanced", target_sensitivity=0.99)
+    assert rule == "sensitivity>=0.99" and M.binary_metrics(y, M.sigmoid(logits, temperature), t)["sensitivity"] >= 0.99
+    with pytest.raises(ValueError, match="unknown operating rule"):
+        M.fit_operating_point(y, logits, "median")
+
+
 def test_delong():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 400)
@@ -127,3 +142,36 @@ def test_sigmoid_applies_the_temperature_and_never_overflows():
         warnings.simplefilter("error")  # no overflow warning at extreme logits
         p = M.sigmoid(np.array([-1000.0, 1000.0]))
     assert p[0] == pytest.approx(0.0, abs=1e-300) and p[1] == 1.0
+
+
+def test_cross_fit_never_calibrates_a_fold_on_its_own_labels():
+    """Flip every label of one fold: that fold's fitted temperature and threshold must not move (they come
+    from the other folds), while every other fold's do (their training data changed)."""
+    rng = np.random.default_rng(3)
+    n = 400
+    groups = [f"p{i // 2}" for i in range(n)]  # two images per patient
+    y = np.repeat(rng.integers(0, 2, n // 2), 2)
+    logits = (2 * y - 1) * 2.0 + rng.normal(0, 1.5, n)
+    fit = M.cross_fit(y, logits, groups, k=5, rule="youden", seed=1)
+    fold = fit["fold"]
+    for patient in set(groups):  # patients never span folds, and every fold has both classes
+        assert len({fold[i] for i, g in enumerate(groups) if g == patient}) == 1
+    assert all(len(set(y[fold == f])) == 2 for f in range(5))
+    flipped = y.copy()
+    flipped[fold == 2] = 1 - flipped[fold == 2]
+    refit = M.cross_fit(flipped, logits, groups, k=5, rule="youden", fold=fold)
+    assert refit["temperatures"][2] == pytest.approx(fit["temperatures"][2])
+    assert refit["thresholds"][2] == pytest.approx(fit["thresholds"][2])
+    assert all(refit["temperatures"][f] != pytest.approx(fit["temperatures"][f]) for f in (0, 1, 3, 4))
+    held = fold == 2
+    assert np.allclose(fit["probability"][held], M.sigmoid(logits[held], fit["temperatures"][2]))
+
+
+def test_metrics_at_one_threshold_per_image():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.3, 0.6, 0.55, 0.9])
+    per_image = np.array([0.5, 0.7, 0.5, 0.7])
+    m = M.binary_metrics(y, p, per_image)
+    assert m["confusion_matrix"] == [[2, 0], [0, 2]] and m["threshold"] is None
+    ci = M.bootstrap_ci(y, p, ["a", "b", "c", "d"], per_image, n_resamples=50)
+    assert ci["accuracy"] == [1.0, 1.0]

@@ -24,6 +24,8 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError, ImageError
 from pneumoscan.images import load_image
 
+pytestmark = pytest.mark.data
+
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
 
@@ -434,15 +436,20 @@ def test_long_names_with_cam_and_empty_paths(trained_bundle, tmp_path):
 
 def test_deeply_nested_folders(trained_bundle, tmp_path):
     deep = tmp_path / "deep"
-    current = deep
-    deep.mkdir()
-    for _ in range(1100):  # one level at a time: os.makedirs itself recurses
-        current = current / "d"
-        current.mkdir()
-    shutil.copyfile(REAL, current / "x.jpeg")
-    done = _cli("predict", deep, "--model", trained_bundle.path, "--format", "jsonl")
-    err = _one_line(done)
-    assert done.returncode in (0, 1) and done.stdout, err
+    levels = [deep]
+    for _ in range(1100):  # one level at a time: os.makedirs (and shutil.rmtree) recurse
+        levels.append(levels[-1] / "d")
+    for level in levels:
+        level.mkdir()
+    shutil.copyfile(REAL, levels[-1] / "x.jpeg")
+    try:
+        done = _cli("predict", deep, "--model", trained_bundle.path, "--format", "jsonl")
+        err = _one_line(done)
+        assert done.returncode == 0 and json.loads(done.stdout)["label"] in ("NORMAL", "PNEUMONIA"), err
+    finally:
+        (levels[-1] / "x.jpeg").unlink()
+        for level in reversed(levels):
+            level.rmdir()
 
 
 def test_a_class_folder_of_unreadable_images(trained_bundle, tmp_path):

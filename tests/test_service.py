@@ -13,6 +13,8 @@ from PIL import Image
 from pneumoscan import Classifier
 from pneumoscan.service import create_app, listen, make_server
 
+pytestmark = pytest.mark.data
+
 
 @pytest.fixture(scope="module")
 def app(trained_bundle):
@@ -108,6 +110,7 @@ def live_server(app):
     stop()
 
 
+@pytest.mark.browser
 def test_page_in_a_real_browser(live_server, tmp_path_factory):
     """Debian's Chromium, headless, offline: upload a real X-ray, see label, probability and overlay."""
     from playwright.sync_api import sync_playwright
@@ -255,6 +258,7 @@ def test_half_open_connections_are_closed_and_capped(app):
         stop()
 
 
+@pytest.mark.browser
 def test_bundle_strings_are_text_on_the_page(trained_bundle, tmp_path):
     """A bundle whose name and operating-point source carry markup (calibrate takes the source from a
     folder name): the page shows them as text, runs nothing, and shows test numbers beside validation."""
@@ -298,7 +302,7 @@ def _closed(s: socket.socket, wait: float) -> bool:
     s.settimeout(wait)
     try:
         return s.recv(1024) == b""
-    except socket.timeout:
+    except TimeoutError:
         return False
     except OSError:
         return True

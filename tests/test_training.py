@@ -10,6 +10,8 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 from pneumoscan.training import TrainConfig, train
 
+pytestmark = pytest.mark.data
+
 
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent

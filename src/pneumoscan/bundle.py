@@ -239,9 +239,14 @@ class Bundle:
     def operating_point_source(self) -> str:
         """Where the threshold and temperature were fitted, in words."""
         site = self.config.get("calibration")
-        if site:
-            return f"{site['images']} labelled images of {site['data']} (pneumoscan calibrate)"
-        return "validation data (patients held out of training), never on test"
+        where = (
+            f"{site['images']} labelled images of {site['data']} (pneumoscan calibrate)"
+            if site
+            else "validation data (patients held out of training), never on test"
+        )
+        if self.config.get("threshold_rule") == "balanced":
+            return f"{where} for the temperature; the threshold is 0.5 by rule (balanced: logit 0)"
+        return where
 
     def probabilities(self, logits):
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""

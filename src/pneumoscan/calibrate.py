@@ -40,12 +40,13 @@ def calibrate_bundle(
     *,
     model: str | Path | None = None,
     split: str | None = None,
+    rule: str = "youden",
     target_sensitivity: float | None = None,
     n_resamples: int = 2000,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Bundle, dict]:
-    """Fit temperature and threshold (Youden, or the highest one reaching ``target_sensitivity``) on
+    """Fit temperature and threshold (by ``rule``, see :func:`metrics.fit_operating_point`) on
     the labelled images of ``data`` (``split`` of a Kaggle layout, or a flat NORMAL/PNEUMONIA folder)
     and write the recalibrated bundle to ``out``. Returns it with its in-sample report."""
     from .evaluation import score
@@ -62,7 +63,7 @@ def calibrate_bundle(
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
     logits = clf.logits(images)
-    temperature, threshold, rule = M.fit_operating_point(y, logits, target_sensitivity)
+    temperature, threshold, rule = M.fit_operating_point(y, logits, rule, target_sensitivity)
     config = {
         **source.config,
         "threshold": threshold,

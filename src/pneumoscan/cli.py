@@ -42,11 +42,21 @@ def _number(kind, low=None, high=None, low_open=False):
 
 
 def _add_operating_rule(p, data: str) -> None:
+    """How calibrate (and evaluate's cross-fitting, which applies calibrate's rule) set a threshold."""
+    from .metrics import OPERATING_RULES
+
+    p.add_argument(
+        "--operating-rule",
+        choices=OPERATING_RULES,
+        default="youden",
+        help=f"threshold rule fitted on {data}: 'youden' (default) maximises Youden's J; 'balanced' keeps "
+        "probability 0.5 (logit 0) and fits the temperature alone",
+    )
     p.add_argument(
         "--target-sensitivity",
         type=_number(float, 0, 1, low_open=True),
         default=None,
-        help=f"threshold: the highest one whose sensitivity on {data} is at least this, instead of Youden's J",
+        help=f"threshold instead: the highest one whose sensitivity on {data} is at least this",
     )
 
 
@@ -158,6 +168,24 @@ def _add_evaluate(sub) -> None:
         "--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the bootstrap and of the random image grid"
     )
     p.add_argument(
+        "--cross-fit",
+        type=_number(int, 2, 100),
+        nargs="?",
+        const=5,
+        default=None,
+        metavar="K",
+        help="also report cross-fitted local calibration: K patient folds (default 5), each scored with the "
+        "temperature and threshold that calibrate's rule fits on the other folds",
+    )
+    _add_operating_rule(p, "the other folds (with --cross-fit)")
+    p.add_argument(
+        "--ledger",
+        metavar="FILE",
+        default=None,
+        help="append one row per model to this CSV ledger of held-out reads (date, commit, weights sha256, "
+        "recipe, metrics); the project's own is test_reads.csv",
+    )
+    p.add_argument(
         "--record",
         action="store_true",
         help="also store the report in the bundle's metrics.json (under the split name) and model card",
@@ -182,6 +210,10 @@ def _run_evaluate(args) -> int:
         seed=args.seed,
         progress=not args.quiet,
         record=args.record,
+        cross_fit=args.cross_fit,
+        ledger=args.ledger,
+        rule=args.operating_rule,
+        target_sensitivity=args.target_sensitivity,
     )
     for report in summary["models"]:
         print(metrics_table(report))
@@ -271,6 +303,7 @@ def _run_calibrate(args) -> int:
         args.out,
         model=args.model,
         split=args.split,
+        rule=args.operating_rule,
         target_sensitivity=args.target_sensitivity,
         n_resamples=args.bootstrap,
         progress=not args.quiet,

@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .inference import Classifier, Prediction
 from .labels import label_of
 from .output import ensure_folder, write_prediction_file
-from .text import number, printable, with_ci
+from .text import csv_cell, number, printable, with_ci
 
 REFERENCES = {
     "Reference MobileNetV2 (seed, 150 px)": {"auc": 0.9528, "accuracy": 0.8766, "loss": 0.2970},
@@ -53,11 +53,17 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     record: bool = False,
+    cross_fit: int | None = None,
+    rule: str = "youden",
+    target_sensitivity: float | None = None,
+    ledger: str | Path | None = None,
 ) -> dict:
     """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html.
 
     ``record`` also stores each model's report in its bundle (``metrics.json`` under the split's
-    name) and rewrites its model card: how the final test numbers reach the bundle."""
+    name) and rewrites its model card: how the final test numbers reach the bundle. ``cross_fit`` K
+    adds the cross-fitted local calibration (see :func:`cross_fitted`) under ``cross_fit``. ``ledger``
+    appends one row per model to that CSV file (the record of every read of a held-out split)."""
     from .html_report import write_report
 
     out = ensure_folder(out)
@@ -80,12 +86,25 @@ def evaluate(
             samples, logits, clf.bundle, engine=clf.engine.name, split=split_name, n_resamples=n_resamples, seed=seed
         )
         report["unreadable"] = errors
+        if cross_fit:
+            report["cross_fit"] = cross_fitted(
+                samples,
+                logits,
+                folds=cross_fit,
+                rule=rule,
+                target_sensitivity=target_sensitivity,
+                split=split_name,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
         result = ModelResult(name, clf, samples, logits, report)
         result.figures = make_figures(result, images, folder, seed, split_name)
         write_prediction_file(folder / "predictions.csv", _prediction_rows(result))
         write_json(folder / "metrics.json", report)
         if record:
             record_in_bundle(clf.bundle, split or "all", report)
+        if ledger:
+            append_to_ledger(ledger, clf.bundle, report)
         results.append(result)
 
     summary = {
@@ -105,6 +124,58 @@ def record_in_bundle(bundle: Bundle, split: str, report: dict) -> None:
     metrics = {**bundle.metrics, split: {k: v for k, v in report.items() if k != "model"}}
     updated = write_bundle(bundle.path, bundle.config, metrics, weights=bundle.path / WEIGHTS)
     bundle.config, bundle.metrics = updated.config, updated.metrics
+
+
+LEDGER_COLUMNS = (
+    "date", "commit", "weights_sha256", "model", "recipe", "split", "n", "threshold", "rule",
+    "auc", "auc_ci95", "accuracy", "accuracy_ci95", "sensitivity", "specificity", "loss", "note",
+)  # fmt: skip
+
+
+def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str = "") -> None:
+    """One row for one read of a split: when, which code and weights, which recipe, what it gave."""
+    import csv
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    recipe = bundle.config.get("training", {}).get("recipe", {})
+    ci = report.get("ci95") or {}
+
+    def interval(key: str) -> str:
+        return f"{ci[key][0]:.4f}-{ci[key][1]:.4f}" if ci.get(key) else ""
+
+    row = {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or "unknown",
+        "weights_sha256": bundle.config["weights_sha256"],
+        "model": bundle.name,
+        "recipe": " ".join(f"{k}={v}" for k, v in recipe.items() if k not in ("data", "out")),
+        "split": report["split"],
+        "n": report["n"],
+        "threshold": f"{report['threshold']:.4f}",
+        "rule": bundle.config.get("threshold_rule", ""),
+        "auc": number(report["auc"], 4),
+        "auc_ci95": interval("auc"),
+        "accuracy": number(report["accuracy"], 4),
+        "accuracy_ci95": interval("accuracy"),
+        "sensitivity": number(report["sensitivity"], 4),
+        "specificity": number(report["specificity"], 4),
+        "loss": number(report["loss"], 4),
+        "note": note,
+    }
+    path = Path(path)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
 
 
 def _prediction_rows(result: ModelResult) -> list[tuple[Prediction, Sample]]:
@@ -147,6 +218,38 @@ def score(
         "loss_before": M.log_loss(y, p_raw),
         "loss_after": report["loss"],
     }
+    return report
+
+
+def cross_fitted(
+    samples: list[Sample],
+    logits: np.ndarray,
+    *,
+    folds: int,
+    rule: str,
+    target_sensitivity: float | None,
+    split: str,
+    n_resamples: int,
+    seed: int,
+) -> dict:
+    """What a hospital can expect after ``pneumoscan calibrate`` on its own labelled images, estimated on
+    these images: patient folds, each scored with the temperature and threshold fitted on the others
+    by calibrate's rule; the pooled predictions get the usual metrics and patient-bootstrap intervals."""
+    y = np.array([s.label for s in samples])
+    groups = [s.patient for s in samples]
+    try:
+        fit = M.cross_fit(y, logits, groups, folds, rule, target_sensitivity, seed)
+    except ValueError as exc:
+        raise ConfigError(f"--cross-fit {folds}: {exc}") from None
+    report = M.full_report(y, fit["probability"], groups, fit["threshold"], n_resamples, seed, split)
+    report.update(
+        folds=folds,
+        rule=rule if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
+        fold_thresholds=fit["thresholds"],
+        fold_temperatures=fit["temperatures"],
+        method="threshold and temperature fitted on the other patient folds (calibrate's rule), "
+        "applied to each fold; metrics on the pooled predictions",
+    )
     return report
 
 
@@ -211,6 +314,13 @@ def metrics_table(report: dict) -> str:
     lines.append(
         f"ECE {number(cal['ece_before'])} before, {number(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
     )
+    if cf := report.get("cross_fit"):
+        lines.append(
+            f"cross-fitted local calibration ({cf['folds']} patient folds, {cf['rule']}; "
+            f"fold thresholds {min(cf['fold_thresholds']):.3f}-{max(cf['fold_thresholds']):.3f}):"
+        )
+        for key in keys:
+            lines.append(f"{key:<12} {with_ci(cf, key):<28}")
     if report.get("unreadable"):
         lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
         lines += [f"  {printable(e)}" for e in report["unreadable"]]

@@ -47,10 +47,11 @@ def _metrics_table(results, references: dict) -> str:
     rows = []
     for r in results:
         rep = r.report
-        for label, part in (
-            (f"{r.name}, threshold {rep['threshold']:.3f}", rep),
-            (f"{r.name}, threshold 0.5", rep["at_0.5"]),
-        ):
+        parts = [(f"{r.name}, threshold {rep['threshold']:.3f}", rep), (f"{r.name}, threshold 0.5", rep["at_0.5"])]
+        if "cross_fit" in rep:
+            cf = rep["cross_fit"]
+            parts.append((f"{r.name}, cross-fitted local calibration ({cf['folds']} folds, {cf['rule']})", cf))
+        for label, part in parts:
             rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(part, k) for k in _KEYS)}</tr>")
     for name, ref in references.items():
         cells = "".join(f'<td class="num">{_fmt(ref.get(k))}</td>' for k in _KEYS)

@@ -73,7 +73,7 @@ def log_loss(y, p) -> float | None:
     return float(_image_losses(y, p).mean()) if y.size else None
 
 
-def confusion_matrix(y, p, threshold: float) -> list[list[int]]:
+def confusion_matrix(y, p, threshold: float | np.ndarray) -> list[list[int]]:
     """``[[TN, FP], [FN, TP]]`` with PNEUMONIA positive; a score at the threshold is PNEUMONIA."""
     y, p = _arrays(y, p)
     pred = p >= threshold
@@ -99,8 +99,8 @@ def _rates(tn, fp, fn, tp) -> dict[str, float]:
         }
 
 
-def binary_metrics(y, p, threshold: float = 0.5) -> dict:
-    """The full set of DESIGN.md's metrics at one threshold (no intervals)."""
+def binary_metrics(y, p, threshold: float | np.ndarray = 0.5) -> dict:
+    """The full set of DESIGN.md's metrics at one threshold, or at one threshold per image (no intervals)."""
     from sklearn.metrics import classification_report
 
     y, p = _arrays(y, p)
@@ -123,7 +123,7 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
         "n": int(y.size),
         "n_normal": int((y == 0).sum()),
         "n_pneumonia": int((y == 1).sum()),
-        "threshold": float(threshold),
+        "threshold": float(threshold) if np.ndim(threshold) == 0 else None,  # per-image thresholds: None
         "loss": log_loss(y, p),
         "auc": roc_auc(y, p),
         **rates,
@@ -222,13 +222,29 @@ def choose_threshold(y, p, target_sensitivity: float | None = None) -> float:
     return float(candidates[best])
 
 
-def fit_operating_point(y, logits, target_sensitivity: float | None = None) -> tuple[float, float, str]:
-    """Temperature, then threshold on the calibrated probabilities (Youden's J, or the highest
-    threshold reaching ``target_sensitivity``), and the rule's name: ``(temperature, threshold, rule)``."""
+OPERATING_RULES = ("balanced", "youden")  # or a target sensitivity, which overrides either
+
+
+def fit_operating_point(
+    y, logits, rule: str = "balanced", target_sensitivity: float | None = None
+) -> tuple[float, float, str]:
+    """Temperature, then the threshold on the calibrated probabilities, by ``rule``:
+
+    - ``balanced``: probability 0.5, which is logit 0 whatever the temperature: the class-balanced
+      decision boundary of a model trained with balanced class weights;
+    - ``youden``: Youden's J (sensitivity + specificity - 1) maximised on these images;
+    - with ``target_sensitivity``: the highest threshold whose sensitivity here reaches it.
+
+    Returns ``(temperature, threshold, rule name as recorded)``."""
+    if rule not in OPERATING_RULES:
+        raise ValueError(f"unknown operating rule {rule!r}; expected one of {', '.join(OPERATING_RULES)}")
     temperature = fit_temperature(y, logits)
-    threshold = choose_threshold(y, sigmoid(logits, temperature), target_sensitivity)
-    rule = "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}"
-    return temperature, threshold, rule
+    if target_sensitivity is not None:
+        threshold = choose_threshold(y, sigmoid(logits, temperature), target_sensitivity)
+        return temperature, threshold, f"sensitivity>={target_sensitivity}"
+    if rule == "balanced":
+        return temperature, 0.5, "balanced"
+    return temperature, choose_threshold(y, sigmoid(logits, temperature)), "youden"
 
 
 def delong_test(y, p_a, p_b) -> dict:
@@ -280,3 +296,58 @@ def full_report(y, p, groups, threshold: float, n_resamples: int = 2000, seed: i
     out["ece"] = expected_calibration_error(y, p)
     out["patients"] = int(np.unique(np.asarray(groups)).size)
     return out
+
+
+def patient_folds(y, groups, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0..k-1) of each image: patients dealt into ``k`` folds, class by class (a patient's
+    class is its highest label), so that every fold has both classes and no patient spans two folds."""
+    y = np.asarray(y, dtype=np.int64)
+    groups = np.asarray(groups)
+    patients, index = np.unique(groups, return_inverse=True)
+    patient_label = np.zeros(len(patients), dtype=np.int64)
+    np.maximum.at(patient_label, index, y)
+    rng = np.random.default_rng(seed)
+    patient_fold = np.zeros(len(patients), dtype=np.int64)
+    for label in (0, 1):
+        members = np.flatnonzero(patient_label == label)
+        if len(members) < k:
+            raise ValueError(f"{k} folds need at least {k} patients of each class, found {len(members)}")
+        patient_fold[rng.permutation(members)] = np.arange(len(members)) % k
+    return patient_fold[index]
+
+
+def cross_fit(
+    y,
+    logits,
+    groups,
+    k: int = 5,
+    rule: str = "youden",
+    target_sensitivity: float | None = None,
+    seed: int = 0,
+    fold: np.ndarray | None = None,
+) -> dict:
+    """Cross-fitted local calibration: for each patient fold, temperature and threshold are fitted on
+    the other folds (by :func:`fit_operating_point`, the rule ``calibrate`` uses) and applied to it.
+
+    Returns per image ``fold``, ``probability`` and ``threshold`` (arrays), and per fold ``temperatures``
+    and ``thresholds``: what a site gets from calibrating on its own labelled images, estimated
+    without any image's calibration seeing its own label. ``fold`` overrides :func:`patient_folds`."""
+    y = np.asarray(y, dtype=np.int64)
+    z = np.asarray(logits, dtype=np.float64)
+    fold = patient_folds(y, groups, k, seed) if fold is None else np.asarray(fold)
+    probability, threshold = np.zeros(len(y)), np.zeros(len(y))
+    temperatures, thresholds = [], []
+    for f in range(k):
+        held, rest = fold == f, fold != f
+        temperature, t, _ = fit_operating_point(y[rest], z[rest], rule, target_sensitivity)
+        probability[held] = sigmoid(z[held], temperature)
+        threshold[held] = t
+        temperatures.append(temperature)
+        thresholds.append(t)
+    return {
+        "fold": fold,
+        "probability": probability,
+        "threshold": threshold,
+        "temperatures": temperatures,
+        "thresholds": thresholds,
+    }

@@ -38,6 +38,7 @@ from .data import (
 )
 from .errors import ConfigError
 from .images import NORMALIZATION
+from .metrics import OPERATING_RULES
 from .models import BACKBONES, create_model, predict_logits
 from .settings import option
 from .text import printable
@@ -80,9 +81,15 @@ class TrainConfig:
         choices=VAL_SOURCES,
     )
     val_fraction: float = option(0.1, "share of patients per class held out for validation", above=0, below=1)
+    operating_rule: str = option(
+        "balanced",
+        "operating threshold: 'balanced' is probability 0.5 (logit 0, the class-balanced boundary); "
+        "'youden' maximises Youden's J on validation",
+        choices=OPERATING_RULES,
+    )
     target_sensitivity: float | None = option(
         None,
-        "threshold: the highest one whose sensitivity on validation is at least this, instead of Youden's J",
+        "threshold instead: the highest one whose sensitivity on validation is at least this",
         above=0,
         at_most=1,
     )
@@ -541,7 +548,7 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
 
     y_val = np.array([s.label for s in data.val_samples])
     logits = predict_logits(net, data.val_set.images.numpy())
-    temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.target_sensitivity)
+    temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.operating_rule, cfg.target_sensitivity)
     p_raw, p_cal = M.sigmoid(logits), M.sigmoid(logits, temperature)
     groups = [s.patient for s in data.val_samples]
     validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
