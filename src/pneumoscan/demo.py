@@ -8,7 +8,7 @@ from .data import load_split
 from .inference import Classifier
 from .model_card import GENERALISATION_NOTE
 from .output import write_cams
-from .text import with_ci
+from .text import printable, with_ci
 
 EXAMPLES = Path(__file__).parent / "examples"
 
@@ -30,9 +30,8 @@ def run_demo(out: Path) -> int:
     clf = Classifier.load()
     samples = load_split(EXAMPLES)
     results = clf.predict([s.path for s in samples])
-    print(
-        f"{clf.bundle.name} ({clf.engine.name}), threshold {clf.threshold:.4f} ({clf.bundle.config.get('threshold_rule')})"
-    )
+    rule = clf.bundle.config.get("threshold_rule")
+    print(f"{printable(clf.bundle.name)} ({clf.engine.name}), threshold {clf.threshold:.4f} ({rule})")
     print(f"{'true':<10} {'predicted':<10} {'probability':>11}  file")
     for sample, r in zip(samples, results):
         mark = "" if r.label == sample.label_name else "  <- wrong"

@@ -69,8 +69,7 @@ def model_card(bundle) -> str:
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
-  temperature {c["temperature"]:.4f}:
-  both {fitted_on}.
+  temperature {c["temperature"]:.4f}, {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.
 
 ## Intended use
