@@ -89,7 +89,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub) -> None:
     from .data import Augmentation
-    from .training import TrainConfig
+    from .recipe import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -113,7 +113,8 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .data import Augmentation
-    from .training import TrainConfig, train
+    from .recipe import TrainConfig
+    from .training import train
 
     if args.resume:
         return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
@@ -230,6 +231,7 @@ def _run_evaluate(args) -> int:
 
 
 def _add_predict(sub) -> None:
+    from .inference import PREDICT_BATCH
     from .output import FORMATS
 
     p = sub.add_parser(
@@ -247,7 +249,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
     p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument(
-        "--batch-size", type=_number(int, 1, 4096), default=32, help="images per inference batch (default 32)"
+        "--batch-size",
+        type=_number(int, 1, 4096),
+        default=PREDICT_BATCH,
+        help=f"images per inference batch (default {PREDICT_BATCH}: larger batches take more memory, no less time)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_predict)

@@ -27,6 +27,9 @@ from .images import ImageSource, prepare, source_name
 from .labels import label_of
 
 ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
+# Images per inference batch when predicting files. On a CPU a larger batch buys no speed, and the
+# activations of a batch of 32 at 224 px take about 300 MB more (benchmarks/predict_cli.py).
+PREDICT_BATCH = 8
 
 
 @dataclass
@@ -218,7 +221,7 @@ class Classifier:
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""
         return self.bundle.probabilities(logits)
 
-    def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""
         parts = [self.engine.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
@@ -227,7 +230,11 @@ class Classifier:
         return Prediction(name, float(probability), label_of(probability, self.threshold), self.threshold)
 
     def predict(
-        self, inputs: Sequence[ImageSource], batch_size: int = 32, progress: bool = False, errors: str = "report"
+        self,
+        inputs: Sequence[ImageSource],
+        batch_size: int = PREDICT_BATCH,
+        progress: bool = False,
+        errors: str = "report",
     ) -> list[Prediction]:
         """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``
         (or, with ``errors="raise"``, raise their :class:`ImageError`)."""

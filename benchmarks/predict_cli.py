@@ -1,0 +1,67 @@
+"""`pneumoscan predict` over the official test split as a user runs it: whole-process peak memory and images/s.
+
+    python benchmarks/predict_cli.py [--baseline-src OLD_CHECKOUT/src] [--rounds 3]
+
+Each round runs the command in a fresh process (the default engine, JSON lines to /dev/null) and reads
+its peak RSS from the kernel (ru_maxrss of the waited child). With --baseline-src the same command runs
+from another source tree in the same rounds, interleaved, for the ratio. Medians of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pneumoscan.data import list_images, shared_data_root
+
+
+def run_once(src: Path | None, folder: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one `pneumoscan predict FOLDER` in a fresh process."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = [sys.executable, "-c", "import sys; from pneumoscan.cli import main; sys.exit(main())"]
+    cmd += ["predict", str(folder), "--format", "jsonl", "--quiet"]
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"predict failed: {child.stderr.read().decode()[-500:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline-src", type=Path, default=None, help="src folder of the baseline checkout")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    args = parser.parse_args()
+    folder = shared_data_root().resolve() / "chest_xray_224" / "test"
+    n = len(list_images(folder))
+    runs = {"baseline": [], "current": []} if args.baseline_src else {"current": []}
+    run_once(None, folder)  # warm the ONNX cache and the page cache; not counted
+    if args.baseline_src:
+        run_once(args.baseline_src, folder)
+    for _ in range(args.rounds):
+        for name in runs:
+            runs[name].append(run_once(args.baseline_src if name == "baseline" else None, folder))
+    print(f"`pneumoscan predict` over {n} test images (224 px JPEG), default engine, medians of {args.rounds} rounds\n")
+    print("| code | wall s | images/s | peak RSS MB | ratio images/s | ratio RSS |")
+    print("|---|---|---|---|---|---|")
+    ref = None
+    for name, rows in runs.items():
+        seconds = statistics.median(r[0] for r in rows)
+        rss = statistics.median(r[1] for r in rows)
+        ref = ref or (n / seconds, rss)
+        print(
+            f"| {name} | {seconds:.2f} | {n / seconds:.0f} | {rss:.0f} | {n / seconds / ref[0]:.2f}x | {rss / ref[1]:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

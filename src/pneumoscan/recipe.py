@@ -1,0 +1,119 @@
+"""What a training run is: its settings, each declared once with its default, help and allowed values.
+
+Light on purpose (no torch, no Lightning): the CLI builds its ``train`` options from :class:`TrainConfig`
+without importing the training machinery, and a run folder's ``config.json`` is read back through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from . import settings
+from .bundle import BACKBONES, read_json_object
+from .data import Augmentation
+from .errors import ConfigError
+from .metrics import OPERATING_RULES
+from .settings import option
+
+SCHEDULES = ("constant", "onecycle")
+CLASS_WEIGHTS = ("balanced", "none")
+VAL_SOURCES = ("patients", "official")
+CACHE_MODES = ("auto", "memory", "disk")
+
+
+@dataclass
+class TrainConfig:
+    """A training run's settings; each option's default, help and allowed values live here alone."""
+
+    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
+    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)")
+    backbone: str = option("efficientnet_lite0", f"ImageNet-pretrained backbone: {' or '.join(BACKBONES)}")
+    weights: str = option(
+        "imagenet",
+        "'imagenet' (bundled for efficientnet_lite0, downloaded for mobilenet_v2 where online) "
+        "or a torchvision/timm checkpoint FILE",
+    )
+    image_size: int = option(224, "square input size in pixels", at_least=32, at_most=1024)
+    epochs: int = option(10, "frozen-backbone epochs, phase 1", at_least=1, at_most=10_000)
+    batch_size: int = option(32, "images per batch and device", at_least=1, at_most=4096)
+    lr: float = option(1e-3, "Adam learning rate of phase 1", above=0, at_most=10)
+    patience: int = option(5, "epochs without a better validation AUC before stopping", at_least=1)
+    fine_tune_epochs: int = option(
+        0, "phase 2 epochs with the last blocks unfrozen (0: none)", at_least=0, at_most=10_000
+    )
+    unfreeze: int = option(6, "blocks unfrozen in phase 2, counted from the top", at_least=0)
+    fine_tune_lr: float = option(1e-5, "Adam learning rate of phase 2", above=0, at_most=10)
+    schedule: str = option("constant", "phase 2 learning-rate schedule", choices=SCHEDULES)
+    class_weights: str = option("balanced", "weight the loss so both classes count equally", choices=CLASS_WEIGHTS)
+    label_smoothing: float = option(0.0, "pull training targets towards 0.5 by this much", at_least=0, below=1)
+    dropout: float = option(0.2, "dropout before the last dense layer", at_least=0, below=1)
+    val_source: str = option(
+        "patients",
+        "'patients': carve validation from train by patient; 'official': the 16-image val split",
+        choices=VAL_SOURCES,
+    )
+    val_fraction: float = option(0.1, "share of patients per class held out for validation", above=0, below=1)
+    operating_rule: str = option(
+        "balanced",
+        "operating threshold: 'balanced' is probability 0.5 (logit 0, the class-balanced boundary); "
+        "'youden' maximises Youden's J on validation",
+        choices=OPERATING_RULES,
+    )
+    target_sensitivity: float | None = option(
+        None,
+        "threshold instead: the highest one whose sensitivity on validation is at least this",
+        above=0,
+        at_most=1,
+    )
+    seed: int = option(0, "seed for the split, initialisation, order and augmentation", at_least=0, below=2**32)
+    devices: int = option(1, "processes/devices; 2+ runs DDP (gloo on CPU)", at_least=1, at_most=1024)
+    workers: int = option(0, "data-loader worker processes (0: images are in memory)", at_least=0, at_most=256)
+    cache: str = option(
+        "auto",
+        "keep decoded training images in memory, or stream them from disk with loader workers "
+        "(auto: memory when they take at most a quarter of RAM)",
+        choices=CACHE_MODES,
+    )
+    limit: int | None = option(None, "use at most N training images per class (quick runs)", at_least=1)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    progress: bool = True
+    resume: bool = False
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, progress: bool = True) -> TrainConfig:
+        """The configuration a run folder was started with, set to resume it (validated like any other)."""
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: not a run folder to resume (no config.json)")
+        saved = read_json_object(path, "run configuration")
+        augmentation = saved.get("augmentation", {})
+        if not isinstance(augmentation, dict) or set(augmentation) - {f.name for f in fields(Augmentation)}:
+            raise ConfigError(f"{path}: 'augmentation' must be an object of known augmentation settings")
+        known = {f.name for f in fields(cls)} - {"out", "progress", "resume", "augmentation"}
+        try:
+            cfg = cls(
+                **{k: v for k, v in saved.items() if k in known},
+                augmentation=Augmentation(**augmentation),
+                out=str(run_dir),
+                progress=progress,
+                resume=True,
+            )
+            cfg.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return cfg
+
+    def recorded(self) -> dict:
+        """The settings that define the run, as written to config.json (not how it is watched or resumed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progress", "resume")}
+
+    def check(self) -> None:
+        if not self.data:
+            raise ConfigError("train needs --data ROOT")
+        if not self.out:
+            raise ConfigError("train needs --out RUN_DIR")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+        settings.check(self)
+        settings.check(self.augmentation)
