@@ -58,9 +58,8 @@ def main() -> None:
         seconds = statistics.median(r[0] for r in rows)
         rss = statistics.median(r[1] for r in rows)
         ref = ref or (n / seconds, rss)
-        print(
-            f"| {name} | {seconds:.2f} | {n / seconds:.0f} | {rss:.0f} | {n / seconds / ref[0]:.2f}x | {rss / ref[1]:.2f}x |"
-        )
+        speed = n / seconds
+        print(f"| {name} | {seconds:.2f} | {speed:.0f} | {rss:.0f} | {speed / ref[0]:.2f}x | {rss / ref[1]:.2f}x |")
 
 
 if __name__ == "__main__":
