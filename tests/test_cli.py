@@ -57,3 +57,48 @@ def test_usage_errors_are_one_line_and_exit_2():
         done = _cli(*args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "--help" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["predict", "x.jpeg", "--batch-size", "0"], "--batch-size: 0 must be at least 1"),
+        (["evaluate", "--data", "x", "--bootstrap", "0"], "--bootstrap: 0 must be at least 1"),
+        (["serve", "--port", "99999"], "--port: 99999 must be at most 65535"),
+        (["serve", "--workers", "-2"], "--workers: -2 must be at least 1"),
+        (["serve", "--header-timeout", "0"], "--header-timeout: 0 must be above 0"),
+        (["train", "--data", "x", "--out", "y", "--dropout", "2"], "--dropout must be >= 0 and < 1, got 2.0"),
+        (["train", "--data", "x", "--out", "y", "--rotation", "-400"], "--rotation must be >= 0 and <= 180"),
+        (["train", "--data", "x", "--out", "y", "--workers", "-2"], "--workers must be >= 0"),
+        (["train", "--data", "x", "--out", "y", "--lr", "nan"], "--lr must be a finite number"),
+        (["train", "--data", "x", "--out", "y", "--target-sensitivity", "1.5"], "--target-sensitivity must be"),
+        (["train", "--out", "y"], "train needs --data ROOT"),
+    ],
+)
+def test_numeric_options_out_of_range(args, fragment):
+    done = _cli(*args)
+    assert done.returncode == 2, done.stderr
+    assert fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_train_options_come_from_the_config_definitions():
+    """Every TrainConfig and Augmentation option is a train flag with its default in the help."""
+    from dataclasses import fields
+
+    from pneumoscan.data import Augmentation
+    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.settings import flag_name
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    for cls in (TrainConfig, Augmentation):
+        for f in fields(cls):
+            if "spec" in f.metadata:
+                assert flag_name(f) in flags, f.name
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--zoom", "0.2", "--no-hflip"])
+    from pneumoscan.settings import from_args
+
+    cfg = from_args(TrainConfig, args, augmentation=from_args(Augmentation, args))
+    assert cfg.augmentation.zoom == 0.2 and not cfg.augmentation.hflip and cfg.epochs == TrainConfig().epochs
+    assert cfg.operating_rule == "balanced"

@@ -249,6 +249,18 @@ def _add_predict(sub) -> None:
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
     p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument(
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="write results to FILE (.jsonl or .csv, by its suffix) as each one is made, instead of to stdout; "
+        "a run killed midway loses nothing written",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --output: skip the inputs FILE already holds (by path) and append the rest",
+    )
+    p.add_argument(
         "--batch-size",
         type=_number(int, 1, 4096),
         default=PREDICT_BATCH,
@@ -259,24 +271,52 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-    from .inference import Classifier, expand_inputs
-    from .output import ensure_folder, write_cams, write_predictions
+    from .inference import Classifier, Prediction, expand_inputs
+    from .output import PredictionWriter, ensure_folder, output_format, paths_done, result_key, write_cams
 
+    if args.resume and not args.output:
+        raise PneumoscanError("--resume goes with --output FILE")
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
     if args.cam:
         ensure_folder(args.cam)
+    fmt, done, stream = args.format, set(), sys.stdout
+    if args.output:
+        path = Path(args.output)
+        fmt = output_format(path)
+        if path.is_file() and path.stat().st_size and not args.resume:
+            raise PneumoscanError(f"{printable(path)}: exists; add --resume to continue it, or remove it")
+        done = paths_done(path, fmt) if args.resume else set()
+        ensure_folder(path.parent)
+        # line-buffered: every result reaches the file (the kernel) as soon as it exists
+        stream = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="", buffering=1)
     items = expand_inputs(args.paths)
-    files = [x for x in items if isinstance(x, Path)]
+    todo = [x for x in items if result_key(str(x.path if isinstance(x, Prediction) else x), fmt) not in done]
+    files = [x for x in todo if isinstance(x, Path)]
+    header = not args.output or stream.tell() == 0
+    writer = PredictionWriter(stream, fmt, header=header)
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
-    predicted = iter(clf.predict(files, batch_size=args.batch_size, progress=show_progress))
-    results = [next(predicted) if isinstance(x, Path) else x for x in items]
-    write_predictions(results, args.format, sys.stdout)
+    batches = clf.iter_predictions(files, args.batch_size, show_progress, total=len(files))
+    predicted = (r for batch in batches for r in batch)
+    explained = []
+    try:
+        for item in todo:
+            r = next(predicted) if isinstance(item, Path) else item
+            writer.write(r)
+            if not r.ok:
+                print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
+            elif args.cam:
+                explained.append(r)
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    if fmt == "table" and not args.output:
+        print(writer.summary())
+    elif args.output:
+        skipped = f", {len(items) - len(todo)} already in the file" if args.resume else ""
+        print(f"{writer.summary()}{skipped}; results in {printable(args.output)}")
     if args.cam:
-        write_cams(clf, results, Path(args.cam))
-    for r in results:
-        if not r.ok:
-            print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
-    return 1 if any(not r.ok for r in results) else 0
+        write_cams(clf, explained, Path(args.cam))
+    return 1 if writer.failed else 0
 
 
 def _add_calibrate(sub) -> None:
@@ -336,6 +376,12 @@ def _add_export(sub) -> None:
     p.add_argument("--out", default=None, help="FILE.onnx to write (default: inside the bundle)")
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
     p.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="with --int8 and no --out: put only the int8 model into the bundle (the fp32 export is then made "
+        "on first use, into the cache), keeping the bundle small",
+    )
+    p.add_argument(
         "--calibration-data",
         default=None,
         help="dataset root whose train split calibrates int8 (default: the bundle's training data)",
@@ -350,6 +396,8 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
+    import tempfile
+
     from .bundle import load_bundle
     from .export import export_onnx, quantize_int8, training_images
     from .output import ensure_folder
@@ -359,12 +407,16 @@ def _run_export(args) -> int:
         if Path(args.out).is_dir():
             raise PneumoscanError(f"{printable(args.out)}: --out names a folder; give a FILE.onnx")
         ensure_folder(Path(args.out).parent)
+    if args.int8_only and (args.out or not args.int8):
+        raise PneumoscanError("--int8-only goes with --int8 and without --out")
     images = training_images(bundle, args.calibration_data, args.calibration_images) if args.int8 else None
-    fp32 = export_onnx(bundle, args.out)
-    print(f"ONNX fp32: {printable(fp32)}")
-    if images is not None:
-        out = Path(args.out).with_suffix(".int8.onnx") if args.out else None
-        print(f"ONNX int8: {printable(quantize_int8(bundle, fp32, images, out))}")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(bundle, Path(tmp) / "fp32.onnx" if args.int8_only else args.out)
+        if not args.int8_only:
+            print(f"ONNX fp32: {printable(fp32)}")
+        if images is not None:
+            out = Path(args.out).with_suffix(".int8.onnx") if args.out else None
+            print(f"ONNX int8: {printable(quantize_int8(bundle, fp32, images, out))}")
     return 0
 
 
@@ -469,12 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_decoders() -> None:
-    """For this process only (an application's choice, never made on import): the decoders' own warnings
-    (pydicom's malformed tags, Pillow's EXIF oddities and bomb notice, which our limits make redundant)
-    are not worth a line each; the loader's one-line errors say what matters."""
-    warnings.filterwarnings("ignore", module="pydicom")
-    warnings.filterwarnings("ignore", module="PIL")
+def quiet_libraries() -> None:
+    """For this process only (an application's choice, never made on import): the libraries' own warnings
+    (pydicom's malformed tags, Pillow's EXIF notes, deprecations inside torch and Lightning) are not the
+    user's to act on; pneumoscan's own warnings are shown, one line each."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"pneumoscan(\.|$)")
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
@@ -486,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     warnings.showwarning = _one_line_warnings
-    quiet_decoders()
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import glob
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -231,41 +232,55 @@ class Classifier:
 
     def predict(
         self,
-        inputs: Sequence[ImageSource],
+        inputs: Iterable[ImageSource],
         batch_size: int = PREDICT_BATCH,
         progress: bool = False,
         errors: str = "report",
     ) -> list[Prediction]:
         """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``
         (or, with ``errors="raise"``, raise their :class:`ImageError`)."""
+        inputs = list(inputs)
+        batches = self.iter_predictions(inputs, batch_size, progress, errors, total=len(inputs))
+        return [result for batch in batches for result in batch]
+
+    def iter_predictions(
+        self,
+        inputs: Iterable[ImageSource],
+        batch_size: int = PREDICT_BATCH,
+        progress: bool = False,
+        errors: str = "report",
+        total: int | None = None,
+    ) -> Iterator[list[Prediction]]:
+        """Predictions batch by batch, in input order, the next batch decoding while this one runs.
+        Inputs are pulled as needed, so memory stays flat over any number of them."""
         from tqdm import tqdm
 
-        inputs = list(inputs)
-        results: list[Prediction | None] = [None] * len(inputs)
-        chunks = [range(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
-        bar = tqdm(total=len(inputs), desc="predicting", unit="img", disable=not progress)
+        batches = (list(islice(it, batch_size)) for it in repeat(iter(inputs)))
+        with tqdm(total=total, desc="predicting", unit="img", disable=not progress) as bar:
+            pending = self._decode(next(batches))
+            while pending:
+                current, pending = pending, self._decode(next(batches))
+                yield self._classify(current, errors)
+                bar.update(len(current))
 
-        def decode(chunk):
-            return [self._pool.submit(self._prepare_one, inputs[i]) for i in chunk]
+    def _decode(self, sources: list) -> list:
+        return [(source, self._pool.submit(self._prepare_one, source)) for source in sources]
 
-        pending = decode(chunks[0]) if chunks else []
-        for n, chunk in enumerate(chunks):
-            current, pending = pending, decode(chunks[n + 1]) if n + 1 < len(chunks) else []
-            good, images = [], []
-            for i, future in zip(chunk, current):
-                image, error = future.result()
-                if error is None:
-                    good.append(i)
-                    images.append(image)
-                elif errors == "raise":
-                    raise error
-                else:
-                    results[i] = Prediction(source_name(inputs[i]), error=error.reason)
-            if images:
-                for i, p in zip(good, self.probabilities(self.engine.logits(np.stack(images)))):
-                    results[i] = self._result(source_name(inputs[i]), p)
-            bar.update(len(chunk))
-        bar.close()
+    def _classify(self, decoding: list, errors: str) -> list[Prediction]:
+        results: list[Prediction | None] = [None] * len(decoding)
+        good, images = [], []
+        for i, (source, future) in enumerate(decoding):
+            image, error = future.result()
+            if error is None:
+                good.append(i)
+                images.append(image)
+            elif errors == "raise":
+                raise error
+            else:
+                results[i] = Prediction(source_name(source), error=error.reason)
+        if images:
+            for i, p in zip(good, self.probabilities(self.engine.logits(np.stack(images)))):
+                results[i] = self._result(source_name(decoding[i][0]), p)
         return results  # type: ignore[return-value]
 
     def predict_one(self, source: ImageSource) -> Prediction:

@@ -50,31 +50,88 @@ def _csv_row(result, sample=None) -> list[str]:
     return [csv_cell(cell) for cell in row]
 
 
+class PredictionWriter:
+    """Writes predictions as they come, as a table, CSV or JSON lines, and counts them."""
+
+    def __init__(self, stream: TextIO, fmt: str, header: bool = True):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        self.stream, self.fmt = stream, fmt
+        self.ok = self.failed = 0
+        self.threshold = None
+        self._csv = csv.writer(stream) if fmt == "csv" else None
+        if header and fmt == "csv":
+            self._csv.writerow(CSV_COLUMNS)
+        elif header and fmt == "table":
+            stream.write(f"{'label':<10} {'probability':>11}  path\n")
+
+    def write(self, r) -> None:
+        if r.ok:
+            self.ok += 1
+            self.threshold = r.threshold
+        else:
+            self.failed += 1
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps(r.to_dict()) + "\n")
+        elif self.fmt == "csv":
+            self._csv.writerow(_csv_row(r))
+        elif r.ok:
+            self.stream.write(f"{r.label:<10} {r.probability:>11.4f}  {printable(r.path)}\n")
+        else:
+            self.stream.write(f"{'ERROR':<10} {'':>11}  {printable(r.path)}: {printable(r.error)}\n")
+
+    def summary(self) -> str:
+        rule = f"; PNEUMONIA when probability >= {self.threshold:.4f}" if self.threshold is not None else ""
+        return f"{self.ok} classified, {self.failed} failed{rule}"
+
+
 def write_predictions(results: Iterable, fmt: str, stream: TextIO = sys.stdout) -> None:
-    """Predictions to a stream as a table, CSV or JSON lines."""
-    results = list(results)
+    """Predictions to a stream as a table (with a summary line), CSV or JSON lines."""
+    writer = PredictionWriter(stream, fmt)
+    for r in results:
+        writer.write(r)
+    if fmt == "table":
+        stream.write(writer.summary() + "\n")
+
+
+def output_format(path: Path) -> str:
+    """The format of a results file, from its suffix: .jsonl (or .json) or .csv."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    raise ConfigError(f"{printable(path)}: --output must end in .jsonl or .csv")
+
+
+def paths_done(path: Path, fmt: str) -> set[str]:
+    """The inputs a results file already holds (as written: CSV cells escaped), for --resume. A last line
+    torn by a kill is cut off, so that appending goes on from a whole line."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8", "surrogateescape").splitlines()
     if fmt == "jsonl":
-        for r in results:
-            stream.write(json.dumps(r.to_dict()) + "\n")
-    elif fmt == "csv":
-        writer = csv.writer(stream)
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(_csv_row(r) for r in results)
-    elif fmt == "table":
-        stream.write(f"{'label':<10} {'probability':>11}  path\n")
-        for r in results:
-            if r.ok:
-                stream.write(f"{r.label:<10} {r.probability:>11.4f}  {printable(r.path)}\n")
-            else:
-                stream.write(f"{'ERROR':<10} {'':>11}  {printable(r.path)}: {printable(r.error)}\n")
-        ok = sum(r.ok for r in results)
-        threshold = next((r.threshold for r in results if r.ok), None)
-        stream.write(
-            f"{ok} classified, {len(results) - ok} failed"
-            + (f"; PNEUMONIA when probability >= {threshold:.4f}\n" if threshold is not None else "\n")
-        )
-    else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        done = set()
+        for n, line in enumerate(lines, 1):
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{printable(path)}: line {n} is not a result written by pneumoscan") from None
+        return done
+    rows = list(csv.reader(lines))
+    if rows and tuple(rows[0]) != CSV_COLUMNS:
+        raise ConfigError(f"{printable(path)}: not a CSV written by pneumoscan predict (header differs)")
+    return {row[0] for row in rows[1:] if row}
+
+
+def result_key(name: str, fmt: str) -> str:
+    """How an input's name stands in a results file of this format."""
+    return csv_cell(name) if fmt == "csv" else name
 
 
 def write_prediction_file(path: Path, rows: list) -> None:
