@@ -24,7 +24,8 @@ def test_bundle_is_small_complete_and_verified():
     bundle = load_bundle()
     assert {"validation", "test"} <= set(bundle.metrics)
     assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
-    assert bundle.onnx_path(int8=True) is not None and set(bundle.config["files"]) == {"model.int8.onnx"}
+    assert bundle.onnx_path(int8=True) is not None
+    assert set(bundle.config["files"]) == {"model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
     # the operating-point decision: balanced (0.5), said to be taken after the test read
     assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"
     assert "after the test split had been read" in bundle.config["notes"]

@@ -181,3 +181,31 @@ def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
     )
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert len(rows) == 1 and 0.5 < float(rows[0]["val_auc"]) <= 1 and 0 < bundle.threshold < 1
+
+
+def test_two_nodes_under_torchrun_train_one_bundle(small_data, tmp_path):
+    """Two "nodes" on this machine (two torchrun processes, --nnodes 2 over localhost, gloo): one run, the
+    same kind of bundle as one process, written by global rank 0 only."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+
+    def node(rank: int):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        cmd += ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        cmd += ["-m", "pneumoscan.cli", "train", "--data", str(small_data), "--out", str(outs[rank])]
+        cmd += ["--epochs", "1", "--limit", "24", "--num-nodes", "2", "--accelerator", "cpu", "--quiet"]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [node(0), node(1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-1500:] + logs[1][-1500:]
+    bundle = load_bundle(outs[0] / "model")
+    assert bundle.config["training"]["recipe"]["num_nodes"] == 2 and 0 < bundle.threshold < 1
+    rows = list(csv.DictReader(open(outs[0] / "history.csv")))
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["val_auc"]))
+    assert not (outs[1] / "model").exists() and not (outs[1] / "config.json").exists()
+    assert not (outs[1] / "checkpoints").exists()

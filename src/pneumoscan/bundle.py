@@ -33,8 +33,12 @@ CARD = "MODEL_CARD.md"
 ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 CURVES = "training_curves.png"
-ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out
-ANSWER_FILES = (ONNX, ONNX_INT8)  # besides the weights, the files that can change an answer: sha256 in config
+ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out,
+ONNX_FEATURES = "features"  # and the pooled features (N, F) that the input gate and the subtype head read
+GATE = "gate.safetensors"  # the input gate (gate.py)
+SUBTYPE = "subtype.safetensors"  # the bacterial/viral head (subtype.py)
+ONNX_FILES = (ONNX, ONNX_INT8)
+ANSWER_FILES = (*ONNX_FILES, GATE, SUBTYPE)  # besides the weights, the files that can change an answer
 EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
 MAX_JSON_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 32
@@ -186,12 +190,18 @@ def validate_config(config: dict, where: str) -> None:
 _METRIC_NUMBERS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "ece", "threshold")
 
 
-def validate_metrics(metrics: dict, where: str) -> None:
-    """metrics.json: an object of reports (one per split) whose headline numbers are numbers or null."""
+_NESTED_REPORTS = ("at_0.5", "subtype", "cross_fit", "previous_operating_point")
+
+
+def validate_metrics(metrics: dict, where: str, prefix: str = "") -> None:
+    """metrics.json: an object of reports (one per split) whose headline numbers are numbers or null;
+    the reports nested in them (at 0.5, subtype, cross-fitted) likewise."""
     for split, report in metrics.items():
         if not isinstance(report, dict):
-            raise ConfigError(f"{where}: metrics.json '{split}' must be an object")
-        for key in ("n", "n_normal", "n_pneumonia", "patients"):
+            raise ConfigError(f"{where}: metrics.json '{prefix}{split}' must be an object")
+        validate_metrics({k: report[k] for k in _NESTED_REPORTS if k in report}, where, f"{prefix}{split}.")
+        split = prefix + split
+        for key in ("n", "n_normal", "n_pneumonia", "n_bacterial", "n_viral", "patients"):
             if key in report and (not isinstance(report[key], int) or isinstance(report[key], bool)):
                 raise ConfigError(f"{where}: metrics.json '{split}.{key}' must be a whole number")
         for key in _METRIC_NUMBERS:
@@ -261,6 +271,18 @@ class Bundle:
             shapes = [f.get_slice(k).get_shape() for k in f.keys() if not k.endswith(buffers)]
         return int(sum(math.prod(shape) for shape in shapes))
 
+    def load_gate(self):
+        """The input gate (:class:`pneumoscan.gate.Gate`), or None for a bundle without one."""
+        from .gate import Gate
+
+        return Gate.load(self.path / GATE) if GATE in self.config.get("files", {}) else None
+
+    def load_subtype(self):
+        """The bacterial/viral head (:class:`pneumoscan.subtype.SubtypeHead`), or None."""
+        from .subtype import SubtypeHead
+
+        return SubtypeHead.load(self.path / SUBTYPE) if SUBTYPE in self.config.get("files", {}) else None
+
     def onnx_path(self, int8: bool = False) -> Path | None:
         """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json."""
         name = ONNX_INT8 if int8 else ONNX
@@ -315,7 +337,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         if sha256_file(path / name) != digest:
             raise ConfigError(f"{path / name}: sha256 does not match config.json (swapped or tampered file)")
     for name in ANSWER_FILES:
-        if (path / name).is_file() and name not in config.get("files", {}):
+        if (path / name).is_file() and name not in config.get("files", {}):  # never used unvouched for
             warnings.warn(f"{path / name} is not recorded in config.json and will not be used", stacklevel=2)
     metrics = read_json_object(path / METRICS, "metrics.json") if (path / METRICS).is_file() else {}
     validate_metrics(metrics, str(path))
@@ -432,7 +454,8 @@ def write_bundle(
         if name not in EXTRA_FILES:
             raise ValueError(f"a bundle holds no file named {name!r}")
         atomic_write(path / name, data)
-    onnx = [n for n in ANSWER_FILES if (path / n).is_file() and (n in config.get("files", {}) or n in (files or {}))]
+    wanted = {*config.get("files", {}), *(files or {})}
+    recorded = [n for n in ANSWER_FILES if n in wanted and (path / n).is_file()]
     config = {
         "format": FORMAT,
         "pneumoscan_version": __version__,
@@ -440,10 +463,10 @@ def write_bundle(
         **config,
         "weights_sha256": sha256_file(path / WEIGHTS),
     }
-    for name in onnx:  # their metadata follows the operating point (a calibration changes it)
+    for name in set(recorded) & set(ONNX_FILES):  # their metadata follows the operating point
         if not _onnx_metadata_current(path / name, onnx_metadata(config)):
             atomic_write(path / name, with_metadata(path / name, onnx_metadata(config)))
-    config["files"] = {name: sha256_file(path / name) for name in onnx}
+    config["files"] = {name: sha256_file(path / name) for name in recorded}
     validate_config(config, str(path))
     metrics = metrics or {}
     validate_metrics(metrics, str(path))

@@ -85,6 +85,7 @@ def calibrate_bundle(
     )
     report.update(in_sample=True, unreadable=errors)
     metrics = {"calibration": {k: v for k, v in report.items() if k != "model"}}
-    # ONNX models hold logits only: they stay valid (the writer puts the new operating point in their metadata).
-    onnx = {path.name: path for path in (source.onnx_path(False), source.onnx_path(True)) if path is not None}
-    return write_bundle(out, config, metrics, weights=source.path / WEIGHTS, files=onnx), report
+    # ONNX models hold logits only, so they stay valid (the writer puts the new operating point in their
+    # metadata); the input gate and the subtype head do not depend on the operating point either.
+    carried = {name: source.path / name for name in source.config.get("files", {})}  # ONNX models, gate, heads
+    return write_bundle(out, config, metrics, weights=source.path / WEIGHTS, files=carried), report

@@ -247,6 +247,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     _add_engine(p)
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="label every image, also those the input gate refuses as not a chest X-ray "
+        "(each result says gate off and carries its gate score)",
+    )
     p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument(
         "--output",
@@ -276,7 +282,7 @@ def _run_predict(args) -> int:
 
     if args.resume and not args.output:
         raise PneumoscanError("--resume goes with --output FILE")
-    clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
+    clf = Classifier.load(args.model, engine=args.engine, int8=args.int8, gate=not args.no_gate)
     if args.cam:
         ensure_folder(args.cam)
     fmt, done, stream = args.format, set(), sys.stdout

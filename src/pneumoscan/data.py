@@ -21,6 +21,7 @@ from .errors import ConfigError, ImageError
 from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
 from .labels import CLASSES
 from .settings import option
+from .subtype import SUBTYPES, subtype_of
 
 SPLITS = ("train", "val", "test")
 DATA_ENV = "PNEUMOSCAN_DATA"
@@ -37,6 +38,7 @@ class Sample:
     path: Path
     label: int  # 0 NORMAL, 1 PNEUMONIA
     patient: str
+    subtype: str | None = None  # "bacterial" or "viral" for PNEUMONIA files named so, else None
 
     @property
     def label_name(self) -> str:
@@ -84,7 +86,11 @@ def load_split(root: str | Path, split: str | None = None) -> list[Sample]:
     if not all((folder / c).is_dir() for c in CLASSES):
         where = f"{root}/{split}" if split else str(root)
         raise ConfigError(f"{where}: expected class folders {' and '.join(CLASSES)} (Kaggle chest_xray layout)")
-    samples = [Sample(p, label, patient_id(p.name)) for label, c in enumerate(CLASSES) for p in list_images(folder / c)]
+    samples = [
+        Sample(p, label, patient_id(p.name), subtype_of(p.name) if label == 1 else None)
+        for label, c in enumerate(CLASSES)
+        for p in list_images(folder / c)
+    ]
     if not samples:
         raise ConfigError(f"{folder}: no images (.jpeg, .jpg, .png, .dcm) in {' or '.join(CLASSES)}")
     return samples
@@ -133,6 +139,12 @@ def class_counts(samples: list[Sample]) -> dict[str, int]:
     return {c: counts.get(i, 0) for i, c in enumerate(CLASSES)}
 
 
+def subtype_counts(samples: list[Sample]) -> dict[str, int]:
+    """PNEUMONIA samples by subtype, as file names tell (``unknown`` where a name says neither)."""
+    counts = Counter(s.subtype or "unknown" for s in samples if s.label == 1)
+    return {k: counts.get(k, 0) for k in (*SUBTYPES, "unknown")}
+
+
 def summarize(samples: list[Sample]) -> dict:
     """Counts of images and patients per class, for configs, reports and model cards."""
     return {
@@ -151,11 +163,14 @@ class DataCheck:
     unreadable: list[str] = field(default_factory=list)
     duplicate_groups: list[list[str]] = field(default_factory=list)
     crossing_patients: dict[str, list[str]] = field(default_factory=dict)
+    subtypes: dict[str, dict[str, int]] = field(default_factory=dict)  # PNEUMONIA files per split
 
     def lines(self) -> list[str]:
         out = [f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}"]
         for split, c in self.counts.items():
             out.append(f"{split:<8}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}{sum(c.values()):>8}")
+        for split, c in self.subtypes.items():
+            out.append(f"{split} PNEUMONIA by subtype: " + ", ".join(f"{k} {v}" for k, v in c.items()))
         out.append(f"unreadable files: {len(self.unreadable)}")
         out += [f"  {line}" for line in self.unreadable]
         crossing = [g for g in self.duplicate_groups if len({_split_of(p) for p in g}) > 1]
@@ -179,6 +194,7 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
     root = Path(root)
     splits = {s: load_split(root, s) for s in SPLITS if (root / s).is_dir()} or {"all": load_split(root)}
     report = DataCheck(counts={s: class_counts(v) for s, v in splits.items()})
+    report.subtypes = {split: subtype_counts(samples) for split, samples in splits.items()}
     everything = [(split, s) for split, samples in splits.items() for s in samples]
 
     def inspect(item):

@@ -18,13 +18,20 @@ from .bundle import WEIGHTS, Bundle, write_bundle, write_json
 from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
 from .inference import Classifier, Prediction
-from .labels import label_of
+from .labels import CLASSES, label_of
 from .output import ensure_folder, write_prediction_file
+from .subtype import SUBTYPES
 from .text import csv_cell, number, printable, with_ci
 
 REFERENCES = {
     "Reference MobileNetV2 (seed, 150 px)": {"auc": 0.9528, "accuracy": 0.8766, "loss": 0.2970},
     "Kermany et al. 2018 (Cell)": {"auc": 0.968, "accuracy": 0.928, "sensitivity": 0.932, "specificity": 0.901},
+    "Kermany et al. 2018, bacterial or viral (viral positive)": {
+        "auc": 0.940,
+        "accuracy": 0.907,
+        "sensitivity": 0.886,
+        "specificity": 0.909,
+    },
 }
 
 
@@ -79,13 +86,21 @@ def evaluate(
         images, samples, errors = images_by_size[clf.image_size]
         if not samples:
             raise ConfigError(f"{data}: none of the {len(all_samples)} images could be read (first: {errors[0]})")
-        logits = clf.logits(images)
+        logits, features = clf.outputs(images)
         name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
         folder = out if len(models) == 1 else ensure_folder(out / f"model_{chr(97 + index)}")
         report = score(
             samples, logits, clf.bundle, engine=clf.engine.name, split=split_name, n_resamples=n_resamples, seed=seed
         )
         report["unreadable"] = errors
+        if clf.gate is not None:
+            report["gate"] = gate_report(samples, clf.gate_scores(features), clf.gate.limit)
+        subtype = subtype_scores(samples, features, clf)
+        if subtype is not None:
+            y_viral, p_viral, groups = subtype
+            report["subtype"] = M.subtype_report(
+                y_viral, p_viral, groups, clf.subtype.threshold, n_resamples, seed, split_name
+            )
         if cross_fit:
             report["cross_fit"] = cross_fitted(
                 samples,
@@ -99,6 +114,9 @@ def evaluate(
             )
         result = ModelResult(name, clf, samples, logits, report)
         result.figures = make_figures(result, images, folder, seed, split_name)
+        if "subtype" in report:
+            path = R.plot_confusion(report["subtype"]["confusion_matrix"], folder / "subtype_confusion.png", SUBTYPES)
+            result.figures["Bacterial or viral: confusion matrix (true pneumonia)"] = path
         write_prediction_file(folder / "predictions.csv", _prediction_rows(result))
         write_json(folder / "metrics.json", report)
         if record:
@@ -221,6 +239,30 @@ def score(
     return report
 
 
+def subtype_scores(samples: list[Sample], features: np.ndarray, clf: Classifier):
+    """(viral or not, viral probability, patient) of the true-pneumonia images whose names tell the
+    subtype, or None where the bundle has no subtype head or there are no such images."""
+    index = [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
+    if clf.subtype is None or not index:
+        return None
+    y = np.array([samples[i].subtype == SUBTYPES[1] for i in index], dtype=int)
+    return y, clf.subtype.viral_probability(features[index]), [samples[i].patient for i in index]
+
+
+def gate_report(samples: list[Sample], scores: np.ndarray, limit: float) -> dict:
+    """What the input gate would refuse among these labelled X-rays (metrics above count every image)."""
+    refused = [i for i, s in enumerate(scores) if s > limit]
+    by_class = {c.lower(): sum(samples[i].label == n for i in refused) for n, c in enumerate(CLASSES)}
+    return {
+        "limit": limit,
+        "refused": len(refused),
+        **{f"refused_{c}": n for c, n in by_class.items()},
+        "refused_share": len(refused) / max(len(samples), 1),
+        "refused_files": [str(samples[i].path) for i in refused],
+        "score_median": float(np.median(scores)) if len(scores) else None,
+    }
+
+
 def cross_fitted(
     samples: list[Sample],
     logits: np.ndarray,
@@ -314,6 +356,18 @@ def metrics_table(report: dict) -> str:
     lines.append(
         f"ECE {number(cal['ece_before'])} before, {number(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
     )
+    if st := report.get("subtype"):
+        lines.append(
+            f"bacterial or viral, on {st['n']} true pneumonia images ({st['n_bacterial']} bacterial, "
+            f"{st['n_viral']} viral), viral when probability >= {st['threshold']:.3f}:"
+        )
+        for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
+            lines.append(f"{key:<12} {with_ci(st, key):<28}")
+    if gate := report.get("gate"):
+        lines.append(
+            f"input gate (limit {gate['limit']:.1f}): {gate['refused']} of {report['n']} would be refused "
+            f"({gate['refused_normal']} NORMAL, {gate['refused_pneumonia']} PNEUMONIA); the metrics count every image"
+        )
     if cf := report.get("cross_fit"):
         lines.append(
             f"cross-fitted local calibration ({cf['folds']} patient folds, {cf['rule']}; "

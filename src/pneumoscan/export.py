@@ -1,4 +1,4 @@
-"""ONNX export of a bundle (uint8 grey images in, logits out) and int8 quantisation.
+"""ONNX export of a bundle (uint8 grey images in; logits and pooled features out) and int8 quantisation.
 
 The exported graph holds the network alone, normalisation included. Temperature and threshold stay in
 the bundle's config (and are copied into the ONNX metadata for readers of the file alone), so a
@@ -15,6 +15,7 @@ import torch
 
 from .bundle import (
     ONNX,
+    ONNX_FEATURES,
     ONNX_INPUT,
     ONNX_INT8,
     ONNX_OUTPUT,
@@ -31,7 +32,9 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
     """Write the whole network, normalisation included, as ONNX (opset 17, dynamic batch): input
     ``image`` uint8 ``(N, 1, S, S)``, output ``logit`` ``(N,)``. Without ``out`` it goes into the
     bundle, recorded by sha256 in its config."""
-    net = bundle.load_net()
+    from .models import WithFeatures
+
+    net = WithFeatures(bundle.load_net()).eval()
     example = torch.zeros((1, 1, bundle.image_size, bundle.image_size), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -46,8 +49,8 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
                 dynamo=False,
                 opset_version=17,
                 input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                output_names=[ONNX_OUTPUT, ONNX_FEATURES],
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}, ONNX_FEATURES: {0: "batch"}},
             )
         data = with_metadata(raw, onnx_metadata(bundle.config))
     if out is None:

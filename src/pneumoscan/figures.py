@@ -51,7 +51,7 @@ def plot_training_curves(history: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_confusion(cm: list[list[int]], path: Path) -> Path:
+def plot_confusion(cm: list[list[int]], path: Path, labels=CLASSES) -> Path:
     """Counts and row-normalised confusion matrices side by side."""
     plt = _pyplot()
     counts = np.array(cm, dtype=float)
@@ -71,8 +71,8 @@ def plot_confusion(cm: list[list[int]], path: Path) -> Path:
                 color="white" if dark else "black",
                 fontsize=13,
             )
-        ax.set_xticks([0, 1], CLASSES)
-        ax.set_yticks([0, 1], CLASSES)
+        ax.set_xticks([0, 1], labels)
+        ax.set_yticks([0, 1], labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title)

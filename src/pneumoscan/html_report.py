@@ -51,6 +51,9 @@ def _metrics_table(results, references: dict) -> str:
         if "cross_fit" in rep:
             cf = rep["cross_fit"]
             parts.append((f"{r.name}, cross-fitted local calibration ({cf['folds']} folds, {cf['rule']})", cf))
+        if "subtype" in rep:
+            st = rep["subtype"]
+            parts.append((f"{r.name}: bacterial or viral, {st['n']} true pneumonia (viral positive)", st))
         for label, part in parts:
             rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(part, k) for k in _KEYS)}</tr>")
     for name, ref in references.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
+from .bundle import ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
 from .errors import ConfigError, ImageError
+from .gate import refusal
 from .images import ImageSource, prepare, source_name
-from .labels import label_of
+from .labels import CLASSES, label_of
 
 ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
 # Images per inference batch when predicting files. On a CPU a larger batch buys no speed, and the
@@ -40,15 +42,29 @@ class Prediction:
     label: str | None = None
     threshold: float | None = None
     error: str | None = None
+    gate_score: float | None = None  # the input gate's score, where the bundle has a gate
+    gate_limit: float | None = None
+    gated: bool = True  # False: predicted with the gate off (--no-gate, gate=False)
+    subtype: str | None = None  # "bacterial" or "viral", for PNEUMONIA where the bundle has the head
+    viral_probability: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
+        out = {"path": self.path}
         if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "probability": self.probability, "label": self.label, "threshold": self.threshold}
+            out["error"] = self.error
+        else:
+            out.update(probability=self.probability, label=self.label, threshold=self.threshold)
+            if self.subtype is not None:
+                out.update(subtype=self.subtype, viral_probability=self.viral_probability)
+        if self.gate_score is not None:
+            out.update(gate_score=self.gate_score, gate_limit=self.gate_limit)
+            if not self.gated:
+                out["gate"] = "off"
+        return out
 
 
 class TorchEngine:
@@ -57,10 +73,11 @@ class TorchEngine:
     def __init__(self, bundle: Bundle):
         self.net = bundle.load_net()
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        from .models import predict_logits
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N,)`` and pooled features ``(N, F)``."""
+        from .models import predict_outputs
 
-        return predict_logits(self.net, images, batch_size=max(1, len(images)))
+        return predict_outputs(self.net, images, batch_size=max(1, len(images)))
 
 
 class OnnxEngine:
@@ -79,9 +96,11 @@ class OnnxEngine:
         _check_onnx_contract(self.session, path, bundle)
         self.name = "onnx-int8" if path.name.endswith(".int8.onnx") else "onnx"
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N,)`` and pooled features ``(N, F)``."""
         batch = np.ascontiguousarray(images)[:, None]
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})[0]
+        logits, features = self.session.run([ONNX_OUTPUT, ONNX_FEATURES], {ONNX_INPUT: batch})
+        return logits, features
 
 
 def _check_onnx_contract(session, path: Path, bundle: Bundle) -> None:
@@ -93,9 +112,11 @@ def _check_onnx_contract(session, path: Path, bundle: Bundle) -> None:
         raise ConfigError(f"{path}: ONNX model must take one uint8 input named '{ONNX_INPUT}'")
     if list(inputs[0].shape[1:]) != [1, size, size]:
         raise ConfigError(f"{path}: ONNX input shape {inputs[0].shape} does not match (N, 1, {size}, {size})")
-    output = next((o for o in outputs if o.name == ONNX_OUTPUT), None)
-    if output is None or output.type not in ("tensor(float)", "tensor(double)") or len(output.shape) != 1:
-        raise ConfigError(f"{path}: ONNX model must give a float output '{ONNX_OUTPUT}' of shape (N,)")
+    shapes = {o.name: (o.type, len(o.shape)) for o in outputs}
+    if shapes.get(ONNX_OUTPUT) != ("tensor(float)", 1) or shapes.get(ONNX_FEATURES) != ("tensor(float)", 2):
+        raise ConfigError(
+            f"{path}: ONNX model must give float outputs '{ONNX_OUTPUT}' (N,) and '{ONNX_FEATURES}' (N, F)"
+        )
     recorded = session.get_modelmeta().custom_metadata_map.get("pneumoscan_weights_sha256")
     if recorded != bundle.config["weights_sha256"]:
         raise ConfigError(f"{path}: ONNX model was not exported from this bundle's weights (metadata sha256 differs)")
@@ -198,17 +219,27 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]
 class Classifier:
     """A trained model ready to predict and explain."""
 
-    def __init__(self, bundle: Bundle, engine: str = "auto", int8: bool = False):
+    def __init__(self, bundle: Bundle, engine: str = "auto", int8: bool = False, gate: bool = True):
         self.bundle = bundle
         self.engine = make_engine(bundle, engine, int8)
+        self.gate = bundle.load_gate()
+        self.subtype = bundle.load_subtype()
+        self.gating = gate and self.gate is not None  # refuse what the gate does not accept
+        if self.gate is None:
+            warnings.warn(
+                f"{bundle.name} has no input gate: every image gets a label, chest X-ray or not", stacklevel=2
+            )
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self._torch_net = None
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, *, engine: str = "auto", int8: bool = False) -> Classifier:
-        """Open a bundle (the packaged default when ``path`` is None)."""
-        return cls(load_bundle(path), engine, int8)
+    def load(
+        cls, path: str | os.PathLike | None = None, *, engine: str = "auto", int8: bool = False, gate: bool = True
+    ) -> Classifier:
+        """Open a bundle (the packaged default when ``path`` is None). ``gate=False`` labels every image,
+        also those the bundle's input gate would refuse (each result still carries its gate score)."""
+        return cls(load_bundle(path), engine, int8, gate)
 
     @property
     def threshold(self) -> float:
@@ -224,11 +255,24 @@ class Classifier:
 
     def logits(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""
-        parts = [self.engine.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+        return self.outputs(images, batch_size)[0]
 
-    def _result(self, name: str, probability: float) -> Prediction:
-        return Prediction(name, float(probability), label_of(probability, self.threshold), self.threshold)
+    def outputs(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N,)`` and pooled features ``(N, F)`` for prepared uint8 images ``(N, S, S)``."""
+        parts = [self.engine.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        if not parts:
+            return np.zeros(0), np.zeros((0, 0), np.float32)
+        return np.concatenate([p[0] for p in parts]).astype(np.float64), np.concatenate([p[1] for p in parts])
+
+    def gate_scores(self, features: np.ndarray) -> np.ndarray | None:
+        return None if self.gate is None else self.gate.score(features)
+
+    def _result(self, name: str, probability: float, score: float | None, gating: bool) -> Prediction:
+        limit = None if score is None else self.gate.limit
+        if gating and score > limit:
+            return Prediction(name, error=refusal(score, limit), gate_score=score, gate_limit=limit)
+        label = label_of(probability, self.threshold)
+        return Prediction(name, float(probability), label, self.threshold, None, score, limit, gating)
 
     def predict(
         self,
@@ -236,11 +280,13 @@ class Classifier:
         batch_size: int = PREDICT_BATCH,
         progress: bool = False,
         errors: str = "report",
+        gate: bool | None = None,
     ) -> list[Prediction]:
         """One :class:`Prediction` per input, in input order; unreadable inputs carry ``error``
-        (or, with ``errors="raise"``, raise their :class:`ImageError`)."""
+        (or, with ``errors="raise"``, raise their :class:`ImageError`), and so do inputs the input gate
+        refuses (``gate=False`` labels them anyway; the default is the classifier's own setting)."""
         inputs = list(inputs)
-        batches = self.iter_predictions(inputs, batch_size, progress, errors, total=len(inputs))
+        batches = self.iter_predictions(inputs, batch_size, progress, errors, total=len(inputs), gate=gate)
         return [result for batch in batches for result in batch]
 
     def iter_predictions(
@@ -250,23 +296,25 @@ class Classifier:
         progress: bool = False,
         errors: str = "report",
         total: int | None = None,
+        gate: bool | None = None,
     ) -> Iterator[list[Prediction]]:
         """Predictions batch by batch, in input order, the next batch decoding while this one runs.
         Inputs are pulled as needed, so memory stays flat over any number of them."""
         from tqdm import tqdm
 
+        gating = self.gating if gate is None else gate and self.gate is not None
         batches = (list(islice(it, batch_size)) for it in repeat(iter(inputs)))
         with tqdm(total=total, desc="predicting", unit="img", disable=not progress) as bar:
             pending = self._decode(next(batches))
             while pending:
                 current, pending = pending, self._decode(next(batches))
-                yield self._classify(current, errors)
+                yield self._classify(current, errors, gating)
                 bar.update(len(current))
 
     def _decode(self, sources: list) -> list:
         return [(source, self._pool.submit(self._prepare_one, source)) for source in sources]
 
-    def _classify(self, decoding: list, errors: str) -> list[Prediction]:
+    def _classify(self, decoding: list, errors: str, gating: bool) -> list[Prediction]:
         results: list[Prediction | None] = [None] * len(decoding)
         good, images = [], []
         for i, (source, future) in enumerate(decoding):
@@ -279,8 +327,16 @@ class Classifier:
             else:
                 results[i] = Prediction(source_name(source), error=error.reason)
         if images:
-            for i, p in zip(good, self.probabilities(self.engine.logits(np.stack(images)))):
-                results[i] = self._result(source_name(decoding[i][0]), p)
+            logits, features = self.engine.run(np.stack(images))
+            scores = self.gate_scores(features)
+            viral = None if self.subtype is None else self.subtype.viral_probability(features)
+            for n, (i, p) in enumerate(zip(good, self.probabilities(logits))):
+                score = None if scores is None else float(scores[n])
+                result = self._result(source_name(decoding[i][0]), p, score, gating)
+                if viral is not None and result.label == CLASSES[1]:
+                    result.viral_probability = float(viral[n])
+                    result.subtype = self.subtype.label(viral[n])
+                results[i] = result
         return results  # type: ignore[return-value]
 
     def predict_one(self, source: ImageSource) -> Prediction:

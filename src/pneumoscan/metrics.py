@@ -289,6 +289,17 @@ def delong_test(y, p_a, p_b) -> dict:
     }
 
 
+def subtype_report(y_viral, p_viral, groups, threshold: float, n_resamples: int = 2000, seed: int = 0, split="test"):
+    """The bacterial/viral block of metrics.json: the usual metrics with viral as the positive class
+    (sensitivity: viral cases found; specificity: bacterial ones), counts named by subtype."""
+    report = full_report(y_viral, p_viral, groups, threshold, n_resamples, seed, split)
+    report["n_bacterial"], report["n_viral"] = report.pop("n_normal"), report.pop("n_pneumonia")
+    names = {"NORMAL": "bacterial", "PNEUMONIA": "viral"}
+    report["classification_report"] = {names.get(k, k): v for k, v in report["classification_report"].items()}
+    report["positive"] = "viral"
+    return report
+
+
 def full_report(y, p, groups, threshold: float, n_resamples: int = 2000, seed: int = 0, split: str = "test") -> dict:
     """metrics.json's body for one threshold: point values, intervals by patient, ECE."""
     out = {"split": split, **binary_metrics(y, p, threshold)}

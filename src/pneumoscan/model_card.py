@@ -50,6 +50,33 @@ def model_card(bundle) -> str:
                 f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
                 f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
             )
+    subtype_rows = [
+        f"| {label} ({st['n']} true pneumonia: {st.get('n_bacterial', '?')} bacterial, {st.get('n_viral', '?')} "
+        f"viral) | {_with_ci(st, 'auc')} | {_with_ci(st, 'accuracy')} | {_with_ci(st, 'sensitivity')} | "
+        f"{_with_ci(st, 'specificity')} | {_fmt(st.get('loss'))} |"
+        for split, label in (("validation", "validation"), ("test", "test"))
+        if isinstance(st := (metrics.get(split) or {}).get("subtype"), dict)
+    ]
+    subtype = (
+        "\n## Bacterial or viral (a second head on the same features; viral is the positive class)\n"
+        f"PNEUMONIA results carry `subtype` and `viral_probability`; viral when the probability is at least "
+        f"{bundle.load_subtype().threshold:.3f}.\n\n"
+        "| split | AUC | accuracy | sensitivity (viral) | specificity (bacterial) | loss |\n|---|---|---|---|---|---|\n"
+        + "".join(row + "\n" for row in subtype_rows)
+        + "| Kermany et al. 2018 | 0.940 | 0.907 | 0.886 | 0.909 | |\n"
+        if "subtype.safetensors" in c.get("files", {})
+        else ""
+    )
+    gate = (
+        f"\n## Input gate\nInputs whose pooled features lie far from the training X-rays (score above "
+        f"{bundle.load_gate().limit:.2f}) are refused as not a chest X-ray; `--no-gate` / `gate=False` label them "
+        "anyway. The limit keeps 99.5% of validation X-rays, clean and under acquisition perturbations. It "
+        "refuses photographs, CT and MR slices, documents, screenshots, plots, noise and blank images (see the "
+        "README's measured table); it is not meant to catch chest X-rays outside the intended population "
+        "(adults, lateral views, other hospitals), which look like what it was fitted on.\n"
+        if "gate.safetensors" in c.get("files", {})
+        else "\n## Input gate\nNone: this bundle labels every image, chest X-ray or not.\n"
+    )
     tr = training.get("train", {})
     cal = (metrics.get("test") or {}).get("calibration")
     calibration = (
@@ -92,6 +119,7 @@ of train ({md(training.get("validation", {}).get("images", "?"))} images).
 {GENERALISATION_NOTE}
 
 {calibration}
+{subtype}{gate}
 {notes}
 ## Known failure modes and limits
 - Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.

@@ -59,7 +59,11 @@ class PneumoniaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of PNEUMONIA, shape (N,)."""
-        return self.head(self.body(self.normalize(x))).squeeze(1)
+        return self.head(self.features(x)).squeeze(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone features the head reads, shape (N, F): what the input gate scores."""
+        return self.body(self.normalize(x))
 
     def trainable_split(self, unfreeze: int) -> int:
         """Index into ``body`` where the trainable part starts when the last ``unfreeze`` blocks
@@ -77,15 +81,36 @@ class PneumoniaNet(nn.Module):
         return split
 
 
+class WithFeatures(nn.Module):
+    """The network with two outputs, logits and pooled features (what inference engines run)."""
+
+    def __init__(self, net: PneumoniaNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        features = self.net.features(x)
+        return self.net.head(features).squeeze(1), features
+
+
 def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
+    return predict_outputs(net, images, batch_size)[0]
+
+
+def predict_outputs(net: PneumoniaNet, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N,)`` and pooled features ``(N, F)`` for uint8 images ``(N,S,S)``, in eval mode."""
     net = net.eval()
-    out = []
+    logits, features = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
-            out.append(net(batch).float().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+            f = net.features(batch)
+            logits.append(net.head(f).squeeze(1).float().numpy())
+            features.append(f.float().numpy())
+    if not logits:
+        return np.zeros(0, np.float32), np.zeros((0, net.head[0].in_features), np.float32)
+    return np.concatenate(logits), np.concatenate(features)
 
 
 def create_model(

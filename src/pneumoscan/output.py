@@ -20,7 +20,9 @@ from .errors import ConfigError, ImageError
 from .text import csv_cell, printable
 
 FORMATS = ("table", "csv", "jsonl")
-CSV_COLUMNS = ("path", "probability", "label", "threshold", "error")
+CSV_COLUMNS = (
+    "path", "probability", "label", "threshold", "error", "gate_score", "gate", "subtype", "viral_probability",
+)  # fmt: skip
 MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte limit
 
 
@@ -44,6 +46,10 @@ def _csv_row(result, sample=None) -> list[str]:
         result.label or "",
         "" if result.threshold is None else f"{result.threshold:.6f}",
         result.error or "",
+        "" if result.gate_score is None else f"{result.gate_score:.3f}",
+        "off" if result.gate_score is not None and not result.gated else "",
+        result.subtype or "",
+        "" if result.viral_probability is None else f"{result.viral_probability:.6f}",
     ]
     if sample is not None:
         row += [sample.patient, sample.label_name]
@@ -59,6 +65,7 @@ class PredictionWriter:
         self.stream, self.fmt = stream, fmt
         self.ok = self.failed = 0
         self.threshold = None
+        self.gate_off = False
         self._csv = csv.writer(stream) if fmt == "csv" else None
         if header and fmt == "csv":
             self._csv.writerow(CSV_COLUMNS)
@@ -69,6 +76,7 @@ class PredictionWriter:
         if r.ok:
             self.ok += 1
             self.threshold = r.threshold
+            self.gate_off = self.gate_off or (r.gate_score is not None and not r.gated)
         else:
             self.failed += 1
         if self.fmt == "jsonl":
@@ -76,13 +84,15 @@ class PredictionWriter:
         elif self.fmt == "csv":
             self._csv.writerow(_csv_row(r))
         elif r.ok:
-            self.stream.write(f"{r.label:<10} {r.probability:>11.4f}  {printable(r.path)}\n")
+            label = f"{r.label} ({r.subtype} {r.viral_probability:.2f})" if r.subtype else r.label
+            self.stream.write(f"{label:<10} {r.probability:>11.4f}  {printable(r.path)}\n")
         else:
             self.stream.write(f"{'ERROR':<10} {'':>11}  {printable(r.path)}: {printable(r.error)}\n")
 
     def summary(self) -> str:
         rule = f"; PNEUMONIA when probability >= {self.threshold:.4f}" if self.threshold is not None else ""
-        return f"{self.ok} classified, {self.failed} failed{rule}"
+        gate = "; input gate off: every image labelled, chest X-ray or not" if self.gate_off else ""
+        return f"{self.ok} classified, {self.failed} failed{rule}{gate}"
 
 
 def write_predictions(results: Iterable, fmt: str, stream: TextIO = sys.stdout) -> None:

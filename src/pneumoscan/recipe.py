@@ -20,6 +20,8 @@ SCHEDULES = ("constant", "onecycle")
 CLASS_WEIGHTS = ("balanced", "none")
 VAL_SOURCES = ("patients", "official")
 CACHE_MODES = ("auto", "memory", "disk")
+ACCELERATORS = ("auto", "cpu", "gpu")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
 
 @dataclass
@@ -67,7 +69,14 @@ class TrainConfig:
         at_most=1,
     )
     seed: int = option(0, "seed for the split, initialisation, order and augmentation", at_least=0, below=2**32)
-    devices: int = option(1, "processes/devices; 2+ runs DDP (gloo on CPU)", at_least=1, at_most=1024)
+    devices: int = option(
+        1, "processes/devices per node; 2+ runs DDP (gloo on CPU, NCCL on GPUs)", at_least=1, at_most=1024
+    )
+    num_nodes: int = option(
+        1, "machines taking part (DDP across nodes; launch one process per device with torchrun or SLURM)", at_least=1
+    )
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu or gpu", choices=ACCELERATORS)
+    precision: str = option("32", "training precision: 32, 16-mixed (GPUs) or bf16-mixed", choices=PRECISIONS)
     workers: int = option(0, "data-loader worker processes (0: images are in memory)", at_least=0, at_most=256)
     cache: str = option(
         "auto",

@@ -61,6 +61,11 @@ class PredictResponse(BaseModel):
     threshold: float = Field(description="operating threshold (where it was fitted: GET /v1/model)")
     model: str
     version: str
+    subtype: str | None = Field(None, description="bacterial or viral, for PNEUMONIA (bundles with the head)")
+    viral_probability: float | None = Field(None, description="calibrated probability that the pneumonia is viral")
+    gate_score: float | None = Field(None, description="the input gate's score (higher: less like a chest X-ray)")
+    gate_limit: float | None = Field(None, description="scores above this limit are refused (422)")
+    gate: str | None = Field(None, description="'off' when predicted with ?gate=false")
     cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
     image: str | None = Field(None, description="the X-ray as the model read it, PNG, base64 (with ?cam=true)")
 
@@ -248,10 +253,12 @@ def create_app(
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
 
-    def run_prediction(data: bytes, name: str, cam: bool) -> dict:
+    def run_prediction(data: bytes, name: str, cam: bool, gate: bool) -> dict:
         source = io.BytesIO(data)
         source.name = name
-        result = clf.predict([source], errors="raise")[0]
+        result = clf.predict([source], errors="raise", gate=gate)[0]
+        if not result.ok:  # refused by the input gate
+            raise HTTPException(422, f"{name}: {result.error}")
         out = {**result.to_dict(), "model": clf.bundle.name, "version": str(clf.bundle.config.get("version", ""))}
         if cam:
             source.seek(0)
@@ -267,10 +274,10 @@ def create_app(
         responses={
             413: {"description": "upload too large"},
             415: {"description": "not an image"},
-            422: {"description": "an image that cannot be used"},
+            422: {"description": "an image that cannot be used, or not a chest X-ray (the input gate)"},
         },
     )
-    async def predict(file: UploadFile, cam: bool = False):
+    async def predict(file: UploadFile, cam: bool = False, gate: bool = True):
         data = await file.read(max_upload_bytes + 1)
         name = file.filename or "upload"
         if len(data) > max_upload_bytes:
@@ -278,7 +285,7 @@ def create_app(
         if not data:
             raise HTTPException(422, f"{name}: file is empty")
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam)
+            return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam, gate)
         except ImageError as exc:
             raise HTTPException(_STATUS.get(exc.kind, 422), str(exc)) from None
 

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from .bundle import Bundle, read_json_object, save_bundle, write_json
+from .bundle import GATE, SUBTYPE, Bundle, read_json_object, save_bundle, write_json
 from .data import (
     ImageDataset,
     fits_in_memory,
@@ -317,9 +317,11 @@ def _trainer(cfg: TrainConfig, run: RunState, phase: Phase, history: History):
     )  # full state, for --resume
     trainer = L.Trainer(
         max_epochs=phase.epochs,
-        accelerator="auto",
+        accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy="ddp" if cfg.devices > 1 else "auto",
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        strategy="ddp" if cfg.devices * cfg.num_nodes > 1 else "auto",
         plugins=[SafeCheckpointIO()],
         logger=CSVLogger(run.out, name="logs", version=phase.name),
         callbacks=[best, every_epoch, EarlyStopping("val_auc", mode="max", patience=cfg.patience), history],
@@ -342,6 +344,11 @@ class TrainingData:
 
 
 def _is_rank_zero() -> bool:
+    """Whether this process is global rank 0, before Lightning has set up: torchrun and SLURM say so with
+    RANK / SLURM_PROCID, Lightning's own launcher with LOCAL_RANK and NODE_RANK."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
@@ -411,10 +418,10 @@ def train(cfg: TrainConfig) -> Bundle | None:
     cfg.check()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     run = RunState(Path(cfg.out), cfg.resume)
-    if not cfg.resume:
+    rank_zero = _is_rank_zero()
+    if not cfg.resume and rank_zero:
         write_json(run.out / "config.json", cfg.recorded())
     seed_everything(cfg.seed)
-    rank_zero = _is_rank_zero()
     data = load_training_data(cfg, rank_zero)
     net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
     module = LitClassifier(
@@ -436,11 +443,64 @@ def train(cfg: TrainConfig) -> Bundle | None:
     return finish_run(cfg, run, net, data, best_score, time.perf_counter() - started)
 
 
+GATE_TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
+GATE_PERTURBED_IMAGES = 96  # validation images per acquisition perturbation that set the gate's limit
+
+
+def fit_gate(net, train_images: np.ndarray, val_images: np.ndarray, seed: int = 0):
+    """The input gate for a trained network: fitted on training features, its limit set on validation
+    X-rays, clean and under every acquisition perturbation of :mod:`pneumoscan.shift`."""
+    from .gate import Gate
+    from .models import predict_outputs
+    from .shift import perturb
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(train_images), min(GATE_TRAIN_IMAGES, len(train_images)), replace=False))
+    sample = np.sort(rng.choice(len(val_images), min(GATE_PERTURBED_IMAGES, len(val_images)), replace=False))
+    calibration = np.concatenate([val_images, *perturb(val_images[sample], seed).values()])
+    _, train_features = predict_outputs(net, np.asarray(train_images[pick]))
+    _, calibration_features = predict_outputs(net, calibration)
+    return Gate.fit(train_features, calibration_features)
+
+
+def fit_subtype(net, train_images: np.ndarray, train_samples: list, val_images: np.ndarray, val_samples: list):
+    """The bacterial/viral head on the network's features, fitted on the training pneumonia images whose
+    names tell the subtype, and its validation report; None where either split lacks a subtype."""
+    from . import metrics as M
+    from .models import predict_outputs
+    from .subtype import SUBTYPES, SubtypeHead
+
+    def known(samples):
+        return [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
+
+    train_idx, val_idx = known(train_samples), known(val_samples)
+    y_train = np.array([train_samples[i].subtype == SUBTYPES[1] for i in train_idx], dtype=int)
+    y_val = np.array([val_samples[i].subtype == SUBTYPES[1] for i in val_idx], dtype=int)
+    if len(set(y_train.tolist())) < 2 or len(set(y_val.tolist())) < 2:
+        return None
+    _, train_features = predict_outputs(net, np.asarray(train_images[train_idx]))
+    _, val_features = predict_outputs(net, np.asarray(val_images[val_idx]))
+    head = SubtypeHead.fit(train_features, y_train, val_features, y_val)
+    groups = [val_samples[i].patient for i in val_idx]
+    return head, M.subtype_report(
+        y_val, head.viral_probability(val_features), groups, head.threshold, split="validation"
+    )
+
+
+def _training_images(data: TrainingData, size: int) -> tuple[np.ndarray, list]:
+    """Training images in memory (decoded again, unaugmented, when training streamed them from disk)."""
+    if data.in_memory:
+        return data.train_set.images.numpy(), data.train_samples
+    images, samples, _ = load_images(data.train_samples, size, progress=False)
+    return images, samples
+
+
 def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_score: float, wall: float) -> Bundle:
     """Fit the operating point on validation, then write curves, metrics and the bundle."""
     from . import metrics as M
     from .figures import plot_training_curves
 
+    net = net.cpu()  # trained on whatever accelerator; fitted, saved and exported from the CPU
     y_val = np.array([s.label for s in data.val_samples])
     logits = predict_logits(net, data.val_set.images.numpy())
     temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.operating_rule, cfg.target_sensitivity)
@@ -478,7 +538,14 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
         "temperature": temperature,
         "training": training,
     }
-    extras = {"training_curves.png": curves.read_bytes()} if curves else {}
+    train_images, train_samples = _training_images(data, cfg.image_size)
+    val_images = data.val_set.images.numpy()
+    extras = {GATE: fit_gate(net, train_images, val_images, cfg.seed).to_bytes()}
+    if fitted := fit_subtype(net, train_images, train_samples, val_images, data.val_samples):
+        extras[SUBTYPE] = fitted[0].to_bytes()
+        validation["subtype"] = fitted[1]
+    if curves:
+        extras["training_curves.png"] = curves.read_bytes()
     bundle = save_bundle(run.out / "model", net, bundle_config, {"validation": validation}, extras=extras)
     print(
         json.dumps(

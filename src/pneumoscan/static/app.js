@@ -83,7 +83,8 @@ async function classify(file) {
     show(data);
   } catch (err) {
     $("result").hidden = true;
-    showError(`Could not classify ${file.name}: ${err.message}`);
+    showError(`Could not classify ${file.name}: ${err.message}` +
+      (err.message.includes("chest X-ray") ? ". This page labels paediatric chest X-rays only." : ""));
   } finally {
     $("busy").hidden = true;
   }
@@ -96,11 +97,17 @@ function show(data) {
   $("xray").hidden = $("cam-toggle").checked;
   $("label").textContent = data.label;
   $("label").className = `label ${data.label}`;
+  $("subtype").hidden = !data.subtype;
+  $("subtype").textContent = data.subtype
+    ? `Likely ${data.subtype} (probability viral ${fmt(data.viral_probability)}): a second head, less certain than the first.`
+    : "";
   $("fill").style.width = `${(100 * data.probability).toFixed(1)}%`;
   $("mark").style.left = `calc(${(100 * data.threshold).toFixed(1)}% - 1px)`;
   $("probability").textContent = `P(pneumonia) = ${data.probability.toFixed(3)}`;
   $("threshold").textContent = `PNEUMONIA when the probability is at least ${data.threshold.toFixed(3)} (the black mark).`;
-  $("filename").textContent = `${data.path} · ${data.model} ${data.version}`;
+  const gate = data.gate_score === null || data.gate_score === undefined ? ""
+    : ` · input gate ${fmt(data.gate_score)} (limit ${fmt(data.gate_limit)})`;
+  $("filename").textContent = `${data.path} · ${data.model} ${data.version}${gate}`;
   $("result").hidden = false;
 }
 

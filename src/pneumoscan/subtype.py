@@ -1,0 +1,146 @@
+"""Bacterial or viral: Kermany's second task, as a second head on the same network.
+
+The head reads the pooled features the pneumonia head reads (square-rooted and standardised, as the
+input gate does), and gives one logit of VIRAL. It is fitted on training pneumonia images only, by
+class-weighted logistic regression (bacterial cases outnumber viral ones two to one), so the binary task
+is untouched: the same weights give the same PNEUMONIA probabilities. Its temperature and threshold come
+from validation pneumonia images by the same rules as the main task. It is a few kilobytes in the bundle
+(``subtype.safetensors``, sha256 in config.json).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+SUBTYPES = ("bacterial", "viral")  # label 0 and 1 of the subtype head; viral is the positive class
+L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # regularisation strengths tried, chosen on validation
+_SUBTYPE_IN_NAME = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
+
+
+def subtype_of(filename: str) -> str | None:
+    """``person12_virus_3.jpeg`` -> viral, ``person3_bacteria_10.jpeg`` -> bacterial; else None (unknown)."""
+    match = _SUBTYPE_IN_NAME.search(Path(filename).name)
+    if match is None:
+        return None
+    return SUBTYPES[1] if match.group(1).lower() == "virus" else SUBTYPES[0]
+
+
+def _transform(features: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0))
+
+
+@dataclass
+class SubtypeHead:
+    mean: np.ndarray  # (F,) of the transformed features
+    scale: np.ndarray  # (F,)
+    weights: np.ndarray  # (F,)
+    bias: float
+    temperature: float
+    threshold: float
+    rule: str = "balanced"
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits of VIRAL for pooled features ``(N, F)``."""
+        return ((_transform(features) - self.mean) / self.scale) @ self.weights + self.bias
+
+    def viral_probability(self, features: np.ndarray) -> np.ndarray:
+        from .metrics import sigmoid
+
+        return sigmoid(self.logits(features), self.temperature)
+
+    def label(self, viral_probability: float) -> str:
+        return SUBTYPES[1] if viral_probability >= self.threshold else SUBTYPES[0]
+
+    @classmethod
+    def fit(
+        cls,
+        train_features: np.ndarray,
+        train_viral: np.ndarray,
+        val_features: np.ndarray,
+        val_viral: np.ndarray,
+        l2_grid: tuple[float, ...] = L2_GRID,
+        rule: str = "balanced",
+    ) -> SubtypeHead:
+        """Class-weighted, L2-regularised logistic regression on the training features, its L2 strength
+        chosen on validation (AUC; ties to the stronger); temperature and threshold on validation too
+        (:func:`metrics.fit_operating_point`)."""
+        from .metrics import fit_operating_point, roc_auc
+
+        best = None
+        for l2 in sorted(l2_grid, reverse=True):
+            head = cls._fit_weights(train_features, train_viral, l2, rule)
+            auc = roc_auc(val_viral, head.logits(val_features)) or 0.0
+            if best is None or auc > best[0]:
+                best = (auc, head)
+        head = best[1]
+        head.temperature, head.threshold, head.rule = fit_operating_point(val_viral, head.logits(val_features), rule)
+        return head
+
+    @classmethod
+    def _fit_weights(cls, train_features, train_viral, l2: float, rule: str) -> SubtypeHead:
+        from scipy.optimize import minimize
+
+        x = _transform(train_features)
+        mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+        x = (x - mean) / scale
+        y = np.asarray(train_viral, dtype=np.float64)
+        w_pos, w_neg = len(y) / (2 * max(y.sum(), 1)), len(y) / (2 * max(len(y) - y.sum(), 1))
+        sample_weight = np.where(y == 1, w_pos, w_neg) / len(y)
+
+        def loss(params):
+            w, b = params[:-1], params[-1]
+            z = x @ w + b
+            nll = np.logaddexp(0, z) - y * z
+            grad_z = (1 / (1 + np.exp(-z)) - y) * sample_weight
+            value = float((nll * sample_weight).sum() + 0.5 * l2 * (w @ w) / len(y))
+            return value, np.r_[x.T @ grad_z + l2 * w / len(y), grad_z.sum()]
+
+        result = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B", options={"maxiter": 500})
+        return cls(mean, scale, result.x[:-1], float(result.x[-1]), 1.0, 0.5, rule)
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        arrays = {
+            "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32),
+            "weights": self.weights.astype(np.float32),
+            "bias_temperature_threshold": np.array([self.bias, self.temperature, self.threshold], np.float32),
+        }
+        return save(arrays, metadata={"format": "pneumoscan-subtype/1", "rule": self.rule})
+
+    @classmethod
+    def load(cls, path: Path, n_features: int | None = None) -> SubtypeHead:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        try:
+            a = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as f:
+                rule = (f.metadata() or {}).get("rule", "balanced")
+            mean, scale, weights = a["mean"], a["scale"], a["weights"]
+            bias, temperature, threshold = (float(v) for v in a["bias_temperature_threshold"])
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{path}: not a readable subtype head ({type(exc).__name__})") from None
+        n = mean.shape[0] if mean.ndim == 1 else -1
+        shapes_ok = mean.ndim == 1 and scale.shape == (n,) and weights.shape == (n,)
+        shapes_ok = shapes_ok and (n_features is None or n == n_features)
+        finite = all(np.isfinite(v).all() for v in (mean, scale, weights)) and (scale > 0).all()
+        if not (shapes_ok and finite and math.isfinite(bias) and 1e-3 <= temperature <= 1e3 and 0 < threshold < 1):
+            raise ConfigError(f"{path}: subtype head arrays have the wrong shapes or values")
+        return cls(
+            mean.astype(np.float64),
+            scale.astype(np.float64),
+            weights.astype(np.float64),
+            bias,
+            temperature,
+            threshold,
+            rule[:40],
+        )
