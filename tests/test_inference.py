@@ -138,11 +138,12 @@ def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(rows) == 5 and sum("error" in r for r in rows) == 2
     assert rows[-1] == {"path": str(tmp_path / "nope.jpeg"), "error": "no such file or folder"}  # argument order kept
-    assert all(set(r) == {"path", "probability", "label", "threshold"} for r in rows if "error" not in r)
+    assert all({"path", "probability", "label", "threshold", "gate_score"} <= set(r) for r in rows if "error" not in r)
     assert "bad.jpeg" in done.stderr and "Traceback" not in done.stderr
     assert len(list((tmp_path / "cams").glob("*.cam.png"))) == 3
     ok = _cli("predict", real_images("test", "PNEUMONIA", 1)[0], "--model", trained_bundle.path, "--format", "csv")
-    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "path,probability,label,threshold,error"
+    header = "path,probability,label,threshold,error,gate_score,gate,subtype,viral_probability"
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == header
     glob = _cli("predict", f"{D224}/test/NORMAL/IM-000[1-3]*", "--model", trained_bundle.path)
     assert glob.returncode == 0 and "classified, 0 failed" in glob.stdout
 

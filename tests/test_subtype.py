@@ -67,7 +67,7 @@ def test_splits_carry_subtypes_and_data_check_counts_them(small_data):
     assert all(s.subtype is None for s in train if s.label == 0)
     assert {s.subtype for s in train if s.label == 1} == {"bacterial", "viral"}
     lines = check_dataset(small_data, progress=False).lines()
-    assert any(line.startswith("train PNEUMONIA by subtype: bacterial") for line in lines)
+    assert any(line.startswith("PNEUMONIA subtypes in train: bacterial") for line in lines)
 
 
 @pytest.mark.data

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError
 from .labels import CLASSES
-from .metrics import sigmoid
+from .metrics import CI_METRICS, sigmoid
 
 FORMAT = "pneumoscan-bundle/1"
 WEIGHTS = "model.safetensors"
@@ -43,6 +43,7 @@ EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
 MAX_JSON_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 32
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2")  # what a bundle may name; built in models.py
+HEAD = {"hidden": 128, "dropout": 0.2}  # the dense head's defaults (and what bundles without the keys used)
 
 # key: (types, required)
 _SCHEMA = {
@@ -160,9 +161,9 @@ def validate_config(config: dict, where: str) -> None:
         raise ConfigError(f"{where}: threshold {config['threshold']} is not a probability in (0, 1)")
     if not 1e-3 <= config["temperature"] <= 1e3:
         raise ConfigError(f"{where}: temperature {config['temperature']} is outside 0.001..1000")
-    if not 0 <= config.get("dropout", 0.2) < 1:
+    if not 0 <= config.get("dropout", HEAD["dropout"]) < 1:
         raise ConfigError(f"{where}: dropout {config['dropout']} is outside [0, 1)")
-    if not 1 <= config.get("hidden", 128) <= 4096:
+    if not 1 <= config.get("hidden", HEAD["hidden"]) <= 4096:
         raise ConfigError(f"{where}: hidden {config['hidden']} is outside 1..4096")
     if list(config["class_names"]) != list(CLASSES):
         raise ConfigError(f"{where}: class_names must be {list(CLASSES)}")
@@ -187,7 +188,7 @@ def validate_config(config: dict, where: str) -> None:
                 raise ConfigError(f"{where}: config.json 'calibration.{key}' is missing or has the wrong type")
 
 
-_METRIC_NUMBERS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "ece", "threshold")
+_METRIC_NUMBERS = (*CI_METRICS, "ece", "threshold")
 
 
 _NESTED_REPORTS = ("at_0.5", "subtype", "cross_fit", "previous_operating_point")
@@ -297,8 +298,8 @@ class Bundle:
         net = create_model(
             self.config["backbone"],
             weights=None,
-            dropout=float(self.config.get("dropout", 0.2)),
-            hidden=int(self.config.get("hidden", 128)),
+            dropout=float(self.config.get("dropout", HEAD["dropout"])),
+            hidden=int(self.config.get("hidden", HEAD["hidden"])),
         )
         try:
             state = load_file(str(self.path / WEIGHTS))

@@ -170,7 +170,7 @@ class DataCheck:
         for split, c in self.counts.items():
             out.append(f"{split:<8}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}{sum(c.values()):>8}")
         for split, c in self.subtypes.items():
-            out.append(f"{split} PNEUMONIA by subtype: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+            out.append(f"PNEUMONIA subtypes in {split}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
         out.append(f"unreadable files: {len(self.unreadable)}")
         out += [f"  {line}" for line in self.unreadable]
         crossing = [g for g in self.duplicate_groups if len({_split_of(p) for p in g}) > 1]

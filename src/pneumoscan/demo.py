@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .data import load_split
 from .inference import Classifier
+from .metrics import HEADLINE
 from .model_card import GENERALISATION_NOTE
 from .output import write_cams
 from .text import printable, with_ci
@@ -19,7 +20,7 @@ def recorded_metrics(bundle) -> str:
     for split, label in (("validation", "validation (training hospital)"), ("test", "held-out test split")):
         report = bundle.metrics.get(split)
         if report:
-            numbers = ", ".join(f"{k} {with_ci(report, k)}" for k in ("auc", "accuracy", "sensitivity", "specificity"))
+            numbers = ", ".join(f"{k} {with_ci(report, k)}" for k in HEADLINE)
             lines.append(f"  {label}, {report['n']} images: {numbers}")
     return "\n".join([*lines, GENERALISATION_NOTE])
 

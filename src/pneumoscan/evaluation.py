@@ -341,7 +341,7 @@ def _grid(result: ModelResult, images: np.ndarray, indices, path: Path):
 
 def metrics_table(report: dict) -> str:
     """A readable terminal table: each headline metric at the operating threshold and at 0.5."""
-    keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
+    keys = M.CI_METRICS
     t, half = report, report["at_0.5"]
     lines = [
         f"{printable(report['model']['name'])} on {printable(report['split'])}: {report['n']} images "
@@ -361,7 +361,7 @@ def metrics_table(report: dict) -> str:
             f"bacterial or viral, on {st['n']} true pneumonia images ({st['n_bacterial']} bacterial, "
             f"{st['n_viral']} viral), viral when probability >= {st['threshold']:.3f}:"
         )
-        for key in ("auc", "accuracy", "sensitivity", "specificity", "loss"):
+        for key in (*M.HEADLINE, "loss"):
             lines.append(f"{key:<12} {with_ci(st, key):<28}")
     if gate := report.get("gate"):
         lines.append(

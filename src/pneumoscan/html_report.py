@@ -6,6 +6,7 @@ import base64
 import html
 from pathlib import Path
 
+from .metrics import CI_METRICS
 from .text import number as _fmt
 
 _CSS = """
@@ -27,7 +28,7 @@ dl{border:1px solid #dde1e7}
 dt{font-weight:600}
 """
 
-_KEYS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss", "ece")
+_KEYS = (*CI_METRICS, "ece")
 _WIDE = ("random", "false", "Training")  # figures shown full width
 
 

@@ -14,7 +14,8 @@ import numpy as np
 from .labels import CLASSES
 
 EPS = 1e-7
-CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
+CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")  # with intervals
+HEADLINE = ("auc", "accuracy", "sensitivity", "specificity")  # what pages and summaries show first
 
 
 def sigmoid(logits, temperature: float = 1.0) -> np.ndarray:

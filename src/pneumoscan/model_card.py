@@ -5,6 +5,7 @@ never carries HTML or links that its bundle's author slipped into a name or a no
 
 from __future__ import annotations
 
+from .bundle import HEAD
 from .text import markdown_text as md
 from .text import number as _fmt
 from .text import with_ci as _with_ci
@@ -71,9 +72,11 @@ def model_card(bundle) -> str:
         f"\n## Input gate\nInputs whose pooled features lie far from the training X-rays (score above "
         f"{bundle.load_gate().limit:.2f}) are refused as not a chest X-ray; `--no-gate` / `gate=False` label them "
         "anyway. The limit keeps 99.5% of validation X-rays, clean and under acquisition perturbations. It "
-        "refuses photographs, CT and MR slices, documents, screenshots, plots, noise and blank images (see the "
-        "README's measured table); it is not meant to catch chest X-rays outside the intended population "
-        "(adults, lateral views, other hospitals), which look like what it was fitted on.\n"
+        "refused every photograph, CT and MR slice, document, screenshot, plot, noise and blank image we made, and "
+        "chest X-rays rotated by 90 or 180 degrees or cropped to a corner, but it let an X-ray with inverted "
+        "polarity through (see the README's measured table). It is not meant to catch chest X-rays outside the "
+        "intended population (adults, lateral views, other hospitals), which look like what it was fitted on; "
+        "no adult films were at hand to measure it on.\n"
         if "gate.safetensors" in c.get("files", {})
         else "\n## Input gate\nNone: this bundle labels every image, chest X-ray or not.\n"
     )
@@ -91,8 +94,8 @@ def model_card(bundle) -> str:
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
 
 ## Model
-- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head (128 units, ReLU,
-  dropout {c.get("dropout", 0.2)}), one logit.
+- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head ({c.get("hidden", HEAD["hidden"])} units, ReLU,
+  dropout {c.get("dropout", HEAD["dropout"])}), one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BACKBONES
+from .bundle import BACKBONES, HEAD
 from .errors import ConfigError
 from .images import NORMALIZATION
 
@@ -43,7 +43,9 @@ class GreyToImageNet(nn.Module):
 class PneumoniaNet(nn.Module):
     """Normalisation, a flattened backbone (``body``), and a small dense head giving one logit."""
 
-    def __init__(self, body: nn.Sequential, n_features: int, hidden: int = 128, dropout: float = 0.2):
+    def __init__(
+        self, body: nn.Sequential, n_features: int, hidden: int = HEAD["hidden"], dropout: float = HEAD["dropout"]
+    ):
         super().__init__()
         self.hidden = hidden
         self.normalize = GreyToImageNet()
@@ -117,8 +119,8 @@ def create_model(
     backbone: str = "efficientnet_lite0",
     *,
     weights: str | Path | None = "imagenet",
-    dropout: float = 0.2,
-    hidden: int = 128,
+    dropout: float = HEAD["dropout"],
+    hidden: int = HEAD["hidden"],
 ) -> PneumoniaNet:
     """A classifier on an ImageNet-pretrained backbone.
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import settings
-from .bundle import BACKBONES, read_json_object
+from .bundle import BACKBONES, HEAD, read_json_object
 from .data import Augmentation
 from .errors import ConfigError
 from .metrics import OPERATING_RULES
@@ -49,7 +49,7 @@ class TrainConfig:
     schedule: str = option("constant", "phase 2 learning-rate schedule", choices=SCHEDULES)
     class_weights: str = option("balanced", "weight the loss so both classes count equally", choices=CLASS_WEIGHTS)
     label_smoothing: float = option(0.0, "pull training targets towards 0.5 by this much", at_least=0, below=1)
-    dropout: float = option(0.2, "dropout before the last dense layer", at_least=0, below=1)
+    dropout: float = option(HEAD["dropout"], "dropout before the last dense layer", at_least=0, below=1)
     val_source: str = option(
         "patients",
         "'patients': carve validation from train by patient; 'official': the 16-image val split",

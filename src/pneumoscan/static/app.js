@@ -62,6 +62,16 @@ async function loadModel() {
     box.append(summary);
     box.append(metricsTable(metrics));
     box.append(el("p", info.generalisation_note, { class: "small", id: "generalisation" }));
+    const files = config.files || {};
+    box.append(el("p", "gate.safetensors" in files
+      ? "Input gate on: images that do not look like paediatric chest X-rays (photographs, other scans, " +
+        "documents, screenshots, rotated films) are refused. It does not catch chest X-rays from other " +
+        "populations (adults, lateral views), which look like what it was fitted on."
+      : "No input gate: every image gets a label, chest X-ray or not.", { class: "small", id: "gate-note" }));
+    if ("subtype.safetensors" in files) {
+      box.append(el("p", "PNEUMONIA results also say bacterial or viral: a second head on the same features, " +
+        "less accurate than the first (see the model card).", { class: "small" }));
+    }
   } catch (err) {
     $("model").textContent = `Model information could not be loaded: ${err.message}`;
   }
