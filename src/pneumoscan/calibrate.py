@@ -19,6 +19,7 @@ from .bundle import WEIGHTS, Bundle, validate_config, write_bundle
 from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
+from .output import ensure_folder
 
 FEW_PER_CLASS = 50  # below this many images of either class, say the fit is unreliable
 
@@ -58,6 +59,7 @@ def calibrate_bundle(
     out = Path(out)
     if out.resolve() == source.path.resolve():
         raise ConfigError(f"{out}: write the calibrated bundle to a new folder, not over its source")
+    ensure_folder(out)  # before any work
     images, samples, errors = load_images(load_split(data, split), clf.image_size, progress, "loading")
     y = np.array([s.label for s in samples])
     if len(set(y.tolist())) < 2:
