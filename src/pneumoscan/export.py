@@ -52,20 +52,21 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
                 output_names=[ONNX_OUTPUT, ONNX_FEATURES],
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}, ONNX_FEATURES: {0: "batch"}},
             )
-        data = with_metadata(raw, onnx_metadata(bundle.config))
-    if out is None:
-        _add_to_bundle(bundle, ONNX, data)
-        return bundle.path / ONNX
-    atomic_write(Path(out), data)
-    return Path(out)
+        return _deliver(bundle, raw, ONNX, out)
 
 
-def _add_to_bundle(bundle: Bundle, name: str, data: bytes | Path) -> None:
-    """Write an ONNX model into its bundle, through the one bundle writer (sha256 recorded)."""
+def _deliver(bundle: Bundle, model: Path, name: str, out: str | Path | None) -> Path:
+    """An exported model, with the bundle's metadata, into the bundle as ``name`` (through the one bundle
+    writer: sha256 recorded) or, given ``out``, into that file alone."""
+    data = with_metadata(model, onnx_metadata(bundle.config))
+    if out is not None:
+        atomic_write(Path(out), data)
+        return Path(out)
     updated = write_bundle(
         bundle.path, bundle.config, bundle.metrics, weights=bundle.path / WEIGHTS, files={name: data}
     )
     bundle.config = updated.config
+    return bundle.path / name
 
 
 def quantize_int8(
@@ -105,12 +106,7 @@ def quantize_int8(
             nodes_to_exclude=_head_nodes(prepared),
             calibrate_method=getattr(CalibrationMethod, method),
         )
-        data = with_metadata(quantized, onnx_metadata(bundle.config))
-    if out is None:
-        _add_to_bundle(bundle, ONNX_INT8, data)
-        return bundle.path / ONNX_INT8
-    atomic_write(Path(out), data)
-    return Path(out)
+        return _deliver(bundle, quantized, ONNX_INT8, out)
 
 
 def training_images(bundle: Bundle, root: str | Path | None, count: int = 256, seed: int = 0) -> np.ndarray:

@@ -24,21 +24,8 @@ class Spec:
     flag: str | None = None  # the CLI flag, where it is not --field-name
 
     def describe_range(self) -> str:
-        low = (
-            f">= {self.at_least:g}"
-            if self.at_least is not None
-            else f"> {self.above:g}"
-            if self.above is not None
-            else ""
-        )
-        high = (
-            f"<= {self.at_most:g}"
-            if self.at_most is not None
-            else f"< {self.below:g}"
-            if self.below is not None
-            else ""
-        )
-        return " and ".join(part for part in (low, high) if part)
+        bounds = ((">=", self.at_least), (">", self.above), ("<=", self.at_most), ("<", self.below))
+        return " and ".join(f"{op} {value:g}" for op, value in bounds if value is not None)
 
 
 def option(default: Any = MISSING, help: str = "", **spec) -> Any:
