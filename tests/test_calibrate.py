@@ -59,7 +59,7 @@ def test_writes_a_loadable_bundle_with_the_same_weights(calibrated, trained_bund
     assert reloaded.threshold == pytest.approx(bundle.threshold)
     assert reloaded.config["calibration"]["source_threshold"] == trained_bundle.threshold
     assert json.loads((trained_bundle.path / "config.json").read_text())["threshold"] == trained_bundle.threshold
-    assert reloaded.operating_point_source.startswith("80 labelled images of ")
+    assert "fitted on 80 labelled images of " in reloaded.operating_point_source
     assert set(reloaded.metrics) == {"calibration"}  # the source's validation numbers no longer describe it
     card = (bundle.path / "MODEL_CARD.md").read_text()
     assert "pneumoscan calibrate" in card and "in-sample" in card

@@ -248,7 +248,7 @@ class Bundle:
 
     @property
     def operating_point_source(self) -> str:
-        """Where the threshold and temperature were fitted, in words."""
+        """Where the threshold and temperature come from, in words."""
         site = self.config.get("calibration")
         where = (
             f"{site['images']} labelled images of {site['data']} (pneumoscan calibrate)"
@@ -256,8 +256,8 @@ class Bundle:
             else "validation data (patients held out of training), never on test"
         )
         if self.config.get("threshold_rule") == "balanced":
-            return f"{where} for the temperature; the threshold is 0.5 by rule (balanced: logit 0)"
-        return where
+            return f"temperature fitted on {where}; threshold 0.5 by rule (balanced: logit 0)"
+        return f"threshold and temperature fitted on {where}"
 
     def probabilities(self, logits):
         """Calibrated probabilities of PNEUMONIA from logits (the bundle's temperature applied)."""

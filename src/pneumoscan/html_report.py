@@ -72,7 +72,7 @@ def _model_section(r) -> str:
         "parameters": f"{params:,}" if params else "n/a",
         "image size": f"{c['image_size']} px",
         "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')})",
-        "threshold and temperature fitted on": r.classifier.bundle.operating_point_source,
+        "operating point": r.classifier.bundle.operating_point_source,
         "temperature": f"{c['temperature']:.4f}",
         "engine": r.classifier.engine.name,
     }

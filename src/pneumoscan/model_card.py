@@ -32,7 +32,7 @@ def model_card(bundle) -> str:
     c, metrics = bundle.config, bundle.metrics
     training = c.get("training", {})
     site = c.get("calibration")
-    fitted_on = f"fitted on {md(bundle.operating_point_source)}" + (
+    fitted_on = md(bundle.operating_point_source) + (
         f"\n  (its source, {md(site['source'])}, had {site['source_threshold']:.4f} "
         f"and {site['source_temperature']:.4f})"
         if site
@@ -99,7 +99,7 @@ def model_card(bundle) -> str:
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
-  temperature {c["temperature"]:.4f}, {fitted_on}.
+  temperature {c["temperature"]:.4f}: {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.
 
 ## Intended use

@@ -80,7 +80,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     engine: str
-    operating_point: str = Field(description="where the threshold and temperature were fitted")
+    operating_point: str = Field(description="where the threshold and temperature come from")
     generalisation_note: str = Field(description="what the validation and test numbers predict for a new hospital")
     config: dict
     metrics: dict

@@ -58,7 +58,7 @@ async function loadModel() {
     summary.append(el("b", info.name));
     summary.append(` (${config.backbone}, ${config.image_size} px, engine ${info.engine}); ` +
       `threshold ${fmt(config.threshold)} (${config.threshold_rule || "rule not recorded"}), ` +
-      `fitted on ${info.operating_point}.`);
+      `${info.operating_point}.`);
     box.append(summary);
     box.append(metricsTable(metrics));
     box.append(el("p", info.generalisation_note, { class: "small", id: "generalisation" }));
