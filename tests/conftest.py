@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -23,13 +24,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium: without them they skip
-    with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run requires both)."""
+    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra:
+    without them they skip with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run
+    requires all three)."""
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"
     if not CHROMIUM.exists():
         missing["browser"] = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+    if importlib.util.find_spec("ray") is None:
+        missing["ray"] = 'Ray is not installed (pip install -e ".[ray]")'
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
         needed = [item for item in items if marker in item.keywords]

@@ -267,6 +267,13 @@ def _add_predict(sub) -> None:
         help="with --output: skip the inputs FILE already holds (by path) and append the rest",
     )
     p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="predict on a Ray cluster (pip install pneumoscan[ray]): its ADDRESS, 'auto' for the running one, "
+        "or 'local' to start one here; a pool of actors runs the classifier, results come back in order",
+    )
+    p.add_argument(
         "--batch-size",
         type=_number(int, 1, 4096),
         default=PREDICT_BATCH,
@@ -301,8 +308,21 @@ def _run_predict(args) -> int:
     header = not args.output or stream.tell() == 0
     writer = PredictionWriter(stream, fmt, header=header)
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
-    batches = clf.iter_predictions(files, args.batch_size, show_progress, total=len(files))
-    predicted = (r for batch in batches for r in batch)
+    if args.ray:
+        from .distributed import iter_predictions_ray
+
+        predicted = iter_predictions_ray(
+            files,
+            address=args.ray,
+            model=args.model,
+            engine=args.engine,
+            int8=args.int8,
+            gate=not args.no_gate,
+            batch_size=args.batch_size,
+        )
+    else:
+        batches = clf.iter_predictions(files, args.batch_size, show_progress, total=len(files))
+        predicted = (r for batch in batches for r in batch)
     explained = []
     try:
         for item in todo:
