@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from pneumoscan.bundle import GATE, WEIGHTS, load_bundle, write_bundle
-from pneumoscan.data import load_images, stratified_subset, training_splits
+from pneumoscan.data import load_images, stratified_subset
 from pneumoscan.training import GATE_TRAIN_IMAGES, fit_gate
 
 
@@ -22,11 +22,11 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/chest_xray_224", help="the bundle's training data root")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
-    recipe = bundle.config["training"]["recipe"]
-    train, val = training_splits(args.data, recipe["val_source"], recipe["val_fraction"], recipe["seed"])
-    train_images = load_images(stratified_subset(train, GATE_TRAIN_IMAGES // 2, recipe["seed"]), bundle.image_size)[0]
+    seed = bundle.config["training"]["recipe"]["seed"]
+    train, val = bundle.training_splits(args.data)
+    train_images = load_images(stratified_subset(train, GATE_TRAIN_IMAGES // 2, seed), bundle.image_size)[0]
     val_images = load_images(val, bundle.image_size)[0]
-    gate = fit_gate(bundle.load_net(), train_images, val_images, recipe["seed"])
+    gate = fit_gate(bundle.load_net(), train_images, val_images, seed)
     write_bundle(
         bundle.path, bundle.config, bundle.metrics, weights=bundle.path / WEIGHTS, files={GATE: gate.to_bytes()}
     )

@@ -15,7 +15,7 @@ import numpy as np
 
 from pneumoscan import metrics as M
 from pneumoscan.bundle import SUBTYPE, WEIGHTS, load_bundle, write_bundle
-from pneumoscan.data import load_images, training_splits
+from pneumoscan.data import load_images
 from pneumoscan.inference import Classifier
 from pneumoscan.subtype import SUBTYPES, SubtypeHead
 
@@ -27,8 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     clf = Classifier(bundle)
-    recipe = bundle.config["training"]["recipe"]
-    train, val = training_splits(args.data, recipe["val_source"], recipe["val_fraction"], recipe["seed"])
+    train, val = bundle.training_splits(args.data)
     parts = []
     for samples in (train, val):
         known = [s for s in samples if s.label == 1 and s.subtype in SUBTYPES]

@@ -28,7 +28,7 @@ from ood import MUST_REFUSE, REPORTED, transformed_xrays  # noqa: E402
 
 from pneumoscan import Classifier  # noqa: E402
 from pneumoscan import metrics as M  # noqa: E402
-from pneumoscan.data import load_images, load_split, shared_data_root, training_splits  # noqa: E402
+from pneumoscan.data import load_images, load_split, shared_data_root  # noqa: E402
 from pneumoscan.images import load_image, prepare  # noqa: E402
 
 
@@ -43,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     clf = Classifier.load(args.model)
     data = shared_data_root().resolve() / "chest_xray_224"
-    recipe = clf.bundle.config.get("training", {}).get("recipe", {})
-    _, val = training_splits(data, "patients", recipe.get("val_fraction", 0.1), recipe.get("seed", 0))
+    _, val = clf.bundle.training_splits(data)
     val_scores = scores_of(clf, load_images(val, clf.image_size, progress=False)[0])
     limit = clf.gate.limit
     xray = np.asarray(load_image(sorted((shared_data_root() / "val_fullres" / "PNEUMONIA").iterdir())[0]))

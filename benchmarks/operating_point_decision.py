@@ -16,7 +16,7 @@ import numpy as np
 
 from pneumoscan import metrics as M
 from pneumoscan.bundle import WEIGHTS, write_bundle
-from pneumoscan.data import load_images, training_splits
+from pneumoscan.data import load_images
 from pneumoscan.inference import Classifier
 
 NOTE = (
@@ -36,8 +36,7 @@ def main() -> None:
     bundle = clf.bundle
     if bundle.config.get("threshold_rule") == "balanced":
         raise SystemExit("the bundled model already uses the balanced operating point")
-    recipe = bundle.config["training"]["recipe"]
-    _, val = training_splits(args.data, recipe["val_source"], recipe["val_fraction"], recipe["seed"])
+    _, val = bundle.training_splits(args.data)
     images, val, _ = load_images(val, bundle.image_size, progress=False)
     y = np.array([s.label for s in val])
     p = bundle.probabilities(clf.logits(images))

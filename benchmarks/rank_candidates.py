@@ -19,14 +19,13 @@ import numpy as np
 
 from pneumoscan import Classifier
 from pneumoscan import metrics as M
-from pneumoscan.data import load_images, training_splits
+from pneumoscan.data import load_images
 from pneumoscan.shift import perturb
 
 
 def score(bundle_path: str | None, data: str) -> dict:
     clf = Classifier.load(bundle_path)
-    recipe = clf.bundle.config["training"]["recipe"]
-    _, val = training_splits(data, recipe["val_source"], recipe["val_fraction"], recipe["seed"])
+    _, val = clf.bundle.training_splits(data)
     images, val, _ = load_images(val, clf.image_size, progress=False)
     y = np.array([s.label for s in val])
     p = clf.probabilities(clf.logits(images))

@@ -30,6 +30,14 @@ def test_bundle_is_small_complete_and_verified():
     assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"
     assert "after the test split had been read" in bundle.config["notes"]
     assert bundle.metrics["test"]["threshold"] == 0.5 and bundle.metrics["validation"]["threshold"] == 0.5
+    from conftest import D224
+
+    train, val = bundle.training_splits(D224)  # the recipe's own patient split, as recorded
+    assert (
+        (len(train), len(val))
+        == (4691, 525)
+        == (bundle.config["training"]["train"]["images"], bundle.metrics["validation"]["n"])
+    )
     card = (path / "MODEL_CARD.md").read_text()
     assert "not a medical device" in card and "CC BY 4.0" in card and "| test (624 images" in card
     assert card == model_card(bundle)  # regenerated whenever the card's template changes

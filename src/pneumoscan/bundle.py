@@ -272,6 +272,19 @@ class Bundle:
             shapes = [f.get_slice(k).get_shape() for k in f.keys() if not k.endswith(buffers)]
         return int(sum(math.prod(shape) for shape in shapes))
 
+    def training_splits(self, root: str | Path | None = None):
+        """The (train, validation) samples this bundle was trained with: its recipe's patient split of
+        ``root`` (default: the training data recorded in the bundle)."""
+        from .data import training_splits
+
+        recipe = self.config.get("training", {}).get("recipe", {})
+        root = root or self.config.get("training", {}).get("data")
+        if not root:
+            raise ConfigError(f"{self.path}: the bundle records no training data; pass its root")
+        return training_splits(
+            root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0)
+        )
+
     def load_gate(self):
         """The input gate (:class:`pneumoscan.gate.Gate`), or None for a bundle without one."""
         from .gate import Gate
