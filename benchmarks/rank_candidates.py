@@ -1,6 +1,6 @@
 """Rank candidate models without the test split: validation, and the shift proxy of validation.
 
-    python benchmarks/rank_candidates.py runs/A/model runs/B/model ... [--data ../shared/data/chest_xray_224]
+    python benchmarks/rank_candidates.py runs/A/model runs/B/model ... [--data ../shared/data/chest_xray_224] [--detail]
 
 The rule (fixed on 2026-11-28, before any candidate existed; see the README's protocol):
 - each bundle is scored on the validation patients of its own recipe (carved from train by patient), clean
@@ -39,6 +39,7 @@ def score(bundle_path: str | None, data: str) -> dict:
         "shift_auc": shifted[worst],
         "worst": worst,
         "rank_score": (auc + shifted[worst]) / 2,
+        "shifted": shifted,
     }
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="candidate bundles (the shipped model is always included)")
     parser.add_argument("--data", default="../shared/data/chest_xray_224", help="the candidates' training data")
+    parser.add_argument("--detail", action="store_true", help="also print every model's AUC under every perturbation")
     args = parser.parse_args()
     rows = [score(None, args.data)] + [score(m, args.data) for m in args.models]
     rows.sort(key=lambda r: (-round(r["rank_score"] / 0.0005), r["val_loss"]))
@@ -56,6 +58,11 @@ def main() -> None:
             f"| {r['model']} | {r['val_auc']:.4f} | {r['val_loss']:.4f} | {r['shift_auc']:.4f} ({r['worst']}) "
             f"| {r['rank_score']:.4f} |"
         )
+    if args.detail:
+        print("\n| perturbation | " + " | ".join(r["model"] for r in rows) + " |")
+        print("|---|" + "---|" * len(rows))
+        for name in rows[0]["shifted"]:
+            print(f"| {name} | " + " | ".join(f"{r['shifted'][name]:.4f}" for r in rows) + " |")
 
 
 if __name__ == "__main__":

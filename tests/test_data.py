@@ -80,3 +80,28 @@ def test_data_check_finds_unreadable_duplicates_and_crossing_patients(tmp_path):
     assert pneumonia.name.split("_")[0] in report.crossing_patients
     text = "\n".join(report.lines())
     assert "unreadable files: 1" in text and "across splits" in text
+
+
+def test_acquisition_jitter_changes_real_xrays_within_bounds_and_is_seeded():
+    import numpy as np
+    import torch
+
+    from pneumoscan.data import AcquisitionJitter, Augmentation
+    from pneumoscan.images import prepare
+
+    image = torch.from_numpy(prepare(real_images("train", "NORMAL", 1)[0], 224))[None]
+    jitter = AcquisitionJitter(1.0)
+    for kind in jitter.KINDS:
+        for u in (0.0, 1.0):
+            out = getattr(jitter, "_" + kind)(image, u)
+            assert out.dtype == torch.uint8 and out.shape == image.shape, kind
+            change = (out.float() - image.float()).abs().mean()
+            assert 0.2 < change < 60, (kind, u, float(change))
+    assert AcquisitionJitter(0.0)(image) is image
+
+    def augmented(seed):
+        torch.manual_seed(seed)
+        aug = Augmentation(acquisition=1.0).build()
+        return np.stack([aug(image).numpy() for _ in range(8)])
+
+    assert np.array_equal(augmented(0), augmented(0)) and not np.array_equal(augmented(0), augmented(1))

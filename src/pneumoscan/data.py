@@ -275,7 +275,8 @@ class Augmentation:
     """The seed's augmentation (Keras ImageDataGenerator semantics), each part configurable.
 
     ``shear`` is in degrees, as Keras reads ``shear_range``; ``zoom`` 0.1 scales by 0.9 to 1.1;
-    ``brightness``/``contrast`` (off by default) jitter intensity by that fraction."""
+    ``brightness``/``contrast`` (off by default) jitter intensity by that fraction; ``acquisition``
+    (off by default) is the probability of one random acquisition change (:class:`AcquisitionJitter`)."""
 
     rotation: float = option(20.0, "max rotation in degrees", at_least=0, at_most=180)
     shift: float = option(0.1, "max width/height shift as a fraction", at_least=0, below=1)
@@ -284,9 +285,15 @@ class Augmentation:
     hflip: bool = option(True, "turn off random horizontal flips", flag="--no-hflip")
     brightness: float = option(0.0, "brightness jitter fraction (0: off)", at_least=0, at_most=1)
     contrast: float = option(0.0, "contrast jitter fraction (0: off)", at_least=0, at_most=1)
+    acquisition: float = option(
+        0.0,
+        "probability of one random acquisition change per image: exposure, gamma, contrast, blur, noise, "
+        "lower resolution or JPEG compression (0: off)",
+        at_least=0,
+        at_most=1,
+    )
 
     def build(self):
-        import torch
         from torchvision.transforms import v2
 
         steps = [
@@ -302,7 +309,68 @@ class Augmentation:
             steps.append(v2.RandomHorizontalFlip())
         if self.brightness or self.contrast:
             steps.append(v2.ColorJitter(brightness=self.brightness, contrast=self.contrast))
-        return torch.nn.Sequential(*steps)
+        if self.acquisition:
+            steps.append(AcquisitionJitter(self.acquisition))
+        return v2.Compose(steps)
+
+
+@dataclass(frozen=True)
+class AcquisitionJitter:
+    """Another scanner or processing chain, imitated at random: with probability ``p``, one change drawn
+    uniformly from seven kinds, each at a random strength. The ranges are continuous and wider than the
+    fixed levels of :mod:`pneumoscan.shift`, which stay a held-out proxy rather than the training
+    distribution. Takes and returns a uint8 tensor ``(1, S, S)``; draws from torch's generator only."""
+
+    p: float
+
+    KINDS = ("exposure", "gamma", "contrast", "blur", "noise", "resolution", "jpeg")
+
+    def __call__(self, image):
+        import torch
+
+        if float(torch.rand(())) >= self.p:
+            return image
+        kind = self.KINDS[int(torch.randint(len(self.KINDS), ()))]
+        return getattr(self, "_" + kind)(image, float(torch.rand(())))
+
+    @staticmethod
+    def _levels(image, f):
+        import torch
+
+        return torch.clamp(torch.round(f(image.float())), 0, 255).to(torch.uint8)
+
+    def _exposure(self, image, u):
+        return self._levels(image, lambda x: x * (0.7 + 0.6 * u))
+
+    def _gamma(self, image, u):
+        gamma = 0.6 * (1.6 / 0.6) ** u  # log-uniform in [0.6, 1.6]
+        return self._levels(image, lambda x: 255 * (x / 255) ** gamma)
+
+    def _contrast(self, image, u):
+        return self._levels(image, lambda x: (x - x.mean()) * (0.6 + 0.8 * u) + x.mean())
+
+    def _blur(self, image, u):
+        from torchvision.transforms.v2 import functional as F
+
+        return F.gaussian_blur(image, kernel_size=11, sigma=0.5 + 2.0 * u)
+
+    def _noise(self, image, u):
+        import torch
+
+        return self._levels(image, lambda x: x + torch.randn_like(x) * (2 + 8 * u))
+
+    def _resolution(self, image, u):
+        import torch.nn.functional as F
+
+        size = image.shape[-2:]
+        small = [max(8, round(s * (0.2 + 0.5 * u))) for s in size]
+        x = F.interpolate(image.float()[None], size=small, mode="area")
+        return self._levels(F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0], lambda x: x)
+
+    def _jpeg(self, image, u):
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        return decode_jpeg(encode_jpeg(image.contiguous(), quality=5 + round(45 * u)))
 
 
 class ImageDataset:
@@ -346,6 +414,7 @@ __all__ = [
     "check_dataset",
     "load_images",
     "Augmentation",
+    "AcquisitionJitter",
     "ImageDataset",
     "summarize",
 ]
