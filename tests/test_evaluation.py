@@ -53,6 +53,29 @@ def test_metrics_json_has_the_contract_keys(evaluated):
         assert low <= report[key] <= high
 
 
+def test_console_table_shows_0_5_as_a_second_column_only_when_it_is_another_threshold(evaluated):
+    from pneumoscan.evaluation import metrics_table
+
+    out, _ = evaluated
+    report = json.loads((out / "metrics.json").read_text())
+    at_half = {**report["at_0.5"], **{k: report[k] for k in ("model", "split", "patients", "calibration")}}
+    header = [line for line in metrics_table(at_half).splitlines() if line.startswith("metric")]
+    assert header[0].split() == ["metric", "at", "0.500", "(95%", "CI)"]
+    elsewhere = {**report, "threshold": 0.3}
+    assert metrics_table(elsewhere).splitlines()[1].split()[1:] == [
+        "at",
+        "0.300",
+        "(95%",
+        "CI)",
+        "at",
+        "0.500",
+        "(95%",
+        "CI)",
+    ]
+    auc_row = next(line for line in metrics_table(elsewhere).splitlines() if line.startswith("auc "))
+    assert len(auc_row.split()) == 5  # name, then value and interval in each column
+
+
 def test_predictions_stay_with_their_files(evaluated, trained_bundle):
     """Each row's probability is what the model gives that file on its own, and its label is its folder's."""
     out, _ = evaluated

@@ -340,16 +340,18 @@ def _grid(result: ModelResult, images: np.ndarray, indices, path: Path):
 
 
 def metrics_table(report: dict) -> str:
-    """A readable terminal table: each headline metric at the operating threshold and at 0.5."""
-    keys = M.CI_METRICS
-    t, half = report, report["at_0.5"]
+    """A readable terminal table: each headline metric at the operating threshold, and at 0.5 where that
+    is another threshold."""
+    t = report
+    reports = [t] if t["threshold"] == 0.5 else [t, report["at_0.5"]]
+    heads = [f"at {r['threshold']:.3f} (95% CI)" for r in reports]
     lines = [
         f"{printable(report['model']['name'])} on {printable(report['split'])}: {report['n']} images "
         f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
-        f"{'metric':<12} {'at ' + format(t['threshold'], '.3f') + ' (95% CI)':<28} {'at 0.5 (95% CI)':<28}",
+        f"{'metric':<12} " + " ".join(f"{h:<28}" for h in heads),
     ]
-    for key in keys:
-        lines.append(f"{key:<12} {with_ci(t, key):<28} {with_ci(half, key):<28}")
+    for key in M.CI_METRICS:
+        lines.append(f"{key:<12} " + " ".join(f"{with_ci(r, key):<28}" for r in reports))
     (tn, fp), (fn, tp) = t["confusion_matrix"]
     cal = t["calibration"]
     lines.append(f"confusion at {t['threshold']:.3f}: TN {tn}  FP {fp}  FN {fn}  TP {tp}")
@@ -373,7 +375,7 @@ def metrics_table(report: dict) -> str:
             f"cross-fitted local calibration ({cf['folds']} patient folds, {cf['rule']}; "
             f"fold thresholds {min(cf['fold_thresholds']):.3f}-{max(cf['fold_thresholds']):.3f}):"
         )
-        for key in keys:
+        for key in M.CI_METRICS:
             lines.append(f"{key:<12} {with_ci(cf, key):<28}")
     if report.get("unreadable"):
         lines.append(f"unreadable, skipped: {len(report['unreadable'])}")
