@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.errors import ConfigError
-from pneumoscan.gate import Gate
+from pneumoscan.gate import FeatureScore, Gate, image_statistics, refusal
 
 
 def _features(rng, n, shift=0.0):
@@ -20,38 +20,80 @@ def _features(rng, n, shift=0.0):
     return (0.3 * rng.normal(size=(n, 8)) @ basis + rng.normal(0, 0.05, (n, 64)) + 10 + shift) ** 2
 
 
-def test_gate_scores_typical_points_low_and_others_high(tmp_path):
+def test_feature_score_is_low_inside_and_high_outside():
     rng = np.random.default_rng(1)
-    gate = Gate.fit(_features(rng, 500), _features(rng, 200), k=8, keep=0.99)
-    inside = gate.score(_features(rng, 300))
-    assert 1.0 < np.median(inside) < 4.0 and gate.accepts(inside).mean() > 0.95
-    off_subspace = gate.score(rng.normal(10, 1, (50, 64)) ** 2)  # energy outside the training directions
-    far = gate.score(_features(rng, 50, shift=25.0))
-    assert not gate.accepts(off_subspace).any() and not gate.accepts(far).any()
-    assert gate.score(np.full((1, 64), np.nan))[0] == np.inf
+    part = FeatureScore.fit(_features(rng, 500), k=8)
+    inside = part.score(_features(rng, 300))
+    limit = np.quantile(part.score(_features(rng, 200)), 0.99)
+    assert 1.0 < np.median(inside) < 4.0 and (inside <= limit).mean() > 0.95
+    off_subspace = part.score(rng.normal(10, 1, (50, 64)) ** 2)  # energy outside the training directions
+    far = part.score(_features(rng, 50, shift=25.0))
+    assert (off_subspace > limit).all() and (far > limit).all()
+
+
+def _films() -> list[np.ndarray]:
+    """Synthetic 'films' for the unit tests: a dark pair of lungs either side of a bright middle, a bright
+    bottom, noise; real films are used wherever the data are at hand."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:224, 0:224] / 224
+    out = []
+    for _ in range(300):
+        lungs = np.exp(-(((xx - 0.3 - rng.normal(0, 0.02)) / 0.12) ** 2 + ((yy - 0.45) / 0.25) ** 2))
+        lungs += np.exp(-(((xx - 0.7 - rng.normal(0, 0.02)) / 0.12) ** 2 + ((yy - 0.45) / 0.25) ** 2))
+        film = 150 - 90 * lungs + 60 * (yy > 0.8 + rng.normal(0, 0.03)) + rng.normal(0, 8, xx.shape)
+        out.append(np.clip(film * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8))
+    return out
+
+
+def test_gate_refuses_turned_films_naming_the_turn_and_round_trips(tmp_path):
+    films = np.stack(_films())
+    rng = np.random.default_rng(2)
+    features = _features(rng, len(films))
+    gate = Gate.fit(features[:200], features[200:], films[:200], films[200:], keep=0.99)
+    upright = gate.check(films[200:], features[200:])
+    assert np.mean([v.accepted for v in upright]) > 0.95
+    for k, words in ((1, "counter-clockwise"), (2, "180 degrees"), (3, "90 degrees clockwise")):
+        turned = gate.check(np.rot90(films[200:220], k, axes=(1, 2)), features[200:220])
+        assert all(not v.accepted and words in v.reason for v in turned), [(v.score, v.reason) for v in turned]
+    inverted = gate.check(255 - films[200:220], features[200:220])
+    assert all(not v.accepted and "inverted" in v.reason for v in inverted)
+    assert "chest X-ray: it looks inverted" in refusal(inverted[0])
+    flat = gate.check(np.full((2, 224, 224), 128, np.uint8), features[:2])
+    assert all(v.score > 10 for v in flat)
+    assert all(not v.accepted for v in gate.check(films[200:202], np.full((2, 64), np.nan)))
+
     (tmp_path / "g.safetensors").write_bytes(gate.to_bytes())
     again = Gate.load(tmp_path / "g.safetensors", n_features=64)
-    probe = _features(rng, 5)
-    assert np.allclose(again.score(probe), gate.score(probe), rtol=1e-4)
-    assert again.limit == pytest.approx(gate.limit, rel=1e-6)
+    probe = films[200:210]
+    assert np.allclose([v.score for v in again.check(probe, features[200:210])],
+                       [v.score for v in gate.check(probe, features[200:210])], rtol=1e-4)  # fmt: skip
+    with pytest.raises(ConfigError, match="wrong shapes"):
+        Gate.load(tmp_path / "g.safetensors", n_features=65)
+
+
+def test_warnings_name_what_is_beyond_every_validation_film():
+    films = np.stack(_films())
+    features = _features(np.random.default_rng(3), len(films))
+    gate = Gate.fit(features[:200], features[200:], films[:200], films[200:], keep=0.99)
+    bright = np.clip(films[200:201].astype(int) + 90, 0, 255).astype(np.uint8)
+    assert "very bright image" in gate.warnings(image_statistics(bright)[0])
+    from PIL import Image, ImageFilter
+
+    blurred = np.asarray(Image.fromarray(films[201]).filter(ImageFilter.GaussianBlur(6)))[None]
+    assert "blurred or low resolution" in gate.warnings(image_statistics(blurred)[0])
+    assert gate.warnings(image_statistics(films[200:201])[0]) == []
 
 
 def test_a_broken_gate_file_is_refused(tmp_path):
     from safetensors.numpy import save
 
-    (tmp_path / "g.safetensors").write_bytes(
-        save(
-            {
-                "mean": np.zeros(4, np.float32),
-                "components": np.zeros((2, 5), np.float32),
-                "scale": np.ones(2, np.float32),
-                "residual_scale": np.ones(1, np.float32),
-                "limit": np.ones(1, np.float32),
-            }
-        )  # fmt: skip
-    )
+    arrays = {"mean": np.zeros(4, np.float32), "components": np.zeros((2, 5), np.float32)}
+    (tmp_path / "g.safetensors").write_bytes(save(arrays, metadata={"format": "pneumoscan-gate/2"}))
     with pytest.raises(ConfigError, match="wrong shapes"):
         Gate.load(tmp_path / "g.safetensors")
+    (tmp_path / "old.safetensors").write_bytes(save(arrays, metadata={"format": "pneumoscan-gate/1"}))
+    with pytest.raises(ConfigError, match="add_heads"):
+        Gate.load(tmp_path / "old.safetensors")
     (tmp_path / "h.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="not a readable gate"):
         Gate.load(tmp_path / "h.safetensors")
@@ -61,7 +103,7 @@ def test_a_broken_gate_file_is_refused(tmp_path):
 def test_trained_bundles_carry_a_verified_gate(trained_bundle):
     assert "gate.safetensors" in trained_bundle.config["files"]
     gate = trained_bundle.load_gate()
-    assert gate is not None and gate.limit > 0 and gate.components.shape[1] == 1280
+    assert gate is not None and gate.limit == 1 and gate.features.components.shape[1] == 1280
 
 
 @pytest.mark.data
@@ -123,3 +165,130 @@ def test_bundled_gate_refuses_what_it_must_and_keeps_the_test_split():
     for label in (0, 1):
         refused = [r for r, s in zip(results, samples) if s.label == label and not r.ok]
         assert len(refused) <= 0.01 * sum(s.label == label for s in samples), [r.path for r in refused]
+
+
+def _val_films() -> list[np.ndarray]:
+    """The official val films at full resolution (never used to fit a bundle's gate)."""
+    from conftest import VAL_FULLRES
+
+    from pneumoscan.images import load_image
+
+    return [np.asarray(load_image(p)) for p in sorted(VAL_FULLRES.rglob("*.jpeg"))]
+
+
+ENGINES = {"onnx": {"engine": "auto"}, "onnx-int8": {"int8": True}, "torch": {"engine": "torch"}}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from pneumoscan import Classifier
+
+    return {name: Classifier.load(**kw) for name, kw in ENGINES.items()}
+
+
+@pytest.mark.data
+def test_generated_kinds_are_refused_with_a_margin_on_every_engine(engines):
+    """Every generated kind that is not a usable chest X-ray (flat fields, gradients, text, monitors,
+    screenshots, composites, crops, rotated and inverted films) is refused by the shipped gate on all
+    three engines, at least 1.2 times over its limit, with the same verdict everywhere; rotated and
+    inverted films are told so."""
+    import ood
+
+    films = _val_films()
+    inputs = {}
+    for kind in ood.GENERATED:
+        inputs |= ood.generate(kind, 3, seed=7)
+    for kind in ood.FROM_FILMS:
+        inputs |= ood.generate(kind, 3, seed=7, films=films)
+    verdicts = {}
+    for name, clf in engines.items():
+        results = clf.predict([io.BytesIO(data) for data in inputs.values()])
+        assert all(not r.ok and "chest X-ray" in r.error for r in results), [
+            (n, r.to_dict()) for n, r in zip(inputs, results) if r.ok
+        ]
+        low = {n: r.gate_score for n, r in zip(inputs, results) if r.gate_score < 1.2 * r.gate_limit}
+        assert not low, (name, low)
+        verdicts[name] = [r.ok for r in results]
+        for n, r in zip(inputs, results):
+            if n.startswith("rotated"):
+                assert "rotated" in r.error, r.error
+            if n.startswith("inverted"):
+                assert "inverted" in r.error, r.error
+    assert verdicts["onnx"] == verdicts["onnx-int8"] == verdicts["torch"]
+
+
+@pytest.mark.data
+def test_real_films_pass_on_every_engine(engines):
+    import ood
+
+    films = _val_films()
+    inputs = [io.BytesIO(ood.enc(f, "JPEG")) for f in films]
+    for name, clf in engines.items():
+        results = clf.predict(inputs)
+        assert all(r.ok and not r.warnings for r in results), (name, [r.to_dict() for r in results if not r.ok])
+        for f in inputs:
+            f.seek(0)
+
+
+@pytest.mark.data
+def test_degraded_films_are_warned_about_or_keep_their_answer(engines):
+    """Tinted, strong gamma, brightened, darkened, blurred, written-over and padded films: each result
+    carries a warning naming the problem, or its probability stays within 0.1 of the clean film's."""
+    import ood
+
+    clf = engines["onnx"]
+    films = _val_films()
+    clean = [r.probability for r in clf.predict([io.BytesIO(ood.enc(f)) for f in films])]
+    for kind in ood.DEGRADED:
+        results = clf.predict([io.BytesIO(d) for d in ood.generate(kind, len(films), seed=7, films=films).values()])
+        bad = [
+            (r.to_dict(), p) for r, p in zip(results, clean) if r.ok and not r.warnings and abs(r.probability - p) > 0.1
+        ]
+        assert not bad, (kind, bad)
+    tinted = clf.predict([io.BytesIO(d) for d in ood.generate("colour tint", 3, seed=7, films=films).values()])
+    assert all("colour image, read as grey" in r.warnings for r in tinted if r.ok)
+
+
+@pytest.mark.data
+def test_one_image_one_answer_as_png_jpeg_and_dicom():
+    """The same pixels as 8-bit PNG, JPEG (quality 95), 12-bit DICOM (plain, rescaled, windowed over its
+    range, MONOCHROME1) and 16-bit PNG give the same probability within 0.01."""
+    import ood
+    from corpus import dicom
+    from PIL import Image
+
+    from pneumoscan import Classifier
+
+    clf = Classifier.load()
+    grey = _val_films()[0][::4, ::4].copy()
+    buf = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buf, "PNG")
+    forms = {
+        "png": ood.enc(grey),
+        "jpeg": ood.enc(grey, "JPEG"),
+        "png16": buf.getvalue(),
+        "dicom": dicom(grey),
+        "dicom rescaled": dicom(grey, rescale=(2.0, -1024.0)),
+        "dicom windowed": dicom(grey, window=(2048, 4096)),
+        "dicom monochrome1": dicom(grey, "MONOCHROME1"),
+    }
+    results = clf.predict([io.BytesIO(d) for d in forms.values()], gate=False)
+    p = {name: r.probability for name, r in zip(forms, results)}
+    assert all(abs(v - p["png"]) <= 0.01 for v in p.values()), p
+
+
+def test_colour_becomes_grey_one_way(tmp_path):
+    """A colour file, array and PIL image become the same grey (ITU-R 601 luma) and record their chroma."""
+    from PIL import Image
+
+    from pneumoscan.images import CHROMA, load_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    path = tmp_path / "c.png"
+    Image.fromarray(rgb).save(path)
+    loaded = [load_image(path), load_image(rgb), load_image(Image.fromarray(rgb))]
+    expected = np.rint(rgb @ np.array([0.299, 0.587, 0.114])).astype(int)
+    for image in loaded:
+        assert np.abs(np.asarray(image, int) - expected).max() <= 1 and image.info[CHROMA] > 0.2
+    grey = load_image(np.repeat(rgb[..., :1], 3, axis=2))
+    assert grey.info[CHROMA] == 0

@@ -94,7 +94,7 @@ def evaluate(
         )
         report["unreadable"] = errors
         if clf.gate is not None:
-            report["gate"] = gate_report(samples, clf.gate_scores(features), clf.gate.limit)
+            report["gate"] = gate_report(samples, clf.gate_scores(images, features), clf.gate.limit)
         subtype = subtype_scores(samples, features, clf)
         if subtype is not None:
             y_viral, p_viral, groups = subtype

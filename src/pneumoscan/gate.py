@@ -1,20 +1,36 @@
-"""The input gate: refuse what does not look like the chest X-rays a model was trained on.
+"""The input gate: refuse what does not look like the chest X-rays a model was trained on, and flag
+degraded films.
 
-The score lives in the network's own pooled features, square-rooted (the pooled activations are
-non-negative and heavy-tailed; the root evens out their variances, as for counts). Training features
-are centred and reduced by PCA to ``k`` directions; an input's score is its squared Mahalanobis distance
-in those directions plus its squared distance from their span (the residual), each divided by its mean
-on training images, so that a typical training X-ray scores about 2. The limit is a high quantile of
-the scores of validation X-rays, clean and under the acquisition perturbations of
-:mod:`pneumoscan.shift` (exposure, gamma, contrast, blur, noise, resolution, JPEG quality), so a
-different scanner passes and a photograph does not. The gate is a few hundred kilobytes of numbers in
-the bundle (``gate.safetensors``, sha256 in config.json) and costs one small matrix product per batch.
+Three parts, each fitted on training X-rays and given a limit on validation X-rays (carved from train by
+patient), clean and under the acquisition perturbations of :mod:`pneumoscan.shift` (exposure, gamma,
+contrast, blur, noise, resolution, JPEG quality), so that another scanner passes and a photograph does not:
+
+- **Image statistics** (:func:`image_statistics`): histogram shape, edge energy at four scales, the
+  coarse layout of the film (a 6 x 6 grid of brightness), flat and sharp areas; computed in numpy on the
+  grey 224-pixel image the model reads, so every engine (PyTorch, ONNX fp32, ONNX int8) sees the same
+  numbers. Score: the mean squared Mahalanobis distance from training X-rays (clean and perturbed).
+  This part refuses what the network's features barely see: flat fields, gradients, vignettes, text,
+  noise, monitors, screenshots, composites and crops.
+- **Orientation**: the layout's distance as given, divided by its distance after the best of the seven
+  other turns and inversions. A film rotated or with white and black swapped fits much better once turned
+  back, and the refusal says so ("rotated by 90 degrees clockwise", "inverted"); upright films never did
+  on validation.
+- **Pooled features** of the network, square-rooted (non-negative and heavy-tailed; the root evens out
+  their variances): squared Mahalanobis distance in the top ``k`` principal directions plus the squared
+  residual from their span, each over its training mean. Its limit is set per engine, because int8
+  quantisation moves the features (``int8_limit``, fitted when the bundle has an int8 model).
+
+Each part's score is divided by its limit; the gate's score is the largest of the three, so its limit
+is 1 and the score is the margin. Each part keeps ``KEEP`` of the validation X-rays, so together at
+least 99.5%. Statistics outside the range of every validation X-ray (clean or perturbed) become
+``warnings`` on an accepted film (very bright, blurred, padded...). The gate is a few hundred kilobytes
+of numbers in the bundle (``gate.safetensors``, sha256 in config.json).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +38,138 @@ import numpy as np
 from .errors import ConfigError
 
 COMPONENTS = 32
-KEEP = 0.995  # share of validation X-rays (clean and perturbed) under the limit
+KEEP = 0.9985  # share of validation X-rays (clean and perturbed) under each part's limit (three parts: >= 99.5%)
+WARN_QUANTILES = (0.001, 0.999)  # statistics beyond these quantiles of validation X-rays are warned about
+LIMIT = 1.0  # every score is divided by its limit
 REFUSAL = "does not look like a chest X-ray"
+FORMAT = "pneumoscan-gate/2"
+
+GRID = 7  # the layout: mean brightness over a GRID x GRID grid of the image (of 8-pixel blocks)
+SCALES = (1, 2, 4, 8)  # edge energy after averaging over blocks of these sides (each twice the last)
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+STATISTICS = (
+    *(f"quantile {q}" for q in QUANTILES),
+    "mean",
+    "std",
+    "entropy",
+    "black share",
+    "white share",
+    *(f"edges at {s} px" for s in SCALES),
+    *(f"layout {r},{c}" for r in range(GRID) for c in range(GRID)),
+    "flat share",
+    "sharp share",
+    "curvature at 4 px",
+    "curvature at 8 px",
+)
+LAYOUT = slice(STATISTICS.index("layout 0,0"), STATISTICS.index("layout 0,0") + GRID * GRID)
+# (statistic, side, warning) for statistics beyond every validation X-ray; colour is the loader's.
+WARNINGS = (
+    ("mean", "high", "very bright image"),
+    ("white share", "high", "very bright image"),
+    ("mean", "low", "very dark image"),
+    ("black share", "high", "very dark image"),
+    ("std", "low", "low contrast"),
+    ("quantile 0.05", "high", "low contrast"),
+    ("edges at 1 px", "low", "blurred or low resolution"),
+    ("edges at 2 px", "low", "blurred or low resolution"),
+    ("flat share", "high", "wide uniform border or padding"),
+    ("sharp share", "high", "text or markings over the image"),
+)
+COLOUR_WARNING = "colour image, read as grey"
+COLOUR_LIMIT = 0.04  # mean chroma (0-1) above which a colour input is warned about
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """The statistics (:data:`STATISTICS`) of uint8 grey images ``(N, S, S)``: ``(N, D)`` floats."""
+    images = np.asarray(images, np.uint8)
+    n = len(images)
+    images = images[:, : images.shape[1] // 8 * 8, : images.shape[2] // 8 * 8]  # whole 8-pixel blocks
+    pixels = images.shape[1] * images.shape[2]
+    offsets = (256 * np.arange(n))[:, None]
+    hist = np.bincount((images.reshape(n, -1) + offsets).ravel(), minlength=256 * n).reshape(n, 256)
+    cdf = np.cumsum(hist, axis=1) / pixels
+    quantiles = np.stack([(cdf < q).sum(1) for q in QUANTILES], 1) / 255.0
+    levels = np.arange(256) / 255.0
+    mean = hist @ levels / pixels
+    std = np.sqrt(np.maximum(hist @ levels**2 / pixels - mean**2, 0))
+    p = hist.reshape(n, 32, 8).sum(2) / pixels
+    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+    black, white = cdf[:, 3], 1 - cdf[:, 251]
+    x = images.astype(np.float32) / 255
+    pyramid, squares = [x], x * x  # block means at sides 1, 2, 4, 8; squares for the 8-pixel blocks' spread
+    for _ in SCALES[1:]:
+        pyramid.append(_halve(pyramid[-1]))
+        squares = _halve(squares)
+    edges = [
+        np.log(np.abs(np.diff(y, axis=1)).mean((1, 2)) + np.abs(np.diff(y, axis=2)).mean((1, 2)) + 1e-4)
+        for y in pyramid
+    ]
+    coarse = pyramid[-1]
+    side = coarse.shape[1] // GRID, coarse.shape[2] // GRID
+    grid = coarse[:, : side[0] * GRID, : side[1] * GRID].reshape(n, GRID, side[0], GRID, side[1]).mean((2, 4))
+    layout = (grid.reshape(n, -1) - mean[:, None]) / (std[:, None] + 0.02)
+    spread = np.sqrt(np.maximum(squares - coarse**2, 0))
+    flat, sharp = (spread < 1.5 / 255).mean((1, 2)), (spread > 0.25).mean((1, 2))
+    # curvature: ribs, edges and vessels bend the brightness; smooth gradients and vignettes barely do
+    curvature = [np.log(_curvature(y) / (std + 0.02) + 1e-4) for y in pyramid[2:]]
+    columns = [*quantiles.T, mean, std, entropy, np.sqrt(black), np.sqrt(white), *edges, *layout.T]
+    columns += [np.sqrt(flat), np.sqrt(sharp), *curvature]
+    return np.column_stack(columns).astype(np.float64)
+
+
+def _curvature(y: np.ndarray) -> np.ndarray:
+    """Mean absolute discrete Laplacian."""
+    c = y[:, 1:-1, 1:-1]
+    return np.abs(y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * c).mean((1, 2))
+
+
+def _halve(x: np.ndarray) -> np.ndarray:
+    """Means over 2 x 2 blocks."""
+    return (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]) * 0.25
+
+
+# The seven other ways a film can reach us: (quarter turns counter-clockwise, inverted), and their names.
+TURNS = [(k, inverted) for k in range(4) for inverted in (False, True)][1:]
+
+
+def _turn_name(k: int, inverted: bool) -> str:
+    rotation = {1: "rotated by 90 degrees counter-clockwise", 2: "rotated by 180 degrees",
+                3: "rotated by 90 degrees clockwise"}.get(k)  # fmt: skip
+    invert = "inverted (white and black swapped)"
+    return " and ".join(part for part in (rotation, invert if inverted else None) if part)
 
 
 @dataclass
-class Gate:
+class Mahalanobis:
+    """Mean squared whitened distance from a fitted cloud of vectors (about 1 inside it)."""
+
+    mean: np.ndarray  # (D,)
+    whiten: np.ndarray  # (D, D), the inverse of the Cholesky factor of the (shrunk) covariance
+
+    @classmethod
+    def fit(cls, x: np.ndarray, shrink: float = 1e-3) -> Mahalanobis:
+        mean = x.mean(axis=0)
+        cov = np.cov(x - mean, rowvar=False)
+        cov += np.eye(len(cov)) * shrink * max(np.trace(cov) / len(cov), 1e-12)
+        return cls(mean, np.linalg.inv(np.linalg.cholesky(cov)))
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, np.float64) - self.mean) @ self.whiten.T
+        return (z**2).mean(axis=1)
+
+
+@dataclass
+class FeatureScore:
+    """Mahalanobis in the top principal directions of square-rooted pooled features, plus the residual."""
+
     mean: np.ndarray  # (F,)
     components: np.ndarray  # (k, F), orthonormal rows
     scale: np.ndarray  # (k,), standard deviation along each component
     residual_scale: float  # mean squared residual of training features
-    limit: float
-
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """The out-of-distribution score of each row of ``features`` (higher: less like training X-rays)."""
-        centred = _transform(features) - self.mean
-        projected = centred @ self.components.T
-        mahalanobis = ((projected / self.scale) ** 2).mean(axis=1)
-        residual = np.maximum((centred**2).sum(axis=1) - (projected**2).sum(axis=1), 0) / self.residual_scale
-        score = mahalanobis + residual
-        return np.where(np.isfinite(score), score, np.inf)
-
-    def accepts(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) <= self.limit
 
     @classmethod
-    def fit(cls, train: np.ndarray, calibration: np.ndarray, k: int = COMPONENTS, keep: float = KEEP) -> Gate:
-        """Fit on training features; set the limit so that ``keep`` of the ``calibration`` features pass."""
-        train = _transform(train)
+    def fit(cls, train: np.ndarray, k: int = COMPONENTS) -> FeatureScore:
+        train = _root(train)
         mean = train.mean(axis=0)
         _, singular, vt = np.linalg.svd(train - mean, full_matrices=False)
         k = min(k, vt.shape[0])
@@ -57,54 +177,201 @@ class Gate:
         centred = train - mean
         projected = centred @ vt[:k].T
         residual_scale = max(float(((centred**2).sum(1) - (projected**2).sum(1)).mean()), 1e-12)
-        gate = cls(mean, vt[:k], scale, residual_scale, math.inf)
-        gate.limit = float(np.quantile(gate.score(calibration), keep))
+        return cls(mean, vt[:k], scale, residual_scale)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        centred = _root(features) - self.mean
+        projected = centred @ self.components.T
+        mahalanobis = ((projected / self.scale) ** 2).mean(axis=1)
+        residual = np.maximum((centred**2).sum(axis=1) - (projected**2).sum(axis=1), 0) / self.residual_scale
+        return mahalanobis + residual
+
+
+def _root(features: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0))
+
+
+@dataclass
+class Verdict:
+    """The gate on one image: ``score`` over 1 is refused (``reason`` says why); ``warnings`` for the
+    accepted."""
+
+    score: float
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return self.score <= LIMIT
+
+
+@dataclass
+class Gate:
+    features: FeatureScore
+    feature_limit: float  # fp32 (PyTorch and ONNX)
+    statistics: Mahalanobis
+    statistics_limit: float
+    layout: Mahalanobis  # on the LAYOUT statistics only
+    orientation_limit: float
+    warn_low: np.ndarray  # (D,) below: warned
+    warn_high: np.ndarray  # (D,)
+    int8_limit: float | None = None  # for int8 ONNX features; None: not fitted, the fp32 limit is used
+
+    limit = LIMIT
+
+    @classmethod
+    def fit(
+        cls,
+        train_features: np.ndarray,
+        calibration_features: np.ndarray,
+        train_images: np.ndarray,
+        calibration_images: np.ndarray,
+        keep: float = KEEP,
+    ) -> Gate:
+        """Fit on training X-rays' features and images (for the images: clean and perturbed); set each
+        limit so that ``keep`` of the calibration (validation) X-rays pass it."""
+        features = FeatureScore.fit(train_features)
+        train_stats, calibration_stats = image_statistics(train_images), image_statistics(calibration_images)
+        statistics = Mahalanobis.fit(train_stats)
+        layout = Mahalanobis.fit(train_stats[:, LAYOUT])
+        low, high = np.quantile(calibration_stats, WARN_QUANTILES, axis=0)
+        gate = cls(features, math.inf, statistics, math.inf, layout, math.inf, low, high)
+        gate.feature_limit = float(np.quantile(features.score(calibration_features), keep))
+        gate.statistics_limit = float(np.quantile(statistics.score(calibration_stats), keep))
+        gate.orientation_limit = float(np.quantile(gate._orientation(calibration_stats)[0], keep))
         return gate
+
+    def fit_int8_limit(self, calibration_features: np.ndarray, keep: float = KEEP) -> None:
+        """The feature limit for an int8 model, from its features of the same calibration X-rays."""
+        self.int8_limit = float(np.quantile(self.features.score(calibration_features), keep))
+
+    def _orientation(self, stats: np.ndarray) -> tuple[np.ndarray, list[tuple[int, bool]]]:
+        """How much better the layout fits after the best other turn (ratio), and that turn."""
+        grids = stats[:, LAYOUT].reshape(-1, GRID, GRID)
+        as_given = self.layout.score(grids.reshape(len(grids), -1))
+        turned = np.stack(
+            [
+                self.layout.score((np.rot90(grids, -k, axes=(1, 2)) * (-1 if inverted else 1)).reshape(len(grids), -1))
+                for k, inverted in TURNS
+            ],
+            axis=1,
+        )
+        best = turned.argmin(axis=1)
+        return as_given / np.maximum(turned.min(axis=1), 1e-9), [TURNS[b] for b in best]
+
+    def check(self, images: np.ndarray, features: np.ndarray, engine: str = "onnx") -> list[Verdict]:
+        """The verdict on each prepared uint8 image ``(N, S, S)`` given its pooled ``features`` from
+        ``engine`` (a :class:`pneumoscan.inference` engine name: torch, onnx, onnx-int8)."""
+        stats = image_statistics(images)
+        feature_limit = self.int8_limit if engine == "onnx-int8" and self.int8_limit else self.feature_limit
+        ratio, turns = self._orientation(stats)
+        parts = np.stack(
+            [
+                self.features.score(features) / feature_limit,
+                self.statistics.score(stats) / self.statistics_limit,
+                ratio / self.orientation_limit,
+            ],
+            axis=1,
+        )
+        parts = np.where(np.isfinite(parts), parts, np.inf)
+        verdicts = []
+        for image, row, part, turn, s in zip(images, stats, parts, turns, parts.max(axis=1)):
+            if s <= LIMIT:
+                verdicts.append(Verdict(float(s), None, self.warnings(row)))
+            elif part[2] > LIMIT and self._fits_once_turned(image, turn):
+                verdicts.append(Verdict(float(s), f"it looks {_turn_name(*turn)}"))
+            else:
+                verdicts.append(Verdict(float(s), "; ".join(self.warnings(row)) or None))
+        return verdicts
+
+    def _fits_once_turned(self, image: np.ndarray, turn: tuple[int, bool]) -> bool:
+        """Whether the image, turned back, has the statistics of a chest X-ray (then the turn is named)."""
+        k, inverted = turn
+        turned = np.rot90(255 - image if inverted else image, -k)[None]
+        return bool(self.statistics.score(image_statistics(turned))[0] <= self.statistics_limit)
+
+    def warnings(self, stats: np.ndarray) -> list[str]:
+        """Named statistics of one image beyond every validation X-ray, as short warnings."""
+        out: list[str] = []
+        for name, side, text in WARNINGS:
+            i = STATISTICS.index(name)
+            beyond = stats[i] > self.warn_high[i] if side == "high" else stats[i] < self.warn_low[i]
+            if beyond and text not in out:
+                out.append(text)
+        return out
 
     def to_bytes(self) -> bytes:
         """The gate as a safetensors file's bytes (a bundle's ``gate.safetensors``)."""
         from safetensors.numpy import save
 
+        scalars = [self.feature_limit, self.statistics_limit, self.orientation_limit, self.int8_limit or 0.0]
         arrays = {
-            "mean": self.mean.astype(np.float32),
-            "components": self.components.astype(np.float32),
-            "scale": self.scale.astype(np.float32),
-            "residual_scale": np.array([self.residual_scale], np.float32),
-            "limit": np.array([self.limit], np.float32),
+            "mean": self.features.mean,
+            "components": self.features.components,
+            "scale": self.features.scale,
+            "residual_scale": np.array([self.features.residual_scale]),
+            "limits": np.array(scalars),
+            "statistics_mean": self.statistics.mean,
+            "statistics_whiten": self.statistics.whiten,
+            "layout_mean": self.layout.mean,
+            "layout_whiten": self.layout.whiten,
+            "warn_low": self.warn_low,
+            "warn_high": self.warn_high,
         }
-        return save(arrays, metadata={"format": "pneumoscan-gate/1"})
+        return save({k: np.asarray(v, np.float32) for k, v in arrays.items()}, metadata={"format": FORMAT})
 
     @classmethod
     def load(cls, path: Path, n_features: int | None = None) -> Gate:
-        """A gate from its file, or one line saying why it cannot be one (shapes, finiteness)."""
-        from safetensors.numpy import load_file
+        """A gate from its file, or one line saying why it cannot be one (format, shapes, finiteness)."""
+        from safetensors import safe_open
 
         try:
-            a = load_file(str(path))
-            mean, components, scale = a["mean"], a["components"], a["scale"]
-            residual_scale, limit = float(a["residual_scale"][0]), float(a["limit"][0])
+            with safe_open(str(path), "numpy") as f:
+                version = (f.metadata() or {}).get("format")
+                a = {key: f.get_tensor(key).astype(np.float64) for key in f.keys()}
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"{path}: not a readable gate ({type(exc).__name__})") from None
-        features = mean.shape[0] if mean.ndim == 1 else -1
-        shapes_ok = (
-            mean.ndim == 1
-            and components.ndim == 2
-            and components.shape[1] == features
-            and scale.shape == (components.shape[0],)
-            and (n_features is None or features == n_features)
-        )
-        values_ok = all(np.isfinite(x).all() for x in (mean, components, scale)) and (scale > 0).all()
-        if not shapes_ok or not values_ok or not (residual_scale > 0 and math.isfinite(limit) and limit > 0):
+        if version != FORMAT:
+            raise ConfigError(
+                f"{path}: gate format {version!r}, expected {FORMAT!r} (fit it again: benchmarks/add_heads.py)"
+            )
+        try:
+            gate = cls._from_arrays(a)
+        except (KeyError, ValueError, IndexError):
+            raise ConfigError(f"{path}: gate arrays have the wrong shapes or values") from None
+        if n_features is not None and gate.features.mean.shape[0] != n_features:
             raise ConfigError(f"{path}: gate arrays have the wrong shapes or values")
+        return gate
+
+    @classmethod
+    def _from_arrays(cls, a: dict[str, np.ndarray]) -> Gate:
+        d, g = len(STATISTICS), GRID * GRID
+        mean, components, scale = a["mean"], a["components"], a["scale"]
+        limits, residual = a["limits"], a["residual_scale"]
+        shapes = [
+            mean.ndim == 1 and components.ndim == 2 and components.shape[1] == mean.shape[0],
+            scale.shape == (components.shape[0],) and residual.shape == (1,) and limits.shape == (4,),
+            a["statistics_mean"].shape == (d,) and a["statistics_whiten"].shape == (d, d),
+            a["layout_mean"].shape == (g,) and a["layout_whiten"].shape == (g, g),
+            a["warn_low"].shape == (d,) and a["warn_high"].shape == (d,),
+        ]
+        finite = all(np.isfinite(v).all() for v in a.values())
+        if not all(shapes) or not finite or (scale <= 0).any() or residual[0] <= 0 or (limits[:3] <= 0).any():
+            raise ValueError("shapes or values")
         return cls(
-            mean.astype(np.float64), components.astype(np.float64), scale.astype(np.float64), residual_scale, limit
+            FeatureScore(mean, components, scale, float(residual[0])),
+            float(limits[0]),
+            Mahalanobis(a["statistics_mean"], a["statistics_whiten"]),
+            float(limits[1]),
+            Mahalanobis(a["layout_mean"], a["layout_whiten"]),
+            float(limits[2]),
+            a["warn_low"],
+            a["warn_high"],
+            float(limits[3]) if limits[3] > 0 else None,
         )
 
 
-def _transform(features: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0))
-
-
-def refusal(score: float, limit: float) -> str:
+def refusal(verdict: Verdict) -> str:
     """The error of a refused input (its path stands beside it, in the result and on the error line)."""
-    return f"{REFUSAL} (score {score:.1f}, limit {limit:.1f})"
+    why = f": {verdict.reason}" if verdict.reason else ""
+    return f"{REFUSAL}{why} (gate score {verdict.score:.2f}, limit {LIMIT:.0f})"

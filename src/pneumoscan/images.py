@@ -103,6 +103,12 @@ def prepare(source: ImageSource, size: int) -> np.ndarray:
     return resize_square(load_image(source, draft_size=size), size)
 
 
+def prepare_with_chroma(source: ImageSource, size: int) -> tuple[np.ndarray, float]:
+    """:func:`prepare`, and how colourful the input was before it became grey (0 for grey inputs)."""
+    image = load_image(source, draft_size=size)
+    return resize_square(image, size), float(image.info.get(CHROMA, 0.0))
+
+
 def read_bytes(source, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a path, bytes or binary stream, at most ``max_bytes`` of them. A path must be a
     regular file (checked on the opened descriptor: a FIFO, a device or a link to one never hangs or
@@ -213,16 +219,35 @@ def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -
     return _to_grey(image, name)
 
 
+GREY_MODES = ("L", "LA", "La", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+CHROMA = "pneumoscan_chroma"  # Image.info key: the mean chroma (0-1) of a colour input, 0 for grey ones
+
+
 def _to_grey(image: Image.Image, name: str) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _array_to_grey(np.asarray(image), name)
-    if image.mode in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGB", "RGBX"):
+    if image.mode in GREY_MODES:
+        return image.convert("L")
+    if image.mode in COLOUR_MODES:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
-        return image.convert("L")
+        return colour_to_grey(image.convert("RGB"))
     raise ImageError(name, f"unsupported pixel mode {image.mode}")
+
+
+def colour_to_grey(rgb: Image.Image) -> Image.Image:
+    """The one colour-to-grey conversion, for files, arrays and DICOM alike: ITU-R 601 luma
+    (0.299 R + 0.587 G + 0.114 B, Pillow's "L"). How colourful the input was (mean of max - min channel
+    over a thumbnail, 0-1) stays in the grey image's ``info[CHROMA]``: a tinted film is warned about."""
+    small = rgb.reduce(max(1, min(rgb.size) // 64))
+    channels = np.asarray(small, dtype=np.int16)
+    chroma = float((channels.max(axis=2) - channels.min(axis=2)).mean() / 255)
+    grey = rgb.convert("L")
+    grey.info[CHROMA] = chroma
+    return grey
 
 
 def _array_to_grey(array: np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -242,7 +267,7 @@ def _array_to_grey(array: np.ndarray, name: str, max_pixels: int = MAX_PIXELS) -
             raise ImageError(name, "array holds NaN or infinite values")
         a = _scale_to_uint8(a)
     if a.ndim == 3:  # colour: the same luma conversion as for colour files
-        return Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB").convert("L")
+        return colour_to_grey(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB"))
     return Image.fromarray(a, "L")
 
 
@@ -311,7 +336,6 @@ def _dicom_geometry(ds) -> tuple[int, int, int, int]:
 
 def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     _check_deflated_dicom(data, name)
     try:
@@ -333,11 +357,70 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):
-        pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
-        if photometric == "MONOCHROME1":
-            pixels = pixels.max() + pixels.min() - pixels
-        return Image.fromarray(_stretch(pixels), "L")
+        return Image.fromarray(dicom_to_uint8(ds, pixels), "L")
     return _array_to_grey(pixels, name, max_pixels)
+
+
+def dicom_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
+    """A monochrome DICOM frame as the model's 8-bit grey, as a viewer would display it (no contrast
+    stretch of its own, so the same pixels as PNG or JPEG give the same input):
+
+    1. the modality LUT (Rescale Slope and Intercept, or a Modality LUT Sequence);
+    2. the VOI: a VOI LUT Sequence, else the first Window Center/Width (LINEAR, LINEAR_EXACT or SIGMOID),
+       each mapped onto 0-1 over its output range; without either, the range the stored bits can hold
+       (0 to 2**BitsStored - 1, or the signed range; through the rescale where the values leave it) maps
+       onto 0-1, as an 8- or 16-bit PNG of the same values does;
+    3. MONOCHROME1 (white is low) is inverted: 1 - value;
+    4. x 255, rounded: 8-bit grey.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        unit = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), np.float64) / (2**bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        unit = _window(values, ds)
+    else:
+        lo, hi = _stored_range(ds, values)
+        unit = (values - lo) / max(hi - lo, 1e-12)
+    unit = np.clip(unit, 0, 1)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        unit = 1 - unit
+    return np.rint(unit * 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    """The first of a multi-valued DICOM number (several windows may be offered), or the number."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _window(values: np.ndarray, ds) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing of modality values onto 0-1."""
+    center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID":
+        return 1 / (1 + np.exp(-4 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return (values - center) / width + 0.5
+    return (values - (center - 0.5)) / max(width - 1, 1.0) + 0.5
+
+
+def _stored_range(ds, values: np.ndarray) -> tuple[float, float]:
+    """The range that maps onto black to white without a VOI: 0 to 2**BitsStored - 1 (the signed range
+    for signed data) where every modality value lies in it, so a rescale that only changes units changes
+    nothing; else that range through the rescale."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if lo <= values.min() and values.max() <= hi:
+        return lo, hi
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    ends = sorted((lo * slope + intercept, hi * slope + intercept))
+    return ends[0], ends[1]
 
 
 def _describe(exc: Exception) -> str:

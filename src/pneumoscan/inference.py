@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice, repeat
 from pathlib import Path
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from .bundle import ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
 from .errors import ConfigError, ImageError
-from .gate import refusal
-from .images import ImageSource, prepare, source_name
+from .gate import COLOUR_LIMIT, COLOUR_WARNING, Verdict, refusal
+from .images import ImageSource, prepare_with_chroma, source_name
 from .labels import CLASSES, label_of
 
 ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
@@ -42,11 +42,12 @@ class Prediction:
     label: str | None = None
     threshold: float | None = None
     error: str | None = None
-    gate_score: float | None = None  # the input gate's score, where the bundle has a gate
+    gate_score: float | None = None  # the input gate's score, where the bundle has a gate (over the limit: refused)
     gate_limit: float | None = None
     gated: bool = True  # False: predicted with the gate off (--no-gate, gate=False)
     subtype: str | None = None  # "bacterial" or "viral", for PNEUMONIA where the bundle has the head
     viral_probability: float | None = None
+    warnings: list[str] = field(default_factory=list)  # a degraded film: what the input gate noticed
 
     @property
     def ok(self) -> bool:
@@ -60,6 +61,8 @@ class Prediction:
             out.update(probability=self.probability, label=self.label, threshold=self.threshold)
             if self.subtype is not None:
                 out.update(subtype=self.subtype, viral_probability=self.viral_probability)
+            if self.warnings:
+                out["warnings"] = list(self.warnings)
         if self.gate_score is not None:
             out.update(gate_score=self.gate_score, gate_limit=self.gate_limit)
             if not self.gated:
@@ -264,15 +267,29 @@ class Classifier:
             return np.zeros(0), np.zeros((0, 0), np.float32)
         return np.concatenate([p[0] for p in parts]).astype(np.float64), np.concatenate([p[1] for p in parts])
 
-    def gate_scores(self, features: np.ndarray) -> np.ndarray | None:
-        return None if self.gate is None else self.gate.score(features)
+    def gate_verdicts(self, images: np.ndarray, features: np.ndarray, chroma=None) -> list[Verdict] | None:
+        """The input gate on prepared images and their pooled features (None for a bundle without a gate);
+        ``chroma``: each input's colourfulness before it became grey (:func:`images.prepare_with_chroma`)."""
+        if self.gate is None:
+            return None
+        verdicts = self.gate.check(images, features, self.engine.name)
+        for verdict, c in zip(verdicts, chroma if chroma is not None else []):
+            if verdict.accepted and c > COLOUR_LIMIT:
+                verdict.warnings.insert(0, COLOUR_WARNING)
+        return verdicts
 
-    def _result(self, name: str, probability: float, score: float | None, gating: bool) -> Prediction:
-        limit = None if score is None else self.gate.limit
-        if gating and score > limit:
-            return Prediction(name, error=refusal(score, limit), gate_score=score, gate_limit=limit)
+    def gate_scores(self, images: np.ndarray, features: np.ndarray) -> np.ndarray | None:
+        """The gate's scores (over ``gate.limit``, 1: refused), or None for a bundle without a gate."""
+        verdicts = self.gate_verdicts(images, features)
+        return None if verdicts is None else np.array([v.score for v in verdicts])
+
+    def _result(self, name: str, probability: float, verdict: Verdict | None, gating: bool) -> Prediction:
+        score, limit = (None, None) if verdict is None else (verdict.score, self.gate.limit)
+        if gating and not verdict.accepted:
+            return Prediction(name, error=refusal(verdict), gate_score=score, gate_limit=limit)
         label = label_of(probability, self.threshold)
-        return Prediction(name, float(probability), label, self.threshold, None, score, limit, gating)
+        warned = [] if verdict is None else verdict.warnings
+        return Prediction(name, float(probability), label, self.threshold, None, score, limit, gating, warnings=warned)
 
     def predict(
         self,
@@ -316,23 +333,25 @@ class Classifier:
 
     def _classify(self, decoding: list, errors: str, gating: bool) -> list[Prediction]:
         results: list[Prediction | None] = [None] * len(decoding)
-        good, images = [], []
+        good, images, chroma = [], [], []
         for i, (source, future) in enumerate(decoding):
-            image, error = future.result()
+            prepared, error = future.result()
             if error is None:
                 good.append(i)
-                images.append(image)
+                images.append(prepared[0])
+                chroma.append(prepared[1])
             elif errors == "raise":
                 raise error
             else:
                 results[i] = Prediction(source_name(source), error=error.reason)
         if images:
-            logits, features = self.engine.run(np.stack(images))
-            scores = self.gate_scores(features)
+            batch = np.stack(images)
+            logits, features = self.engine.run(batch)
+            verdicts = self.gate_verdicts(batch, features, chroma)
             viral = None if self.subtype is None else self.subtype.viral_probability(features)
             for n, (i, p) in enumerate(zip(good, self.probabilities(logits))):
-                score = None if scores is None else float(scores[n])
-                result = self._result(source_name(decoding[i][0]), p, score, gating)
+                verdict = None if verdicts is None else verdicts[n]
+                result = self._result(source_name(decoding[i][0]), p, verdict, gating)
                 if viral is not None and result.label == CLASSES[1]:
                     result.viral_probability = float(viral[n])
                     result.subtype = self.subtype.label(viral[n])
@@ -344,7 +363,7 @@ class Classifier:
 
     def _prepare_one(self, source: ImageSource):
         try:
-            return prepare(source, self.image_size), None
+            return prepare_with_chroma(source, self.image_size), None
         except ImageError as exc:
             return None, exc
         except Exception as exc:  # noqa: BLE001 - one input's failure never costs the others their result

@@ -66,6 +66,7 @@ class PredictResponse(BaseModel):
     gate_score: float | None = Field(None, description="the input gate's score (higher: less like a chest X-ray)")
     gate_limit: float | None = Field(None, description="scores above this limit are refused (422)")
     gate: str | None = Field(None, description="'off' when predicted with ?gate=false")
+    warnings: list[str] | None = Field(None, description="a degraded film: what the input gate noticed")
     cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
     image: str | None = Field(None, description="the X-ray as the model read it, PNG, base64 (with ?cam=true)")
 

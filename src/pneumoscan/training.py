@@ -444,23 +444,39 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
 
 GATE_TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
-GATE_PERTURBED_IMAGES = 96  # validation images per acquisition perturbation that set the gate's limit
+GATE_PERTURBED_IMAGES = (
+    96  # images per acquisition perturbation: training ones fit the statistics, validation ones set limits
+)
 
 
 def fit_gate(net, train_images: np.ndarray, val_images: np.ndarray, seed: int = 0):
-    """The input gate for a trained network: fitted on training features, its limit set on validation
-    X-rays, clean and under every acquisition perturbation of :mod:`pneumoscan.shift`."""
+    """The input gate for a trained network (:class:`pneumoscan.gate.Gate`): fitted on training X-rays
+    (the image statistics also on training X-rays under every acquisition perturbation of
+    :mod:`pneumoscan.shift`), its limits set on validation X-rays, clean and perturbed."""
     from .gate import Gate
     from .models import predict_outputs
+
+    train_sample, calibration = gate_images(train_images, val_images, seed)
+    _, train_features = predict_outputs(net, train_sample)
+    _, calibration_features = predict_outputs(net, calibration)
+    train_perturbed = perturbed_sample(train_images, seed + 1)
+    return Gate.fit(train_features, calibration_features, np.concatenate([train_sample, train_perturbed]), calibration)
+
+
+def gate_images(train_images: np.ndarray, val_images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The gate's training sample and its calibration set (validation X-rays, clean and perturbed)."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(train_images), min(GATE_TRAIN_IMAGES, len(train_images)), replace=False))
+    return np.asarray(train_images[pick]), np.concatenate([val_images, perturbed_sample(val_images, seed)])
+
+
+def perturbed_sample(images: np.ndarray, seed: int) -> np.ndarray:
+    """``GATE_PERTURBED_IMAGES`` of ``images`` (seeded) under every acquisition perturbation."""
     from .shift import perturb
 
     rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(train_images), min(GATE_TRAIN_IMAGES, len(train_images)), replace=False))
-    sample = np.sort(rng.choice(len(val_images), min(GATE_PERTURBED_IMAGES, len(val_images)), replace=False))
-    calibration = np.concatenate([val_images, *perturb(val_images[sample], seed).values()])
-    _, train_features = predict_outputs(net, np.asarray(train_images[pick]))
-    _, calibration_features = predict_outputs(net, calibration)
-    return Gate.fit(train_features, calibration_features)
+    sample = np.sort(rng.choice(len(images), min(GATE_PERTURBED_IMAGES, len(images)), replace=False))
+    return np.concatenate(list(perturb(np.asarray(images[sample]), seed).values()))
 
 
 def fit_subtype(net, train_images: np.ndarray, train_samples: list, val_images: np.ndarray, val_samples: list):
