@@ -12,15 +12,20 @@
   probability stays within 0.1 of the clean film's, and the share with either (or refused).
 - The bundle's validation X-rays (carved from train by patient), clean and under shift.py's
   perturbations: the share refused per engine.
-- With --test, the official test split: the share refused per engine. A test-split read: append the row
-  it prints to test_reads.csv, and choose nothing on it.
+- With --test, the official test split: the share refused per engine. A test-split read: ledger it in
+  test_reads.csv, and choose nothing on it.
+- Cost: the gate's check (statistics, orientation, features) per image against the default engine's
+  forward pass on the same batches of 8, interleaved, medians (an upper bound on its share of `predict`,
+  which also decodes).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +107,21 @@ def main() -> None:
     for what, images in rows.items():
         cells = [f"{np.mean([not v.accepted for v in judge(clf, images)[1]]):.2%}" for clf in clfs.values()]
         print(f"| {what} | {len(images)} | {' | '.join(cells)} |")
+    print_cost(first, val_images)
+
+
+def print_cost(clf: Classifier, images: np.ndarray, rounds: int = 20) -> None:
+    engine, gate = [], []
+    for r in range(rounds):
+        batch = images[8 * r : 8 * r + 8]
+        start = time.perf_counter()
+        _, features = clf.engine.run(batch)
+        middle = time.perf_counter()
+        clf.gate_verdicts(batch, features, [0.0] * len(batch))
+        engine.append(middle - start)
+        gate.append(time.perf_counter() - middle)
+    e, g = statistics.median(engine) / 8 * 1000, statistics.median(gate) / 8 * 1000
+    print(f"\nCost per image ({clf.engine.name}, batches of 8): forward pass {e:.1f} ms, gate {g:.2f} ms ({g / e:.1%})")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -176,7 +177,9 @@ def _val_films() -> list[np.ndarray]:
     return [np.asarray(load_image(p)) for p in sorted(VAL_FULLRES.rglob("*.jpeg"))]
 
 
-ENGINES = {"onnx": {"engine": "auto"}, "onnx-int8": {"int8": True}, "torch": {"engine": "torch"}}
+ENGINES = {"onnx": {"engine": "auto"}, "onnx-int8": {"int8": True}}
+if importlib.util.find_spec("torch") is not None:  # PyTorch is an extra: its engine is checked where installed
+    ENGINES["torch"] = {"engine": "torch"}
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +217,7 @@ def test_generated_kinds_are_refused_with_a_margin_on_every_engine(engines):
                 assert "rotated" in r.error, r.error
             if n.startswith("inverted"):
                 assert "inverted" in r.error, r.error
-    assert verdicts["onnx"] == verdicts["onnx-int8"] == verdicts["torch"]
+    assert all(v == verdicts["onnx"] for v in verdicts.values())
 
 
 @pytest.mark.data

@@ -76,6 +76,11 @@ WARNINGS = (
     ("sharp share", "high", "text or markings over the image"),
 )
 COLOUR_WARNING = "colour image, read as grey"
+PART_REASONS = (  # a refusal's reason, by the part furthest over its limit, where no statistic names one
+    "the network sees something else",
+    "its brightness, edges and layout are not a chest film's",
+    "its layout is not a frontal chest film's",
+)
 COLOUR_LIMIT = 0.04  # mean chroma (0-1) above which a colour input is warned about
 
 
@@ -281,7 +286,7 @@ class Gate:
             elif part[2] > LIMIT and self._fits_once_turned(image, turn):
                 verdicts.append(Verdict(float(s), f"it looks {_turn_name(*turn)}"))
             else:
-                verdicts.append(Verdict(float(s), "; ".join(self.warnings(row)) or None))
+                verdicts.append(Verdict(float(s), "; ".join(self.warnings(row)) or PART_REASONS[int(part.argmax())]))
         return verdicts
 
     def _fits_once_turned(self, image: np.ndarray, turn: tuple[int, bool]) -> bool:

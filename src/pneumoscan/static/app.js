@@ -117,7 +117,8 @@ function show(data) {
   $("threshold").textContent = `PNEUMONIA when the probability is at least ${data.threshold.toFixed(3)} (the black mark).`;
   const gate = data.gate_score === null || data.gate_score === undefined ? ""
     : ` · input gate ${fmt(data.gate_score)} (limit ${fmt(data.gate_limit)})`;
-  $("filename").textContent = `${data.path} · ${data.model} ${data.version}${gate}`;
+  const warned = (data.warnings || []).length ? ` · warning: ${data.warnings.join(", ")}` : "";
+  $("filename").textContent = `${data.path} · ${data.model} ${data.version}${gate}${warned}`;
   $("result").hidden = false;
 }
 
