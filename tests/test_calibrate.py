@@ -8,9 +8,9 @@ from pneumoscan import Classifier
 from pneumoscan import metrics as M
 from pneumoscan.bundle import load_bundle
 from pneumoscan.calibrate import calibrate_bundle
-from pneumoscan.demo import EXAMPLES
 from pneumoscan.cli import main
 from pneumoscan.data import load_images, load_split
+from pneumoscan.demo import EXAMPLES
 from pneumoscan.errors import ConfigError
 
 pytestmark = pytest.mark.data

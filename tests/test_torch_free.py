@@ -50,9 +50,8 @@ BASE_MODULES = (
 
 
 def run_without_torch(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", PRELUDE + code], capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent
-    )
+    command = [sys.executable, "-c", PRELUDE + code]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent)
 
 
 def cli_without_torch(*args) -> subprocess.CompletedProcess:

@@ -56,7 +56,7 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
                 opset_version=17,
                 input_names=[ONNX_INPUT],
                 output_names=[ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP],
-                dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP)},
+                dynamic_axes={n: {0: "batch"} for n in (ONNX_INPUT, ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP)},
             )
         return _deliver(bundle, raw, ONNX, out)
 

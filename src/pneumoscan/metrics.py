@@ -282,7 +282,8 @@ def operating_point(
             f"temperature {prior_temperature:.4g} kept"
         )
     elif np.unique(y).size == 2 and min(abs(math.log(temperature / b)) for b in bounds) < 1e-3:
-        warnings.append(f"the fitted temperature hit its bound {temperature:.4g} (allowed {bounds[0]:.4g}..{bounds[1]:.4g})")
+        allowed = f"{bounds[0]:.4g}..{bounds[1]:.4g}"
+        warnings.append(f"the fitted temperature hit its bound {temperature:.4g} (allowed {allowed})")
     p = sigmoid(z, temperature)
     if target_sensitivity is not None:
         threshold, name = choose_threshold(y, p, target_sensitivity), f"sensitivity>={target_sensitivity}"
