@@ -45,6 +45,10 @@ class Explanation:
         return path
 
 
+class ClosedFormError(ValueError):
+    """The network is not global average pooling then the dense head, so the closed form does not hold."""
+
+
 def head_logit_and_gradient(features: np.ndarray, head: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
     """The dense head's logit for pooled ``features`` (F,) and its gradient with respect to them (F,).
 
@@ -60,8 +64,11 @@ def head_logit_and_gradient(features: np.ndarray, head: dict[str, np.ndarray]) -
 def grad_cam_map(feature_map: np.ndarray, features: np.ndarray, head: dict[str, np.ndarray], positive: bool):
     """Grad-CAM of one image from its last feature map ``(F, h, w)`` and pooled ``features`` ``(F,)``, for
     PNEUMONIA (``positive``) or NORMAL (the negated logit). Returns the map at the feature resolution,
-    scaled to [0, 1], and the head's logit."""
+    scaled to [0, 1], and the head's logit. Raises :class:`ClosedFormError` where ``features`` is not the
+    mean of ``feature_map`` (a class token, a norm after pooling): there the formula is not Grad-CAM."""
     a = np.asarray(feature_map, np.float64)
+    if not np.allclose(a.mean(axis=(1, 2)), features, rtol=1e-3, atol=1e-4):
+        raise ClosedFormError("the pooled features are not the mean of the feature map")
     logit, gradient = head_logit_and_gradient(features, head)
     weights = (gradient if positive else -gradient) / (a.shape[1] * a.shape[2])  # mean gradient per channel
     cam = np.maximum(np.tensordot(weights, a, axes=1), 0)

@@ -358,16 +358,19 @@ class Classifier:
         fp32 ONNX model gives the last feature map and the head's gradient has a closed form
         (:func:`pneumoscan.explain.onnx_grad_cam`); with ``engine="torch"``, or a bundle whose ONNX model has no
         feature map, autograd does it (:func:`pneumoscan.explain.grad_cam`)."""
-        from .explain import grad_cam, onnx_grad_cam
+        from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
         args = (source, self.image_size, self.threshold, self.bundle.temperature)
         with self._explain_lock:  # Grad-CAM by autograd hooks the shared network: one explanation at a time
             if self._cam_onnx is None:
                 self._cam_onnx = self._onnx_explainer() or False
             if self._cam_onnx:
-                return onnx_grad_cam(*self._cam_onnx, *args)
+                try:
+                    return onnx_grad_cam(*self._cam_onnx, *args)
+                except ClosedFormError:
+                    self._cam_onnx = False  # not pooling then the dense head: autograd from now on
             if self._torch_net is None:
-                require_train_extra(f"Grad-CAM for {self.bundle.path} (its ONNX model gives no feature map)")
+                require_train_extra(f"Grad-CAM for {self.bundle.path} (no ONNX feature map it can be computed from)")
                 self._torch_net = self.bundle.load_net()
             return grad_cam(self._torch_net, *args)
 
