@@ -59,7 +59,7 @@ def main() -> None:
         rows = [measure(v, Path(tmp), not args.no_editable) for v in args.variants]
     how = "pip install" if args.no_editable else "pip install -e"
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {how}")
-    print("| install | pip install (s) | venv size (MB) | torch in pip list | pneumoscan demo (s) | venv+install+demo (s) |")
+    print("| install | pip install (s) | venv size (MB) | torch | demo (s) | venv+install+demo (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         name = "base (`pip install -e .`)" if r["variant"] == "base" else "`.[train]`"
