@@ -108,3 +108,16 @@ def test_what_needs_torch_says_which_extra(args, tmp_path):
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "needs PyTorch" in done.stderr and TRAIN_EXTRA in done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "model.onnx").exists()
+
+
+def test_the_container_recipe_is_the_base_install_served_by_a_non_root_user():
+    """No container engine here to build it: the recipe's promises, read from the file."""
+    lines = [line.split("#")[0].strip() for line in (Path(__file__).parents[1] / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line]
+    installs = [line for line in instructions if line.startswith("RUN pip install")]
+    assert installs == ["RUN pip install . && rm -rf /src"]  # the base install: no extras, so no torch
+    user = [line for line in instructions if line.startswith("USER")]
+    assert len(user) == 1 and user[0] not in ("USER root", "USER 0")
+    assert instructions.index(user[0]) > instructions.index(installs[0])  # installs as root, then runs as the user
+    entry = instructions[-1]
+    assert entry.startswith("ENTRYPOINT") and '"serve", "--host", "0.0.0.0"' in entry
