@@ -322,7 +322,7 @@ class Bundle:
 
     def load_net(self):
         """The PyTorch network with the bundle's weights, in eval mode (needs the ``train`` extra)."""
-        require_train_extra("the PyTorch model", ("torch", "timm", "torchvision"))
+        require_train_extra("running the model on PyTorch (--engine torch)", ("torch", "timm", "torchvision"))
         from safetensors.torch import load_file
 
         from .models import create_model
