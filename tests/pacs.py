@@ -125,7 +125,12 @@ def chest_dicom(
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
     raw = Path(image_path).read_bytes()
-    grey = np.asarray(Image.open(io.BytesIO(raw)).convert("L"))
+    image = Image.open(io.BytesIO(raw))
+    grey = np.asarray(image.convert("L"))
+    if image.mode != "L":  # a colour-encoded JPEG: stored as a grey one, as a modality would
+        buf = io.BytesIO()
+        Image.fromarray(grey).save(buf, "JPEG", quality=95)
+        raw = buf.getvalue()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
@@ -133,7 +138,8 @@ def chest_dicom(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
     ds.Modality = "CR" if sop_class.endswith(".1.1") else "DX"
     ds.PatientID, ds.PatientName, ds.PatientSex, ds.PatientBirthDate = patient_id, "Test^Chest", "O", ""
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20261201", "120000", "", "", "1"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20261201", "120000", "1"
+    ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.SeriesNumber, ds.InstanceNumber, ds.BodyPartExamined, ds.ViewPosition = 1, 1, "CHEST", "PA"
     if ds.Modality == "DX":
         ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]

@@ -300,14 +300,16 @@ class DicomNode:
                 state["dataset"] += len(value) - 1
                 if state["dataset"] > self.limits.max_dataset_bytes:
                     state["over"] = True
-                    LOG.warning("%s: dataset over %d bytes, association aborted", event.assoc.requestor.ae_title,
-                                self.limits.max_dataset_bytes)
+                    LOG.warning(
+                        "%s: dataset over %d bytes, association aborted",
+                        event.assoc.requestor.ae_title,
+                        self.limits.max_dataset_bytes,
+                    )
                 if value[0] & 2:
                     state["dataset"] = 0
 
     def _on_rejected(self, event) -> None:
-        LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
-                    event.assoc.requestor.address)
+        LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_store(self, event) -> int:
         if self._stopped.is_set():
@@ -348,9 +350,8 @@ class DicomNode:
                 self.counts["failed"] += len(batch)
 
     def _answer_batch(self, batch: list[Received]) -> None:
-        for item, row in zip(batch, answer_images(self.classifier, [i.data for i in batch], self.model,
-                                                  names=[i.calling_ae for i in batch])):
-            source, result = row
+        answers = answer_images(self.classifier, [i.data for i in batch], names=[i.calling_ae for i in batch])
+        for item, (source, result) in zip(batch, answers):
             record = self._record(item, source, result)
             try:
                 self._send(source, result, item, record)
@@ -359,6 +360,7 @@ class DicomNode:
                 record["send_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             record["seconds"] = round(time.monotonic() - item.received, 4)
             self._results.write(json.dumps(record) + "\n")
+            LOG.info("%s", _summary(record))
 
     def _record(self, item: Received, source, result: Prediction) -> dict:
         record = result.to_dict()
@@ -396,7 +398,18 @@ class DicomNode:
             record["cam_instance_uid"] = str(cam.SOPInstanceUID)
 
 
-def answer_images(classifier: Classifier, files: Sequence[bytes], model, names: Sequence[str] | None = None):
+def _summary(record: dict) -> str:
+    what = record.get("label") or f"refused: {record.get('error')}"
+    if "probability" in record:
+        what += f" {record['probability']:.4f}"
+    if "sr_instance_uid" in record:
+        what += " -> SR sent"
+    elif "send_error" in record:
+        what += f" -> not sent: {record['send_error']}"
+    return f"{record['path']}: {what}"
+
+
+def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequence[str] | None = None) -> list:
     """``(header, Prediction)`` per DICOM file's bytes, classified together; the header is None (and the
     prediction an error) for a file whose header lacks the UIDs a report needs."""
     from .dicom_sr import read_header

@@ -14,7 +14,9 @@ and the model's weights, so sending the same image twice gives the same SR (a PA
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -31,6 +33,10 @@ RESEARCH_ONLY = "research use only: not a medical device, not for diagnosis"
 MANUFACTURER = "pneumoscan"
 SR_SERIES_NUMBER = 9901
 CAM_SERIES_NUMBER = 9902
+TYPE2_INHERITED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
 SCHEME = "99PNEUMOSCAN"  # private coding scheme for concepts without a standard code
 
 
@@ -89,6 +95,16 @@ def read_header(data: bytes, name: str = "<dicom>") -> Dataset:
     if missing:
         raise ImageError(name, f"DICOM header lacks {', '.join(missing)}", "unsupported")
     return ds
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """A copy of the source header with the patient and study attributes a new instance must carry (type 2:
+    present, possibly empty) that the source left out."""
+    copy = Dataset(source)
+    for keyword in TYPE2_INHERITED:
+        if keyword not in copy:
+            setattr(copy, keyword, "")
+    return copy
 
 
 def _uid(*parts: str) -> str:
@@ -169,7 +185,7 @@ def build_report(source: Dataset, result, model: ModelInfo) -> hd.sr.Comprehensi
     )
     series_uid, instance_uid = sr_uids(source, model)
     sr = hd.sr.ComprehensiveSR(
-        evidence=[source],
+        evidence=[_evidence(source)],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
@@ -197,11 +213,12 @@ def build_cam_image(source: Dataset, overlay: np.ndarray, model: ModelInfo) -> D
     """The Grad-CAM overlay (uint8 RGB array) as a Secondary Capture image in a new series of the source's study."""
     series = _uid("pneumoscan-cam", source.SeriesInstanceUID, model.weights_sha256)
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=_evidence(source),
         pixel_array=np.ascontiguousarray(overlay, dtype=np.uint8),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
-        coordinate_system=None,
+        coordinate_system="PATIENT",
+        patient_orientation=("L", "F"),  # required by the builder; replaced below by what the source says
         series_instance_uid=series,
         series_number=CAM_SERIES_NUMBER,
         sop_instance_uid=_uid("pneumoscan-cam", source.SOPInstanceUID, model.weights_sha256),
@@ -209,6 +226,8 @@ def build_cam_image(source: Dataset, overlay: np.ndarray, model: ModelInfo) -> D
         manufacturer=MANUFACTURER,
         series_description="pneumoscan Grad-CAM (research use only)",
     )
+    orientation = source.get("PatientOrientation")
+    image.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else ""  # type 2: unknown
     image.ImageComments = f"Grad-CAM of the predicted class; {RESEARCH_ONLY}"
     image.BurnedInAnnotation = "NO"
     return image
@@ -225,3 +244,28 @@ def finding_of(sr: Dataset) -> str | None:
             return meaning.get(item.ConceptCodeSequence[0].CodeValue)
         stack += list(item.get("ContentSequence", []))
     return None
+
+
+def write_reports(results, folder: Path, model: ModelInfo) -> list[Path]:
+    """``predict --sr``: one SR file per DICOM input (``SR_INSTANCE_UID.dcm``), refusals included; an input
+    that is not DICOM, or whose header lacks the UIDs, is named on stderr and the rest go on."""
+    from .images import read_bytes, sniff
+    from .output import ensure_folder
+    from .text import printable
+
+    folder = ensure_folder(folder)
+    written = []
+    for r in results:
+        try:
+            data = read_bytes(r.path, r.path)
+            if sniff(data, r.path) != "dicom":
+                raise ImageError(r.path, "not a DICOM file: no structured report")
+            report = build_report(read_header(data, r.path), r, model)
+            path = folder / f"{report.SOPInstanceUID}.dcm"
+            report.save_as(path, enforce_file_format=True)
+            written.append(path)
+        except ImageError as exc:
+            print(f"pneumoscan: {printable(exc)}", file=sys.stderr)
+        except OSError as exc:
+            print(f"pneumoscan: {printable(folder)}: report cannot be written ({exc.strerror or exc})", file=sys.stderr)
+    return written
