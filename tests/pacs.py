@@ -17,6 +17,7 @@ from PIL import Image
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
+ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
 
 
 def free_port() -> int:

@@ -97,9 +97,10 @@ class NodeLimits:
     network_timeout: float = 60.0  # seconds an idle association is kept
     max_pdu: int = 65536  # bytes per PDU we accept (advertised, and enforced on every PDU read)
     max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the association is aborted
-    queue_size: int = 64  # received images waiting for classification; a full queue answers out of resources
+    queue_size: int = 32  # received images waiting for classification; a full queue answers out of resources
     queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
     batch_size: int = 16  # images classified together when several wait
+    send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
     drain_timeout: float = 30.0  # on stop: seconds for open associations to finish before they are aborted
 
 
@@ -203,10 +204,12 @@ class DicomNode:
         self.model = ModelInfo.of(classifier.bundle)
         self.results_path = ensure_folder(out) / RESULTS_FILE
         self.queue: queue.Queue[Received | None] = queue.Queue(limits.queue_size)
-        self.sender = Sender(send_to, self.ae_title, limits) if send_to else None
+        self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
         self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
         self._server = self._ae = self._worker = None
+        self._senders: list[tuple[threading.Thread, Sender]] = []
         self._results = None
+        self._lock = threading.Lock()  # counts and the results file, shared by the worker and the senders
         self._stopped = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -235,11 +238,15 @@ class DicomNode:
         self._results = open(self.results_path, "a", encoding="utf-8", buffering=1)
         self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
         self._worker.start()
+        for n in range(self.limits.send_associations if self.send_to else 0):
+            sender = Sender(self.send_to, self.ae_title, self.limits)
+            thread = threading.Thread(target=self._send_loop, args=(sender,), name=f"pneumoscan-send-{n}", daemon=True)
+            thread.start()
+            self._senders.append((thread, sender))
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
-            self.queue.put(None)
-            self._results.close()
+            self._finish_threads()
             raise ConfigError(f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc})") from None
         self._ae = ae
         self.port = self._server.server_address[1]
@@ -253,13 +260,20 @@ class DicomNode:
         self._stopped.set()
         self._server.shutdown()  # no new associations; open ones go on
         deadline = time.monotonic() + self.limits.drain_timeout
-        while self._ae.active_associations and time.monotonic() < deadline:
+        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._ae.shutdown()  # aborts what is still open after the grace period
+        self._finish_threads()
+
+    def _finish_threads(self) -> None:
+        """Classify what is queued, answer what is classified, then close the associations and the file."""
         self.queue.put(None)
         self._worker.join()
-        if self.sender:
-            self.sender.close()
+        for _ in self._senders:
+            self.outbox.put(None)
+        for thread, sender in self._senders:
+            thread.join()
+            sender.close()
         self._results.close()
 
     def serve_forever(self) -> None:
@@ -276,14 +290,18 @@ class DicomNode:
 
     # -- network events ----------------------------------------------------------------------------------------
     def _on_connection(self, event) -> None:
-        """Every read of a PDU is bounded: pynetdicom reads whatever length a PDU header claims."""
+        """Every read of a PDU is bounded: pynetdicom reads whatever length a PDU header claims. A PDU over the
+        limit, or a dataset over ``max_dataset_bytes``, closes the connection at once (the association ends)."""
         sock = event.assoc.dul.socket
         read, limit = sock.recv, max(self.limits.max_pdu, 2**20) + 6  # an A-ASSOCIATE-RQ may exceed the max PDU
         state = event.assoc._pneumoscan = {"dataset": 0, "over": False}
 
-        def bounded_recv(nr_bytes: int):
+        def bounded_recv(nr_bytes: int) -> bytearray:
             if nr_bytes > limit or state["over"]:
-                raise OSError(f"PDU of {nr_bytes} bytes or dataset over the limits: association aborted")
+                what = "a dataset over the limit" if state["over"] else f"a PDU of {nr_bytes} bytes, over the limit"
+                LOG.warning("%s sent %s: connection closed", event.assoc.requestor.address, what)
+                sock.close()
+                return bytearray()
             return read(nr_bytes)
 
         sock.recv = bounded_recv
@@ -324,7 +342,7 @@ class DicomNode:
         except queue.Full:
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
             return STATUS_OUT_OF_RESOURCES
-        self.counts["received"] += 1
+        self._count("received")
         return STATUS_SUCCESS
 
     # -- classification ----------------------------------------------------------------------------------------
@@ -345,22 +363,45 @@ class DicomNode:
                 batch.append(nxt)
             try:
                 self._answer_batch(batch)
-            except Exception:  # noqa: BLE001 - nothing one batch does may stop the node
+            except Exception as exc:  # noqa: BLE001 - nothing one batch does may stop the node
                 LOG.exception("batch of %d images failed", len(batch))
-                self.counts["failed"] += len(batch)
+                for item in batch:
+                    failure = Prediction(item.calling_ae, error=f"internal error ({type(exc).__name__})")
+                    self._finish(item, self._record(item, None, failure))
 
     def _answer_batch(self, batch: list[Received]) -> None:
         answers = answer_images(self.classifier, [i.data for i in batch], names=[i.calling_ae for i in batch])
         for item, (source, result) in zip(batch, answers):
             record = self._record(item, source, result)
+            if self._senders and source is not None:
+                if not (self.send_cam and result.ok):
+                    item.data = b""  # no longer needed: the outbox holds no pixels it will not use
+                self.outbox.put((item, source, result, record))
+            else:
+                self._finish(item, record)
+
+    def _send_loop(self, sender: Sender) -> None:
+        """One of ``send_associations`` threads: build each report and C-STORE it on this thread's association
+        (a PACS answers each store after committing it, so several associations keep several stores in flight)."""
+        while (job := self.outbox.get()) is not None:
+            item, source, result, record = job
             try:
-                self._send(source, result, item, record)
+                self._send(sender, source, result, item, record)
             except Exception as exc:  # noqa: BLE001 - one image's failure is its own row
                 LOG.exception("answering %s failed", record.get("sop_instance_uid"))
                 record["send_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            record["seconds"] = round(time.monotonic() - item.received, 4)
+                self._count("send_failed")
+            self._finish(item, record)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def _finish(self, item: Received, record: dict) -> None:
+        record["seconds"] = round(time.monotonic() - item.received, 4)
+        with self._lock:
             self._results.write(json.dumps(record) + "\n")
-            LOG.info("%s", _summary(record))
+        LOG.info("%s", _summary(record))
 
     def _record(self, item: Received, source, result: Prediction) -> dict:
         record = result.to_dict()
@@ -371,30 +412,27 @@ class DicomNode:
                 sop_instance_uid=str(source.SOPInstanceUID),
             )
         record.update(calling_ae=item.calling_ae, received=item.received_at)
-        key = "classified" if result.ok else "refused" if source is not None else "failed"
-        self.counts[key] += 1
+        self._count("classified" if result.ok else "refused" if source is not None else "failed")
         return record
 
-    def _send(self, source, result: Prediction, item: Received, record: dict) -> None:
-        if self.sender is None or source is None:
-            return
+    def _send(self, sender: Sender, source, result: Prediction, item: Received, record: dict) -> None:
         from .dicom_sr import build_report
 
         report = build_report(source, result, self.model)
         try:
-            self.sender.send(report)
+            sender.send(report)
         except OSError as exc:
-            self.counts["send_failed"] += 1
+            self._count("send_failed")
             record["send_error"] = str(exc)
             return
-        self.counts["sent"] += 1
+        self._count("sent")
         record["sr_instance_uid"] = str(report.SOPInstanceUID)
         if self.send_cam and result.ok:
             from .dicom_sr import build_cam_image
 
             overlay = self.classifier.explain(_NamedBytes(item.data, record["path"])).overlay()
             cam = build_cam_image(source, np.asarray(overlay), self.model)
-            self.sender.send(cam)
+            sender.send(cam)
             record["cam_instance_uid"] = str(cam.SOPInstanceUID)
 
 
