@@ -23,7 +23,7 @@ from conftest import DATA, real_images
 from pacs import STORESCU, Orthanc, bomb_dicom, chest_dicom, free_port
 
 from pneumoscan.cli import main
-from pneumoscan.dicom_node import DicomNode, Peer
+from pneumoscan.dicom_node import DicomNode, NodeLimits, Peer
 from pneumoscan.dicom_sr import finding_of
 from pneumoscan.inference import Classifier
 
@@ -210,6 +210,36 @@ def test_a_decompression_bomb_is_refused_with_a_report_and_the_node_keeps_servin
     assert "limit" in row["error"] and "label" not in row
     good_uid = pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID
     assert row_for(node, good_uid)["label"] == "PNEUMONIA"
+
+
+def test_a_multi_frame_image_over_the_decoding_limit_is_refused(pacs, tmp_path):
+    """20 frames of a 2102 x 1974 film: 83 MB decoded, over the loader's 64 MB DICOM limit, refused from the header."""
+    orthanc, node, _ = pacs
+    path = tmp_path / "frames.dcm"
+    path.write_bytes(chest_dicom(NORMAL_FILM.with_name("IM-0147-0001.jpeg"), frames=20))
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    assert storescu(node.port, path).returncode == 0
+    row = row_for(node, header.SOPInstanceUID)
+    assert "20 frame(s)" in row["error"] and "limit" in row["error"]
+    (refusal,) = wait_for_answers(orthanc, header.StudyInstanceUID)
+    assert finding_of(refusal) == "REFUSED"
+
+
+def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_serving(classifier, tmp_path):
+    limits = NodeLimits(max_dataset_bytes=2 * 2**20)
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER], limits=limits)
+    node.start()
+    try:
+        big, small = tmp_path / "big.dcm", tmp_path / "small.dcm"
+        big.write_bytes(chest_dicom(NORMAL_FILM, jpeg=False))  # 1982 x 1804 x 16 bit: 7 MB
+        small.write_bytes(chest_dicom(real_images("val", "NORMAL", 1)[0]))
+        assert storescu(node.port, big).returncode != 0
+        assert storescu(node.port, small).returncode == 0
+        uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
+        assert row_for(node, uid)["label"] == "NORMAL"
+        assert len(rows(node)) == 1  # nothing of the big one was classified
+    finally:
+        node.stop()
 
 
 def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs):
