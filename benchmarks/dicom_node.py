@@ -152,7 +152,7 @@ def report(args, files, rows, elapsed, rss, held, codes) -> None:
         ("receipt to report sent, max (ms)", f"{1000 * seconds.max():.0f}"),
         ("reports sent / images", f"{sent} / {len(files)}"),
         ("refused by the node (report says why)", f"{refused}"),
-        ("instances Orthanc holds (images + reports)", f"{held}"),
+        ("reports Orthanc holds", f"{held}"),
         ("node peak RSS (MB)", f"{rss:.0f}"),
         ("reference: classify in-process, images/s", f"{reference:.1f}"),
     ]:

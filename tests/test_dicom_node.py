@@ -242,6 +242,74 @@ def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_s
         node.stop()
 
 
+def test_a_crash_while_classifying_is_that_image_s_error_and_the_node_goes_on(classifier, tmp_path, monkeypatch):
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    calls = []
+
+    def crash_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated crash inside the model")
+        return Classifier.predict(classifier, *args, **kwargs)
+
+    monkeypatch.setattr(classifier, "predict", crash_once)
+    node.start()
+    try:
+        first, second = tmp_path / "1.dcm", tmp_path / "2.dcm"
+        first.write_bytes(chest_dicom(NORMAL_FILM))
+        second.write_bytes(chest_dicom(PNEUMONIA_FILM))
+        assert storescu(node.port, first).returncode == 0
+        wait_rows(node, 1)
+        assert storescu(node.port, second).returncode == 0
+        uid = pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID
+        assert row_for(node, uid)["label"] == "PNEUMONIA"
+        crashed = rows(node)[0]
+        assert crashed["error"] == "internal error (RuntimeError)" and "label" not in crashed
+    finally:
+        node.stop()
+
+
+def wait_rows(node: DicomNode, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(rows(node)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} result rows"
+        time.sleep(0.05)
+
+
+def test_images_beyond_the_byte_budget_are_answered_out_of_resources(classifier, tmp_path, monkeypatch):
+    """While the model is stuck, the node holds at most ``queued_bytes`` of images; further stores are refused
+    with status A700 (out of resources) instead of growing memory, and everything acknowledged is answered."""
+    from pynetdicom import AE
+
+    data = chest_dicom(real_images("val", "NORMAL", 1)[0])
+    limits = NodeLimits(queued_bytes=3 * len(data) + 1000, queue_wait=0.5)
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER], limits=limits)
+    stuck = threading.Event()
+    monkeypatch.setattr(
+        classifier, "predict", lambda *a, **k: stuck.wait(30) and Classifier.predict(classifier, *a, **k)
+    )
+    node.start()
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.4.50")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        statuses = []
+        for _ in range(6):
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            statuses.append(assoc.send_c_store(ds).Status)
+            assert node._budget.used <= limits.queued_bytes
+        assoc.release()
+        stuck.set()
+        accepted = statuses.count(0x0000)
+        assert 3 <= accepted < 6 and statuses.count(0xA700) == 6 - accepted, [hex(s) for s in statuses]
+        wait_rows(node, accepted)
+        assert all(r["label"] == "NORMAL" for r in rows(node))
+    finally:
+        stuck.set()
+        node.stop()
+
+
 def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs):
     _, node, _ = pacs
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:

@@ -95,9 +95,10 @@ class NodeLimits:
     acse_timeout: float = 30.0  # seconds to negotiate or release an association
     dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
     network_timeout: float = 60.0  # seconds an idle association is kept
-    max_pdu: int = 65536  # bytes per PDU we accept (advertised, and enforced on every PDU read)
-    max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the association is aborted
-    queue_size: int = 32  # received images waiting for classification; a full queue answers out of resources
+    max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
+    max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
+    queue_size: int = 32  # received images held for classification; a full queue answers out of resources
+    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together
     queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
     batch_size: int = 16  # images classified together when several wait
     send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
@@ -108,8 +109,29 @@ class NodeLimits:
 class Received:
     data: bytes
     calling_ae: str
+    held: int = 0  # bytes counted against the node's byte budget until released
     received: float = field(default_factory=time.monotonic)
     received_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+
+
+class _ByteBudget:
+    """How many bytes of received images the node holds at once; a store waits for room, or is refused."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._room = threading.Condition()
+
+    def take(self, size: int, timeout: float) -> bool:
+        with self._room:
+            if not self._room.wait_for(lambda: self.used == 0 or self.used + size <= self.limit, timeout):
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._room:
+            self.used -= size
+            self._room.notify_all()
 
 
 class _NamedBytes(io.BytesIO):
@@ -204,6 +226,7 @@ class DicomNode:
         self.model = ModelInfo.of(classifier.bundle)
         self.results_path = ensure_folder(out) / RESULTS_FILE
         self.queue: queue.Queue[Received | None] = queue.Queue(limits.queue_size)
+        self._budget = _ByteBudget(limits.queued_bytes)
         self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
         self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
         self._server = self._ae = self._worker = None
@@ -333,13 +356,18 @@ class DicomNode:
         if self._stopped.is_set():
             return STATUS_OUT_OF_RESOURCES
         try:
-            item = Received(event.encoded_dataset(include_meta=True), event.assoc.requestor.ae_title)
+            data = event.encoded_dataset(include_meta=True)
         except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
             LOG.exception("C-STORE could not be read")
             return STATUS_CANNOT_UNDERSTAND
+        item = Received(data, event.assoc.requestor.ae_title, held=len(data))
+        if not self._budget.take(item.held, self.limits.queue_wait):
+            LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
+            return STATUS_OUT_OF_RESOURCES
         try:
             self.queue.put(item, timeout=self.limits.queue_wait)
         except queue.Full:
+            self._release(item)
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
             return STATUS_OUT_OF_RESOURCES
         self._count("received")
@@ -375,7 +403,7 @@ class DicomNode:
             record = self._record(item, source, result)
             if self._senders and source is not None:
                 if not (self.send_cam and result.ok):
-                    item.data = b""  # no longer needed: the outbox holds no pixels it will not use
+                    self._release(item)  # the pixels are no longer needed: the outbox holds none it will not use
                 self.outbox.put((item, source, result, record))
             else:
                 self._finish(item, record)
@@ -397,7 +425,13 @@ class DicomNode:
         with self._lock:
             self.counts[key] += 1
 
+    def _release(self, item: Received) -> None:
+        if item.held:
+            self._budget.give(item.held)
+        item.held, item.data = 0, b""
+
     def _finish(self, item: Received, record: dict) -> None:
+        self._release(item)
         record["seconds"] = round(time.monotonic() - item.received, 4)
         with self._lock:
             self._results.write(json.dumps(record) + "\n")
