@@ -329,18 +329,25 @@ def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs)
 
 
 def test_predict_sr_writes_the_same_report_for_dicom_files(tmp_path, capsys):
-    dcm, jpeg = tmp_path / "chest.dcm", tmp_path / "chest.jpeg"
+    dcm, bomb, jpeg = tmp_path / "chest.dcm", tmp_path / "bomb.dcm", tmp_path / "chest.jpeg"
     dcm.write_bytes(chest_dicom(NORMAL_FILM, sop_class="1.2.840.10008.5.1.4.1.1.1.1"))
+    bomb.write_bytes(bomb_dicom())
     jpeg.write_bytes(PNEUMONIA_FILM.read_bytes())
-    code = main(["predict", str(dcm), str(jpeg), "--int8", "--format", "jsonl", "--sr", str(tmp_path / "sr")])
+    code = main(
+        ["predict", str(dcm), str(bomb), str(jpeg), "--int8", "--format", "jsonl", "--sr", str(tmp_path / "sr")]
+    )
     out, err = capsys.readouterr()
-    assert code == 0
+    assert code == 1  # the bomb failed; the rest was processed
     results = {Path(r["path"]).name: r for r in map(json.loads, out.splitlines())}
-    (report,) = (tmp_path / "sr").iterdir()
-    sr = pydicom.dcmread(report)
+    reports = {}
+    for path in (tmp_path / "sr").iterdir():
+        sr = pydicom.dcmread(path)
+        reports[sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID] = sr
+    assert len(reports) == 2
     source = pydicom.dcmread(dcm, stop_before_pixels=True)
-    assert finding_of(sr) == results["chest.dcm"]["label"] == "NORMAL"
-    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert finding_of(reports[source.StudyInstanceUID]) == results["chest.dcm"]["label"] == "NORMAL"
+    refused = reports[pydicom.dcmread(bomb, stop_before_pixels=True).StudyInstanceUID]
+    assert finding_of(refused) == "REFUSED" and "limit" in results["bomb.dcm"]["error"]
     assert "chest.jpeg" in err and "not a DICOM file" in err
 
 
