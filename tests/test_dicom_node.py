@@ -427,3 +427,15 @@ def test_sigterm_answers_the_images_already_received(tmp_path):
     assert len(written) == 16 and all(r.get("label") in ("NORMAL", "PNEUMONIA") for r in written), written
     assert "16 received, 16 classified" in err
     assert "any calling AE title" not in err  # --allow given: no warning
+
+
+def test_every_listen_option_is_explained():
+    from pneumoscan.cli import build_parser
+
+    parser = build_parser()
+    listen = next(a for a in parser._actions if a.dest == "command").choices["listen"]
+    options = [a for a in listen._actions if a.option_strings and a.dest != "help"]
+    assert {"--send-to", "--send-cam", "--allow", "--ae-title", "--port", "--host", "--out", "--model"} <= {
+        o for a in options for o in a.option_strings
+    }
+    assert all(a.help for a in options)
