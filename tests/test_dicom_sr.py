@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import highdicom as hd
 import pydicom
@@ -143,12 +144,19 @@ def test_secondary_capture_keeps_the_study_and_the_pixels(source):
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
-def test_a_header_without_uids_is_a_clear_error():
+def test_a_header_without_valid_uids_is_a_clear_error():
     ds = pydicom.dcmread(io.BytesIO(bomb_dicom()))
     del ds.StudyInstanceUID
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     with pytest.raises(ImageError, match="lacks StudyInstanceUID"):
         read_header(buffer.getvalue(), "x.dcm")
+    with warnings.catch_warnings():  # pydicom warns about the invalid UI value the test writes on purpose
+        warnings.simplefilter("ignore")
+        ds.StudyInstanceUID = "1.2.3.<script>"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageError, match="invalid StudyInstanceUID"):
+        read_header(buffer.getvalue(), "z.dcm")
     with pytest.raises(ImageError, match="y.dcm: DICOM header lacks"):
         read_header(b"\0" * 10, "y.dcm")

@@ -26,7 +26,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.coding import Code
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    UID,
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pydicom.valuerep import DS
 
 from . import __version__
@@ -42,6 +48,7 @@ TYPE2_INHERITED = (
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )  # fmt: skip
 COPIED = ("SpecificCharacterSet", "StudyInstanceUID", *TYPE2_INHERITED)  # from the source into our instances
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 SCHEME = "99PNEUMOSCAN"  # private coding scheme for concepts without a standard code
 
 
@@ -114,9 +121,12 @@ def read_header(data: bytes, name: str = "<dicom>") -> Dataset:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - any parser failure is this input's error
         raise ImageError(name, f"not a readable DICOM file ({str(exc)[:150]})", "unsupported") from None
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not ds.get(k)]
+    missing = [k for k in REQUIRED_UIDS if not ds.get(k)]
     if missing:
         raise ImageError(name, f"DICOM header lacks {', '.join(missing)}", "unsupported")
+    invalid = [k for k in REQUIRED_UIDS if not UID(str(ds.get(k))).is_valid]
+    if invalid:
+        raise ImageError(name, f"DICOM header has an invalid {', '.join(invalid)} (not a UID)", "unsupported")
     return ds
 
 
