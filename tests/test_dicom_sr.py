@@ -151,12 +151,12 @@ def test_a_header_without_valid_uids_is_a_clear_error():
     ds.save_as(buffer, enforce_file_format=True)
     with pytest.raises(ImageError, match="lacks StudyInstanceUID"):
         read_header(buffer.getvalue(), "x.dcm")
-    with warnings.catch_warnings():  # pydicom warns about the invalid UI value the test writes on purpose
+    with warnings.catch_warnings():  # pydicom warns about the invalid UI value, written and read on purpose
         warnings.simplefilter("ignore")
         ds.StudyInstanceUID = "1.2.3.<script>"
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(ImageError, match="invalid StudyInstanceUID"):
-        read_header(buffer.getvalue(), "z.dcm")
+        with pytest.raises(ImageError, match="invalid StudyInstanceUID"):
+            read_header(buffer.getvalue(), "z.dcm")
     with pytest.raises(ImageError, match="y.dcm: DICOM header lacks"):
         read_header(b"\0" * 10, "y.dcm")
