@@ -429,6 +429,16 @@ def test_sigterm_answers_the_images_already_received(tmp_path):
     assert "any calling AE title" not in err  # --allow given: no warning
 
 
+def test_listen_warns_without_allow_and_a_busy_port_is_one_line_exit_2(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["listen", "--int8", "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "any calling AE title may store images here" in err[0]
+    assert err[-1].startswith("pneumoscan: error: cannot listen on 127.0.0.1:") and len(err) == 2
+
+
 def test_every_listen_option_is_explained():
     from pneumoscan.cli import build_parser
 

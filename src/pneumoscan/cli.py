@@ -7,6 +7,7 @@ configuration error, always one line and never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -580,23 +581,40 @@ def _add_listen(sub) -> None:
     p.set_defaults(run=_run_listen)
 
 
+@contextlib.contextmanager
+def _node_log():
+    """While the node runs: one line on stderr per image and per refusal (pneumoscan's log); pynetdicom's own
+    log only for what is fatal (the node logs the refusals that matter, without tracebacks)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pneumoscan: %(message)s"))
+    ours, network = logging.getLogger("pneumoscan"), logging.getLogger("pynetdicom")
+    levels = ours.level, network.level
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    network.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(levels[0])
+        network.setLevel(levels[1])
+
+
 def _run_listen(args) -> int:
     import dataclasses
-    import logging
 
     from .dicom_node import DicomNode, NodeLimits, Peer, check_ae_title
     from .inference import Classifier
 
-    logging.basicConfig(level=logging.INFO, format="pneumoscan: %(message)s", stream=sys.stderr)
-    for name in ("pynetdicom", "highdicom"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     send_to = Peer.parse(args.send_to) if args.send_to else None
     if args.send_cam and not send_to:
         raise PneumoscanError("--send-cam goes with --send-to AETITLE@HOST:PORT")
     for title in (args.ae_title, *(args.allow or ())):
         check_ae_title(title)
     if not args.allow:
-        warnings.warn("any calling AE title may store images here; restrict senders with --allow AETITLE", stacklevel=1)
+        print("pneumoscan: warning: any calling AE title may store images here; restrict with --allow", file=sys.stderr)
     limits = dataclasses.replace(NodeLimits(), max_associations=args.max_associations)
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
     node = DicomNode(
@@ -610,7 +628,8 @@ def _run_listen(args) -> int:
         allow=args.allow,
         limits=limits,
     )
-    node.serve_forever()
+    with _node_log():
+        node.serve_forever()
     c = node.counts
     print(
         f"{c['received']} received, {c['classified']} classified, {c['refused']} refused, {c['failed']} failed, "
