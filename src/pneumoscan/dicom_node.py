@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from pydicom.uid import UID
 
 from .errors import ConfigError, ImageError
 from .images import MAX_FILE_BYTES
@@ -257,6 +258,7 @@ class DicomNode:
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         self._results = open(self.results_path, "a", encoding="utf-8", buffering=1)
         self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
@@ -351,6 +353,19 @@ class DicomNode:
 
     def _on_rejected(self, event) -> None:
         LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+    def _on_accepted(self, event) -> None:
+        """Say so when a peer offered nothing this node takes (senders often offer every SOP class at once)."""
+        if event.assoc.accepted_contexts:
+            return
+        refused = sorted({getattr(UID(cx.abstract_syntax), "name", "") for cx in event.assoc.rejected_contexts})
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        LOG.warning(
+            "%s offered no CR or DX image storage (%s%s): nothing accepted",
+            event.assoc.requestor.ae_title,
+            ", ".join(refused[:3]),
+            more,
+        )
 
     def _on_store(self, event) -> int:
         if self._stopped.is_set():
