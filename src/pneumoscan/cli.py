@@ -587,8 +587,17 @@ def _node_log():
     log only for what is fatal (the node logs the refusals that matter, without tracebacks)."""
     import logging
 
+    class OneLine(logging.Formatter):
+        """Peers name themselves (AE titles): their text is escaped; an exception is its type and message."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f" ({type(record.exc_info[1]).__name__}: {str(record.exc_info[1])[:200]})"
+            return f"pneumoscan: {printable(text)}"
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pneumoscan: %(message)s"))
+    handler.setFormatter(OneLine())
     ours, network = logging.getLogger("pneumoscan"), logging.getLogger("pynetdicom")
     levels = ours.level, network.level
     ours.addHandler(handler)
