@@ -359,8 +359,8 @@ def test_predict_sr_writes_the_same_report_for_dicom_files(tmp_path, capsys):
         (["listen", "--ae-title", "WAY-TOO-LONG-AE-TITLE"], "not an AE title"),
     ],
 )
-def test_listen_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
-    assert main(argv) == 2
+def test_listen_usage_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 
@@ -429,11 +429,12 @@ def test_sigterm_answers_the_images_already_received(tmp_path):
     assert "any calling AE title" not in err  # --allow given: no warning
 
 
-def test_listen_warns_without_allow_and_a_busy_port_is_one_line_exit_2(capsys):
+def test_listen_warns_without_allow_and_a_busy_port_is_one_line_exit_2(capsys, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        assert main(["listen", "--int8", "--port", str(busy.getsockname()[1])]) == 2
+        port = str(busy.getsockname()[1])
+        assert main(["listen", "--int8", "--port", port, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "any calling AE title may store images here" in err[0]
     assert err[-1].startswith("pneumoscan: error: cannot listen on 127.0.0.1:") and len(err) == 2
