@@ -23,11 +23,12 @@ os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-ca
 
 CHROMIUM = Path("/usr/bin/chromium")
 DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  # program: Debian package
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra,
-    ``dicom`` Debian's Orthanc and dcmtk: without them they skip with the reason, except where
+    ``dicom`` Debian's Orthanc, its DICOMweb plugin and dcmtk: without them they skip with the reason, except where
     $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four)."""
     missing = {}
     if not D224.is_dir():
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(config, items):
     if absent:
         packages = " ".join(sorted({DICOM_TOOLS[t] for t in absent}))
         missing["dicom"] = f"{', '.join(absent)} not found (apt-get install {packages})"
+    elif not DICOMWEB_PLUGIN.exists():
+        missing["dicom"] = (
+            f"Orthanc's DICOMweb plugin not found at {DICOMWEB_PLUGIN} (apt-get install orthanc-dicomweb)"
+        )
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
         needed = [item for item in items if marker in item.keywords]

@@ -18,6 +18,7 @@ from PIL import Image
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STORESCU = shutil.which("storescu") or "/usr/bin/storescu"
 ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
 def free_port() -> int:
@@ -26,8 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def orthanc_config(folder: Path, http_port: int, dicom_port: int, modalities: dict[str, list]) -> dict:
-    """The configuration the tests (and docs/pacs.md) use: loopback only, no plugins, its own storage."""
+def orthanc_config(
+    folder: Path, http_port: int, dicom_port: int, modalities: dict[str, list], dicomweb: bool = False
+) -> dict:
+    """The configuration the tests (and docs/pacs.md) use: loopback only, its own storage, no plugins (or only
+    the DICOMweb one, serving STOW-RS at /dicom-web/)."""
+    extra = {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}
     return {
         "Name": "pneumoscan-test-pacs",
         "StorageDirectory": str(folder / "storage"),
@@ -42,17 +47,20 @@ def orthanc_config(folder: Path, http_port: int, dicom_port: int, modalities: di
         "DicomScuTimeout": 30,
         "SaveJobs": False,
         "StorageCompression": False,
+        **extra,
     }
 
 
 class Orthanc:
     """An Orthanc process with its own configuration, spoken to over its REST API."""
 
-    def __init__(self, folder: Path, modalities: dict[str, list]):
+    def __init__(self, folder: Path, modalities: dict[str, list], dicomweb: bool = False):
         self.http_port, self.dicom_port = free_port(), free_port()
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(folder, self.http_port, self.dicom_port, modalities), indent=2))
+        config.write_text(
+            json.dumps(orthanc_config(folder, self.http_port, self.dicom_port, modalities, dicomweb), indent=2)
+        )
         self.log = open(folder / "orthanc.log", "wb")
         self.process = subprocess.Popen([ORTHANC, str(config)], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20

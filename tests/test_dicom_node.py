@@ -23,7 +23,7 @@ from conftest import DATA, real_images
 from pacs import STORESCU, Orthanc, bomb_dicom, chest_dicom, free_port
 
 from pneumoscan.cli import main
-from pneumoscan.dicom_node import DicomNode, NodeLimits, Peer
+from pneumoscan.dicom_node import DicomNode, NodeLimits, Peer, destination
 from pneumoscan.dicom_sr import finding_of
 from pneumoscan.inference import Classifier
 
@@ -153,6 +153,33 @@ def test_storescu_sends_and_the_report_reaches_orthanc(pacs, tmp_path):
     (sr,) = wait_for_answers(orthanc, source.StudyInstanceUID)
     assert finding_of(sr) == "PNEUMONIA"
     assert row_for(node, source.SOPInstanceUID)["calling_ae"] == SENDER
+
+
+def test_reports_go_by_dicomweb_stow_rs(classifier, tmp_path):
+    """--send-to http://.../dicom-web: the same report, stored through Orthanc's DICOMweb plugin (STOW-RS); a URL
+    the service does not serve is each image's send_error."""
+    orthanc = Orthanc(tmp_path / "orthanc", {}, dicomweb=True)
+    url = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
+    good = DicomNode(classifier, tmp_path / "good", port=free_port(), send_to=destination(url), allow=[SENDER])
+    wrong = DicomNode(classifier, tmp_path / "bad", port=free_port(), send_to=destination(url + "/nowhere"))
+    good.start()
+    wrong.start()
+    try:
+        path = tmp_path / "cr.dcm"
+        path.write_bytes(chest_dicom(PNEUMONIA_FILM))
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        assert storescu(good.port, path).returncode == 0
+        (sr,) = wait_for_answers(orthanc, source.StudyInstanceUID)
+        assert finding_of(sr) == "PNEUMONIA" and sr.StudyInstanceUID == source.StudyInstanceUID
+        assert row_for(good, source.SOPInstanceUID)["sr_instance_uid"] == sr.SOPInstanceUID
+        assert storescu(wrong.port, path).returncode == 0
+        failed = row_for(wrong, source.SOPInstanceUID)
+        assert "HTTP 404" in failed["send_error"] and "sr_instance_uid" not in failed
+        assert failed["label"] == "PNEUMONIA"  # the result itself is kept
+    finally:
+        good.stop()
+        wrong.stop()
+        orthanc.stop()
 
 
 def test_send_cam_adds_a_secondary_capture_in_a_new_series(pacs):
@@ -356,6 +383,7 @@ def test_predict_sr_writes_the_same_report_for_dicom_files(tmp_path, capsys):
     [
         (["listen", "--send-to", "ORTHANC@localhost"], "AETITLE@HOST:PORT"),
         (["listen", "--send-cam"], "--send-cam goes with --send-to"),
+        (["listen", "--send-to", "http:// space"], "not a DICOMweb URL"),
         (["listen", "--ae-title", "WAY-TOO-LONG-AE-TITLE"], "not an AE title"),
     ],
 )

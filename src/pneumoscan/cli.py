@@ -555,7 +555,8 @@ def _add_listen(sub) -> None:
         "--send-to",
         metavar="AETITLE@HOST:PORT",
         default=None,
-        help="send a DICOM SR per image (the finding, or why the image was refused) to this node by C-STORE",
+        help="send a DICOM SR per image (the finding, or why the image was refused) to this node by C-STORE; "
+        "or give a DICOMweb URL (http(s)://HOST/dicom-web) to send by STOW-RS",
     )
     p.add_argument(
         "--send-cam",
@@ -614,10 +615,10 @@ def _node_log():
 def _run_listen(args) -> int:
     import dataclasses
 
-    from .dicom_node import DicomNode, NodeLimits, Peer, check_ae_title
+    from .dicom_node import DicomNode, NodeLimits, check_ae_title, destination
     from .inference import Classifier
 
-    send_to = Peer.parse(args.send_to) if args.send_to else None
+    send_to = destination(args.send_to) if args.send_to else None
     if args.send_cam and not send_to:
         raise PneumoscanError("--send-cam goes with --send-to AETITLE@HOST:PORT")
     for title in (args.ae_title, *(args.allow or ())):

@@ -9,7 +9,8 @@ Each received image is acknowledged as soon as it is held, queued (the queue is 
 "out of resources" rather than growing), decoded by the one image loader (``images.py``: its pixel, memory and
 frame limits apply), classified with the input gate on, written as one JSON line to ``OUT/results.jsonl``
 (the ``predict --format jsonl`` record plus the study, series and SOP instance UIDs) and, with ``send_to``,
-answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE; with ``send_cam``, also the Grad-CAM overlay.
+answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to a ``StowTarget``); with
+``send_cam``, also the Grad-CAM overlay.
 
 Only CR and DX (for presentation) images are accepted, checked at association; calling AE titles can be
 restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
@@ -79,6 +80,30 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StowTarget:
+    """A DICOMweb service to send to by STOW-RS: its base URL (``.../dicom-web``) or its ``/studies`` URL."""
+
+    url: str
+
+    @property
+    def studies(self) -> str:
+        return self.url if self.url.rstrip("/").endswith("/studies") else self.url.rstrip("/") + "/studies"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def destination(text: str) -> Peer | StowTarget:
+    """``--send-to``: ``AETITLE@HOST:PORT`` (C-STORE) or an ``http(s)://`` DICOMweb URL (STOW-RS)."""
+    text = text.strip()
+    if text.lower().startswith(("http://", "https://")):
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", text, re.IGNORECASE):
+            raise ConfigError(f"{text!r}: not a DICOMweb URL (expected http(s)://HOST[:PORT]/PATH)")
+        return StowTarget(text)
+    return Peer.parse(text)
 
 
 def check_ae_title(title: str) -> str:
@@ -201,6 +226,48 @@ class Sender:
         self.assoc = None
 
 
+class StowSender:
+    """STOW-RS: each instance POSTed alone as ``multipart/related; type="application/dicom"``."""
+
+    def __init__(self, target: StowTarget, limits: NodeLimits):
+        self.target, self.timeout = target, limits.dimse_timeout
+
+    def send(self, dataset) -> None:
+        """Store one dataset; raises ``OSError`` with the reason when the service does not take it."""
+        import urllib.error
+        import urllib.request
+        import uuid
+
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), buffer.getvalue()]
+            + [f"\r\n--{boundary}--\r\n".encode()]
+        )
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        request = urllib.request.Request(self.target.studies, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            raise OSError(f"{self.target}: STOW-RS answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise OSError(f"{self.target}: STOW-RS failed ({getattr(exc, 'reason', exc)})") from None
+        if status != 200:
+            raise OSError(f"{self.target}: STOW-RS answered HTTP {status} (not all stored)")
+
+    def close(self) -> None:
+        pass
+
+
+def make_sender(send_to: Peer | StowTarget, ae_title: str, limits: NodeLimits) -> Sender | StowSender:
+    return StowSender(send_to, limits) if isinstance(send_to, StowTarget) else Sender(send_to, ae_title, limits)
+
+
 class DicomNode:
     """The C-ECHO/C-STORE node around one :class:`Classifier` (see the module's docstring)."""
 
@@ -212,7 +279,7 @@ class DicomNode:
         ae_title: str = "PNEUMOSCAN",
         host: str = "127.0.0.1",
         port: int = 11112,
-        send_to: Peer | None = None,
+        send_to: Peer | StowTarget | None = None,
         send_cam: bool = False,
         allow: Sequence[str] | None = None,
         limits: NodeLimits = NodeLimits(),
@@ -231,7 +298,7 @@ class DicomNode:
         self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
         self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
         self._server = self._ae = self._worker = None
-        self._senders: list[tuple[threading.Thread, Sender]] = []
+        self._senders: list[tuple[threading.Thread, Sender | StowSender]] = []
         self._results = None
         self._lock = threading.Lock()  # counts and the results file, shared by the worker and the senders
         self._stopped = threading.Event()
@@ -264,7 +331,7 @@ class DicomNode:
         self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
         self._worker.start()
         for n in range(self.limits.send_associations if self.send_to else 0):
-            sender = Sender(self.send_to, self.ae_title, self.limits)
+            sender = make_sender(self.send_to, self.ae_title, self.limits)
             thread = threading.Thread(target=self._send_loop, args=(sender,), name=f"pneumoscan-send-{n}", daemon=True)
             thread.start()
             self._senders.append((thread, sender))
@@ -423,7 +490,7 @@ class DicomNode:
             else:
                 self._finish(item, record)
 
-    def _send_loop(self, sender: Sender) -> None:
+    def _send_loop(self, sender: Sender | StowSender) -> None:
         """One of ``send_associations`` threads: build each report and C-STORE it on this thread's association
         (a PACS answers each store after committing it, so several associations keep several stores in flight)."""
         while (job := self.outbox.get()) is not None:
@@ -464,7 +531,7 @@ class DicomNode:
         self._count("classified" if result.ok else "refused" if source is not None else "failed")
         return record
 
-    def _send(self, sender: Sender, source, result: Prediction, item: Received, record: dict) -> None:
+    def _send(self, sender: Sender | StowSender, source, result: Prediction, item: Received, record: dict) -> None:
         from .dicom_sr import build_report
 
         report = build_report(source, result, self.model)
