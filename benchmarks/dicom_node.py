@@ -1,6 +1,6 @@
 """Throughput and latency of `pneumoscan listen`: store in by C-STORE, structured report back to a real PACS.
 
-    python benchmarks/dicom_node.py [--images 400] [--senders 2] [--rate R] [--fullres] [--int8] [--model BUNDLE]
+    python benchmarks/dicom_node.py [--images 400] [--senders 2] [--rate R] [--stow] [--fullres] [--int8]
 
 A real Orthanc (Debian's package) on loopback ports receives the reports; K dcmtk `storescu` processes send
 real chest X-rays (CR, JPEG baseline: the 224 px training images, or with --fullres the full-resolution sample
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--senders", type=int, default=2)
     parser.add_argument("--rate", type=float, default=None, help="offer this many images/s from one sender")
+    parser.add_argument("--stow", action="store_true", help="send the reports by DICOMweb STOW-RS, not C-STORE")
     parser.add_argument("--fullres", action="store_true", help="full-resolution films instead of 224 px")
     parser.add_argument("--int8", action="store_true", help="the bundle's int8 ONNX model")
     parser.add_argument("--model", default=None)
@@ -71,7 +72,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="pneumoscan-dicom-bench-"))
     port = free_port()
-    orthanc = Orthanc(work / "orthanc", {"pneumoscan": ["PNEUMOSCAN", "127.0.0.1", port]})
+    orthanc = Orthanc(work / "orthanc", {"pneumoscan": ["PNEUMOSCAN", "127.0.0.1", port]}, dicomweb=args.stow)
     chosen = films(args.images, args.fullres)
     files = []
     for n, film in enumerate(chosen):
@@ -79,7 +80,10 @@ def main() -> None:
         files[-1].parent.mkdir(parents=True, exist_ok=True)
         files[-1].write_bytes(chest_dicom(film))
     command = [sys.executable, "-m", "pneumoscan.cli", "listen", "--port", str(port), "--out", str(work / "out")]
-    command += ["--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--allow", "BENCH"]
+    send_to = (
+        f"http://127.0.0.1:{orthanc.http_port}/dicom-web" if args.stow else f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    )
+    command += ["--send-to", send_to, "--allow", "BENCH"]
     command += ["--int8"] * args.int8 + (["--model", args.model] if args.model else [])
     node = subprocess.Popen(command, stderr=open(work / "listen.log", "w"))
     try:
@@ -141,7 +145,7 @@ def report(args, files, rows, elapsed, rss, held, codes) -> None:
     reference = classify_in_process([f.read_bytes() for f in files], args.model, args.int8)
     size = "full resolution" if args.fullres else "224 px"
     how = f"offered at {args.rate:g}/s by one sender" if args.rate else f"from {args.senders} storescu senders"
-    engine = "onnx-int8" if args.int8 else "auto"
+    engine = ("onnx-int8" if args.int8 else "auto") + ("; reports by STOW-RS" if args.stow else "")
     print(f"\n{len(files)} CR images ({size}, JPEG baseline) {how}; senders' exit codes {codes}; engine {engine}")
     print(f"| {'measure':<44} | {'value':>10} |")
     print(f"|{'-' * 46}|{'-' * 12}|")
