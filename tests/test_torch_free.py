@@ -31,6 +31,8 @@ BASE_MODULES = (
     "pneumoscan.cli",
     "pneumoscan.data",
     "pneumoscan.demo",
+    "pneumoscan.dicom_node",
+    "pneumoscan.dicom_sr",
     "pneumoscan.evaluation",
     "pneumoscan.explain",
     "pneumoscan.export",
