@@ -51,13 +51,13 @@ BASE_MODULES = (
 )
 
 
-def run_without_torch(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_without_torch(code: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", PRELUDE + code]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent, env=env)
 
 
-def cli_without_torch(*args) -> subprocess.CompletedProcess:
-    return run_without_torch(f"from pneumoscan.cli import main; sys.exit(main({list(map(str, args))!r}))")
+def cli_without_torch(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_without_torch(f"from pneumoscan.cli import main; sys.exit(main({list(map(str, args))!r}))", env=env)
 
 
 def test_the_hook_really_blocks_torch():
@@ -123,3 +123,18 @@ def test_the_container_recipe_is_the_base_install_served_by_a_non_root_user():
     assert instructions.index(user[0]) > instructions.index(installs[0])  # installs as root, then runs as the user
     entry = instructions[-1]
     assert entry.startswith("ENTRYPOINT") and '"serve", "--host", "0.0.0.0"' in entry
+
+
+def test_a_bundle_without_onnx_says_to_export_it_where_torch_is(tmp_path):
+    import os
+
+    from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
+
+    source = load_bundle()
+    config = {**source.config, "files": {k: v for k, v in source.config["files"].items() if not k.endswith(".onnx")}}
+    write_bundle(tmp_path / "m", config, source.metrics, weights=source.path / WEIGHTS,
+                 files={name: source.path / name for name in config["files"]})  # fmt: skip
+    env = {**os.environ, "PNEUMOSCAN_CACHE": str(tmp_path / "empty-cache")}
+    done = cli_without_torch("predict", "--model", tmp_path / "m", EXAMPLES / "NORMAL", env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "carries no ONNX model" in done.stderr and TRAIN_EXTRA in done.stderr

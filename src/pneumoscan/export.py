@@ -35,7 +35,8 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
     ``feature_map`` ``(N, F, h, w)``. Without ``out`` it goes into the bundle, recorded by sha256 in its config."""
     from .errors import require_train_extra
 
-    require_train_extra(f"exporting {bundle.path} to ONNX", ("torch", "timm", "torchvision"))
+    carries = "" if bundle.onnx_path() else " (it carries no ONNX model: export it once where PyTorch is installed)"
+    require_train_extra(f"exporting {bundle.path} to ONNX{carries}", ("torch", "timm", "torchvision"))
     import torch
 
     from .models import WithFeatures
