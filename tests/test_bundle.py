@@ -29,6 +29,17 @@ def test_intact_bundle_loads(copy):
     assert bundle.load_net() is not None and bundle.metrics["validation"]["n"] > 0
 
 
+def test_pretrained_weights_provenance_in_config_and_card(copy):
+    from pneumoscan.backbones import REGISTRY
+
+    bundle = load_bundle(copy)
+    source = REGISTRY["efficientnet_lite0"].weights
+    recorded = bundle.config["pretrained"]
+    assert recorded["sha256"] == source.sha256 and recorded["package"] == source.package
+    assert recorded["licence"] == "Apache-2.0" and recorded["version"] == "0.1.0"
+    assert source.sha256 in (copy / "MODEL_CARD.md").read_text()
+
+
 def test_tampered_weights(copy):
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-100] ^= 0xFF
@@ -52,6 +63,7 @@ def test_truncated_weights(copy):
         ({"threshold": 1.5}, "threshold 1.5 is not a probability"),
         ({"temperature": "hot"}, "'temperature' has the wrong type"),
         ({"format": "other/9"}, "unsupported bundle format"),
+        ({"pretrained": {"package": ["x"]}}, "'pretrained' must map at most 16 keys to short strings"),
     ],
 )
 def test_mismatched_or_invalid_config(copy, changes, fragment):

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import settings
-from .bundle import BACKBONES, HEAD, read_json_object
+from .backbones import BACKBONES, HEAD
+from .bundle import read_json_object
 from .data import Augmentation
 from .errors import ConfigError
 from .metrics import OPERATING_RULES
@@ -18,7 +19,7 @@ from .settings import option
 
 SCHEDULES = ("constant", "onecycle")
 CLASS_WEIGHTS = ("balanced", "none")
-VAL_SOURCES = ("patients", "official")
+VAL_SOURCES = ("patients", "temporal", "official")
 CACHE_MODES = ("auto", "memory", "disk")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
@@ -52,7 +53,8 @@ class TrainConfig:
     dropout: float = option(HEAD["dropout"], "dropout before the last dense layer", at_least=0, below=1)
     val_source: str = option(
         "patients",
-        "'patients': carve validation from train by patient; 'official': the 16-image val split",
+        "'patients': carve validation from train by random patients; 'temporal': the patients with the "
+        "highest file numbers of each series; 'official': the 16-image val split",
         choices=VAL_SOURCES,
     )
     val_fraction: float = option(0.1, "share of patients per class held out for validation", above=0, below=1)

@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from .backbones import provenance
 from .bundle import GATE, SUBTYPE, Bundle, read_json_object, save_bundle, write_json
 from .data import (
     ImageDataset,
@@ -423,7 +424,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         write_json(run.out / "config.json", cfg.recorded())
     seed_everything(cfg.seed)
     data = load_training_data(cfg, rank_zero)
-    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
+    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, image_size=cfg.image_size)
     module = LitClassifier(
         net,
         _balanced_weights([s.label for s in data.train_samples], cfg.class_weights),
@@ -529,6 +530,7 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
         "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}",
         "version": time.strftime("%Y.%m.%d"),
         "backbone": cfg.backbone,
+        "pretrained": provenance(cfg.backbone) if cfg.weights == "imagenet" else {"backbone": cfg.backbone},
         "image_size": cfg.image_size,
         "dropout": cfg.dropout,
         "hidden": net.hidden,

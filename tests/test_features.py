@@ -1,0 +1,75 @@
+"""Frozen-feature mode: features computed once, cached as safetensors, found again; the temporal split."""
+
+import numpy as np
+import pytest
+from conftest import real_images
+
+from pneumoscan import features as F
+from pneumoscan.data import Sample, load_split, patient_id, patient_series, split_by_number
+from pneumoscan.models import create_model
+
+pytestmark = pytest.mark.data
+
+
+def _samples(n: int) -> list[Sample]:
+    paths = real_images("train", "NORMAL", n) + real_images("train", "PNEUMONIA", n)
+    return [Sample(p, int("PNEUMONIA" in str(p)), patient_id(p.name)) for p in paths]
+
+
+def test_features_are_cached_and_equal_the_network(tmp_path, monkeypatch):
+    samples = _samples(2)
+    feats, kept, errors = F.frozen_features("efficientnet_lite0", samples, 224, cache=tmp_path, progress=False)
+    assert feats.shape == (4, 1280) and kept == samples and errors == []
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+
+    import torch
+
+    from pneumoscan.images import prepare
+
+    net = create_model("efficientnet_lite0").eval()
+    with torch.inference_mode():
+        direct = net.features(torch.from_numpy(np.stack([prepare(s.path, 224) for s in samples]))[:, None]).numpy()
+    assert np.abs(direct - feats).max() < 1e-4
+
+    monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("recomputed despite the cache"))
+    again, kept_again, _ = F.frozen_features("efficientnet_lite0", samples, 224, cache=tmp_path, progress=False)
+    assert np.array_equal(again, feats) and kept_again == samples
+
+
+def test_cache_key_follows_files_size_and_weights():
+    samples = _samples(2)
+    digest = F.weights_digest("efficientnet_lite0", "imagenet")
+    key = F.cache_key("efficientnet_lite0", digest, 224, samples)
+    assert key != F.cache_key("efficientnet_lite0", digest, 224, samples[:3])
+    assert key != F.cache_key("efficientnet_lite0", digest, 192, samples)
+    assert key != F.cache_key("efficientnet_lite0", "0" * 64, 224, samples)
+
+
+def test_unreadable_images_are_reported_not_fatal(tmp_path):
+    bad = tmp_path / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    samples = _samples(1) + [Sample(bad, 0, "IM-9999")]
+    feats, kept, errors = F.frozen_features("efficientnet_lite0", samples, 224, cache=tmp_path / "c", progress=False)
+    assert feats.shape == (2, 1280) and len(kept) == 2 and len(errors) == 1 and "IM-9999-0001" in errors[0]
+
+
+def test_temporal_split_holds_out_the_highest_numbers_of_each_series():
+    from conftest import D224
+
+    train = load_split(D224, "train")
+    rest, held = split_by_number(train, 0.2)
+    assert not {s.patient for s in rest} & {s.patient for s in held}
+    assert len(rest) + len(held) == len(train)
+    for label in (0, 1):
+        series = {patient_series(s.patient)[0] for s in train if s.label == label}
+        for name in series:
+            kept = [
+                patient_series(s.patient)[1] for s in rest if s.label == label and s.patient.upper().startswith(name)
+            ]
+            out = [
+                patient_series(s.patient)[1] for s in held if s.label == label and s.patient.upper().startswith(name)
+            ]
+            assert out and max(kept) < min(out)
+    assert patient_series("NORMAL2-IM-1423") == ("NORMAL2-IM-", 1423) and patient_series("scan_7") is None
