@@ -1,5 +1,7 @@
 """Frozen-feature mode: features computed once, cached as safetensors, found again; the temporal split."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import real_images
@@ -32,18 +34,27 @@ def test_features_are_cached_and_equal_the_network(tmp_path, monkeypatch):
         direct = net.features(torch.from_numpy(np.stack([prepare(s.path, 224) for s in samples]))[:, None]).numpy()
     assert np.abs(direct - feats).max() < 1e-4
 
-    monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("recomputed despite the cache"))
-    again, kept_again, _ = F.frozen_features("efficientnet_lite0", samples, 224, cache=tmp_path, progress=False)
-    assert np.array_equal(again, feats) and kept_again == samples
+    computed = []
+    real_compute = F._compute
+    monkeypatch.setattr(
+        F, "_compute", lambda be, missing, *a: computed.append(missing) or real_compute(be, missing, *a)
+    )
+    subset = samples[1:3][::-1]  # another list, other order: nothing recomputed
+    again, kept_again, _ = F.frozen_features("efficientnet_lite0", subset, 224, cache=tmp_path, progress=False)
+    assert computed == [] and kept_again == subset and np.array_equal(again, feats[[2, 1]])
+    more = samples + _samples(3)[1:2]  # one new image: only it is computed
+    feats_more, _, _ = F.frozen_features("efficientnet_lite0", more, 224, cache=tmp_path, progress=False)
+    assert [len(m) for m in computed] == [1] and np.array_equal(feats_more[:4], feats)
+    assert F.frozen_features("efficientnet_lite0", samples, 192, cache=tmp_path, progress=False)[0].shape == (4, 1280)
+    assert [len(m) for m in computed] == [1, 4]  # another image size is another cache
 
 
-def test_cache_key_follows_files_size_and_weights():
-    samples = _samples(2)
-    digest = F.weights_digest("efficientnet_lite0", "imagenet")
-    key = F.cache_key("efficientnet_lite0", digest, 224, samples)
-    assert key != F.cache_key("efficientnet_lite0", digest, 224, samples[:3])
-    assert key != F.cache_key("efficientnet_lite0", digest, 192, samples)
-    assert key != F.cache_key("efficientnet_lite0", "0" * 64, 224, samples)
+def test_image_key_follows_path_size_and_time(tmp_path):
+    a = tmp_path / "a.jpeg"
+    a.write_bytes(b"x")
+    key = F.image_key(a)
+    os.utime(a, ns=(1, 1))
+    assert F.image_key(a) != key
 
 
 def test_unreadable_images_are_reported_not_fatal(tmp_path):

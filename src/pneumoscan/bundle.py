@@ -486,13 +486,19 @@ def write_bundle(
     return bundle
 
 
-def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None, extras: dict | None = None) -> Bundle:
-    """A bundle from a trained network: its weights (with backbone and image size in their metadata)."""
+def save_bundle(
+    path: str | Path, net, config: dict, metrics: dict | None = None, extras: dict | None = None, half: bool = False
+) -> Bundle:
+    """A bundle from a trained network: its weights (with backbone and image size in their metadata);
+    ``half`` stores floating-point tensors as float16 (a large frozen backbone under the per-file limit;
+    they load back into float32)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         weights = Path(tmp) / WEIGHTS
         save_file(state, str(weights), metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})

@@ -94,8 +94,7 @@ def model_card(bundle) -> str:
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
 
 ## Model
-- Backbone: `{c["backbone"]}` ({pretrained_line(c)}), a dense head ({c.get("hidden", HEAD["hidden"])} units, ReLU,
-  dropout {c.get("dropout", HEAD["dropout"])}), one logit.
+- Backbone: `{c["backbone"]}` ({pretrained_line(c)}), {head_line(c)}, one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
@@ -144,3 +143,12 @@ def pretrained_line(config: dict) -> str:
     fields = (record.get("package"), record.get("version"), record.get("file"), record.get("licence"))
     package, version, file, licence = (md(str(f)) for f in fields)
     return f"pretrained weights from {package} {version}, `{file}`, sha256 `{md(str(record['sha256']))}`, {licence}"
+
+
+def head_line(config: dict) -> str:
+    recipe = config.get("training", {}).get("recipe", {})
+    if recipe.get("frozen_features") and recipe.get("head") == "logistic":
+        return "kept frozen; a logistic-regression head on its features (stored as 2 ReLU units: relu(z) - relu(-z))"
+    frozen = "kept frozen; " if recipe.get("frozen_features") else ""
+    hidden, dropout = config.get("hidden", HEAD["hidden"]), config.get("dropout", HEAD["dropout"])
+    return f"{frozen}a dense head ({hidden} units, ReLU, dropout {dropout})"

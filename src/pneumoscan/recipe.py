@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import settings
-from .backbones import BACKBONES, HEAD
+from .backbones import BACKBONES, HEAD, check_image_size
 from .bundle import read_json_object
 from .data import Augmentation
 from .errors import ConfigError
@@ -20,6 +20,7 @@ from .settings import option
 SCHEDULES = ("constant", "onecycle")
 CLASS_WEIGHTS = ("balanced", "none")
 VAL_SOURCES = ("patients", "temporal", "official")
+HEADS = ("mlp", "logistic")
 CACHE_MODES = ("auto", "memory", "disk")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
@@ -87,6 +88,17 @@ class TrainConfig:
         choices=CACHE_MODES,
     )
     limit: int | None = option(None, "use at most N training images per class (quick runs)", at_least=1)
+    frozen_features: bool = option(
+        False,
+        "keep the backbone frozen: compute its features once (cached under $PNEUMOSCAN_CACHE/features) and fit "
+        "the head on them in seconds; --epochs, --fine-tune-epochs and augmentation do not apply",
+    )
+    head: str = option(
+        "mlp",
+        "head fitted on frozen features: 'mlp' (dense 128, ReLU, dropout) or 'logistic' (logistic regression, "
+        "its strength chosen by 5-fold patient cross-validation on the training split)",
+        choices=HEADS,
+    )
     augmentation: Augmentation = field(default_factory=Augmentation)
     progress: bool = True
     resume: bool = False
@@ -128,3 +140,6 @@ class TrainConfig:
             raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
         settings.check(self)
         settings.check(self.augmentation)
+        if self.head != "mlp" and not self.frozen_features:
+            raise ConfigError("--head logistic needs --frozen-features")
+        check_image_size(self.backbone, self.image_size)
