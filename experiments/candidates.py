@@ -11,7 +11,6 @@ calibrated logits with an already-read model's (cached by validation_designs.py)
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,68 +18,7 @@ import numpy as np
 from pneumoscan import metrics as M
 from pneumoscan.data import load_split, shared_data_root, split_by_number, split_by_patient
 from pneumoscan.features import frozen_features
-
-C_GRID = (0.01, 0.1, 1.0, 10.0)
-
-
-@dataclass
-class Head:
-    """A linear head ``x -> (x - mean) / scale @ w + b`` (logistic regression on standardised features)."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    w: np.ndarray
-    b: float
-    c: float
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.scale) @ self.w + self.b
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> Head:
-    """Class-balanced logistic regression on standardised features; C by 5-fold patient-grouped AUC."""
-    from sklearn.linear_model import LogisticRegression
-
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    z = (x - mean) / scale
-    folds = M.patient_folds(y, groups, 5, seed)
-    best = None
-    for c in C_GRID:
-        scores = []
-        for k in range(5):
-            train, held = folds != k, folds == k
-            model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(z[train], y[train])
-            scores.append(M.roc_auc(y[held], model.decision_function(z[held])))
-        if best is None or np.mean(scores) > best[0]:
-            best = (float(np.mean(scores)), c)
-    model = LogisticRegression(C=best[1], class_weight="balanced", max_iter=2000).fit(z, y)
-    return Head(mean, scale, model.coef_[0], float(model.intercept_[0]), best[1])
-
-
-def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0, hidden: int = 128, steps: int = 300):
-    """The bundle's head (dense 128, ReLU, dropout 0.2, dense 1), class-balanced BCE, full batch AdamW."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(seed)
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    z = torch.from_numpy(((x - mean) / scale).astype(np.float32))
-    t = torch.from_numpy(y.astype(np.float32))
-    head = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
-    pos_weight = torch.tensor((y == 0).sum() / max(1, (y == 1).sum()))
-    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), t, pos_weight=pos_weight)
-        loss.backward()
-        optimiser.step()
-    head.eval()
-
-    def logits(features: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return head(torch.from_numpy(((features - mean) / scale).astype(np.float32))).squeeze(1).numpy()
-
-    return logits
+from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits
 
 
 def scores(y_t, logits_t, y_p, logits_p) -> dict:
@@ -121,19 +59,23 @@ def main() -> None:
         in_p = np.isin(paths, list(p_paths))
         in_t = np.isin(paths, list(t_paths))
         core = ~in_p & ~in_t
-        logistic = fit_logistic(x[core], y[core], groups[core])
-        mlp = fit_mlp(x[core], y[core])
-        for name, logits, c in (
-            (f"{backbone} + logistic", logistic.logits, logistic.c),
+        logistic, best_c = fit_logistic(x[core], y[core], groups[core])
+        mlp = fit_mlp(x[core], y[core], 128, 0.2)
+        for name, state, c in (
+            (f"{backbone} + logistic", logistic, best_c),
             (f"{backbone} + MLP", mlp, None),
         ):
+            logits = lambda features, state=state: head_logits(state, features)
             r = scores(y[in_t], logits(x[in_t]), y[in_p], logits(x[in_p]))
             on_p[name] = (paths[in_p], logits(x[in_p]) / r["temperature"], y[in_p])
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 np.savez(
                     args.save / f"{name.replace(' + ', '-')}.npz",
-                    p_paths=paths[in_p], p_logits=logits(x[in_p]), t_paths=paths[in_t], t_logits=logits(x[in_t]),
+                    p_paths=paths[in_p],
+                    p_logits=logits(x[in_p]),
+                    t_paths=paths[in_t],
+                    t_logits=logits(x[in_t]),
                     temperature=r["temperature"],
                 )
             print(

@@ -84,3 +84,32 @@ def test_temporal_split_holds_out_the_highest_numbers_of_each_series():
             ]
             assert out and max(kept) < min(out)
     assert patient_series("NORMAL2-IM-1423") == ("NORMAL2-IM-", 1423) and patient_series("scan_7") is None
+
+
+@pytest.mark.parametrize("head", ["logistic", "mlp"])
+def test_train_frozen_features_writes_a_working_bundle(small_data, tmp_path, head):
+    from pneumoscan import metrics as M
+    from pneumoscan.backbones import REGISTRY
+    from pneumoscan.data import load_images
+    from pneumoscan.models import predict_logits
+    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.training import train
+
+    cfg = TrainConfig(
+        data=str(small_data), out=str(tmp_path / "run"), frozen_features=True, head=head, val_source="official"
+    )
+    cfg.progress = False
+    bundle = train(cfg)
+    config = bundle.config
+    assert config["pretrained"]["sha256"] == REGISTRY["efficientnet_lite0"].weights.sha256
+    assert config["training"]["recipe"]["head"] == head and config["hidden"] == (2 if head == "logistic" else 128)
+    assert {"gate.safetensors", "subtype.safetensors"} <= set(config["files"])
+    assert config["training"]["head_fit_seconds"] < 60
+    # the stored network gives the validation AUC the head was chosen with (the head is stored exactly)
+    val = bundle.training_splits(small_data)[1]
+    images, val, _ = load_images(val, 224, progress=False)
+    logits = predict_logits(bundle.load_net(), images)
+    y = [s.label for s in val]
+    assert M.roc_auc(y, logits) == pytest.approx(config["training"]["best_val_auc"], abs=1e-6)
+    assert config["training"]["best_val_auc"] > 0.8
+    assert "kept frozen" in (bundle.path / "MODEL_CARD.md").read_text()

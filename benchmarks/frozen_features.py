@@ -1,6 +1,6 @@
 """Compute (or find in the cache) frozen features of the official train and val splits; print speed.
 
-    PYTHONPATH=src python experiments/extract_features.py --backbone dinov2_vits14 [--split test]
+    python benchmarks/frozen_features.py --backbone dinov2_vits14 [--split test]
 
 The test split is only ever passed at read time (after the ranking rule chose a candidate).
 """
