@@ -96,7 +96,7 @@ def test_train_frozen_features_writes_a_working_bundle(small_data, tmp_path, hea
     from pneumoscan.training import train
 
     cfg = TrainConfig(
-        data=str(small_data), out=str(tmp_path / "run"), frozen_features=True, head=head, val_source="official"
+        data=str(small_data), out=str(tmp_path / "run"), frozen_features=True, head=head, val_fraction=0.3
     )
     cfg.progress = False
     bundle = train(cfg)
@@ -104,7 +104,6 @@ def test_train_frozen_features_writes_a_working_bundle(small_data, tmp_path, hea
     assert config["pretrained"]["sha256"] == REGISTRY["efficientnet_lite0"].weights.sha256
     assert config["training"]["recipe"]["head"] == head and config["hidden"] == (2 if head == "logistic" else 128)
     assert {"gate.safetensors", "subtype.safetensors"} <= set(config["files"])
-    assert config["training"]["head_fit_seconds"] < 60
     # the stored network gives the validation AUC the head was chosen with (the head is stored exactly)
     val = bundle.training_splits(small_data)[1]
     images, val, _ = load_images(val, 224, progress=False)

@@ -67,9 +67,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, groups, seed: int = 0) -> tuple[d
 def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float, seed: int = 0) -> dict:
     """The dense head trained on standardised features (folded back into the first layer)."""
     import torch
-    from torch import nn
 
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small full-batch head: one thread is fastest, and immune to a busy machine
+    try:
+        return _fit_mlp(x, y, hidden, dropout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float) -> dict:
+    import torch
+    from torch import nn
+
     mean, scale = standardise(x)
     z = torch.from_numpy(((x - mean) / scale).astype(np.float32))
     t = torch.from_numpy(y.astype(np.float32))
