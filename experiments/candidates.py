@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import metrics as M
-from pneumoscan.data import load_split, shared_data_root, split_by_number, split_by_patient
+from pneumoscan.data import load_split, shared_data_root, split_by_number, split_by_patient, stratified_subset
 from pneumoscan.features import frozen_features
 from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits
 
@@ -42,11 +42,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=shared_data_root() / "chest_xray_224")
     parser.add_argument("--ensemble", action="append", default=[], help="NAME=NPZ of logits on P")
     parser.add_argument("--save", type=Path, help="folder for each candidate's logits on P and T (npz)")
+    parser.add_argument("--core-per-class", type=int, help="fit on at most N core-train images per class (quick)")
     args = parser.parse_args()
     train = load_split(args.data, "train")
     _, p_set = split_by_patient(train, 0.1, 0)
     _, t_set = split_by_number(train, 0.2)
     p_paths, t_paths = {str(s.path) for s in p_set}, {str(s.path) for s in t_set}
+    core_set = [s for s in train if str(s.path) not in p_paths | t_paths]
+    wanted = {str(s.path) for s in stratified_subset(core_set, args.core_per_class)} | p_paths | t_paths
+    train = [s for s in train if str(s.path) in wanted]
     print("| candidate | C | AUC T | AUC P | loss T | loss P | acc T | sens T | spec T |")
     print("|---|---|---|---|---|---|---|---|---|")
     on_p = {}
