@@ -131,7 +131,7 @@ def _report_bundle(bundle) -> int:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="inspect a dataset folder")
+    p = sub.add_parser("data", help="lay out the downloaded dataset, or check a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser(
         "check",
@@ -142,6 +142,27 @@ def _add_data(sub) -> None:
     check.add_argument("root", help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(run=_run_data_check)
+    prep = data_sub.add_parser(
+        "prepare",
+        help="lay the downloaded Kaggle/Mendeley archive out as ROOT/{train,val,test}/{NORMAL,PNEUMONIA}",
+        description="Unpack the Kermany chest X-ray download (the Kaggle chest-xray-pneumonia zip, or Mendeley's "
+        "ChestXRay2017.zip), or its unpacked folder, into the layout the other commands read. Run it again to "
+        "finish an interrupted run: files already in place are skipped. Archive entries that are links, over "
+        "the size limit, badly named or not images are refused and listed (exit 1); nothing is written "
+        "outside ROOT.",
+    )
+    prep.add_argument("source", help="the downloaded zip, or the folder it was unpacked into")
+    prep.add_argument("--out", required=True, metavar="ROOT", help="folder to write the layout into")
+    prep.add_argument(
+        "--size",
+        type=_number(int, 32, 1024),
+        default=None,
+        metavar="N",
+        help="write N x N grey JPEGs instead of the original files (aspect ratio squashed, as the model "
+        "sees them; 224 is the shipped model's size and makes training read small files)",
+    )
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_run_data_prepare)
 
 
 def _run_data_check(args) -> int:
@@ -150,6 +171,17 @@ def _run_data_check(args) -> int:
     report = check_dataset(args.root, progress=not args.quiet)
     print("\n".join(map(printable, report.lines())))
     return 1 if report.unreadable else 0
+
+
+def _run_data_prepare(args) -> int:
+    from .data_prepare import prepare_dataset
+
+    report = prepare_dataset(args.source, args.out, size=args.size, progress=not args.quiet)
+    for line in report.errors:
+        print(f"pneumoscan: {printable(line)}", file=sys.stderr)
+    print("\n".join(report.lines()))
+    print(f"dataset in {printable(args.out)}; check it with: pneumoscan data check {printable(args.out)}")
+    return 1 if report.errors else 0
 
 
 def _add_evaluate(sub) -> None:
