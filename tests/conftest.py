@@ -73,7 +73,9 @@ def trained_bundle(small_data, tmp_path_factory):
     from pneumoscan.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
-    bundle = train(TrainConfig(data=str(small_data), out=str(out), epochs=2, progress=False, seed=1))
+    bundle = train(
+        TrainConfig(data=str(small_data), out=str(out), epochs=2, fine_tune_epochs=0, progress=False, seed=1)
+    )
     return bundle
 
 

@@ -95,7 +95,8 @@ def _add_train(sub) -> None:
         "train",
         help="train a classifier on a chest_xray folder",
         description="Train on ROOT/train (validation carved from it by patient), keep the best "
-        "weights by validation AUC, and write a run folder with the model bundle.",
+        "weights by validation AUC, and write a run folder with the model bundle. --recipe picks a named "
+        "preset (recorded in the bundle); any other flag given overrides the preset's value.",
     )
     p.add_argument(
         "--resume",
@@ -118,8 +119,12 @@ def _run_train(args) -> int:
 
     if args.resume:
         return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
-    cfg = settings.from_args(
-        TrainConfig, args, augmentation=settings.from_args(Augmentation, args), progress=not args.quiet
+    chosen = settings.given(TrainConfig, args)
+    cfg = TrainConfig.from_recipe(
+        chosen.pop("recipe", "default"),
+        **chosen,
+        augmentation=settings.given(Augmentation, args),
+        progress=not args.quiet,
     )
     return _report_bundle(train(cfg))
 
@@ -253,7 +258,8 @@ def _run_evaluate(args) -> int:
     if "comparison" in summary:
         c = summary["comparison"]
         print(
-            f"AUC difference A-B: {c['difference']:.4f} (95% CI {c['ci95'][0]:.4f} to {c['ci95'][1]:.4f}), "
+            f"AUC difference A - B ({printable(c['a'])} minus {printable(c['b'])}): {c['difference']:.4f} "
+            f"(95% CI {c['ci95'][0]:.4f} to {c['ci95'][1]:.4f}), "
             f"p = {c['p_value']:.4g} ({c['method']})"
             if c["difference"] is not None
             else "AUC difference undefined"
@@ -276,7 +282,12 @@ def _add_predict(sub) -> None:
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="output format (default table; with --output, the file's suffix decides and --format must agree)",
+    )
     _add_engine(p)
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
     p.add_argument(
@@ -324,10 +335,15 @@ def _run_predict(args) -> int:
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8, gate=not args.no_gate)
     if args.cam:
         ensure_folder(args.cam)
-    fmt, done, stream = args.format, set(), sys.stdout
+    fmt, done, stream = args.format or "table", set(), sys.stdout
     if args.output:
         path = Path(args.output)
         fmt = output_format(path)
+        if args.format and args.format != fmt:
+            raise PneumoscanError(
+                f"--format {args.format} does not match --output {printable(path)} (written as {fmt}, by its "
+                "suffix); leave out --format or change the suffix"
+            )
         if path.is_file() and path.stat().st_size and not args.resume:
             raise PneumoscanError(f"{printable(path)}: exists; add --resume to continue it, or remove it")
         done = paths_done(path, fmt) if args.resume else set()
@@ -360,7 +376,7 @@ def _run_predict(args) -> int:
         for item in todo:
             r = next(predicted) if isinstance(item, Path) else item
             writer.write(r)
-            if not r.ok:
+            if not r.ok and not (fmt == "table" and stream is sys.stdout):  # the table shows its errors
                 print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
             elif args.cam:
                 explained.append(r)
@@ -427,11 +443,17 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a bundle to ONNX (fp32, or int8 with --int8)",
-        description="Export the whole model (normalisation and sigmoid included) to ONNX. Without "
-        "--out the file goes into the bundle, so predict uses ONNX Runtime by default.",
+        description="Export the network to ONNX: uint8 grey images (N, 1, S, S) in, normalisation inside; "
+        "logits and pooled features out (temperature, threshold and the heads stay in the bundle, so one "
+        "export serves every calibration). Without --out the file goes into the bundle, recorded by its "
+        "sha256, and predict uses ONNX Runtime by default.",
     )
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--out", default=None, help="FILE.onnx to write (default: inside the bundle)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="FILE.onnx to write outside the bundle (default: into the bundle as model.onnx, where it is used)",
+    )
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
     p.add_argument(
         "--int8-only",
@@ -456,11 +478,18 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     import tempfile
 
-    from .bundle import load_bundle
+    from .bundle import ONNX, ONNX_INT8, load_bundle
     from .export import export_onnx, quantize_int8, training_images
     from .output import ensure_folder
 
     bundle = load_bundle(args.model)
+    if args.out and Path(args.out).resolve().parent == bundle.path.resolve():
+        if Path(args.out).name != ONNX:  # a file of its own name in the bundle would never be used
+            raise PneumoscanError(
+                f"{printable(args.out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
+                "leave out --out to export into the bundle"
+            )
+        args.out = None  # the bundle's own model.onnx: written and recorded as without --out
     if args.out:
         if Path(args.out).is_dir():
             raise PneumoscanError(f"{printable(args.out)}: --out names a folder; give a FILE.onnx")
