@@ -23,10 +23,18 @@ os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-ca
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle"}  # built from $PNEUMOSCAN_DATA's images
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra:
     without them they skip with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run
-    requires all three)."""
+    requires all three). A test that uses a fixture made from the real images is marked ``data`` here;
+    tests that read them directly carry the mark themselves."""
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"

@@ -24,8 +24,6 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError, ImageError
 from pneumoscan.images import load_image
 
-pytestmark = pytest.mark.data
-
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
 

@@ -10,8 +10,6 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 from pneumoscan.training import TrainConfig, train
 
-pytestmark = pytest.mark.data
-
 
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent
@@ -176,6 +174,7 @@ def test_resume_needs_a_run_folder(tmp_path):
     assert done.returncode == 2 and "not a run folder to resume" in done.stderr
 
 
+@pytest.mark.data
 def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
     from conftest import link_dataset
 
