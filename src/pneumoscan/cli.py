@@ -376,10 +376,11 @@ def _run_predict(args) -> int:
         for item in todo:
             r = next(predicted) if isinstance(item, Path) else item
             writer.write(r)
-            if not r.ok and not (fmt == "table" and stream is sys.stdout):  # the table shows its errors
+            if r.ok:
+                if args.cam:
+                    explained.append(r)
+            elif not (fmt == "table" and stream is sys.stdout):  # a table on the terminal shows its errors
                 print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
-            elif args.cam:
-                explained.append(r)
     finally:
         if stream is not sys.stdout:
             stream.close()
