@@ -61,3 +61,8 @@ def test_train_refuses_a_folder_without_train(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "no train/ folder" in err and "data prepare" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_bundle_records_its_recipe(trained_bundle):
+    recipe = trained_bundle.config["training"]["recipe"]
+    assert recipe["recipe"] == "default" and recipe["fine_tune_epochs"] == 0  # the preset, and what overrode it
