@@ -58,7 +58,7 @@ def test_kaggle_zip_becomes_the_layout_data_check_accepts(tmp_path):
     assert check.unreadable == []
     for name, original in _layout().items():  # the original bytes, not a re-encoding
         assert (root / name).read_bytes() == original.read_bytes()
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train", "val"]  # no __MACOSX, no nesting
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["test", "train", "val"]  # no __MACOSX or nesting
 
 
 def test_running_again_skips_what_is_done_and_finishes_what_is_not(tmp_path):
@@ -71,6 +71,8 @@ def test_running_again_skips_what_is_done_and_finishes_what_is_not(tmp_path):
     assert again.already == 15 and sum(sum(c.values()) for c in again.written.values()) == 1
     assert missing.is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing rewritten
+    with pytest.raises(ConfigError, match="prepared earlier with original files; use another --out"):
+        prepare_dataset(archive, root, size=64, progress=False)
 
 
 def test_mendeley_zip_without_val_and_an_unpacked_folder(tmp_path):
@@ -124,7 +126,12 @@ def test_hostile_archive_entries_are_refused_and_nothing_escapes(tmp_path):
     root = tmp_path / "root"
     report = prepare_dataset(archive, root, progress=False, max_bytes=1_000_000)
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["hostile.zip", "root/train/NORMAL/good.jpeg", "root/train/PNEUMONIA/climbs.jpeg"]
+    assert written == [
+        "hostile.zip",
+        "root/.pneumoscan-prepare.json",
+        "root/train/NORMAL/good.jpeg",
+        "root/train/PNEUMONIA/climbs.jpeg",
+    ]
     reasons = "\n".join(report.errors)
     assert "link.jpeg: a link" in reasons
     assert "text.jpeg: not a recognised image" in reasons

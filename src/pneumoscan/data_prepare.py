@@ -30,6 +30,7 @@ from .labels import CLASSES
 
 MAX_ENTRIES = 1_000_000  # an archive listing more entries than this is not the dataset
 MAX_NAME_BYTES = 200
+MARKER = ".pneumoscan-prepare.json"  # the size ROOT was prepared at
 _CHUNK = 64  # images read ahead of the writers: bounds memory to about 64 files
 
 
@@ -182,6 +183,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _check_earlier_run(out: Path, size: int | None) -> None:
+    """A folder is prepared at one size: files of another size already there would be kept as done."""
+    import json
+
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            earlier = json.loads(marker.read_text(encoding="utf-8"))["size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"{marker}: not written by pneumoscan data prepare; remove it or use another --out"
+            ) from None
+        if earlier != size or isinstance(earlier, bool):
+            was = "original files" if earlier is None else f"--size {earlier}"
+            raise ConfigError(f"{out}: prepared earlier with {was}; use another --out for this size")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(marker, json.dumps({"size": size}).encode())
+
+
 def _done(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
@@ -201,6 +222,7 @@ def prepare_dataset(
         raise ConfigError(f"--size must be between 32 and 1024, got {size}")
     if source.is_dir() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
         raise ConfigError(f"{out}: the output folder must lie outside the source folder {source}")
+    _check_earlier_run(out, size)
     report = PrepareReport()
     with ExitStack() as stack:  # the archive stays open while its entries are written
         entries = _entries(source, max_bytes, report, stack)
