@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,8 @@ os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-ca
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  # program: Debian package
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
 DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle"}  # built from $PNEUMOSCAN_DATA's images
@@ -28,10 +31,10 @@ DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle"}  # built fro
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra:
-    without them they skip with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run
-    requires all three). A test that uses a fixture made from the real images is marked ``data`` here;
-    tests that read them directly carry the mark themselves."""
+    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra,
+    ``dicom`` Debian's Orthanc, its DICOMweb plugin and dcmtk: without them they skip with the reason, except where
+    $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four). A test that uses a fixture made from the real
+    images is marked ``data`` here; tests that read them directly carry the mark themselves."""
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.data)
@@ -42,6 +45,14 @@ def pytest_collection_modifyitems(config, items):
         missing["browser"] = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
     if importlib.util.find_spec("ray") is None:
         missing["ray"] = 'Ray is not installed (pip install -e ".[ray]")'
+    absent = [tool for tool in DICOM_TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+    if absent:
+        packages = " ".join(sorted({DICOM_TOOLS[t] for t in absent}))
+        missing["dicom"] = f"{', '.join(absent)} not found (apt-get install {packages})"
+    elif not DICOMWEB_PLUGIN.exists():
+        missing["dicom"] = (
+            f"Orthanc's DICOMweb plugin not found at {DICOMWEB_PLUGIN} (apt-get install orthanc-dicomweb)"
+        )
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
         needed = [item for item in items if item.get_closest_marker(marker)]  # a marker, not a test id
