@@ -31,6 +31,7 @@ from .data import (
     ImageDataset,
     fits_in_memory,
     load_images,
+    require_train_folder,
     stratified_subset,
     summarize,
     training_splits,
@@ -417,6 +418,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
+    require_train_folder(cfg.data)  # before the run folder is made
     if cfg.frozen_features:
         from .frozen import train_frozen
 
