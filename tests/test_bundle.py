@@ -10,8 +10,6 @@ import pytest
 from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture
 def copy(trained_bundle, tmp_path):
@@ -27,6 +25,17 @@ def _edit_config(path, **changes):
 def test_intact_bundle_loads(copy):
     bundle = load_bundle(copy)
     assert bundle.load_net() is not None and bundle.metrics["validation"]["n"] > 0
+
+
+def test_pretrained_weights_provenance_in_config_and_card(copy):
+    from pneumoscan.backbones import REGISTRY
+
+    bundle = load_bundle(copy)
+    source = REGISTRY["efficientnet_lite0"].weights
+    recorded = bundle.config["pretrained"]
+    assert recorded["sha256"] == source.sha256 and recorded["package"] == source.package
+    assert recorded["licence"] == "Apache-2.0" and recorded["version"] == "0.1.0"
+    assert source.sha256 in (copy / "MODEL_CARD.md").read_text()
 
 
 def test_tampered_weights(copy):
@@ -52,6 +61,7 @@ def test_truncated_weights(copy):
         ({"threshold": 1.5}, "threshold 1.5 is not a probability"),
         ({"temperature": "hot"}, "'temperature' has the wrong type"),
         ({"format": "other/9"}, "unsupported bundle format"),
+        ({"pretrained": {"package": ["x"]}}, "'pretrained' must map at most 16 keys to short strings"),
     ],
 )
 def test_mismatched_or_invalid_config(copy, changes, fragment):

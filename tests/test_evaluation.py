@@ -6,8 +6,6 @@ import pytest
 
 from pneumoscan import Classifier
 
-pytestmark = pytest.mark.data
-
 KEYS = {
     "split",
     "n",
@@ -80,7 +78,7 @@ def test_predictions_stay_with_their_files(evaluated, trained_bundle):
     """Each row's probability is what the model gives that file on its own, and its label is its folder's."""
     out, _ = evaluated
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    clf = Classifier.load(trained_bundle.path, engine="torch")
+    clf = Classifier.load(trained_bundle.path, engine="torch", gate=False)  # evaluate labels every image
     for row in rows[::9]:
         assert row["true_label"] in row["path"]
         assert float(row["probability"]) == pytest.approx(clf.predict_one(row["path"]).probability, abs=1e-5)

@@ -26,6 +26,7 @@ sys.meta_path.insert(0, _NoTrainingStack())
 """
 BASE_MODULES = (
     "pneumoscan",
+    "pneumoscan.backbones",
     "pneumoscan.bundle",
     "pneumoscan.calibrate",
     "pneumoscan.cli",
@@ -36,6 +37,7 @@ BASE_MODULES = (
     "pneumoscan.evaluation",
     "pneumoscan.explain",
     "pneumoscan.export",
+    "pneumoscan.features",
     "pneumoscan.figures",
     "pneumoscan.gate",
     "pneumoscan.html_report",

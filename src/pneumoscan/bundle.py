@@ -9,7 +9,6 @@ nesting) so that a bundle either loads with one line saying why not, or works.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .backbones import BACKBONES, HEAD, sha256_file
 from .errors import ConfigError, require_train_extra
 from .labels import CLASSES
 from .metrics import CI_METRICS, sigmoid
@@ -45,8 +45,6 @@ ANSWER_FILES = (*ONNX_FILES, GATE, SUBTYPE)  # besides the weights, the files th
 EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
 MAX_JSON_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 32
-BACKBONES = ("efficientnet_lite0", "mobilenet_v2")  # what a bundle may name; built in models.py
-HEAD = {"hidden": 128, "dropout": 0.2}  # the dense head's defaults (and what bundles without the keys used)
 
 # key: (types, required)
 _SCHEMA = {
@@ -68,6 +66,7 @@ _SCHEMA = {
     "pneumoscan_version": (str, False),
     "notes": (str, False),
     "calibration": (dict, False),
+    "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
 }
 _CALIBRATION_SCHEMA = {
     "source": str,
@@ -82,14 +81,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def default_bundle_path() -> Path:
     return Path(__file__).parent / "default_model"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _no_constants(name: str):
@@ -184,6 +175,9 @@ def validate_config(config: dict, where: str) -> None:
     for part in ("train", "validation", "recipe"):
         if not isinstance(config.get("training", {}).get(part, {}), dict):
             raise ConfigError(f"{where}: config.json 'training.{part}' must be an object")
+    pretrained = config.get("pretrained", {})
+    if not all(isinstance(v, str) and len(v) <= 300 for v in pretrained.values()) or len(pretrained) > 16:
+        raise ConfigError(f"{where}: config.json 'pretrained' must map at most 16 keys to short strings")
     site = config.get("calibration")
     if site is not None:
         for key, types in _CALIBRATION_SCHEMA.items():
@@ -332,6 +326,7 @@ class Bundle:
             weights=None,
             dropout=float(self.config.get("dropout", HEAD["dropout"])),
             hidden=int(self.config.get("hidden", HEAD["hidden"])),
+            image_size=self.image_size,
         )
         try:
             state = load_file(str(self.path / WEIGHTS))
@@ -510,13 +505,19 @@ def write_bundle(
     return bundle
 
 
-def save_bundle(path: str | Path, net, config: dict, metrics: dict | None = None, extras: dict | None = None) -> Bundle:
-    """A bundle from a trained network: its weights (with backbone and image size in their metadata)."""
+def save_bundle(
+    path: str | Path, net, config: dict, metrics: dict | None = None, extras: dict | None = None, half: bool = False
+) -> Bundle:
+    """A bundle from a trained network: its weights (with backbone and image size in their metadata);
+    ``half`` stores floating-point tensors as float16 (a large frozen backbone under the per-file limit;
+    they load back into float32)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         weights = Path(tmp) / WEIGHTS
         save_file(state, str(weights), metadata={"format": FORMAT, **{k: str(config[k]) for k in _FINGERPRINT}})

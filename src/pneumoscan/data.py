@@ -111,6 +111,36 @@ def split_by_patient(samples: list[Sample], fraction: float = 0.1, seed: int = 0
     return train, val
 
 
+_SERIES = re.compile(r"^(person|NORMAL2-IM-|IM-)(\d+)", re.IGNORECASE)
+
+
+def patient_series(patient: str) -> tuple[str, int] | None:
+    """``person1945`` -> ``("person", 1945)``; ``NORMAL2-IM-1423`` -> ``("NORMAL2-IM-", 1423)``; else None.
+    File numbers run in series, in the order the images were collected."""
+    match = _SERIES.match(patient)
+    return (match.group(1).upper(), int(match.group(2))) if match else None
+
+
+def split_by_number(samples: list[Sample], fraction: float = 0.2) -> tuple[list[Sample], list[Sample]]:
+    """A temporal hold-out: in each file-number series of each class (``IM-``, ``NORMAL2-IM-``,
+    ``person``), the ``fraction`` of patients with the highest numbers is validation. Patients whose
+    names carry no number stay in train. No patient is on both sides."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation fraction must be between 0 and 1, got {fraction}")
+    by_series: dict[tuple[int, str], set[tuple[int, str]]] = {}
+    for s in samples:
+        series = patient_series(s.patient)
+        if series:
+            by_series.setdefault((s.label, series[0]), set()).add((series[1], s.patient))
+    val_patients: set[str] = set()
+    for patients in by_series.values():
+        ranked = sorted(patients)
+        val_patients.update(p for _, p in ranked[len(ranked) - max(1, round(fraction * len(ranked))) :])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
 def stratified_subset(samples: list[Sample], per_class: int | None, seed: int = 0) -> list[Sample]:
     """At most ``per_class`` samples of each class, drawn with ``seed``, in file order."""
     if per_class is None:
@@ -124,14 +154,32 @@ def stratified_subset(samples: list[Sample], per_class: int | None, seed: int = 
     return sorted(out, key=lambda s: str(s.path))
 
 
+def require_train_folder(root: str | Path) -> None:
+    """Training reads ``ROOT/train``: a missing root, a flat NORMAL/PNEUMONIA folder or a split such as
+    ``test`` is refused with one line, before anything is written."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data folder not found")
+    if not (root / "train").is_dir():
+        raise ConfigError(
+            f"{root}: no train/ folder; training reads ROOT/train/{{NORMAL,PNEUMONIA}} (the Kaggle layout, "
+            "which pneumoscan data prepare makes from the download)"
+        )
+
+
 def training_splits(root: str | Path, val_source: str = "patients", val_fraction: float = 0.1, seed: int = 0):
-    """(train, val) for training: validation carved from train by patient, or the official val split."""
+    """(train, val) for training: validation carved from train by patient (random patients, or the
+    highest file numbers of each series: ``temporal``), or the official val split. ``root`` must hold
+    ``train/``: a flat NORMAL/PNEUMONIA folder, or a split such as test, is refused."""
+    require_train_folder(root)
     train = load_split(root, "train")
     if val_source == "official":
         return train, load_split(root, "val")
     if val_source == "patients":
         return split_by_patient(train, val_fraction, seed)
-    raise ConfigError(f"--val-source must be 'patients' or 'official', got {val_source!r}")
+    if val_source == "temporal":
+        return split_by_number(train, val_fraction)
+    raise ConfigError(f"--val-source must be 'patients', 'temporal' or 'official', got {val_source!r}")
 
 
 def class_counts(samples: list[Sample]) -> dict[str, int]:

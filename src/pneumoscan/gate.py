@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -193,7 +194,24 @@ class FeatureScore:
 
 
 def _root(features: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0))
+    """Signed square root: the plain root for a CNN's non-negative pooled features, and sign-preserving
+    for a ViT's signed token features."""
+    features = np.asarray(features, dtype=np.float64)
+    return np.sign(features) * np.sqrt(np.abs(features))
+
+
+def keeping(scores: np.ndarray, keep: float) -> float:
+    """The limit under which ``keep`` of the calibration X-rays' (positive) scores lie. Where there are too
+    few of them to hold that quantile (fewer than 1 / (1 - keep) beyond it: a small validation set, such as
+    a quick training run's), it is extrapolated from a log-normal fit of the scores instead, never below the
+    largest score: the empirical maximum of a few dozen scores would refuse real films far too often."""
+    scores = np.asarray(scores, dtype=np.float64)
+    empirical = float(np.quantile(scores, keep))
+    if len(scores) * (1 - keep) >= 1:
+        return empirical
+    logs = np.log(np.maximum(scores, 1e-12))
+    z = float(NormalDist().inv_cdf(keep))
+    return max(float(np.exp(logs.mean() + z * logs.std(ddof=1 if len(logs) > 1 else 0))), float(scores.max()))
 
 
 @dataclass
@@ -241,14 +259,14 @@ class Gate:
         layout = Mahalanobis.fit(train_stats[:, LAYOUT])
         low, high = np.quantile(calibration_stats, WARN_QUANTILES, axis=0)
         gate = cls(features, math.inf, statistics, math.inf, layout, math.inf, low, high)
-        gate.feature_limit = float(np.quantile(features.score(calibration_features), keep))
-        gate.statistics_limit = float(np.quantile(statistics.score(calibration_stats), keep))
-        gate.orientation_limit = float(np.quantile(gate._orientation(calibration_stats)[0], keep))
+        gate.feature_limit = keeping(features.score(calibration_features), keep)
+        gate.statistics_limit = keeping(statistics.score(calibration_stats), keep)
+        gate.orientation_limit = keeping(gate._orientation(calibration_stats)[0], keep)
         return gate
 
     def fit_int8_limit(self, calibration_features: np.ndarray, keep: float = KEEP) -> None:
         """The feature limit for an int8 model, from its features of the same calibration X-rays."""
-        self.int8_limit = float(np.quantile(self.features.score(calibration_features), keep))
+        self.int8_limit = keeping(self.features.score(calibration_features), keep)
 
     def _orientation(self, stats: np.ndarray) -> tuple[np.ndarray, list[tuple[int, bool]]]:
         """How much better the layout fits after the best other turn (ratio), and that turn."""

@@ -54,20 +54,10 @@ class Prediction:
         return self.error is None
 
     def to_dict(self) -> dict:
-        out = {"path": self.path}
-        if self.error is not None:
-            out["error"] = self.error
-        else:
-            out.update(probability=self.probability, label=self.label, threshold=self.threshold)
-            if self.subtype is not None:
-                out.update(subtype=self.subtype, viral_probability=self.viral_probability)
-            if self.warnings:
-                out["warnings"] = list(self.warnings)
-        if self.gate_score is not None:
-            out.update(gate_score=self.gate_score, gate_limit=self.gate_limit)
-            if not self.gated:
-                out["gate"] = "off"
-        return out
+        """The fields this result has, as JSON lines and the service write them (:func:`output.record`)."""
+        from .output import record
+
+        return record(self)
 
 
 class TorchEngine:
@@ -281,11 +271,6 @@ class Classifier:
                 verdict.warnings.insert(0, COLOUR_WARNING)
         return verdicts
 
-    def gate_scores(self, images: np.ndarray, features: np.ndarray) -> np.ndarray | None:
-        """The gate's scores (over ``gate.limit``, 1: refused), or None for a bundle without a gate."""
-        verdicts = self.gate_verdicts(images, features)
-        return None if verdicts is None else np.array([v.score for v in verdicts])
-
     def _result(self, name: str, probability: float, verdict: Verdict | None, gating: bool) -> Prediction:
         score, limit = (None, None) if verdict is None else (verdict.score, self.gate.limit)
         if gating and not verdict.accepted:
@@ -350,16 +335,33 @@ class Classifier:
         if images:
             batch = np.stack(images)
             logits, features = self.engine.run(batch)
-            verdicts = self.gate_verdicts(batch, features, chroma)
-            viral = None if self.subtype is None else self.subtype.viral_probability(features)
-            for n, (i, p) in enumerate(zip(good, self.probabilities(logits))):
-                verdict = None if verdicts is None else verdicts[n]
-                result = self._result(source_name(decoding[i][0]), p, verdict, gating)
-                if viral is not None and result.label == CLASSES[1]:
-                    result.viral_probability = float(viral[n])
-                    result.subtype = self.subtype.label(viral[n])
+            names = [source_name(decoding[i][0]) for i in good]
+            for i, result in zip(good, self.results(names, logits, features, gating, batch, chroma)):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def results(
+        self,
+        names: list[str],
+        logits: np.ndarray,
+        features: np.ndarray,
+        gating: bool,
+        images: np.ndarray,
+        chroma: list[float] | None = None,
+    ) -> list[Prediction]:
+        """Predictions from the engine's outputs on prepared ``images``: probability and label, the gate's
+        verdict (a refusal when ``gating``; warnings otherwise), and the subtype of PNEUMONIA results where
+        the bundle has the head."""
+        verdicts = self.gate_verdicts(images, features, chroma)
+        viral = None if self.subtype is None else self.subtype.viral_probability(features)
+        out = []
+        for n, (name, p) in enumerate(zip(names, self.probabilities(logits))):
+            result = self._result(name, p, None if verdicts is None else verdicts[n], gating)
+            if viral is not None and result.label == CLASSES[1]:
+                result.viral_probability = float(viral[n])
+                result.subtype = self.subtype.label(viral[n])
+            out.append(result)
+        return out
 
     def predict_one(self, source: ImageSource) -> Prediction:
         return self.predict([source])[0]

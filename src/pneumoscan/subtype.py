@@ -33,7 +33,10 @@ def subtype_of(filename: str) -> str | None:
 
 
 def _transform(features: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0))
+    """Signed square root: the plain root for a CNN's non-negative pooled features, and sign-preserving
+    for a ViT's signed token features."""
+    features = np.asarray(features, dtype=np.float64)
+    return np.sign(features) * np.sqrt(np.abs(features))
 
 
 @dataclass

@@ -25,11 +25,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from .backbones import provenance
 from .bundle import GATE, SUBTYPE, Bundle, read_json_object, save_bundle, write_json
 from .data import (
     ImageDataset,
     fits_in_memory,
     load_images,
+    require_train_folder,
     stratified_subset,
     summarize,
     training_splits,
@@ -416,6 +418,11 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
+    require_train_folder(cfg.data)  # before the run folder is made
+    if cfg.frozen_features:
+        from .frozen import train_frozen
+
+        return train_frozen(cfg)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     run = RunState(Path(cfg.out), cfg.resume)
     rank_zero = _is_rank_zero()
@@ -423,7 +430,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
         write_json(run.out / "config.json", cfg.recorded())
     seed_everything(cfg.seed)
     data = load_training_data(cfg, rank_zero)
-    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout)
+    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, image_size=cfg.image_size)
     module = LitClassifier(
         net,
         _balanced_weights([s.label for s in data.train_samples], cfg.class_weights),
@@ -482,24 +489,36 @@ def perturbed_sample(images: np.ndarray, seed: int) -> np.ndarray:
 def fit_subtype(net, train_images: np.ndarray, train_samples: list, val_images: np.ndarray, val_samples: list):
     """The bacterial/viral head on the network's features, fitted on the training pneumonia images whose
     names tell the subtype, and its validation report; None where either split lacks a subtype."""
-    from . import metrics as M
     from .models import predict_outputs
+
+    train_idx, val_idx = _with_subtype(train_samples), _with_subtype(val_samples)
+    _, train_features = predict_outputs(net, np.asarray(train_images[train_idx]))
+    _, val_features = predict_outputs(net, np.asarray(val_images[val_idx]))
+    return subtype_from_features(
+        train_features, [train_samples[i] for i in train_idx], val_features, [val_samples[i] for i in val_idx]
+    )
+
+
+def _with_subtype(samples: list) -> list[int]:
+    from .subtype import SUBTYPES
+
+    return [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
+
+
+def subtype_from_features(train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples):
+    """The bacterial/viral head from features of samples with a known subtype (others are skipped)."""
+    from . import metrics as M
     from .subtype import SUBTYPES, SubtypeHead
 
-    def known(samples):
-        return [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
-
-    train_idx, val_idx = known(train_samples), known(val_samples)
+    train_idx, val_idx = _with_subtype(train_samples), _with_subtype(val_samples)
     y_train = np.array([train_samples[i].subtype == SUBTYPES[1] for i in train_idx], dtype=int)
     y_val = np.array([val_samples[i].subtype == SUBTYPES[1] for i in val_idx], dtype=int)
     if len(set(y_train.tolist())) < 2 or len(set(y_val.tolist())) < 2:
         return None
-    _, train_features = predict_outputs(net, np.asarray(train_images[train_idx]))
-    _, val_features = predict_outputs(net, np.asarray(val_images[val_idx]))
-    head = SubtypeHead.fit(train_features, y_train, val_features, y_val)
+    head = SubtypeHead.fit(train_features[train_idx], y_train, val_features[val_idx], y_val)
     groups = [val_samples[i].patient for i in val_idx]
     return head, M.subtype_report(
-        y_val, head.viral_probability(val_features), groups, head.threshold, split="validation"
+        y_val, head.viral_probability(val_features[val_idx]), groups, head.threshold, split="validation"
     )
 
 
@@ -511,20 +530,44 @@ def _training_images(data: TrainingData, size: int) -> tuple[np.ndarray, list]:
     return images, samples
 
 
+def operating_point(cfg: TrainConfig, val_samples: list, logits: np.ndarray) -> tuple[float, float, str, dict]:
+    """Temperature, threshold and its rule fitted on validation logits, and the validation report."""
+    from . import metrics as M
+
+    y_val = np.array([s.label for s in val_samples])
+    temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.operating_rule, cfg.target_sensitivity)
+    p_raw, p_cal = M.sigmoid(logits), M.sigmoid(logits, temperature)
+    validation = M.full_report(y_val, p_cal, [s.patient for s in val_samples], threshold, split="validation")
+    validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
+    validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
+    return temperature, threshold, rule, validation
+
+
+def bundle_config(cfg: TrainConfig, hidden: int, threshold: float, rule: str, temperature: float, training: dict):
+    """The config.json of a trained bundle (save_bundle adds format, digests and files)."""
+    return {
+        "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}",
+        "version": time.strftime("%Y.%m.%d"),
+        "backbone": cfg.backbone,
+        "pretrained": provenance(cfg.backbone) if cfg.weights == "imagenet" else {"backbone": cfg.backbone},
+        "image_size": cfg.image_size,
+        "dropout": cfg.dropout,
+        "hidden": hidden,
+        "normalization": NORMALIZATION,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "temperature": temperature,
+        "training": training,
+    }
+
+
 def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_score: float, wall: float) -> Bundle:
     """Fit the operating point on validation, then write curves, metrics and the bundle."""
-    from . import metrics as M
     from .figures import plot_training_curves
 
     net = net.cpu()  # trained on whatever accelerator; fitted, saved and exported from the CPU
-    y_val = np.array([s.label for s in data.val_samples])
     logits = predict_logits(net, data.val_set.images.numpy())
-    temperature, threshold, rule = M.fit_operating_point(y_val, logits, cfg.operating_rule, cfg.target_sensitivity)
-    p_raw, p_cal = M.sigmoid(logits), M.sigmoid(logits, temperature)
-    groups = [s.patient for s in data.val_samples]
-    validation = M.full_report(y_val, p_cal, groups, threshold, split="validation")
-    validation["ece_uncalibrated"] = M.expected_calibration_error(y_val, p_raw)
-    validation["at_0.5"] = M.binary_metrics(y_val, p_cal, 0.5)
+    temperature, threshold, rule, validation = operating_point(cfg, data.val_samples, logits)
 
     run.save_history()
     curves = plot_training_curves(run.history, run.out / "curves.png")
@@ -541,19 +584,7 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
         "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
         "epochs_run": len(run.history),
     }
-    bundle_config = {
-        "name": f"pneumoscan-{cfg.backbone}-{cfg.image_size}",
-        "version": time.strftime("%Y.%m.%d"),
-        "backbone": cfg.backbone,
-        "image_size": cfg.image_size,
-        "dropout": cfg.dropout,
-        "hidden": net.hidden,
-        "normalization": NORMALIZATION,
-        "threshold": threshold,
-        "threshold_rule": rule,
-        "temperature": temperature,
-        "training": training,
-    }
+    config = bundle_config(cfg, net.hidden, threshold, rule, temperature, training)
     train_images, train_samples = _training_images(data, cfg.image_size)
     val_images = data.val_set.images.numpy()
     extras = {GATE: fit_gate(net, train_images, val_images, cfg.seed).to_bytes()}
@@ -562,7 +593,7 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
         validation["subtype"] = fitted[1]
     if curves:
         extras["training_curves.png"] = curves.read_bytes()
-    bundle = save_bundle(run.out / "model", net, bundle_config, {"validation": validation}, extras=extras)
+    bundle = save_bundle(run.out / "model", net, config, {"validation": validation}, extras=extras)
     print(
         json.dumps(
             {

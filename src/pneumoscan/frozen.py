@@ -1,0 +1,179 @@
+"""``train --frozen-features``: a head fitted in seconds on cached features of a frozen backbone.
+
+The backbone runs once per image (:mod:`pneumoscan.features` caches what it computed); the head, the
+operating point, the input gate and the bacterial/viral head are then all fitted on those features.
+The result is an ordinary bundle: the same network shape (backbone, dense head, one logit) as a
+fine-tuned one, so predict, evaluate, export, serve and calibrate treat it alike.
+
+Heads:
+- ``mlp``: the bundle's dense head (128 units, ReLU, dropout), class-balanced loss, full-batch AdamW.
+- ``logistic``: class-balanced logistic regression on standardised features, its strength chosen by
+  5-fold patient-grouped cross-validation on the training split. It is stored exactly in the dense-head
+  shape with 2 hidden units: ``relu(z) - relu(-z) = z``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .bundle import GATE, SUBTYPE, Bundle, save_bundle, write_json
+from .data import load_images, stratified_subset, summarize, training_splits
+from .features import frozen_features
+from .recipe import TrainConfig
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+MLP_STEPS = 300
+GATE_TRAIN_FEATURES = 1500
+GATE_PERTURBED_IMAGES = 32  # validation images per acquisition perturbation (each a new backbone pass)
+
+
+def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(0), x.std(0) + 1e-6
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, groups, seed: int = 0) -> tuple[dict, float]:
+    """Dense-head weights (2 hidden units) equal to a class-balanced logistic regression, and its C."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = standardise(x)
+    z = (x - mean) / scale
+    folds = M.patient_folds(y, groups, 5, seed)
+
+    def cv_auc(c: float) -> float:
+        aucs = []
+        for k in range(5):
+            model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
+            model.fit(z[folds != k], y[folds != k])
+            aucs.append(M.roc_auc(y[folds == k], model.decision_function(z[folds == k])))
+        return float(np.mean(aucs))
+
+    c = max(C_GRID, key=cv_auc)
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(z, y)
+    w = model.coef_[0] / scale  # standardisation folded in: w.x + b on raw features
+    b = float(model.intercept_[0] - (model.coef_[0] * mean / scale).sum())
+    state = {
+        "0.weight": np.stack([w, -w]).astype(np.float32),
+        "0.bias": np.array([b, -b], np.float32),
+        "3.weight": np.array([[1.0, -1.0]], np.float32),
+        "3.bias": np.zeros(1, np.float32),
+    }
+    return state, c
+
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float, seed: int = 0) -> dict:
+    """The dense head trained on standardised features (folded back into the first layer)."""
+    import torch
+
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small full-batch head: one thread is fastest, and immune to a busy machine
+    try:
+        return _fit_mlp(x, y, hidden, dropout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float) -> dict:
+    import torch
+    from torch import nn
+
+    mean, scale = standardise(x)
+    z = torch.from_numpy(((x - mean) / scale).astype(np.float32))
+    t = torch.from_numpy(y.astype(np.float32))
+    head = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+    pos_weight = torch.tensor(float((y == 0).sum()) / max(1, int((y == 1).sum())))
+    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(MLP_STEPS):
+        optimiser.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), t, pos_weight=pos_weight)
+        loss.backward()
+        optimiser.step()
+    state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+    w = state["0.weight"] / scale.astype(np.float32)
+    state["0.bias"] = state["0.bias"] - (w * mean.astype(np.float32)).sum(1)
+    state["0.weight"] = w
+    return state
+
+
+def head_logits(state: dict, x: np.ndarray) -> np.ndarray:
+    """The dense head's logits on features (numpy; eval mode, so dropout is off)."""
+    h = np.maximum(x @ state["0.weight"].T + state["0.bias"], 0)
+    return (h @ state["3.weight"].T + state["3.bias"])[:, 0]
+
+
+def train_frozen(cfg: TrainConfig) -> Bundle:
+    """Fit the head (and operating point, gate, subtype head) on cached frozen features; write the bundle."""
+    import torch
+
+    from .models import create_model
+    from .training import bundle_config, operating_point, subtype_from_features
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.recorded())
+    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
+    train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
+    args = {"image_size": cfg.image_size, "weights": cfg.weights, "progress": cfg.progress}
+    x_train, train_samples, train_errors = frozen_features(cfg.backbone, train_samples, **args)
+    x_val, val_samples, val_errors = frozen_features(cfg.backbone, val_samples, **args)
+    y = np.array([s.label for s in train_samples])
+    fitted_at = time.perf_counter()
+    if cfg.head == "logistic":
+        state, c = fit_logistic(x_train, y, [s.patient for s in train_samples], cfg.seed)
+        hidden, head_settings = 2, {"head": "logistic", "C": c}
+    else:
+        state = fit_mlp(x_train, y, 128, cfg.dropout, cfg.seed)
+        hidden, head_settings = 128, {"head": "mlp", "steps": MLP_STEPS}
+    head_seconds = time.perf_counter() - fitted_at
+
+    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, hidden=hidden, image_size=cfg.image_size)
+    net.head.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    logits = head_logits(state, x_val)
+    temperature, threshold, rule, validation = operating_point(cfg, val_samples, logits)
+
+    rng = np.random.default_rng(cfg.seed)
+    pick = np.sort(rng.choice(len(x_train), min(GATE_TRAIN_FEATURES, len(x_train)), replace=False))
+    extras = {GATE: _gate(net, x_train[pick], x_val, val_samples, cfg).to_bytes()}
+    if fitted := subtype_from_features(x_train, train_samples, x_val, val_samples):
+        extras[SUBTYPE] = fitted[0].to_bytes()
+        validation["subtype"] = fitted[1]
+    training = {
+        "data": str(cfg.data),
+        "train": summarize(train_samples),
+        "validation": summarize(val_samples),
+        "recipe": {**cfg.recorded(), **head_settings},
+        "best_val_auc": M.roc_auc([s.label for s in val_samples], logits),
+        "skipped_unreadable": train_errors + val_errors,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "head_fit_seconds": round(head_seconds, 2),
+    }
+    config = bundle_config(cfg, hidden, threshold, rule, temperature, training)
+    return save_bundle(out / "model", net, config, {"validation": validation}, extras=extras, half=_needs_half(net))
+
+
+def _gate(net, train_features: np.ndarray, val_features: np.ndarray, val_samples: list, cfg: TrainConfig):
+    """The input gate on cached features: its limit from validation features, clean and under every
+    acquisition perturbation of a few validation images (those pass through the backbone)."""
+    from .gate import Gate
+    from .models import predict_outputs
+    from .shift import perturb
+
+    rng = np.random.default_rng(cfg.seed)
+    rows = rng.choice(len(val_samples), min(GATE_PERTURBED_IMAGES, len(val_samples)), replace=False)
+    chosen = [val_samples[i] for i in np.sort(rows)]
+    images, _, _ = load_images(chosen, cfg.image_size, progress=False)
+    perturbed = np.concatenate(list(perturb(images, cfg.seed).values()))
+    _, perturbed_features = predict_outputs(net, perturbed, batch_size=32)
+    return Gate.fit(train_features, np.concatenate([val_features, perturbed_features]))
+
+
+MAX_FP32_BYTES = 45 * 2**20  # a weights file above this is stored in float16 (the 50 MB per-file limit)
+
+
+def _needs_half(net) -> bool:
+    return sum(p.numel() for p in net.state_dict().values()) * 4 > MAX_FP32_BYTES
