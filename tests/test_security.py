@@ -473,3 +473,48 @@ def test_serve_on_a_busy_port_is_one_line(trained_bundle):
         done = _cli("serve", "--model", trained_bundle.path, "--port", port)
     err = _one_line(done)
     assert done.returncode == 2 and f"127.0.0.1:{port}: cannot listen" in err and len(err.strip().splitlines()) == 1
+
+
+# --- 12. bundle files are regular files inside the bundle, bounded; the served card is generated --------------
+
+
+@pytest.mark.parametrize("name", ["MODEL_CARD.md", "metrics.json", "model.safetensors", "model.int8.onnx"])
+def test_bundle_files_that_are_links_are_refused(exported_bundle, tmp_path, name):
+    """A link may point at a private file (or /dev/zero); even a link to the right bytes is refused."""
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    outside = tmp_path / "outside"
+    (copy / name).rename(outside)
+    os.symlink(outside, copy / name)
+    with pytest.raises(ConfigError, match=f"{name}: is a symbolic link"):
+        load_bundle(copy)
+    done = _cli("predict", REAL, "--model", copy)
+    err = _one_line(done)
+    assert done.returncode == 2 and "symbolic link" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bundle_files_that_are_folders_or_too_large_are_refused(trained_bundle, tmp_path):
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    (copy / "MODEL_CARD.md").write_bytes(b"x" * (3 * 2**20))
+    with pytest.raises(ConfigError, match="MODEL_CARD.md: 3.0 MB, over the 1 MB limit"):
+        load_bundle(copy)
+    (copy / "MODEL_CARD.md").unlink()
+    (copy / "MODEL_CARD.md").mkdir()
+    with pytest.raises(ConfigError, match="MODEL_CARD.md: not a regular file"):
+        load_bundle(copy)
+
+
+def test_the_served_model_card_is_generated_not_read(trained_bundle, tmp_path):
+    """A card swapped for a link to a private file after the service started is never sent."""
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.service import create_app
+
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:SECRET-HASH:19000:0:99999:7:::\n")
+    client = TestClient(create_app(classifier=Classifier.load(copy, engine="torch")))
+    (copy / "MODEL_CARD.md").unlink()
+    os.symlink(secret, copy / "MODEL_CARD.md")
+    body = client.get("/v1/model").json()
+    assert "SECRET-HASH" not in json.dumps(body)
+    assert body["model_card"].startswith("#") and len(body["model_card"]) < 2**20

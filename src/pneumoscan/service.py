@@ -32,7 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
-from .model_card import GENERALISATION_NOTE
+from .model_card import GENERALISATION_NOTE, model_card
 from .text import printable
 
 STATIC = Path(__file__).parent / "static"
@@ -84,7 +84,7 @@ class ModelInfo(BaseModel):
     generalisation_note: str = Field(description="what the validation and test numbers predict for a new hospital")
     config: dict
     metrics: dict
-    model_card: str
+    model_card: str = Field(description="the model card, generated from the checked config and metrics")
 
 
 def _png_base64(image) -> str:
@@ -293,9 +293,12 @@ def create_app(
     async def healthz():
         return Health(status="ok", model=clf.bundle.name, engine=clf.engine.name)
 
+    # The card is made from the config and metrics that load_bundle checked and bounded, once: the
+    # bundle's MODEL_CARD.md file is never read here (it could be a link to a private file, or huge).
+    card = model_card(clf.bundle)
+
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info():
-        card = clf.bundle.path / "MODEL_CARD.md"
         return ModelInfo(
             name=clf.bundle.name,
             version=str(clf.bundle.config.get("version", "")),
@@ -304,7 +307,7 @@ def create_app(
             generalisation_note=GENERALISATION_NOTE,
             config=clf.bundle.config,
             metrics=clf.bundle.metrics,
-            model_card=card.read_text() if card.is_file() else "",
+            model_card=card,
         )
 
     @app.get("/", include_in_schema=False)
