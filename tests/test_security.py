@@ -378,6 +378,108 @@ def test_a_small_multiframe_dicom_uses_its_first_frame(tmp_path):
     assert np.corrcoef(first.ravel(), grey.ravel())[0, 1] > 0.99
 
 
+def _jpeg_ls_frame(width: int, height: int, bits: int = 16) -> bytes:
+    """A JPEG-LS codestream head (SOF55, one component) claiming ``width`` x ``height``, with a scrap of data."""
+    import struct
+
+    sof = b"\xff\xf7" + struct.pack(">HBHHB", 11, bits, height, width, 1) + b"\x01\x11\x00"
+    sos = b"\xff\xda" + struct.pack(">HB", 8, 1) + b"\x01\x00\x00\x00\x00"
+    return b"\xff\xd8" + sof + sos + b"\x00" * 64 + b"\xff\xd9"
+
+
+def _rle_bomb(megabytes: int) -> bytes:
+    """One DICOM RLE segment of runs: every 2 bytes unpack to 128."""
+    return (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + b"\0" * 56 + b"\x81\x00" * (megabytes << 19)
+
+
+@pytest.mark.parametrize(
+    "codec,size",
+    [("jpeg", (12000, 12000)), ("jpeg-progressive", (9000, 9000)), ("j2k", (9000, 9000)), ("jpeg-ls", (8000, 8000))],
+)
+def test_compressed_dicom_frames_are_bounded_by_their_own_header(tmp_path, codec, size):
+    """The DICOM header says 64x64; the frame's own header (SOF, SOF55, SIZ) says more: refused before decoding."""
+    import resource
+
+    from corpus import encapsulated_dicom, with_frame_size
+
+    small = Image.fromarray(real_grey())
+    if codec == "jpeg-ls":
+        frame, syntax = _jpeg_ls_frame(*size), "1.2.840.10008.1.2.4.80"
+    elif codec == "j2k":
+        frame, syntax = with_frame_size(encode(small, "JPEG2000", irreversible=False), *size), "1.2.840.10008.1.2.4.90"
+    else:
+        frame = with_frame_size(encode(small, "JPEG", progressive=codec.endswith("progressive")), *size)
+        syntax = "1.2.840.10008.1.2.4.51" if codec.endswith("progressive") else "1.2.840.10008.1.2.4.50"
+    data = encapsulated_dicom(frame, syntax, 64, 64)
+    assert len(data) < 100_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match=f"{size[0]}x{size[1]}"):
+        load_image(write(tmp_path, "frame.dcm", data))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KB: nothing decoded
+
+
+def test_an_rle_frame_that_unpacks_past_its_header_is_refused(tmp_path):
+    from corpus import encapsulated_dicom
+
+    data = encapsulated_dicom(_rle_bomb(2), "1.2.840.10008.1.2.5", 64, 64)  # 2 MB that unpack to 128 MB
+    with pytest.raises(ImageError, match="RLE frame unpacks to more than the 64x64") as caught:
+        load_image(write(tmp_path, "rle.dcm", data))
+    assert caught.value.kind == "too_large"
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg-progressive", "j2k", "rle"])
+def test_compressed_dicom_frames_that_match_their_header_decode(tmp_path, codec):
+    from corpus import encapsulated_dicom
+    from pydicom import dcmread
+
+    grey = real_grey()
+    if codec == "rle":
+        ds = dcmread(io.BytesIO(dicom(grey)))
+        ds.compress("1.2.840.10008.1.2.5")
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        data = buf.getvalue()
+    elif codec == "j2k":
+        frame = encode(Image.fromarray(grey), "JPEG2000", irreversible=False)
+        data = encapsulated_dicom(frame, "1.2.840.10008.1.2.4.90", *grey.shape)
+    else:
+        frame = encode(Image.fromarray(grey), "JPEG", quality=95, progressive=codec.endswith("progressive"))
+        data = encapsulated_dicom(frame, "1.2.840.10008.1.2.4.50", *grey.shape)
+    image = np.asarray(load_image(write(tmp_path, "ok.dcm", data)), dtype=float)
+    assert image.shape == grey.shape and np.corrcoef(image.ravel(), grey.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("subsampling,side", [(0, 9000), (2, 10000)])  # 486 MB and 300 MB of coefficients
+def test_progressive_colour_jpeg_counts_its_coefficient_buffer(tmp_path, subsampling, side):
+    """libjpeg keeps every DCT coefficient of a progressive file (2 bytes each, all components, full size
+    whatever the draft scale): that buffer is in the decode bound, checked before decoding."""
+    import resource
+
+    from corpus import with_frame_size
+
+    small = Image.fromarray(real_grey()).convert("RGB")
+    data = with_frame_size(encode(small, "JPEG", progressive=True, subsampling=subsampling), side, side)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="progressive JPEG coefficients") as caught:
+        load_image(write(tmp_path, "p.jpeg", data), draft_size=224)
+    assert caught.value.kind == "too_large"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KB
+    baseline = with_frame_size(encode(small, "JPEG", subsampling=subsampling), side, side)
+    try:  # the same picture as baseline JPEG is decoded at 1/8 scale, a row at a time: within the bound
+        load_image(write(tmp_path, "b.jpeg", baseline), draft_size=224)
+    except ImageError as exc:
+        assert exc.kind != "too_large", exc
+
+
+def test_progressive_and_colour_jpegs_of_radiograph_size_still_load(tmp_path):
+    grey = real_grey()
+    big = Image.fromarray(grey).resize((2000, 2000))
+    for image in (big, big.convert("RGB")):
+        data = encode(image, "JPEG", quality=95, progressive=True)
+        loaded = np.asarray(load_image(write(tmp_path, "p.jpeg", data), draft_size=224).resize((224, 224)), float)
+        assert np.corrcoef(loaded.ravel(), grey.ravel())[0, 1] > 0.98
+
+
 # --- 8. special files and in-memory images ------------------------------------------------------------------
 
 
