@@ -326,3 +326,25 @@ def test_docs_work_offline(client):
     assert "<script>" not in docs.text  # no inline script: the CSP forbids it
     for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
         assert client.get(asset).status_code == 200, asset
+
+
+def _unusable_dicoms():
+    from corpus import encapsulated_dicom, encode
+
+    grey = real_grey()
+    j2k = encode(Image.fromarray(grey), "JPEG2000", irreversible=False)
+    htj2k = encapsulated_dicom(j2k, "1.2.840.10008.1.2.4.201", *grey.shape)  # no installed handler decodes it
+    mpeg = encapsulated_dicom(b"\x00\x00\x01\xb3" + b"\0" * 64, "1.2.840.10008.1.2.4.100", *grey.shape)  # video
+    no_header = encapsulated_dicom(b"\0" * 64, "1.2.840.10008.1.2.4.90", *grey.shape)  # J2K without SIZ
+    broken = dicom(grey)[:200] + b"\xff" * 50  # DICM magic, then garbage
+    return [("htj2k.dcm", htj2k), ("mpeg.dcm", mpeg), ("noheader.dcm", no_header), ("broken.dcm", broken)]
+
+
+def test_unusable_dicom_gets_422_and_a_non_image_415(client):
+    """One definition: a file that is DICOM by its content but cannot be used is an unusable image (422);
+    only a file that is no image format we read is 415."""
+    for name, data in _unusable_dicoms():
+        r = _post(client, name, data)
+        assert r.status_code == 422 and name in r.json()["detail"], (name, r.status_code, r.text)
+    r = _post(client, "notes.dcm", b"plain text, not DICOM " * 20)
+    assert r.status_code == 415, r.text

@@ -431,7 +431,7 @@ def _check_deflated_dicom(data: bytes, name: str) -> None:
     try:
         inflated = len(inflater.decompress(data[stream.tell() :], MAX_DICOM_BYTES + 1))
     except zlib.error as exc:
-        raise ImageError(name, f"not a readable DICOM file (deflated data: {exc})", "unsupported") from None
+        raise ImageError(name, f"not a readable DICOM file (deflated data: {exc})") from None
     if inflated > MAX_DICOM_BYTES:
         raise ImageError(
             name, f"deflated DICOM data inflate past the {MAX_DICOM_BYTES / 2**20:.0f} MB limit", "too_large"
@@ -476,7 +476,7 @@ def _check_encapsulated_frame(ds, name: str, columns: int, rows: int, frames: in
     if syntax in ("", DEFLATED_DICOM) or not getattr(meta.TransferSyntaxUID, "is_encapsulated", False):
         return
     if syntax not in JPEG_SYNTAXES | J2K_SYNTAXES | {RLE_SYNTAX}:
-        raise ImageError(name, f"DICOM transfer syntax {syntax} is not one this loader decodes")
+        raise ImageError(name, f"DICOM transfer syntax {meta.TransferSyntaxUID.name} is not one this loader decodes")
     frame = _first_frame(ds, name, frames)
     samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
     if syntax == RLE_SYNTAX:
@@ -516,7 +516,9 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001
-        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", "unsupported") from None
+        # DICOM by its magic, but unreadable: an unusable image; by its name alone: not an image we know
+        kind = "invalid" if data[128:132] == b"DICM" else "unsupported"
+        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", kind) from None
     if "PixelData" not in ds:
         raise ImageError(name, "DICOM file has no pixel data")
     columns, rows, frames, depth = _dicom_geometry(ds)
@@ -529,7 +531,7 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
         raise ImageError(
-            name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})", "unsupported"
+            name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})"
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):

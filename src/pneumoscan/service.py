@@ -93,9 +93,6 @@ def _png_base64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-_STATUS = {"unsupported": 415, "too_large": 413, "invalid": 422}
-
-
 class _UploadGuard:
     """ASGI middleware for request bodies: refuse a declared Content-Length over the limit with 413
     before reading anything, stop a body without one (chunked) once it passes the limit, and
@@ -273,8 +270,11 @@ def create_app(
         summary="Classify one X-ray (JPEG, PNG or DICOM)",
         responses={
             413: {"description": "upload too large"},
-            415: {"description": "not an image"},
-            422: {"description": "an image that cannot be used, or not a chest X-ray (the input gate)"},
+            415: {"description": "not an image: neither JPEG, PNG nor DICOM by its content"},
+            422: {
+                "description": "an image that cannot be used (truncated, too small, a DICOM file whose pixels "
+                "cannot be decoded), or not a chest X-ray (the input gate)"
+            },
         },
     )
     async def predict(file: UploadFile, cam: bool = False, gate: bool = True):
@@ -287,7 +287,7 @@ def create_app(
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam, gate)
         except ImageError as exc:
-            raise HTTPException(_STATUS.get(exc.kind, 422), str(exc)) from None
+            raise HTTPException(exc.http_status, str(exc)) from None
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
