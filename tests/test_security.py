@@ -620,3 +620,119 @@ def test_the_served_model_card_is_generated_not_read(trained_bundle, tmp_path):
     body = client.get("/v1/model").json()
     assert "SECRET-HASH" not in json.dumps(body)
     assert body["model_card"].startswith("#") and len(body["model_card"]) < 2**20
+
+
+# --- 13. predict --output --resume: only files pneumoscan wrote, with the same settings, one writer ----------
+
+
+def _predict(model, *args, cwd=None):
+    return subprocess.run(
+        [*CLI, "predict", "--model", str(model), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("name,content", [("theirs.csv", b"id,score\n1,0.5\n2,0.7"), ("theirs.jsonl", b'{"a": 1}\n{"b"')])
+def test_resume_never_changes_a_file_pneumoscan_did_not_write(trained_bundle, tmp_path, name, content):
+    out = tmp_path / name
+    out.write_bytes(content)  # another program's file, its last line without a newline
+    done = _predict(trained_bundle.path, REAL, "--output", out, "--resume")
+    assert done.returncode == 2 and "not a results file written by pneumoscan" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and out.read_bytes() == content
+
+
+def test_resume_refuses_another_model_threshold_engine_or_gate(trained_bundle, tmp_path):
+    out = tmp_path / "r.jsonl"
+    first = _predict(trained_bundle.path, REAL, "--output", out, "--engine", "torch")
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    head = json.loads(before.splitlines()[0])["pneumoscan"]
+    assert head["weights_sha256"] == trained_bundle.config["weights_sha256"] and head["gate"] == "on"
+    other = shutil.copytree(trained_bundle.path, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["threshold"] = 0.3
+    (other / "config.json").write_text(json.dumps(config))
+    for model, extra, word in (
+        (trained_bundle.path, ["--engine", "torch", "--no-gate"], "gate"),
+        (other, ["--engine", "torch"], "threshold"),
+        (trained_bundle.path, ["--engine", "onnx"], "engine"),
+    ):
+        done = _predict(model, REAL, "--output", out, "--resume", *extra)
+        assert done.returncode == 2 and word in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert out.read_bytes() == before
+
+
+def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trained_bundle, tmp_path):
+    import csv
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("=a.jpeg", "'=a.jpeg", "b.jpeg"):
+        shutil.copyfile(REAL, folder / name)
+    first = _predict(trained_bundle.path, "in/=a.jpeg", "--output", "r.csv", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = _predict(trained_bundle.path, folder / "." / "=a.jpeg", "./in/../in", "--output", "r.csv", "--resume")
+    assert again.returncode == 0 and "2 classified" in again.stdout, again.stdout + again.stderr
+    with open(tmp_path / "r.csv", newline="") as f:
+        f.readline()
+        paths = [Path(row["path"]).name for row in csv.DictReader(f)]
+    assert sorted(paths) == sorted(["'=a.jpeg", "''=a.jpeg", "b.jpeg"]), paths  # each once, escaped apart
+
+
+def _settings(**changes) -> dict:
+    from pneumoscan.output import RESULTS_FORMAT
+
+    base = {"format": RESULTS_FORMAT, "model": "m", "weights_sha256": "0" * 64, "engine": "onnx"}
+    return {**base, "threshold": 0.5, "temperature": 1.0, "gate": "on", "cwd": "/", **changes}
+
+
+def test_a_second_writer_of_a_results_file_is_refused(tmp_path):
+    from pneumoscan.output import ResultsFile
+
+    first = ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"])
+    try:
+        with pytest.raises(ConfigError, match="another pneumoscan is writing this file"):
+            ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"], resume=True)
+    finally:
+        first.close()
+    again = ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"], resume=True)  # the lock went with it
+    again.close()
+
+
+def test_resume_reads_the_file_a_line_at_a_time(tmp_path):
+    """Memory follows this run's inputs, not the size of the file being resumed."""
+    import tracemalloc
+
+    from pneumoscan.output import ResultsFile
+
+    path = tmp_path / "big.jsonl"
+    row = {"path": "", "error": "x" * 200}
+    with open(path, "w") as f:
+        f.write(json.dumps({"pneumoscan": _settings()}) + "\n")
+        for i in range(200_000):
+            f.write(json.dumps({**row, "path": f"/data/{i:07d}.jpeg"}) + "\n")
+    assert path.stat().st_size > 40 * 2**20
+    tracemalloc.start()
+    results = ResultsFile(path, _settings(), ["/data/0000007.jpeg", "/data/new.jpeg"], resume=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    results.close()
+    assert results.done == [True, False] and peak < 4 * 2**20, peak
+
+
+@pytest.mark.parametrize(
+    "name,body,fragment",
+    [
+        ("deep.jsonl", "[" * 200_000 + "\n", "line 3 is not a result written by pneumoscan (nested too deeply)"),
+        ("wide.csv", "'" + "x" * 300_000 + ",1\n", "line 4 is not a result written by pneumoscan (field larger"),
+        ("long.jsonl", '{"path": "' + "x" * (2**20 + 10) + '"}\n', "a line is over 1024 KB"),
+    ],
+)
+def test_malformed_results_files_are_one_line(trained_bundle, tmp_path, name, body, fragment):
+    path = tmp_path / name
+    assert _predict(trained_bundle.path, REAL, "--output", path).returncode == 0
+    with open(path, "a", newline="") as f:
+        f.write(body)
+    before = path.read_bytes()
+    done = _predict(trained_bundle.path, REAL, "--output", path, "--resume")
+    assert done.returncode == 2 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert path.read_bytes() == before

@@ -285,28 +285,22 @@ def _add_predict(sub) -> None:
 
 def _run_predict(args) -> int:
     from .inference import Classifier, Prediction, expand_inputs
-    from .output import PredictionWriter, ensure_folder, output_format, paths_done, result_key, write_cams
+    from .output import PredictionWriter, ResultsFile, ensure_folder, results_settings, write_cams
 
     if args.resume and not args.output:
         raise PneumoscanError("--resume goes with --output FILE")
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8, gate=not args.no_gate)
     if args.cam:
         ensure_folder(args.cam)
-    fmt, done, stream = args.format, set(), sys.stdout
-    if args.output:
-        path = Path(args.output)
-        fmt = output_format(path)
-        if path.is_file() and path.stat().st_size and not args.resume:
-            raise PneumoscanError(f"{printable(path)}: exists; add --resume to continue it, or remove it")
-        done = paths_done(path, fmt) if args.resume else set()
-        ensure_folder(path.parent)
-        # line-buffered: every result reaches the file (the kernel) as soon as it exists
-        stream = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="", buffering=1)
     items = expand_inputs(args.paths)
-    todo = [x for x in items if result_key(str(x.path if isinstance(x, Prediction) else x), fmt) not in done]
+    fmt, todo, stream, results = args.format, items, sys.stdout, None
+    if args.output:
+        names = [str(x.path if isinstance(x, Prediction) else x) for x in items]
+        results = ResultsFile(args.output, results_settings(clf, not args.no_gate), names, resume=args.resume)
+        fmt, stream = results.fmt, results.stream
+        todo = [x for x, done in zip(items, results.done) if not done]
     files = [x for x in todo if isinstance(x, Path)]
-    header = not args.output or stream.tell() == 0
-    writer = PredictionWriter(stream, fmt, header=header)
+    writer = PredictionWriter(stream, fmt, header=not args.output)
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
     if args.ray:
         from .distributed import iter_predictions_ray
@@ -333,8 +327,8 @@ def _run_predict(args) -> int:
             elif args.cam:
                 explained.append(r)
     finally:
-        if stream is not sys.stdout:
-            stream.close()
+        if results is not None:
+            results.close()
     if fmt == "table" and not args.output:
         print(writer.summary())
     elif args.output:
@@ -470,6 +464,13 @@ def _add_serve(sub) -> None:
         help="seconds an upload may stall before 408 (default 30)",
     )
     p.add_argument(
+        "--body-deadline",
+        type=_number(float, 0, 3600, low_open=True),
+        default=60,
+        help="seconds a whole request body may take, from its request head, before 408 (default 60: "
+        "20 MB at 2.8 Mbit/s)",
+    )
+    p.add_argument(
         "--header-timeout",
         type=_number(float, 0, 3600, low_open=True),
         default=10,
@@ -480,8 +481,15 @@ def _add_serve(sub) -> None:
         "--max-connections",
         type=_number(int, 1, 1_000_000),
         default=None,
-        help="open connections at most; more are closed at once (default 1000, or fewer where the "
-        "process may open fewer files)",
+        help="open connections at most (default 1000, or fewer where the process may open fewer files); at "
+        "the cap a new connection replaces the one that has waited longest for a request head",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        type=_number(int, 1, 1_000_000),
+        default=None,
+        help="open connections one client address may hold; more are closed at once (default a tenth of "
+        "--max-connections; behind a reverse proxy every client has the proxy's address: raise it there)",
     )
     p.add_argument(
         "--workers", type=_number(int, 1, 256), default=None, help="inference threads (default: one per core)"
@@ -508,10 +516,39 @@ def _run_serve(args) -> int:
         workers=args.workers,
         cors_origins=args.cors,
         body_timeout=args.body_timeout,
+        body_deadline=args.body_deadline,
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
+        max_per_client=args.max_client_connections,
     )
     return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays",
+        description="A bundle is as trusted as code: its digests prove only which files its author recorded. "
+        "This runs PyTorch on the weights and ONNX Runtime on every ONNX model in the bundle (fp32, int8) "
+        "over the bundled reference X-rays and checks that logits and features agree within a tolerance. "
+        "Exit 0: all agree; 1: a model disagrees (do not use the bundle); 2: it cannot be checked.",
+    )
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from .verify import verify_bundle, verify_table
+
+    checks = verify_bundle(args.model)
+    if not checks:
+        print("the bundle holds no ONNX model: nothing to compare (ONNX Runtime would run an export made here)")
+        return 0
+    print(verify_table(checks))
+    failed = [c for c in checks if not c.ok]
+    for c in failed:
+        print(f"pneumoscan: {printable(c.path)}: does not compute what the weights compute", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_demo(sub) -> None:
@@ -542,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_evaluate, _add_calibrate, _add_predict, _add_export, _add_serve, _add_demo, _add_data):
+    commands = (_add_train, _add_evaluate, _add_calibrate, _add_predict, _add_export, _add_serve, _add_verify)
+    for add in (*commands, _add_demo, _add_data):
         add(sub)
     return parser
 

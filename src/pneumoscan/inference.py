@@ -166,6 +166,8 @@ def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
     """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine == "torch" and int8:
+        raise ConfigError("int8 is an ONNX model: --int8 goes with --engine onnx or auto, not torch")
     if engine == "torch":
         return TorchEngine(bundle)
     onnx = bundle.onnx_path(int8)
