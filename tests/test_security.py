@@ -736,3 +736,79 @@ def test_malformed_results_files_are_one_line(trained_bundle, tmp_path, name, bo
     done = _predict(trained_bundle.path, REAL, "--output", path, "--resume")
     assert done.returncode == 2 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert path.read_bytes() == before
+
+
+# --- 14. deep trees and empty paths ------------------------------------------------------------------------
+
+
+def test_a_recursive_glob_over_a_deep_tree(trained_bundle, tmp_path):
+    deep = tmp_path / "deep"
+    levels = [deep]
+    for _ in range(1100):  # one level at a time: os.makedirs (and shutil.rmtree) recurse
+        levels.append(levels[-1] / "d")
+    for level in levels:
+        level.mkdir()
+    shutil.copyfile(REAL, levels[-1] / "x.jpeg")
+    shutil.copyfile(REAL, deep / "top.jpeg")
+    try:
+        done = _cli("predict", f"{deep}/**/*.jpeg", "--model", trained_bundle.path, "--format", "jsonl")
+        err = _one_line(done)
+        rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+        assert done.returncode == 0 and len(rows) == 2 and all("label" in r for r in rows), err
+    finally:
+        for f in (levels[-1] / "x.jpeg", deep / "top.jpeg"):
+            f.unlink()
+        for level in reversed(levels):
+            level.rmdir()
+
+
+def test_glob_files_agrees_with_glob_on_a_small_tree(tmp_path, monkeypatch):
+    import glob
+
+    from pneumoscan.inference import glob_files
+
+    for name in ("a/b/x.jpeg", "a/.hidden/y.jpeg", "c/z.png", "top.jpeg", "a/b/c/d/w.dcm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("**/*.jpeg", "*/*/*", "a/**", "./a/**/w.dcm", f"{tmp_path}/**/*.png", "?/*.png", "**/**/*.jpeg"):
+        expected = sorted({Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+        assert glob_files(pattern) == expected, pattern
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate", "--data", ""],
+        ["evaluate", "--data", ".", "--out", ""],
+        ["data", "check", ""],
+        ["calibrate", "--data", ".", "--out", ""],
+        ["train", "--data", ".", "--out", ""],
+        ["predict", "x.jpeg", "--output", ""],
+        ["predict", "x.jpeg", "--model", ""],
+        ["export", "--out", ""],
+        ["demo", "--out", ""],
+        ["evaluate", "--data", ".", "--ledger", ""],
+    ],
+)
+def test_an_empty_path_is_a_usage_error(tmp_path, args):
+    done = _cli(*args, cwd=tmp_path)
+    err = _one_line(done)
+    assert done.returncode == 2 and "empty path" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # the current folder was not taken for it
+
+
+def test_the_api_refuses_an_empty_path_too(trained_bundle, tmp_path):
+    from pneumoscan.calibrate import calibrate_bundle
+    from pneumoscan.data import check_dataset
+    from pneumoscan.evaluation import evaluate
+
+    for call in (
+        lambda: check_dataset(""),
+        lambda: evaluate("", "test", [str(trained_bundle.path)], tmp_path / "x", progress=False),
+        lambda: evaluate(".", "test", [str(trained_bundle.path)], "", progress=False),
+        lambda: calibrate_bundle(".", "", model=str(trained_bundle.path), progress=False),
+        lambda: load_bundle(""),
+    ):
+        with pytest.raises(ConfigError, match="empty path"):
+            call()

@@ -364,7 +364,9 @@ class Bundle:
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Open and verify a bundle (the packaged default when ``path`` is None): config and metrics
     validated, and the sha256 of the weights and of every recorded ONNX model checked."""
-    path = Path(path) if path is not None else default_bundle_path()
+    from .settings import checked_path
+
+    path = checked_path(path, "--model") if path is not None else default_bundle_path()
     if path.is_file() and path.name == CONFIG:
         path = path.parent
     if not path.is_dir() or not os.path.lexists(path / CONFIG):

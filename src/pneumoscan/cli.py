@@ -100,6 +100,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=settings.path_argument,
         default=None,
         help="continue an interrupted run from its last checkpoint, with its own configuration",
     )
@@ -139,7 +140,7 @@ def _add_data(sub) -> None:
         description="Check a chest_xray folder: images per split and class, files that do "
         "not decode, byte-identical files, and patients found in several splits.",
     )
-    check.add_argument("root", help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)")
+    check.add_argument("root", type=settings.path_argument, help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)")
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(run=_run_data_check)
 
@@ -159,10 +160,12 @@ def _add_evaluate(sub) -> None:
         description="Evaluate one model, or compare two (--model A --model B), on a labelled split. "
         "Writes metrics.json, predictions.csv, figures and report.html to --out.",
     )
-    p.add_argument("--data", required=True, help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder")
+    p.add_argument(
+        "--data", required=True, type=settings.path_argument, help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder"
+    )
     p.add_argument("--split", default="test", help="split folder to evaluate (default test)")
-    p.add_argument("--model", action="append", default=None, help=MODEL_HELP + "; give twice to compare two models")
-    p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    p.add_argument("--model", action="append", default=None, type=settings.path_argument, help=MODEL_HELP + "; give twice to compare two models")
+    p.add_argument("--out", default="evaluation", type=settings.path_argument, help="output folder (default ./evaluation)")
     _add_engine(p)
     _add_bootstrap(p)
     p.add_argument(
@@ -182,6 +185,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument(
         "--ledger",
         metavar="FILE",
+        type=settings.path_argument,
         default=None,
         help="append one row per model to this CSV ledger of held-out reads (date, commit, weights sha256, "
         "recipe, metrics); the project's own is test_reads.csv",
@@ -243,7 +247,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     _add_engine(p)
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
@@ -253,10 +257,11 @@ def _add_predict(sub) -> None:
         help="label every image, also those the input gate refuses as not a chest X-ray "
         "(each result says gate off and carries its gate score)",
     )
-    p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--cam", metavar="DIR", default=None, type=settings.path_argument, help="also write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument(
         "--output",
         metavar="FILE",
+        type=settings.path_argument,
         default=None,
         help="write results to FILE (.jsonl or .csv, by its suffix) as each one is made, instead of to stdout; "
         "a run killed midway loses nothing written",
@@ -293,6 +298,10 @@ def _run_predict(args) -> int:
     if args.cam:
         ensure_folder(args.cam)
     items = expand_inputs(args.paths)
+    if args.ray:  # joined first: an unreachable cluster fails within seconds, before any file is touched
+        from .distributed import connect
+
+        connect(args.ray)
     fmt, todo, stream, results = args.format, items, sys.stdout, None
     if args.output:
         names = [str(x.path if isinstance(x, Prediction) else x) for x in items]
@@ -348,11 +357,11 @@ def _add_calibrate(sub) -> None:
         "prints are in-sample: evaluate the new bundle on other images before relying on it.",
     )
     p.add_argument(
-        "--data", required=True, help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder"
+        "--data", required=True, type=settings.path_argument, help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder"
     )
     p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="folder for the recalibrated bundle (not the source bundle)")
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    p.add_argument("--out", required=True, type=settings.path_argument, help="folder for the recalibrated bundle (not the source bundle)")
     _add_operating_rule(p, "these images")
     _add_bootstrap(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -392,8 +401,8 @@ def _add_export(sub) -> None:
         description="Export the whole model (normalisation and sigmoid included) to ONNX. Without "
         "--out the file goes into the bundle, so predict uses ONNX Runtime by default.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--out", default=None, help="FILE.onnx to write (default: inside the bundle)")
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    p.add_argument("--out", default=None, type=settings.path_argument, help="FILE.onnx to write (default: inside the bundle)")
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
     p.add_argument(
         "--int8-only",
@@ -404,6 +413,7 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--calibration-data",
         default=None,
+        type=settings.path_argument,
         help="dataset root whose train split calibrates int8 (default: the bundle's training data)",
     )
     p.add_argument(
@@ -447,7 +457,7 @@ def _add_serve(sub) -> None:
         description="Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. "
         "Research software, not a medical device.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port, 1-65535 (default 8000)")
     _add_engine(p)
@@ -533,7 +543,7 @@ def _add_verify(sub) -> None:
         "over the bundled reference X-rays and checks that logits and features agree within a tolerance. "
         "Exit 0: all agree; 1: a model disagrees (do not use the bundle); 2: it cannot be checked.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.set_defaults(run=_run_verify)
 
 
@@ -558,7 +568,7 @@ def _add_demo(sub) -> None:
         description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
         "the bundled model; write report.html and Grad-CAM overlays.",
     )
-    p.add_argument("--out", default="pneumoscan-demo", help="output folder (default ./pneumoscan-demo)")
+    p.add_argument("--out", default="pneumoscan-demo", type=settings.path_argument, help="output folder (default ./pneumoscan-demo)")
     p.set_defaults(run=_run_demo)
 
 

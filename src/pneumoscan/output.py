@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import ConfigError, ImageError
+from .settings import checked_path
 from .text import csv_cell, csv_value, printable
 
 FORMATS = ("table", "csv", "jsonl")
@@ -32,7 +33,7 @@ MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte l
 
 def ensure_folder(path: str | Path) -> Path:
     """An output folder that exists and can be written, or one line saying why not (before any work)."""
-    path = Path(path)
+    path = checked_path(path, "output folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{printable(path)}: output folder is an existing file")
     try:
@@ -149,7 +150,7 @@ class ResultsFile:
     off. Anything else is a :class:`ConfigError` and leaves the file as it was."""
 
     def __init__(self, path: str | Path, settings: dict, names: list[str], resume: bool = False):
-        self.path = Path(path)
+        self.path = checked_path(path, "--output")
         self.fmt = output_format(self.path)
         ensure_folder(self.path.parent)
         self._file = self._open_locked()

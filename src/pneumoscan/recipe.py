@@ -28,8 +28,8 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 class TrainConfig:
     """A training run's settings; each option's default, help and allowed values live here alone."""
 
-    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
-    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)")
+    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)", path=True)
+    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)", path=True)
     backbone: str = option("efficientnet_lite0", f"ImageNet-pretrained backbone: {' or '.join(BACKBONES)}")
     weights: str = option(
         "imagenet",
