@@ -812,3 +812,52 @@ def test_the_api_refuses_an_empty_path_too(trained_bundle, tmp_path):
     ):
         with pytest.raises(ConfigError, match="empty path"):
             call()
+
+
+# --- 15. the test-read ledger ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_split(tmp_path):
+    from conftest import real_images
+
+    root = tmp_path / "tiny"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        for f in real_images("test", label, 4):
+            os.symlink(f, root / label / f.name)
+    return root
+
+
+def test_the_ledger_records_the_code_that_ran_not_the_current_folder(trained_bundle, tiny_split, tmp_path):
+    import csv
+
+    from pneumoscan.evaluation import code_version
+
+    other = tmp_path / "other-repo"  # the user runs pneumoscan from inside another repository
+    other.mkdir()
+    git = ["git", "-C", str(other), "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    theirs = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    args = ["evaluate", "--data", tiny_split, "--model", trained_bundle.path, "--out", tmp_path / "e"]
+    done = _cli(*args, "--ledger", "ledger.csv", "--bootstrap", 20, "--quiet", cwd=other)
+    assert done.returncode == 0, _one_line(done)
+    rows = list(csv.DictReader(open(other / "ledger.csv")))
+    assert len(rows) == 1 and rows[0]["commit"] == code_version() and not rows[0]["commit"].startswith(theirs)
+
+
+@pytest.mark.parametrize("kind", ["unwritable", "other header"])
+def test_a_ledger_that_cannot_take_the_row_stops_the_run_before_it(trained_bundle, tiny_split, tmp_path, kind):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ledger = blocker / "ledger.csv" if kind == "unwritable" else tmp_path / "scores.csv"
+    if kind == "other header":
+        ledger.write_text("name,score\nmine,0.9\n")
+    before = ledger.read_bytes() if ledger.is_file() else None
+    out = tmp_path / "e"
+    done = _cli("evaluate", "--data", tiny_split, "--model", trained_bundle.path, "--out", out, "--ledger", ledger)
+    err = _one_line(done)
+    assert done.returncode == 2 and len(err.strip().splitlines()) == 1 and str(ledger) in err, err
+    assert not out.exists()  # refused before any work
+    assert (ledger.read_bytes() if ledger.is_file() else None) == before
