@@ -631,7 +631,9 @@ def _predict(model, *args, cwd=None):
     )
 
 
-@pytest.mark.parametrize("name,content", [("theirs.csv", b"id,score\n1,0.5\n2,0.7"), ("theirs.jsonl", b'{"a": 1}\n{"b"')])
+@pytest.mark.parametrize(
+    "name,content", [("theirs.csv", b"id,score\n1,0.5\n2,0.7"), ("theirs.jsonl", b'{"a": 1}\n{"b"')]
+)
 def test_resume_never_changes_a_file_pneumoscan_did_not_write(trained_bundle, tmp_path, name, content):
     out = tmp_path / name
     out.write_bytes(content)  # another program's file, its last line without a newline

@@ -22,12 +22,11 @@ def _cli(*args, **kw):
 def _shift_logit(bundle_path, name: str, shift: float) -> None:
     """Edit an ONNX graph of the bundle so that every logit gets ``shift`` added, keep its metadata (the
     weights digest included) and re-record its sha256: what a hostile author can do."""
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     from pneumoscan.bundle import sha256_file
-
-    import numpy as np
 
     path = bundle_path / name
     model = onnx.load(str(path))

@@ -140,7 +140,9 @@ def _add_data(sub) -> None:
         description="Check a chest_xray folder: images per split and class, files that do "
         "not decode, byte-identical files, and patients found in several splits.",
     )
-    check.add_argument("root", type=settings.path_argument, help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)")
+    check.add_argument(
+        "root", type=settings.path_argument, help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)"
+    )
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(run=_run_data_check)
 
@@ -161,11 +163,22 @@ def _add_evaluate(sub) -> None:
         "Writes metrics.json, predictions.csv, figures and report.html to --out.",
     )
     p.add_argument(
-        "--data", required=True, type=settings.path_argument, help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder"
+        "--data",
+        required=True,
+        type=settings.path_argument,
+        help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder",
     )
     p.add_argument("--split", default="test", help="split folder to evaluate (default test)")
-    p.add_argument("--model", action="append", default=None, type=settings.path_argument, help=MODEL_HELP + "; give twice to compare two models")
-    p.add_argument("--out", default="evaluation", type=settings.path_argument, help="output folder (default ./evaluation)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        type=settings.path_argument,
+        help=MODEL_HELP + "; give twice to compare two models",
+    )
+    p.add_argument(
+        "--out", default="evaluation", type=settings.path_argument, help="output folder (default ./evaluation)"
+    )
     _add_engine(p)
     _add_bootstrap(p)
     p.add_argument(
@@ -257,7 +270,13 @@ def _add_predict(sub) -> None:
         help="label every image, also those the input gate refuses as not a chest X-ray "
         "(each result says gate off and carries its gate score)",
     )
-    p.add_argument("--cam", metavar="DIR", default=None, type=settings.path_argument, help="also write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument(
+        "--cam",
+        metavar="DIR",
+        default=None,
+        type=settings.path_argument,
+        help="also write a Grad-CAM overlay PNG per image into DIR",
+    )
     p.add_argument(
         "--output",
         metavar="FILE",
@@ -357,11 +376,19 @@ def _add_calibrate(sub) -> None:
         "prints are in-sample: evaluate the new bundle on other images before relying on it.",
     )
     p.add_argument(
-        "--data", required=True, type=settings.path_argument, help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder"
+        "--data",
+        required=True,
+        type=settings.path_argument,
+        help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder",
     )
     p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
     p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument("--out", required=True, type=settings.path_argument, help="folder for the recalibrated bundle (not the source bundle)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=settings.path_argument,
+        help="folder for the recalibrated bundle (not the source bundle)",
+    )
     _add_operating_rule(p, "these images")
     _add_bootstrap(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -402,7 +429,9 @@ def _add_export(sub) -> None:
         "--out the file goes into the bundle, so predict uses ONNX Runtime by default.",
     )
     p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument("--out", default=None, type=settings.path_argument, help="FILE.onnx to write (default: inside the bundle)")
+    p.add_argument(
+        "--out", default=None, type=settings.path_argument, help="FILE.onnx to write (default: inside the bundle)"
+    )
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
     p.add_argument(
         "--int8-only",
@@ -568,7 +597,12 @@ def _add_demo(sub) -> None:
         description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
         "the bundled model; write report.html and Grad-CAM overlays.",
     )
-    p.add_argument("--out", default="pneumoscan-demo", type=settings.path_argument, help="output folder (default ./pneumoscan-demo)")
+    p.add_argument(
+        "--out",
+        default="pneumoscan-demo",
+        type=settings.path_argument,
+        help="output folder (default ./pneumoscan-demo)",
+    )
     p.set_defaults(run=_run_demo)
 
 

@@ -202,9 +202,7 @@ def check_ledger(path: str | Path) -> Path:
     return path
 
 
-def append_to_ledger(
-    path: str | Path, bundle: Bundle, report: dict, note: str = "", commit: str | None = None
-) -> None:
+def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str = "", commit: str | None = None) -> None:
     """One row for one read of a split: when, which code (``commit``: :func:`code_version` when the run
     started) and weights, which recipe, what it gave."""
     import csv

@@ -530,9 +530,7 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
-        raise ImageError(
-            name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})"
-        ) from None
+        raise ImageError(name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)

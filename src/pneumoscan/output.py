@@ -200,7 +200,7 @@ class ResultsFile:
             writer.writerow(CSV_COLUMNS)
 
     def _lines(self, position: list[int]):
-        """The file's whole lines after the first, as text; ``position[0]``: the offset after the last one."""
+        """The file's whole lines, as text; ``position``: the offset after the last one read, and its number."""
         while True:
             raw = self._file.readline(MAX_RESULT_LINE + 1)
             if len(raw) > MAX_RESULT_LINE:
@@ -208,11 +208,12 @@ class ResultsFile:
             if not raw.endswith(b"\n"):  # end of file, or a line torn by a kill
                 return
             position[0] += len(raw)
+            position[1] += 1
             yield raw.decode("utf-8", "surrogateescape")
 
     def _read(self, settings: dict, wanted: dict[str, int]) -> tuple[set[int], int]:
         self._file.seek(0)
-        position = [0]
+        position = [0, 0]  # the offset after the last whole line read, and its number
         lines = self._lines(position)
         recorded = self._recorded(next(lines, ""))
         changed = [k for k in SAME_FOR_RESUME if recorded.get(k) != settings.get(k)]
@@ -225,10 +226,9 @@ class ResultsFile:
             )
         base = str(recorded.get("cwd") or os.getcwd())
         found: set[int] = set()
-        n = 1
         try:
             if self.fmt == "jsonl":
-                for n, line in enumerate(lines, 2):
+                for line in lines:
                     row = json.loads(line)
                     if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                         raise ValueError("no path")
@@ -237,13 +237,14 @@ class ResultsFile:
                 rows = csv.reader(lines)
                 if tuple(next(rows, ())) != CSV_COLUMNS:
                     raise ValueError("the column header differs")
-                for n, row in enumerate(rows, 3):
+                for row in rows:
                     if row:
                         found.add(wanted.get(_resolved(csv_value(row[0]), base, "csv"), -1))
         except (ValueError, RecursionError, csv.Error) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
             raise ConfigError(
-                f"{printable(self.path)}: line {n} is not a result written by pneumoscan ({reason}); left unchanged"
+                f"{printable(self.path)}: line {position[1]} is not a result written by pneumoscan ({reason}); "
+                "left unchanged"
             ) from None
         found.discard(-1)
         return found, position[0]

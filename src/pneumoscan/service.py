@@ -277,7 +277,9 @@ def default_max_connections() -> int:
 
 
 def protocol_class(
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None, max_per_client: int | None = None
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int | None = None,
+    max_per_client: int | None = None,
 ) -> type:
     """A :class:`GuardedH11Protocol` with these limits, for ``uvicorn.Config(http=...)``; by default one
     client address may hold a tenth of the connections (at least one)."""

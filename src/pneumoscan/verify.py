@@ -61,8 +61,7 @@ def _require_torch() -> None:
         import torch  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "pneumoscan verify runs the weights with PyTorch, which is not installed: "
-            'pip install "pneumoscan[train]"'
+            'pneumoscan verify runs the weights with PyTorch, which is not installed: pip install "pneumoscan[train]"'
         ) from None
 
 
@@ -107,7 +106,9 @@ def verify_bundle(model: str | Path | None = None) -> list[EngineCheck]:
 
 def verify_table(checks: list[EngineCheck]) -> str:
     """One row per ONNX model: its differences from PyTorch, the tolerances and the verdict."""
-    head = f"{'engine':<10} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} {'labels':>7}  verdict"
+    head = (
+        f"{'engine':<10} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} {'labels':>7}  verdict"
+    )
     rows = [head]
     for c in checks:
         t = c.tolerance
