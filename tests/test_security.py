@@ -656,7 +656,7 @@ def test_resume_refuses_another_model_threshold_engine_or_gate(trained_bundle, t
     for model, extra, word in (
         (trained_bundle.path, ["--engine", "torch", "--no-gate"], "gate"),
         (other, ["--engine", "torch"], "threshold"),
-        (trained_bundle.path, ["--engine", "onnx"], "engine"),
+        (trained_bundle.path, ["--engine", "auto"], "engine"),  # ONNX Runtime on the cached export
     ):
         done = _predict(model, REAL, "--output", out, "--resume", *extra)
         assert done.returncode == 2 and word in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
