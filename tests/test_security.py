@@ -672,7 +672,9 @@ def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trai
         shutil.copyfile(REAL, folder / name)
     first = _predict(trained_bundle.path, "in/=a.jpeg", "--output", "r.csv", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    again = _predict(trained_bundle.path, folder / "." / "=a.jpeg", "./in/../in", "--output", "r.csv", "--resume")
+    again = _predict(
+        trained_bundle.path, folder / "." / "=a.jpeg", "./in/../in", "--output", "r.csv", "--resume", cwd=tmp_path
+    )
     assert again.returncode == 0 and "2 classified" in again.stdout, again.stdout + again.stderr
     with open(tmp_path / "r.csv", newline="") as f:
         f.readline()
