@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,12 +22,14 @@ os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-ca
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  # program: Debian package
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra:
-    without them they skip with the reason, except where $PNEUMOSCAN_REQUIRE names them (.ci/run
-    requires all three)."""
+    """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra,
+    ``dicom`` Debian's Orthanc, its DICOMweb plugin and dcmtk: without them they skip with the reason, except where
+    $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four)."""
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"
@@ -34,6 +37,14 @@ def pytest_collection_modifyitems(config, items):
         missing["browser"] = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
     if importlib.util.find_spec("ray") is None:
         missing["ray"] = 'Ray is not installed (pip install -e ".[ray]")'
+    absent = [tool for tool in DICOM_TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()]
+    if absent:
+        packages = " ".join(sorted({DICOM_TOOLS[t] for t in absent}))
+        missing["dicom"] = f"{', '.join(absent)} not found (apt-get install {packages})"
+    elif not DICOMWEB_PLUGIN.exists():
+        missing["dicom"] = (
+            f"Orthanc's DICOMweb plugin not found at {DICOMWEB_PLUGIN} (apt-get install orthanc-dicomweb)"
+        )
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
         needed = [item for item in items if marker in item.keywords]

@@ -7,6 +7,7 @@ configuration error, always one line and never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -278,6 +279,14 @@ def _add_predict(sub) -> None:
         help="also write a Grad-CAM overlay PNG per image into DIR",
     )
     p.add_argument(
+        "--sr",
+        metavar="DIR",
+        default=None,
+        type=settings.path_argument,
+        help="also write a DICOM structured report (Comprehensive SR, TID 1500) per DICOM input into DIR, "
+        "refusals included: the same report that listen --send-to sends",
+    )
+    p.add_argument(
         "--output",
         metavar="FILE",
         type=settings.path_argument,
@@ -314,8 +323,9 @@ def _run_predict(args) -> int:
     if args.resume and not args.output:
         raise PneumoscanError("--resume goes with --output FILE")
     clf = Classifier.load(args.model, engine=args.engine, int8=args.int8, gate=not args.no_gate)
-    if args.cam:
-        ensure_folder(args.cam)
+    for folder in (args.cam, args.sr):
+        if folder:
+            ensure_folder(folder)
     items = expand_inputs(args.paths)
     if args.ray:  # joined first: an unreachable cluster fails within seconds, before any file is touched
         from .distributed import connect
@@ -345,7 +355,7 @@ def _run_predict(args) -> int:
     else:
         batches = clf.iter_predictions(files, args.batch_size, show_progress, total=len(files))
         predicted = (r for batch in batches for r in batch)
-    explained = []
+    explained, reported = [], []
     try:
         for item in todo:
             r = next(predicted) if isinstance(item, Path) else item
@@ -354,6 +364,8 @@ def _run_predict(args) -> int:
                 print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
             elif args.cam:
                 explained.append(r)
+            if args.sr and isinstance(item, Path):
+                reported.append(r)
     finally:
         if results is not None:
             results.close()
@@ -364,6 +376,10 @@ def _run_predict(args) -> int:
         print(f"{writer.summary()}{skipped}; results in {printable(args.output)}")
     if args.cam:
         write_cams(clf, explained, Path(args.cam))
+    if args.sr:
+        from .dicom_sr import ModelInfo, write_reports
+
+        write_reports(reported, Path(args.sr), ModelInfo.of(clf.bundle))
     return 1 if writer.failed else 0
 
 
@@ -590,6 +606,129 @@ def _run_verify(args) -> int:
     return 1 if failed else 0
 
 
+def _add_listen(sub) -> None:
+    from .dicom_node import NodeLimits
+
+    limits = NodeLimits()
+    p = sub.add_parser(
+        "listen",
+        help="run a DICOM node that classifies the chest X-rays a PACS sends",
+        description="A DICOM C-ECHO/C-STORE node. It accepts CR and DX (for presentation) images, uncompressed or "
+        "JPEG/JPEG-LS/JPEG 2000/RLE compressed, classifies each with the input gate on, appends one JSON line per "
+        "image to OUT/results.jsonl and, with --send-to, answers with a DICOM structured report in the image's study. "
+        "Research software, not a medical device: send its answers to a research destination, never into a "
+        "clinical worklist. Stops on SIGTERM or Ctrl-C after answering the images already received.",
+    )
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    p.add_argument(
+        "--ae-title", default="PNEUMOSCAN", help="this node's AE title, which senders call (default PNEUMOSCAN)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=11112, help="DICOM port, 1-65535 (default 11112)")
+    p.add_argument(
+        "--out",
+        default="pneumoscan-listen",
+        type=settings.path_argument,
+        help="folder for results.jsonl, appended to (default ./pneumoscan-listen)",
+    )
+    p.add_argument(
+        "--send-to",
+        metavar="AETITLE@HOST:PORT",
+        default=None,
+        help="send a DICOM SR per image (the finding, or why the image was refused) to this node by C-STORE; "
+        "or give a DICOMweb URL (http(s)://HOST/dicom-web) to send by STOW-RS",
+    )
+    p.add_argument(
+        "--send-cam",
+        action="store_true",
+        help="with --send-to: also send the Grad-CAM overlay as a Secondary Capture image in a new series of the "
+        "image's study (slower: PyTorch runs the explanation)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="AETITLE",
+        help="calling AE title allowed to associate (repeatable); others are rejected. Default: any, with a warning",
+    )
+    p.add_argument(
+        "--max-associations",
+        type=_number(int, 1, 1000),
+        default=limits.max_associations,
+        help=f"concurrent associations at most; more are rejected (default {limits.max_associations})",
+    )
+    _add_engine(p)
+    p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
+    p.set_defaults(run=_run_listen)
+
+
+@contextlib.contextmanager
+def _node_log():
+    """While the node runs: one line on stderr per image and per refusal (pneumoscan's log); pynetdicom's own
+    log only for what is fatal (the node logs the refusals that matter, without tracebacks)."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        """Peers name themselves (AE titles): their text is escaped; an exception is its type and message."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f" ({type(record.exc_info[1]).__name__}: {str(record.exc_info[1])[:200]})"
+            return f"pneumoscan: {printable(text)}"
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine())
+    ours, network = logging.getLogger("pneumoscan"), logging.getLogger("pynetdicom")
+    levels = ours.level, network.level
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    network.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(levels[0])
+        network.setLevel(levels[1])
+
+
+def _run_listen(args) -> int:
+    import dataclasses
+
+    from .dicom_node import DicomNode, NodeLimits, check_ae_title, destination
+    from .inference import Classifier
+
+    send_to = destination(args.send_to) if args.send_to else None
+    if args.send_cam and not send_to:
+        raise PneumoscanError("--send-cam goes with --send-to AETITLE@HOST:PORT")
+    for title in (args.ae_title, *(args.allow or ())):
+        check_ae_title(title)
+    if not args.allow:
+        print("pneumoscan: warning: any calling AE title may store images here; restrict with --allow", file=sys.stderr)
+    limits = dataclasses.replace(NodeLimits(), max_associations=args.max_associations)
+    clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
+    node = DicomNode(
+        clf,
+        args.out,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        send_to=send_to,
+        send_cam=args.send_cam,
+        allow=args.allow,
+        limits=limits,
+    )
+    with _node_log():
+        node.serve_forever()
+    c = node.counts
+    print(
+        f"{c['received']} received, {c['classified']} classified, {c['refused']} refused, {c['failed']} failed, "
+        f"{c['sent']} reports sent, {c['send_failed']} not sent; results in {printable(node.results_path)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -623,8 +762,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = (_add_train, _add_evaluate, _add_calibrate, _add_predict, _add_export, _add_serve, _add_verify)
-    for add in (*commands, _add_demo, _add_data):
+    commands = (
+        _add_train,
+        _add_evaluate,
+        _add_calibrate,
+        _add_predict,
+        _add_export,
+        _add_serve,
+        _add_listen,
+        _add_verify,
+        _add_demo,
+    )
+    for add in (*commands, _add_data):
         add(sub)
     return parser
 

@@ -1,0 +1,180 @@
+"""Throughput and latency of `pneumoscan listen`: store in by C-STORE, structured report back to a real PACS.
+
+    python benchmarks/dicom_node.py [--images 400] [--senders 2] [--rate R] [--stow] [--fullres] [--int8]
+
+A real Orthanc (Debian's package) on loopback ports receives the reports; K dcmtk `storescu` processes send
+real chest X-rays (CR, JPEG baseline: the 224 px training images, or with --fullres the full-resolution sample
+at 400-2900 px) to a `pneumoscan listen --send-to` process as fast as it takes them (saturation: latency is
+then mostly time in the node's bounded queue), or with --rate R one sender (pynetdicom) offers R images/s.
+Prints images/s from the first store to the last report sent, receipt-to-report-sent latency percentiles
+(each image's time from the node holding it to Orthanc acknowledging its report), the node's peak RSS, and,
+for reference, the same images classified in-process without the network (decode + model, batch 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from pacs import ECHOSCU, STORESCU, Orthanc, chest_dicom, free_port  # noqa: E402
+
+from pneumoscan.data import shared_data_root  # noqa: E402
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def films(count: int, fullres: bool) -> list[Path]:
+    root = shared_data_root()
+    folders = [root / "fullres_sample"] if fullres else [root / "chest_xray_224" / "train"]
+    found = sorted(p for f in folders for p in f.glob("*/*.jpeg"))
+    step = max(1, len(found) // count)
+    picked = found[::step][:count]
+    return [picked[i % len(picked)] for i in range(count)]
+
+
+def wait_rows(path: Path, count: int, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            if len(rows) >= count:
+                return rows
+        time.sleep(0.05)
+    raise SystemExit(f"only {len(rows) if path.exists() else 0} of {count} results within {timeout:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--senders", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=None, help="offer this many images/s from one sender")
+    parser.add_argument("--stow", action="store_true", help="send the reports by DICOMweb STOW-RS, not C-STORE")
+    parser.add_argument("--fullres", action="store_true", help="full-resolution films instead of 224 px")
+    parser.add_argument("--int8", action="store_true", help="the bundle's int8 ONNX model")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--max-seconds", type=float, default=600)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pneumoscan-dicom-bench-"))
+    port = free_port()
+    orthanc = Orthanc(work / "orthanc", {"pneumoscan": ["PNEUMOSCAN", "127.0.0.1", port]}, dicomweb=args.stow)
+    chosen = films(args.images, args.fullres)
+    files = []
+    for n, film in enumerate(chosen):
+        files.append(work / "in" / f"{n % args.senders}" / f"{n:05d}.dcm")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        files[-1].write_bytes(chest_dicom(film))
+    command = [sys.executable, "-m", "pneumoscan.cli", "listen", "--port", str(port), "--out", str(work / "out")]
+    send_to = (
+        f"http://127.0.0.1:{orthanc.http_port}/dicom-web" if args.stow else f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    )
+    command += ["--send-to", send_to, "--allow", "BENCH"]
+    command += ["--int8"] * args.int8 + (["--model", args.model] if args.model else [])
+    node = subprocess.Popen(command, stderr=open(work / "listen.log", "w"))
+    try:
+        echo = [ECHOSCU, "-aet", "BENCH", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)]
+        while subprocess.run(echo, capture_output=True).returncode != 0:
+            if node.poll() is not None:
+                raise SystemExit(f"listen exited; see {work / 'listen.log'}")
+            time.sleep(0.2)
+        start = time.monotonic()
+        if args.rate:
+            codes = [paced(sorted(work.glob("in/*/*.dcm")), port, args.rate)]
+        else:
+            codes = send_all(work, port, args.senders, args.max_seconds)
+        rows = wait_rows(work / "out" / "results.jsonl", len(files), args.max_seconds)
+        elapsed = time.monotonic() - start
+        rss = peak_rss_mb(node.pid)
+    finally:
+        node.terminate()
+        node.wait(60)
+        held = orthanc.get("/statistics")["CountInstances"]
+        orthanc.stop()
+    report(args, files, rows, elapsed, rss, held, codes)
+
+
+def send_all(work: Path, port: int, senders: int, max_seconds: float) -> list[int]:
+    """``senders`` storescu processes, each sending its share of the files as fast as the node takes them."""
+    senders = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "BENCH", "-aec", "PNEUMOSCAN", "-xy", "127.0.0.1", str(port)]
+            + [str(f) for f in sorted((work / "in" / str(k)).iterdir())],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for k in range(senders)
+    ]
+    return [s.wait(max_seconds) for s in senders]
+
+
+def paced(files: list[Path], port: int, rate: float) -> int:
+    """One association offering ``rate`` images/s; returns 0 when every store succeeded."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.4.50")
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
+    failed, start = 0, time.monotonic()
+    for n, path in enumerate(files):
+        time.sleep(max(0.0, start + n / rate - time.monotonic()))
+        status = assoc.send_c_store(path)
+        failed += not status or status.Status != 0
+    assoc.release()
+    return failed
+
+
+def report(args, files, rows, elapsed, rss, held, codes) -> None:
+    seconds = np.array([r["seconds"] for r in rows])
+    sent = sum("sr_instance_uid" in r for r in rows)
+    refused = sum("error" in r for r in rows)
+    reference = classify_in_process([f.read_bytes() for f in files], args.model, args.int8)
+    size = "full resolution" if args.fullres else "224 px"
+    how = f"offered at {args.rate:g}/s by one sender" if args.rate else f"from {args.senders} storescu senders"
+    engine = ("onnx-int8" if args.int8 else "auto") + ("; reports by STOW-RS" if args.stow else "")
+    print(f"\n{len(files)} CR images ({size}, JPEG baseline) {how}; senders' exit codes {codes}; engine {engine}")
+    print(f"| {'measure':<44} | {'value':>10} |")
+    print(f"|{'-' * 46}|{'-' * 12}|")
+    for name, value in [
+        ("images/s, first store to last report sent", f"{len(files) / elapsed:.1f}"),
+        ("receipt to report sent, p50 (ms)", f"{1000 * np.percentile(seconds, 50):.0f}"),
+        ("receipt to report sent, p95 (ms)", f"{1000 * np.percentile(seconds, 95):.0f}"),
+        ("receipt to report sent, max (ms)", f"{1000 * seconds.max():.0f}"),
+        ("reports sent / images", f"{sent} / {len(files)}"),
+        ("refused by the node (report says why)", f"{refused}"),
+        ("reports Orthanc holds", f"{held}"),
+        ("node peak RSS (MB)", f"{rss:.0f}"),
+        ("reference: classify in-process, images/s", f"{reference:.1f}"),
+    ]:
+        print(f"| {name:<44} | {value:>10} |")
+
+
+def classify_in_process(files: list[bytes], model: str | None, int8: bool) -> float:
+    import io
+
+    from pneumoscan import Classifier
+
+    clf = Classifier.load(model, int8=int8)
+    clf.predict([io.BytesIO(files[0])])  # warm up
+    start = time.monotonic()
+    clf.predict([io.BytesIO(f) for f in files], batch_size=16)
+    return len(files) / (time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

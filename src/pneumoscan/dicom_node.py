@@ -1,0 +1,586 @@
+"""A DICOM node: C-ECHO and C-STORE service class provider that classifies the chest radiographs a PACS sends.
+
+    >>> from pneumoscan import Classifier
+    >>> from pneumoscan.dicom_node import DicomNode, Peer
+    >>> node = DicomNode(Classifier.load(), "results", send_to=Peer.parse("ORTHANC@127.0.0.1:4242"))
+    >>> node.start(); ...; node.stop()
+
+Each received image is acknowledged as soon as it is held, queued (the queue is bounded: a full queue answers
+"out of resources" rather than growing), decoded by the one image loader (``images.py``: its pixel, memory and
+frame limits apply), classified with the input gate on, written as one JSON line to ``OUT/results.jsonl``
+(the ``predict --format jsonl`` record plus the study, series and SOP instance UIDs) and, with ``send_to``,
+answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to a ``StowTarget``); with
+``send_cam``, also the Grad-CAM overlay.
+
+Only CR and DX (for presentation) images are accepted, checked at association; calling AE titles can be
+restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
+that image's error row: the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import UID
+
+from .errors import ConfigError, ImageError
+from .images import MAX_FILE_BYTES
+from .inference import Classifier, Prediction
+
+LOG = logging.getLogger("pneumoscan.dicom")
+
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_FOR_PRESENTATION)
+VERIFICATION = "1.2.840.10008.1.1"
+UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+COMPRESSED = (  # offered only where the installed pydicom handlers decode them
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG extended (12-bit)
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE lossless
+)
+RESULTS_FILE = "results.jsonl"
+AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM AE: 16 printable characters, no backslash
+STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or success with a warning
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM node to send to: ``AETITLE@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        match = re.fullmatch(r"(.+)@(\[[^\]]+\]|[^:@]+):(\d{1,5})", text.strip())
+        if not match or not 0 < int(match[3]) < 65536:
+            raise ConfigError(f"{text!r}: expected AETITLE@HOST:PORT (for example ORTHANC@127.0.0.1:4242)")
+        return cls(check_ae_title(match[1]), match[2].strip("[]"), int(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StowTarget:
+    """A DICOMweb service to send to by STOW-RS: its base URL (``.../dicom-web``) or its ``/studies`` URL."""
+
+    url: str
+
+    @property
+    def studies(self) -> str:
+        return self.url if self.url.rstrip("/").endswith("/studies") else self.url.rstrip("/") + "/studies"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def destination(text: str) -> Peer | StowTarget:
+    """``--send-to``: ``AETITLE@HOST:PORT`` (C-STORE) or an ``http(s)://`` DICOMweb URL (STOW-RS)."""
+    text = text.strip()
+    if text.lower().startswith(("http://", "https://")):
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", text, re.IGNORECASE):
+            raise ConfigError(f"{text!r}: not a DICOMweb URL (expected http(s)://HOST[:PORT]/PATH)")
+        return StowTarget(text)
+    return Peer.parse(text)
+
+
+def check_ae_title(title: str) -> str:
+    """An AE title as DICOM allows it (1-16 printable ASCII characters, no backslash), or a ConfigError."""
+    if not AE_TITLE.fullmatch(title) or not title.strip():
+        raise ConfigError(f"{title!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    return title.strip()
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """How much the network may ask of the node."""
+
+    max_associations: int = 8  # concurrent; more are rejected (local limit exceeded)
+    acse_timeout: float = 30.0  # seconds to negotiate or release an association
+    dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
+    network_timeout: float = 60.0  # seconds an idle association is kept
+    max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
+    max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
+    queue_size: int = 32  # received images held for classification; a full queue answers out of resources
+    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together
+    queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
+    batch_size: int = 16  # images classified together when several wait
+    send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
+    drain_timeout: float = 30.0  # on stop: seconds for open associations to finish before they are aborted
+
+
+@dataclass
+class Received:
+    data: bytes
+    calling_ae: str
+    held: int = 0  # bytes counted against the node's byte budget until released
+    received: float = field(default_factory=time.monotonic)
+    received_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+
+
+class _ByteBudget:
+    """How many bytes of received images the node holds at once; a store waits for room, or is refused."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._room = threading.Condition()
+
+    def take(self, size: int, timeout: float) -> bool:
+        with self._room:
+            if not self._room.wait_for(lambda: self.used == 0 or self.used + size <= self.limit, timeout):
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._room:
+            self.used -= size
+            self._room.notify_all()
+
+
+class _NamedBytes(io.BytesIO):
+    """Bytes that name themselves in results and error messages."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Uncompressed syntaxes, and the compressed ones the installed pixel handlers can decode."""
+    from pydicom.pixels import get_decoder
+
+    usable = []
+    for uid in COMPRESSED:
+        try:
+            if get_decoder(uid).is_available:
+                usable.append(uid)
+        except NotImplementedError:
+            continue
+    return [*UNCOMPRESSED, *usable]
+
+
+class Sender:
+    """One association to the destination, opened when first needed and again after a failure."""
+
+    def __init__(self, peer: Peer, ae_title: str, limits: NodeLimits):
+        from pynetdicom import AE
+        from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+        self.peer = peer
+        self.ae = AE(ae_title=ae_title)
+        self.ae.acse_timeout, self.ae.dimse_timeout = limits.acse_timeout, limits.dimse_timeout
+        self.ae.network_timeout = limits.network_timeout
+        self.ae.maximum_pdu_size = limits.max_pdu
+        for sop in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            self.ae.add_requested_context(sop, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.assoc = None
+        self.lock = threading.Lock()
+
+    def send(self, dataset) -> None:
+        """C-STORE one dataset; raises ``OSError`` with the reason when the destination does not take it."""
+        with self.lock:
+            for _attempt in (1, 2):
+                if self.assoc is None or not self.assoc.is_established:
+                    self.assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+                    if not self.assoc.is_established:
+                        self.assoc = None
+                        raise OSError(f"{self.peer}: association refused or not answered")
+                status = self.assoc.send_c_store(dataset)
+                if status:
+                    if status.Status in STORE_OK:
+                        return
+                    raise OSError(f"{self.peer}: C-STORE answered status 0x{int(status.Status):04X}")
+                self.close_locked()  # no answer: the association died; one more try on a new one
+            raise OSError(f"{self.peer}: C-STORE not answered")
+
+    def close(self) -> None:
+        with self.lock:
+            self.close_locked()
+
+    def close_locked(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
+
+
+class StowSender:
+    """STOW-RS: each instance POSTed alone as ``multipart/related; type="application/dicom"``."""
+
+    def __init__(self, target: StowTarget, limits: NodeLimits):
+        self.target, self.timeout = target, limits.dimse_timeout
+
+    def send(self, dataset) -> None:
+        """Store one dataset; raises ``OSError`` with the reason when the service does not take it."""
+        import urllib.error
+        import urllib.request
+        import uuid
+
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), buffer.getvalue()]
+            + [f"\r\n--{boundary}--\r\n".encode()]
+        )
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        request = urllib.request.Request(self.target.studies, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            raise OSError(f"{self.target}: STOW-RS answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise OSError(f"{self.target}: STOW-RS failed ({getattr(exc, 'reason', exc)})") from None
+        if status != 200:
+            raise OSError(f"{self.target}: STOW-RS answered HTTP {status} (not all stored)")
+
+    def close(self) -> None:
+        pass
+
+
+def make_sender(send_to: Peer | StowTarget, ae_title: str, limits: NodeLimits) -> Sender | StowSender:
+    return StowSender(send_to, limits) if isinstance(send_to, StowTarget) else Sender(send_to, ae_title, limits)
+
+
+class DicomNode:
+    """The C-ECHO/C-STORE node around one :class:`Classifier` (see the module's docstring)."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        out: str | Path,
+        *,
+        ae_title: str = "PNEUMOSCAN",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        send_to: Peer | StowTarget | None = None,
+        send_cam: bool = False,
+        allow: Sequence[str] | None = None,
+        limits: NodeLimits = NodeLimits(),
+    ):
+        from .dicom_sr import ModelInfo
+        from .output import ensure_folder
+
+        self.classifier, self.limits = classifier, limits
+        self.ae_title, self.host, self.port = check_ae_title(ae_title), host, port
+        self.allow = [check_ae_title(a) for a in allow] if allow else None
+        self.send_to, self.send_cam = send_to, send_cam
+        self.model = ModelInfo.of(classifier.bundle)
+        self.results_path = ensure_folder(out) / RESULTS_FILE
+        self.queue: queue.Queue[Received | None] = queue.Queue(limits.queue_size)
+        self._budget = _ByteBudget(limits.queued_bytes)
+        self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
+        self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
+        self._server = self._ae = self._worker = None
+        self._senders: list[tuple[threading.Thread, Sender | StowSender]] = []
+        self._results = None
+        self._lock = threading.Lock()  # counts and the results file, shared by the worker and the senders
+        self._stopped = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and serve in background threads; returns at once (``self.port`` is the bound port)."""
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self.limits.max_associations
+        ae.acse_timeout, ae.dimse_timeout = self.limits.acse_timeout, self.limits.dimse_timeout
+        ae.network_timeout = self.limits.network_timeout
+        ae.maximum_pdu_size = self.limits.max_pdu
+        if self.allow:
+            ae.require_calling_aet = self.allow
+        ae.add_supported_context(VERIFICATION)
+        syntaxes = accepted_transfer_syntaxes()
+        for sop in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop, syntaxes)
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
+        self._results = open(self.results_path, "a", encoding="utf-8", buffering=1)
+        self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
+        self._worker.start()
+        for n in range(self.limits.send_associations if self.send_to else 0):
+            sender = make_sender(self.send_to, self.ae_title, self.limits)
+            thread = threading.Thread(target=self._send_loop, args=(sender,), name=f"pneumoscan-send-{n}", daemon=True)
+            thread.start()
+            self._senders.append((thread, sender))
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            self._finish_threads()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc})") from None
+        self._ae = ae
+        self.port = self._server.server_address[1]
+        LOG.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop accepting, let open associations finish (up to ``drain_timeout``), classify and answer every
+        image already received, then close."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._server.shutdown()  # no new associations; open ones go on
+        deadline = time.monotonic() + self.limits.drain_timeout
+        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._ae.shutdown()  # aborts what is still open after the grace period
+        self._finish_threads()
+
+    def _finish_threads(self) -> None:
+        """Classify what is queued, answer what is classified, then close the associations and the file."""
+        self.queue.put(None)
+        self._worker.join()
+        for _ in self._senders:
+            self.outbox.put(None)
+        for thread, sender in self._senders:
+            thread.join()
+            sender.close()
+        self._results.close()
+
+    def serve_forever(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT; images in flight are finished before returning."""
+        stop = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            stop.wait()
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -- network events ----------------------------------------------------------------------------------------
+    def _on_connection(self, event) -> None:
+        """Every read of a PDU is bounded: pynetdicom reads whatever length a PDU header claims. A PDU over the
+        limit, or a dataset over ``max_dataset_bytes``, closes the connection at once (the association ends)."""
+        sock = event.assoc.dul.socket
+        read, limit = sock.recv, max(self.limits.max_pdu, 2**20) + 6  # an A-ASSOCIATE-RQ may exceed the max PDU
+        state = event.assoc._pneumoscan = {"dataset": 0, "over": False}
+
+        def bounded_recv(nr_bytes: int) -> bytearray:
+            if nr_bytes > limit or state["over"]:
+                what = "a dataset over the limit" if state["over"] else f"a PDU of {nr_bytes} bytes, over the limit"
+                LOG.warning("%s sent %s: connection closed", event.assoc.requestor.address, what)
+                sock.close()
+                return bytearray()
+            return read(nr_bytes)
+
+        sock.recv = bounded_recv
+
+    def _on_pdu(self, event) -> None:
+        """Counts the bytes of the dataset being received; one over ``max_dataset_bytes`` aborts the association."""
+        state = getattr(event.assoc, "_pneumoscan", None)
+        items = getattr(event.pdu, "presentation_data_value_items", None)
+        if state is None or not items:
+            return
+        for item in items:
+            value = item.presentation_data_value
+            if value and not value[0] & 1:  # dataset fragment (not command)
+                state["dataset"] += len(value) - 1
+                if state["dataset"] > self.limits.max_dataset_bytes:
+                    state["over"] = True
+                    LOG.warning(
+                        "%s: dataset over %d bytes, association aborted",
+                        event.assoc.requestor.ae_title,
+                        self.limits.max_dataset_bytes,
+                    )
+                if value[0] & 2:
+                    state["dataset"] = 0
+
+    def _on_rejected(self, event) -> None:
+        LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+    def _on_accepted(self, event) -> None:
+        """Say so when a peer offered nothing this node takes (senders often offer every SOP class at once)."""
+        if event.assoc.accepted_contexts:
+            return
+        refused = sorted({getattr(UID(cx.abstract_syntax), "name", "") for cx in event.assoc.rejected_contexts})
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        LOG.warning(
+            "%s offered no CR or DX image storage (%s%s): nothing accepted",
+            event.assoc.requestor.ae_title,
+            ", ".join(refused[:3]),
+            more,
+        )
+
+    def _on_store(self, event) -> int:
+        if self._stopped.is_set():
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
+            LOG.exception("C-STORE could not be read")
+            return STATUS_CANNOT_UNDERSTAND
+        item = Received(data, event.assoc.requestor.ae_title, held=len(data))
+        if not self._budget.take(item.held, self.limits.queue_wait):
+            LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            self.queue.put(item, timeout=self.limits.queue_wait)
+        except queue.Full:
+            self._release(item)
+            LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
+            return STATUS_OUT_OF_RESOURCES
+        self._count("received")
+        return STATUS_SUCCESS
+
+    # -- classification ----------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.limits.batch_size:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            try:
+                self._answer_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - nothing one batch does may stop the node
+                LOG.exception("batch of %d images failed", len(batch))
+                for item in batch:
+                    failure = Prediction(item.calling_ae, error=f"internal error ({type(exc).__name__})")
+                    self._finish(item, self._record(item, None, failure))
+
+    def _answer_batch(self, batch: list[Received]) -> None:
+        answers = answer_images(self.classifier, [i.data for i in batch], names=[i.calling_ae for i in batch])
+        for item, (source, result) in zip(batch, answers):
+            record = self._record(item, source, result)
+            if self._senders and source is not None:
+                if not (self.send_cam and result.ok):
+                    self._release(item)  # the pixels are no longer needed: the outbox holds none it will not use
+                self.outbox.put((item, source, result, record))
+            else:
+                self._finish(item, record)
+
+    def _send_loop(self, sender: Sender | StowSender) -> None:
+        """One of ``send_associations`` threads: build each report and C-STORE it on this thread's association
+        (a PACS answers each store after committing it, so several associations keep several stores in flight)."""
+        while (job := self.outbox.get()) is not None:
+            item, source, result, record = job
+            try:
+                self._send(sender, source, result, item, record)
+            except Exception as exc:  # noqa: BLE001 - one image's failure is its own row
+                LOG.exception("answering %s failed", record.get("sop_instance_uid"))
+                record["send_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self._count("send_failed")
+            self._finish(item, record)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def _release(self, item: Received) -> None:
+        if item.held:
+            self._budget.give(item.held)
+        item.held, item.data = 0, b""
+
+    def _finish(self, item: Received, record: dict) -> None:
+        self._release(item)
+        record["seconds"] = round(time.monotonic() - item.received, 4)
+        with self._lock:
+            self._results.write(json.dumps(record) + "\n")
+        LOG.info("%s", _summary(record))
+
+    def _record(self, item: Received, source, result: Prediction) -> dict:
+        record = result.to_dict()
+        if source is not None:
+            record.update(
+                study_instance_uid=str(source.StudyInstanceUID),
+                series_instance_uid=str(source.SeriesInstanceUID),
+                sop_instance_uid=str(source.SOPInstanceUID),
+            )
+        record.update(calling_ae=item.calling_ae, received=item.received_at)
+        self._count("classified" if result.ok else "refused" if source is not None else "failed")
+        return record
+
+    def _send(self, sender: Sender | StowSender, source, result: Prediction, item: Received, record: dict) -> None:
+        from .dicom_sr import build_report
+
+        report = build_report(source, result, self.model)
+        try:
+            sender.send(report)
+        except OSError as exc:
+            self._count("send_failed")
+            record["send_error"] = str(exc)
+            return
+        self._count("sent")
+        record["sr_instance_uid"] = str(report.SOPInstanceUID)
+        if self.send_cam and result.ok:
+            from .dicom_sr import build_cam_image
+
+            overlay = self.classifier.explain(_NamedBytes(item.data, record["path"])).overlay()
+            cam = build_cam_image(source, np.asarray(overlay), self.model)
+            sender.send(cam)
+            record["cam_instance_uid"] = str(cam.SOPInstanceUID)
+
+
+def _summary(record: dict) -> str:
+    what = record.get("label") or f"refused: {record.get('error')}"
+    if "probability" in record:
+        what += f" {record['probability']:.4f}"
+    if "sr_instance_uid" in record:
+        what += " -> SR sent"
+    elif "send_error" in record:
+        what += f" -> not sent: {record['send_error']}"
+    return f"{record['path']}: {what}"
+
+
+def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequence[str] | None = None) -> list:
+    """``(header, Prediction)`` per DICOM file's bytes, classified together; the header is None (and the
+    prediction an error) for a file whose header lacks the UIDs a report needs."""
+    from .dicom_sr import read_header
+
+    headers, sources = [], []
+    for n, data in enumerate(files):
+        who = names[n] if names else "dicom"
+        try:
+            header = read_header(data, who)
+            name = f"{who}/{header.SOPInstanceUID}"
+        except ImageError as exc:
+            header, name = None, who
+            headers.append((None, Prediction(name, error=exc.reason)))
+            sources.append(None)
+            continue
+        headers.append((header, None))
+        sources.append(_NamedBytes(data, name))
+    todo = [s for s in sources if s is not None]
+    predicted = iter(classifier.predict(todo, batch_size=max(1, len(todo)))) if todo else iter(())
+    return [(h, p) if p is not None else (h, next(predicted)) for h, p in headers]
