@@ -664,21 +664,21 @@ def test_resume_refuses_another_model_threshold_engine_or_gate(trained_bundle, t
 
 
 def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trained_bundle, tmp_path):
+    """'=a.jpeg' and ''=a.jpeg' were one cell after formula escaping; an absolute spelling of a file done
+    under a relative one was done again."""
     import csv
 
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("=a.jpeg", "'=a.jpeg", "b.jpeg"):
         shutil.copyfile(REAL, folder / name)
-    first = _predict(trained_bundle.path, "in/=a.jpeg", "--output", "r.csv", cwd=tmp_path)
+    first = _predict(trained_bundle.path, "=a.jpeg", "--output", "r.csv", cwd=folder)
     assert first.returncode == 0, first.stderr
-    again = _predict(
-        trained_bundle.path, folder / "." / "=a.jpeg", "./in/../in", "--output", "r.csv", "--resume", cwd=tmp_path
-    )
+    again = _predict(trained_bundle.path, folder / "." / "=a.jpeg", ".", "--output", "r.csv", "--resume", cwd=folder)
     assert again.returncode == 0 and "2 classified" in again.stdout, again.stdout + again.stderr
-    with open(tmp_path / "r.csv", newline="") as f:
+    with open(folder / "r.csv", newline="") as f:
         f.readline()
-        paths = [Path(row["path"]).name for row in csv.DictReader(f)]
+        paths = [row["path"] for row in csv.DictReader(f)]
     assert sorted(paths) == sorted(["'=a.jpeg", "''=a.jpeg", "b.jpeg"]), paths  # each once, escaped apart
 
 

@@ -158,9 +158,9 @@ class ResultsFile:
             size = os.fstat(self._file.fileno()).st_size
             if size and not resume:
                 raise ConfigError(f"{printable(self.path)}: exists; add --resume to continue it, or remove it")
-            wanted = {_resolved(name, os.getcwd(), self.fmt): i for i, name in enumerate(names)}
-            found, end = self._read(settings, wanted) if size else (set(), 0)
-            self.done = [i in found for i in range(len(names))]
+            keys = [_resolved(name, os.getcwd(), self.fmt) for name in names]
+            found, end = self._read(settings, set(keys)) if size else (set(), 0)
+            self.done = [key in found for key in keys]  # every spelling of a file already in it
             if end < size:  # a last line torn by a kill: cut, now that the file is known to be ours
                 self._file.truncate(end)
             self._file.seek(end)
@@ -211,7 +211,8 @@ class ResultsFile:
             position[1] += 1
             yield raw.decode("utf-8", "surrogateescape")
 
-    def _read(self, settings: dict, wanted: dict[str, int]) -> tuple[set[int], int]:
+    def _read(self, settings: dict, wanted: set[str]) -> tuple[set[str], int]:
+        """The keys of ``wanted`` the file holds, and the offset after its last whole line."""
         self._file.seek(0)
         position = [0, 0]  # the offset after the last whole line read, and its number
         lines = self._lines(position)
@@ -225,28 +226,30 @@ class ResultsFile:
                 "options, or write another file"
             )
         base = str(recorded.get("cwd") or os.getcwd())
-        found: set[int] = set()
+        found: set[str] = set()
         try:
             if self.fmt == "jsonl":
                 for line in lines:
                     row = json.loads(line)
                     if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                         raise ValueError("no path")
-                    found.add(wanted.get(_resolved(row["path"], base, "jsonl"), -1))
+                    key = _resolved(row["path"], base, "jsonl")
+                    if key in wanted:
+                        found.add(key)
             else:
                 rows = csv.reader(lines)
                 if tuple(next(rows, ())) != CSV_COLUMNS:
                     raise ValueError("the column header differs")
                 for row in rows:
-                    if row:
-                        found.add(wanted.get(_resolved(csv_value(row[0]), base, "csv"), -1))
+                    key = _resolved(csv_value(row[0]), base, "csv") if row else None
+                    if key in wanted:
+                        found.add(key)
         except (ValueError, RecursionError, csv.Error) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
             raise ConfigError(
                 f"{printable(self.path)}: line {position[1]} is not a result written by pneumoscan ({reason}); "
                 "left unchanged"
             ) from None
-        found.discard(-1)
         return found, position[0]
 
     def _recorded(self, first: str) -> dict:
