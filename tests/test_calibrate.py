@@ -10,6 +10,7 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.calibrate import calibrate_bundle
 from pneumoscan.cli import main
 from pneumoscan.data import load_images, load_split
+from pneumoscan.demo import EXAMPLES
 from pneumoscan.errors import ConfigError
 
 pytestmark = pytest.mark.data
@@ -39,7 +40,8 @@ def _labels_and_logits(bundle_path, folder):
 def test_refits_temperature_and_youden_threshold_on_the_local_images(calibrated, trained_bundle, local_set):
     bundle, report = calibrated
     y, logits = _labels_and_logits(trained_bundle.path, local_set)
-    assert bundle.temperature == pytest.approx(M.fit_temperature(y, logits), rel=1e-3)
+    t0 = trained_bundle.temperature
+    assert bundle.temperature == pytest.approx(M.fit_temperature(y, logits, (t0 / 4, t0 * 4), t0), rel=1e-3)
     fitted, shipped = bundle.probabilities(logits), trained_bundle.probabilities(logits)
     assert M.log_loss(y, fitted) <= M.log_loss(y, shipped) + 1e-9  # the fitted temperature is the loss minimum
 
@@ -125,3 +127,46 @@ def test_cli(trained_bundle, small_data, tmp_path, capsys):
     assert f"threshold {trained_bundle.threshold:.4f} -> " in captured.out and "in-sample" in captured.out
     assert "only 40 NORMAL and 40 PNEUMONIA images" in captured.err  # 40 < 50 of each class
     assert load_bundle(tmp_path / "m").config["calibration"]["images"] == 80
+
+
+@pytest.mark.parametrize(
+    "rule, target", [("youden", None), ("balanced", None), ("youden", 1.0)], ids=["youden", "balanced", "sens1"]
+)
+def test_small_separable_set_gives_a_sound_bundle(rule, target, tmp_path):
+    """The 16 bundled examples, which the default model separates perfectly: no temperature can be fitted
+    (the loss falls as T goes to 0), so the bundle's is kept, with a warning; the threshold is a probability."""
+    source = load_bundle()
+    bundle, report = calibrate_bundle(
+        EXAMPLES, tmp_path / "m", rule=rule, target_sensitivity=target, n_resamples=50, progress=False
+    )
+    assert bundle.temperature == source.temperature
+    assert 0.01 <= bundle.threshold <= 0.99
+    assert any("separates these 16 images perfectly" in w for w in report["warnings"])
+    assert report["accuracy"] == 1.0  # in-sample: a youden threshold in the gap, or at the lowest positive
+    reloaded = load_bundle(tmp_path / "m")
+    assert reloaded.threshold == bundle.threshold and reloaded.metrics["calibration"]["warnings"] == report["warnings"]
+    if rule == "youden" and target is None:
+        y, logits = _labels_and_logits(None, EXAMPLES)
+        between = M.sigmoid((logits[y == 1].min() + logits[y == 0].max()) / 2, source.temperature)
+        assert bundle.threshold == pytest.approx(float(between))
+
+
+def test_cli_on_the_bundled_examples_warns_and_writes(tmp_path, capsys):
+    code = main(["calibrate", "--data", str(EXAMPLES), "--out", str(tmp_path / "m"), "--bootstrap", "50", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0 and "calibrated bundle written" in captured.out
+    assert "pneumoscan: warning: the model separates these 16 images perfectly" in captured.err
+    assert "only 8 NORMAL and 8 PNEUMONIA images" in captured.err
+
+
+def test_a_failed_calibration_leaves_no_empty_folder(tmp_path):
+    one_class = tmp_path / "one"
+    shutil.copytree(EXAMPLES / "NORMAL", one_class / "NORMAL")
+    (one_class / "PNEUMONIA").mkdir()
+    (one_class / "PNEUMONIA" / "person1_bacteria_1.jpeg").write_bytes(b"not an image")
+    assert main(["calibrate", "--data", str(one_class), "--out", str(tmp_path / "new" / "m"), "--quiet"]) == 2
+    assert not (tmp_path / "new" / "m").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder the user made is theirs: left as it was
+    assert main(["calibrate", "--data", str(one_class), "--out", str(kept), "--quiet"]) == 2
+    assert kept.is_dir() and not any(kept.iterdir())

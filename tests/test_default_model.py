@@ -20,12 +20,14 @@ def clf():
 
 def test_bundle_is_small_complete_and_verified():
     path = default_bundle_path()
-    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    assert max(f.stat().st_size for f in path.iterdir()) <= 50 * 2**20  # the repository's budget per file
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 40 * 2**20  # weights, fp32 and int8 ONNX, heads
     bundle = load_bundle()
     assert {"validation", "test"} <= set(bundle.metrics)
     assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
-    assert bundle.onnx_path(int8=True) is not None
-    assert set(bundle.config["files"]) == {"model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
+    assert bundle.onnx_path(int8=True) is not None and bundle.onnx_path() is not None  # nothing exported on use
+    files = {"model.onnx", "model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
+    assert set(bundle.config["files"]) == files
     # the operating-point decision: balanced (0.5), said to be taken after earlier test reads; the one read
     # of this model named
     assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"

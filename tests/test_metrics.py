@@ -175,3 +175,26 @@ def test_metrics_at_one_threshold_per_image():
     assert m["confusion_matrix"] == [[2, 0], [0, 2]] and m["threshold"] is None
     ci = M.bootstrap_ci(y, p, ["a", "b", "c", "d"], per_image, n_resamples=50)
     assert ci["accuracy"] == [1.0, 1.0]
+
+
+def test_operating_point_on_separated_classes_keeps_the_prior_temperature():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    z = np.array([-4.0, -2.0, -1.0, 2.0, 3.0, 40.0])
+    assert M.separated(y, z) and not M.separated(y, -z)
+    fitted = M.operating_point(y, z, "youden", prior_temperature=1.5, spread=4)
+    assert fitted.temperature == 1.5 and "perfectly" in fitted.warnings[0]
+    assert fitted.threshold == pytest.approx(float(M.sigmoid(0.5, 1.5)))  # the middle of the gap, in logits
+    strict = M.operating_point(y, z, target_sensitivity=1.0, prior_temperature=0.05)  # p of logit 2 at T 0.05: ~1
+    assert strict.threshold == M.THRESHOLD_BOUNDS[1] and "bounded" in strict.warnings[-1]
+    assert M.fit_operating_point(y, z)[0] == 1.0  # training's default prior
+
+
+def test_operating_point_bounds_the_temperature():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(20), np.ones(20)].astype(int)
+    z = np.r_[rng.normal(-30, 2, 20), rng.normal(30, 2, 20)]
+    z[0] = 31.0  # one overlap: the fit is defined, and wants a temperature far above 4 times the prior
+    unbounded = M.fit_temperature(y, z)
+    fitted = M.operating_point(y, z, "balanced", prior_temperature=1.0, spread=4)
+    assert unbounded > 4 and fitted.temperature == pytest.approx(4.0, rel=1e-3)
+    assert "hit its bound" in fitted.warnings[0] and fitted.threshold == 0.5

@@ -21,8 +21,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, require_train_extra
 from .labels import CLASSES
 from .metrics import CI_METRICS, sigmoid
 
@@ -35,7 +37,8 @@ ONNX = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
 CURVES = "training_curves.png"
 ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out,
-ONNX_FEATURES = "features"  # and the pooled features (N, F) that the input gate and the subtype head read
+ONNX_FEATURES = "features"  # and the pooled features (N, F) that the input gate and the subtype head read,
+ONNX_FEATURE_MAP = "feature_map"  # and the last feature map (N, F, h, w) they pool, for Grad-CAM without autograd
 GATE = "gate.safetensors"  # the input gate (gate.py)
 SUBTYPE = "subtype.safetensors"  # the bacterial/viral head (subtype.py)
 ONNX_FILES = (ONNX, ONNX_INT8)
@@ -338,8 +341,24 @@ class Bundle:
         name = ONNX_INT8 if int8 else ONNX
         return self.path / name if name in self.config.get("files", {}) else None
 
+    def head_weights(self) -> dict[str, np.ndarray] | None:
+        """The dense head's weights as float64 numpy arrays (``w1`` (H, F), ``b1``, ``w2`` (1, H), ``b2``),
+        read without PyTorch; None where the weights hold no such head."""
+        from safetensors import safe_open
+
+        names = {"w1": "head.0.weight", "b1": "head.0.bias", "w2": "head.3.weight", "b2": "head.3.bias"}
+        with safe_open(str(self.path / WEIGHTS), framework="numpy") as f:
+            if not set(names.values()) <= set(f.keys()):
+                return None
+            head = {k: f.get_tensor(v).astype(np.float64) for k, v in names.items()}
+        hidden = head["w1"].shape[0]
+        if head["b1"].shape != (hidden,) or head["w2"].shape != (1, hidden) or head["b2"].shape != (1,):
+            return None
+        return head
+
     def load_net(self):
-        """The PyTorch network with the bundle's weights, in eval mode."""
+        """The PyTorch network with the bundle's weights, in eval mode (needs the ``train`` extra)."""
+        require_train_extra("running the model on PyTorch (--engine torch)", ("torch", "timm", "torchvision"))
         from safetensors.torch import load_file
 
         from .models import create_model

@@ -23,6 +23,7 @@ from .output import ensure_folder
 from .settings import checked_path
 
 FEW_PER_CLASS = 50  # below this many images of either class, say the fit is unreliable
+TEMPERATURE_SPREAD = 4.0  # a site's temperature stays within the source's divided or multiplied by this
 
 
 def small_set_warning(report: dict) -> str | None:
@@ -50,9 +51,9 @@ def calibrate_bundle(
 ) -> tuple[Bundle, dict]:
     """Fit temperature and threshold (by ``rule``, see :func:`metrics.fit_operating_point`) on
     the labelled images of ``data`` (``split`` of a Kaggle layout, or a flat NORMAL/PNEUMONIA folder)
-    and write the recalibrated bundle to ``out``. Returns it with its in-sample report."""
-    from .evaluation import score
-
+    and write the recalibrated bundle to ``out``. Returns it with its in-sample report, whose ``warnings``
+    say where a value was bounded or kept (a small or perfectly separated set: see
+    :func:`metrics.operating_point`). A failed calibration leaves no folder it created."""
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     clf = Classifier.load(model)
@@ -60,18 +61,33 @@ def calibrate_bundle(
     out = checked_path(out, "output folder")
     if out.resolve() == source.path.resolve():
         raise ConfigError(f"{out}: write the calibrated bundle to a new folder, not over its source")
+    created = not out.exists()
     ensure_folder(out)  # before any work
+    try:
+        return _calibrate(clf, data, out, split, rule, target_sensitivity, n_resamples, seed, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed calibration leaves no empty folder behind
+        raise
+
+
+def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resamples, seed, progress):
+    from .evaluation import score
+
+    source = clf.bundle
     images, samples, errors = load_images(load_split(data, split), clf.image_size, progress, "loading")
     y = np.array([s.label for s in samples])
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
     logits = clf.logits(images)
-    temperature, threshold, rule = M.fit_operating_point(y, logits, rule, target_sensitivity)
+    fitted = M.operating_point(
+        y, logits, rule, target_sensitivity, prior_temperature=source.temperature, spread=TEMPERATURE_SPREAD
+    )
     config = {
         **source.config,
-        "threshold": threshold,
-        "temperature": temperature,
-        "threshold_rule": rule,
+        "threshold": fitted.threshold,
+        "temperature": fitted.temperature,
+        "threshold_rule": fitted.rule,
         "calibration": {
             "source": source.name,
             "source_threshold": source.threshold,
@@ -86,7 +102,7 @@ def calibrate_bundle(
     report = score(
         samples, logits, bundle, engine=clf.engine.name, split="calibration", n_resamples=n_resamples, seed=seed
     )
-    report.update(in_sample=True, unreadable=errors)
+    report.update(in_sample=True, unreadable=errors, warnings=fitted.warnings)
     metrics = {"calibration": {k: v for k, v in report.items() if k != "model"}}
     # ONNX models hold logits only, so they stay valid (the writer puts the new operating point in their
     # metadata); the input gate and the subtype head do not depend on the operating point either.

@@ -77,7 +77,8 @@ def _add_engine(p) -> None:
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="auto (default): ONNX Runtime (the bundle's model or a cached export), else PyTorch",
+        help="auto (default): ONNX Runtime (the bundle's model or a cached export), else PyTorch; "
+        'torch needs the train extra (pip install "pneumoscan[train]")',
     )
 
 
@@ -94,7 +95,7 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train a classifier on a chest_xray folder",
+        help='train a classifier on a chest_xray folder (needs pip install "pneumoscan[train]")',
         description="Train on ROOT/train (validation carved from it by patient), keep the best "
         "weights by validation AUC, and write a run folder with the model bundle.",
     )
@@ -115,7 +116,10 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .data import Augmentation
+    from .errors import TRAINING_STACK, require_train_extra
     from .recipe import TrainConfig
+
+    require_train_extra("pneumoscan train", TRAINING_STACK)
     from .training import train
 
     if args.resume:
@@ -431,6 +435,8 @@ def _run_calibrate(args) -> int:
         f"temperature {site['source_temperature']:.4f} -> {bundle.temperature:.4f}"
     )
     print(metrics_table(report))
+    for warning in report["warnings"]:
+        print(f"pneumoscan: warning: {printable(warning)}", file=sys.stderr)
     if warning := small_set_warning(report):
         print(warning, file=sys.stderr)
     print(f"calibrated bundle written to {printable(bundle.path)} (metrics above are in-sample)")
@@ -440,7 +446,7 @@ def _run_calibrate(args) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="export a bundle to ONNX (fp32, or int8 with --int8)",
+        help='export a bundle to ONNX (fp32, or int8 with --int8; needs pip install "pneumoscan[train]")',
         description="Export the whole model (normalisation and sigmoid included) to ONNX. Without "
         "--out the file goes into the bundle, so predict uses ONNX Runtime by default.",
     )
@@ -474,9 +480,11 @@ def _run_export(args) -> int:
     import tempfile
 
     from .bundle import load_bundle
+    from .errors import require_train_extra
     from .export import export_onnx, quantize_int8, training_images
     from .output import ensure_folder
 
+    require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
     bundle = load_bundle(args.model)
     if args.out:
         if Path(args.out).is_dir():

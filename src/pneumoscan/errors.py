@@ -37,3 +37,20 @@ class ImageError(PneumoscanError):
     @property
     def http_status(self) -> int:
         return IMAGE_ERROR_STATUS.get(self.kind, 422)
+
+
+TRAIN_EXTRA = 'pip install "pneumoscan[train]"'
+TRAINING_STACK = ("torch", "torchvision", "timm", "lightning", "torchmetrics")  # what the train extra installs
+
+
+def require_train_extra(what: str, modules: tuple[str, ...] = ("torch",)) -> None:
+    """Raise a one-line :class:`ConfigError` saying that ``what`` needs the ``train`` extra, where any of
+    ``modules`` cannot be imported. The base install (prediction, evaluation, calibration, the service)
+    runs on ONNX Runtime and numpy alone; training, export and PyTorch inference need PyTorch."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise ConfigError(f"{what} needs PyTorch ({name} is not installed): {TRAIN_EXTRA}") from None

@@ -1,4 +1,13 @@
-"""Grad-CAM (Selvaraju et al. 2017) on the last convolutional stage, for the predicted class."""
+"""Grad-CAM (Selvaraju et al. 2017) on the last feature map, for the predicted class, without autograd.
+
+The network ends in global average pooling and a dense head, ``logit = w2 . relu(W1 f + b1) + b2`` with
+``f`` the mean of the feature map ``A`` (F, h, w) over its h*w positions. The gradient of the logit with
+respect to ``A[c, i, j]`` is therefore the same at every position: ``g[c] / (h*w)``, where
+``g = W1^T (w2 * [W1 f + b1 > 0])`` is the head's gradient with respect to the pooled features. Grad-CAM's
+channel weights (the gradient averaged over positions) are ``g / (h*w)``, and the map is
+``relu(sum_c weight[c] * A[c])``: numpy on the ONNX model's ``feature_map`` and ``features`` outputs and the
+head's weights, no PyTorch. :func:`class_activation_map` keeps the autograd version as the reference.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .images import ImageSource, load_image, resize_square
-from .metrics import sigmoid
 
 DISPLAY_MAX_SIDE = 1024
 
@@ -38,10 +45,74 @@ class Explanation:
         return path
 
 
-def class_activation_map(net, x: torch.Tensor, positive: bool) -> tuple[np.ndarray, float]:
-    """Grad-CAM of one prepared image ``x`` (1,1,S,S) uint8 for PNEUMONIA (``positive``) or NORMAL.
+class ClosedFormError(ValueError):
+    """The network is not global average pooling then the dense head, so the closed form does not hold."""
 
-    Returns the map at the feature resolution, scaled to [0, 1], and the logit."""
+
+def head_logit_and_gradient(features: np.ndarray, head: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+    """The dense head's logit for pooled ``features`` (F,) and its gradient with respect to them (F,).
+
+    ``head``: ``w1`` (H, F), ``b1`` (H,), ``w2`` (1, H), ``b2`` (1,) (see :meth:`Bundle.head_weights`).
+    Dropout is the identity at inference; ReLU's gradient at exactly 0 is taken as 0, as PyTorch does."""
+    f = np.asarray(features, np.float64)
+    pre = head["w1"] @ f + head["b1"]
+    logit = float(head["w2"][0] @ np.maximum(pre, 0) + head["b2"][0])
+    gradient = head["w1"].T @ (head["w2"][0] * (pre > 0))
+    return logit, gradient
+
+
+def grad_cam_map(feature_map: np.ndarray, features: np.ndarray, head: dict[str, np.ndarray], positive: bool):
+    """Grad-CAM of one image from its last feature map ``(F, h, w)`` and pooled ``features`` ``(F,)``, for
+    PNEUMONIA (``positive``) or NORMAL (the negated logit). Returns the map at the feature resolution,
+    scaled to [0, 1], and the head's logit. Raises :class:`ClosedFormError` where ``features`` is not the
+    mean of ``feature_map`` (a class token, a norm after pooling): there the formula is not Grad-CAM."""
+    a = np.asarray(feature_map, np.float64)
+    if not np.allclose(a.mean(axis=(1, 2)), features, rtol=1e-3, atol=1e-4):
+        raise ClosedFormError("the pooled features are not the mean of the feature map")
+    logit, gradient = head_logit_and_gradient(features, head)
+    weights = (gradient if positive else -gradient) / (a.shape[1] * a.shape[2])  # mean gradient per channel
+    cam = np.maximum(np.tensordot(weights, a, axes=1), 0)
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam).astype(np.float32), logit
+
+
+def explanation(image: Image.Image, cam: np.ndarray, probability: float, positive: bool) -> Explanation:
+    """The map at feature resolution brought to the displayed image (longest side at most 1024 px)."""
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(image.size))
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    heat = Image.fromarray(cam).resize(image.size, Image.Resampling.BILINEAR)
+    heatmap = np.clip(np.asarray(heat, dtype=np.float32), 0, None)
+    if heatmap.max() > 0:
+        heatmap /= heatmap.max()
+    return Explanation(
+        heatmap, np.asarray(image, dtype=np.uint8), float(probability), "PNEUMONIA" if positive else "NORMAL"
+    )
+
+
+def onnx_grad_cam(
+    session, head: dict[str, np.ndarray], source: ImageSource, size: int, threshold: float, temperature: float = 1.0
+) -> Explanation:
+    """Explain one input with an ONNX Runtime ``session`` of the exported network (outputs ``logit``,
+    ``features``, ``feature_map``): the heatmap of the class the model predicts."""
+    from .bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT
+    from .metrics import sigmoid
+
+    image = load_image(source)
+    x = resize_square(image, size)[None, None]
+    logit, features, feature_map = session.run([ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP], {ONNX_INPUT: x})
+    probability = float(sigmoid(float(logit[0]), temperature))
+    positive = probability >= threshold
+    cam, _ = grad_cam_map(feature_map[0], features[0], head, positive)
+    return explanation(image, cam, probability, positive)
+
+
+def class_activation_map(net, x, positive: bool) -> tuple[np.ndarray, float]:
+    """Grad-CAM by autograd (needs PyTorch): one prepared image ``x`` (1,1,S,S) uint8 for PNEUMONIA
+    (``positive``) or NORMAL. Returns the map at the feature resolution, scaled to [0, 1], and the logit.
+    The reference that :func:`grad_cam_map` is tested against, and the path for networks without a dense head."""
+    import torch
+
     net = net.eval()
     stage = net.body[-2]  # the last convolution, before pooling
     captured = {}
@@ -60,7 +131,11 @@ def class_activation_map(net, x: torch.Tensor, positive: bool) -> tuple[np.ndarr
 
 
 def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature: float = 1.0) -> Explanation:
-    """Explain the prediction for one input: the heatmap of the class the model predicts."""
+    """Explain one input with the PyTorch network ``net`` (autograd): the heatmap of the predicted class."""
+    import torch
+
+    from .metrics import sigmoid
+
     image = load_image(source)
     x = torch.from_numpy(resize_square(image, size))[None, None]
     with torch.inference_mode():
@@ -68,13 +143,4 @@ def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature:
     probability = float(sigmoid(logit, temperature))
     positive = probability >= threshold
     cam, _ = class_activation_map(net, x, positive)
-    scale = min(1.0, DISPLAY_MAX_SIDE / max(image.size))
-    if scale < 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-    heat = Image.fromarray(cam).resize(image.size, Image.Resampling.BILINEAR)
-    heatmap = np.clip(np.asarray(heat, dtype=np.float32), 0, None)
-    if heatmap.max() > 0:
-        heatmap /= heatmap.max()
-    return Explanation(
-        heatmap, np.asarray(image, dtype=np.uint8), float(probability), "PNEUMONIA" if positive else "NORMAL"
-    )
+    return explanation(image, cam, probability, positive)

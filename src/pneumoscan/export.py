@@ -1,4 +1,5 @@
-"""ONNX export of a bundle (uint8 grey images in; logits and pooled features out) and int8 quantisation.
+"""ONNX export of a bundle (uint8 grey images in; logits, pooled features and the last feature map out)
+and int8 quantisation. Export needs PyTorch (the ``train`` extra); quantisation needs ONNX Runtime alone.
 
 The exported graph holds the network alone, normalisation included. Temperature and threshold stay in
 the bundle's config (and are copied into the ONNX metadata for readers of the file alone), so a
@@ -11,10 +12,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .bundle import (
     ONNX,
+    ONNX_FEATURE_MAP,
     ONNX_FEATURES,
     ONNX_INPUT,
     ONNX_INT8,
@@ -30,8 +31,14 @@ from .bundle import (
 
 def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
     """Write the whole network, normalisation included, as ONNX (opset 17, dynamic batch): input
-    ``image`` uint8 ``(N, 1, S, S)``, output ``logit`` ``(N,)``. Without ``out`` it goes into the
-    bundle, recorded by sha256 in its config."""
+    ``image`` uint8 ``(N, 1, S, S)``, outputs ``logit`` ``(N,)``, ``features`` ``(N, F)`` and
+    ``feature_map`` ``(N, F, h, w)``. Without ``out`` it goes into the bundle, recorded by sha256 in its config."""
+    from .errors import require_train_extra
+
+    carries = "" if bundle.onnx_path() else " (it carries no ONNX model: export it once where PyTorch is installed)"
+    require_train_extra(f"exporting {bundle.path} to ONNX{carries}", ("torch", "timm", "torchvision"))
+    import torch
+
     from .models import WithFeatures
 
     net = WithFeatures(bundle.load_net()).eval()
@@ -49,8 +56,8 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
                 dynamo=False,
                 opset_version=17,
                 input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT, ONNX_FEATURES],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}, ONNX_FEATURES: {0: "batch"}},
+                output_names=[ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP],
+                dynamic_axes={n: {0: "batch"} for n in (ONNX_INPUT, ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP)},
             )
         return _deliver(bundle, raw, ONNX, out)
 

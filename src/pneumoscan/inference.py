@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
-from .errors import ConfigError, ImageError
+from .bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
+from .errors import ConfigError, ImageError, require_train_extra
 from .gate import refusal
 from .images import ImageSource, prepare, source_name
 from .labels import CLASSES, label_of
@@ -96,6 +96,8 @@ class OnnxEngine:
             raise ConfigError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:150]})") from None
         _check_onnx_contract(self.session, path, bundle)
         self.name = "onnx-int8" if path.name.endswith(".int8.onnx") else "onnx"
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.has_feature_map = ONNX_FEATURE_MAP in outputs and len(outputs[ONNX_FEATURE_MAP].shape) == 4
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits ``(N,)`` and pooled features ``(N, F)``."""
@@ -279,6 +281,7 @@ class Classifier:
             )
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self._torch_net = None
+        self._cam_onnx: tuple | bool | None = None  # (session, head weights), False for none, None: not looked yet
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
@@ -399,10 +402,39 @@ class Classifier:
             return None, ImageError(source_name(source), f"cannot be read ({type(exc).__name__})")
 
     def explain(self, source: ImageSource):
-        """Grad-CAM for the predicted class: see :func:`pneumoscan.explain.grad_cam`."""
-        from .explain import grad_cam
+        """Grad-CAM for the predicted class. With ONNX Runtime (the default engine) it needs no PyTorch: the
+        fp32 ONNX model gives the last feature map and the head's gradient has a closed form
+        (:func:`pneumoscan.explain.onnx_grad_cam`); with ``engine="torch"``, or a bundle whose ONNX model has no
+        feature map, autograd does it (:func:`pneumoscan.explain.grad_cam`)."""
+        from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
-        with self._explain_lock:
+        args = (source, self.image_size, self.threshold, self.bundle.temperature)
+        with self._explain_lock:  # Grad-CAM by autograd hooks the shared network: one explanation at a time
+            if self._cam_onnx is None:
+                self._cam_onnx = self._onnx_explainer() or False
+            if self._cam_onnx:
+                try:
+                    return onnx_grad_cam(*self._cam_onnx, *args)
+                except ClosedFormError:
+                    self._cam_onnx = False  # not pooling then the dense head: autograd from now on
             if self._torch_net is None:
+                require_train_extra(f"Grad-CAM for {self.bundle.path} (no ONNX feature map it can be computed from)")
                 self._torch_net = self.bundle.load_net()
-            return grad_cam(self._torch_net, source, self.image_size, self.threshold, self.bundle.temperature)
+            return grad_cam(self._torch_net, *args)
+
+    def _onnx_explainer(self) -> tuple | None:
+        """The ONNX Runtime session and head weights for Grad-CAM without autograd: the fp32 model in use,
+        else the bundle's own (an int8 model's feature map is quantised); None where there is none with a
+        feature map, the network's head is not the dense one, or the engine is PyTorch by choice."""
+        if self.engine.name == "torch":
+            return None
+        head = self.bundle.head_weights()
+        if head is None:
+            return None
+        if self.engine.name == "onnx":
+            engine = self.engine
+        elif (path := self.bundle.onnx_path(int8=False)) is not None:
+            engine = OnnxEngine(path, self.bundle)
+        else:
+            return None
+        return (engine.session, head) if engine.has_feature_map else None

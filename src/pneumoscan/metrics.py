@@ -8,6 +8,7 @@ call) it is ``None`` in results, never a crash and never a made-up number.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -186,19 +187,32 @@ def reliability_curve(y, p, n_bins: int = 15) -> list[tuple[float, float, int]]:
     ]
 
 
-def fit_temperature(y, logits) -> float:
-    """The temperature T > 0 minimising the log loss of sigmoid(logits / T) (Guo et al. 2017)."""
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the widest a fitted temperature may go
+THRESHOLD_BOUNDS = (0.01, 0.99)  # a fitted threshold is kept inside: 0 or 1 would label every image alike
+
+
+def separated(y, logits) -> bool:
+    """Whether every PNEUMONIA score is above every NORMAL one (both classes present). On such a set no
+    temperature can be fitted: the log loss keeps falling as the temperature goes to 0."""
+    y, z = _arrays(y, logits)
+    pos, neg = z[y == 1], z[y == 0]
+    return bool(pos.size and neg.size and pos.min() > neg.max())
+
+
+def fit_temperature(y, logits, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, fallback: float = 1.0) -> float:
+    """The temperature T in ``bounds`` minimising the log loss of sigmoid(logits / T) (Guo et al. 2017);
+    ``fallback`` where these labels cannot fit one (one class only, or the classes perfectly separated)."""
     from scipy.optimize import minimize_scalar
 
     y, z = _arrays(y, logits)
-    if np.unique(y).size < 2:
-        return 1.0
+    if np.unique(y).size < 2 or separated(y, z):
+        return float(fallback)
 
     def nll(log_t: float) -> float:
         s = z / math.exp(log_t)
         return float(np.mean(np.logaddexp(0, s) - y * s))
 
-    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20)), method="bounded")
+    result = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded")
     return float(math.exp(result.x))
 
 
@@ -226,26 +240,72 @@ def choose_threshold(y, p, target_sensitivity: float | None = None) -> float:
 OPERATING_RULES = ("balanced", "youden")  # or a target sensitivity, which overrides either
 
 
-def fit_operating_point(
-    y, logits, rule: str = "balanced", target_sensitivity: float | None = None
-) -> tuple[float, float, str]:
+@dataclass
+class OperatingPoint:
+    temperature: float
+    threshold: float
+    rule: str  # as recorded in a bundle: balanced, youden or sensitivity>=X
+    warnings: list[str] = field(default_factory=list)  # where a value was bounded or could not be fitted
+
+
+def operating_point(
+    y,
+    logits,
+    rule: str = "balanced",
+    target_sensitivity: float | None = None,
+    *,
+    prior_temperature: float = 1.0,
+    spread: float | None = None,
+) -> OperatingPoint:
     """Temperature, then the threshold on the calibrated probabilities, by ``rule``:
 
     - ``balanced``: probability 0.5, which is logit 0 whatever the temperature: the class-balanced
       decision boundary of a model trained with balanced class weights;
-    - ``youden``: Youden's J (sensitivity + specificity - 1) maximised on these images;
+    - ``youden``: Youden's J (sensitivity + specificity - 1) maximised on these images (on classes that
+      these scores separate perfectly, the middle of the gap between them, in logits);
     - with ``target_sensitivity``: the highest threshold whose sensitivity here reaches it.
 
-    Returns ``(temperature, threshold, rule name as recorded)``."""
+    Bounded so that a small or separable set never gives a degenerate model: the temperature stays
+    ``prior_temperature`` where it cannot be fitted (one class, perfect separation) and within
+    ``prior_temperature`` divided or multiplied by ``spread`` (default :data:`TEMPERATURE_BOUNDS`); the
+    threshold within :data:`THRESHOLD_BOUNDS`. Each bound that acts adds a line to ``warnings``."""
     if rule not in OPERATING_RULES:
         raise ValueError(f"unknown operating rule {rule!r}; expected one of {', '.join(OPERATING_RULES)}")
-    temperature = fit_temperature(y, logits)
+    y, z = _arrays(y, logits)
+    warnings: list[str] = []
+    bounds = (prior_temperature / spread, prior_temperature * spread) if spread else TEMPERATURE_BOUNDS
+    split = separated(y, z)
+    temperature = fit_temperature(y, z, bounds, fallback=prior_temperature)
+    if split:
+        warnings.append(
+            f"the model separates these {y.size} images perfectly, so no temperature can be fitted on them; "
+            f"temperature {prior_temperature:.4g} kept"
+        )
+    elif np.unique(y).size == 2 and min(abs(math.log(temperature / b)) for b in bounds) < 1e-3:
+        allowed = f"{bounds[0]:.4g}..{bounds[1]:.4g}"
+        warnings.append(f"the fitted temperature hit its bound {temperature:.4g} (allowed {allowed})")
+    p = sigmoid(z, temperature)
     if target_sensitivity is not None:
-        threshold = choose_threshold(y, sigmoid(logits, temperature), target_sensitivity)
-        return temperature, threshold, f"sensitivity>={target_sensitivity}"
-    if rule == "balanced":
-        return temperature, 0.5, "balanced"
-    return temperature, choose_threshold(y, sigmoid(logits, temperature)), "youden"
+        threshold, name = choose_threshold(y, p, target_sensitivity), f"sensitivity>={target_sensitivity}"
+    elif rule == "balanced":
+        threshold, name = 0.5, "balanced"
+    elif split:
+        threshold, name = float(sigmoid((z[y == 1].min() + z[y == 0].max()) / 2, temperature)), "youden"
+    else:
+        threshold, name = choose_threshold(y, p), "youden"
+    low, high = THRESHOLD_BOUNDS
+    if not low <= threshold <= high:
+        warnings.append(f"the fitted threshold {threshold:.6g} was bounded to {min(max(threshold, low), high)}")
+        threshold = min(max(threshold, low), high)
+    return OperatingPoint(float(temperature), float(threshold), name, warnings)
+
+
+def fit_operating_point(
+    y, logits, rule: str = "balanced", target_sensitivity: float | None = None
+) -> tuple[float, float, str]:
+    """``(temperature, threshold, rule name as recorded)`` by :func:`operating_point`."""
+    fitted = operating_point(y, logits, rule, target_sensitivity)
+    return fitted.temperature, fitted.threshold, fitted.rule
 
 
 def delong_test(y, p_a, p_b) -> dict:

@@ -84,15 +84,17 @@ class PneumoniaNet(nn.Module):
 
 
 class WithFeatures(nn.Module):
-    """The network with two outputs, logits and pooled features (what inference engines run)."""
+    """The network with three outputs (what the ONNX export holds): logits, the pooled features, and the
+    last feature map they pool (``body[-2]``'s output, the layer Grad-CAM explains)."""
 
     def __init__(self, net: PneumoniaNet):
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor):
-        features = self.net.features(x)
-        return self.net.head(features).squeeze(1), features
+        feature_map = self.net.body[:-1](self.net.normalize(x))
+        features = self.net.body[-1](feature_map)
+        return self.net.head(features).squeeze(1), features, feature_map
 
 
 def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -51,6 +51,7 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}  # all /docs-assets serves
 # Swagger UI sets some styles inline; its scripts are still ours alone (static/docs.js), never inline.
 DOCS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 SECURITY_HEADERS = [
@@ -384,7 +385,13 @@ def create_app(
         return FileResponse(STATIC / "docs.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/docs-assets", StaticFiles(directory=_swagger_ui_path()), name="docs-assets")
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str):
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, "Not Found")
+        return FileResponse(_swagger_ui_path() / name, media_type=DOCS_ASSETS[name])
+
     app.add_middleware(_UploadGuard, max_bytes=max_upload_bytes, seconds=body_timeout, deadline=body_deadline)
     app.add_middleware(_SecurityHeaders)
     app.router.on_shutdown.append(lambda: pool.shutdown(wait=False))
@@ -392,9 +399,11 @@ def create_app(
 
 
 def _swagger_ui_path() -> Path:
-    import swagger_ui_bundle
+    """Swagger UI 5 (which renders OpenAPI 3.1, the version FastAPI writes), as the fastapi-swagger package
+    ships it: the two files the page needs, served from this install, offline."""
+    import fastapi_swagger
 
-    return Path(swagger_ui_bundle.swagger_ui_path)
+    return Path(fastapi_swagger.__file__).parent / "resources"
 
 
 def listen(host: str, port: int) -> socket.socket:

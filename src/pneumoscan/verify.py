@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, require_train_extra
 
 EXAMPLES = Path(__file__).parent / "examples"
 # Largest differences from PyTorch accepted, per engine: |logit| on any image, |mean logit| (a shift
@@ -56,15 +56,6 @@ def reference_images() -> list[Path]:
     return sorted(p for p in EXAMPLES.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
 
 
-def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            'pneumoscan verify runs the weights with PyTorch, which is not installed: pip install "pneumoscan[train]"'
-        ) from None
-
-
 def verify_bundle(model: str | Path | None = None) -> list[EngineCheck]:
     """Compare every ONNX model of the bundle (the packaged default when ``model`` is None) with PyTorch
     on its weights over the reference images; an empty list when the bundle holds no ONNX model."""
@@ -72,7 +63,7 @@ def verify_bundle(model: str | Path | None = None) -> list[EngineCheck]:
     from .images import prepare
     from .inference import OnnxEngine, TorchEngine
 
-    _require_torch()
+    require_train_extra("pneumoscan verify (it runs the weights with PyTorch)")
     bundle = load_bundle(model)
     onnx_files = [p for p in (bundle.onnx_path(False), bundle.onnx_path(True)) if p is not None]
     if not onnx_files:

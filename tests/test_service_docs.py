@@ -1,0 +1,63 @@
+"""The service on the bundled model with ONNX Runtime (what the base install runs): the API docs page
+renders the OpenAPI 3.1 schema in a real browser, and the page's Grad-CAM overlay needs no PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from test_service import run_server
+
+from pneumoscan import Classifier
+from pneumoscan.demo import EXAMPLES
+from pneumoscan.service import create_app
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def onnx_app():
+    return create_app(classifier=Classifier.load())
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_app):
+    port, stop = run_server(onnx_app)
+    yield f"http://127.0.0.1:{port}"
+    stop()
+
+
+def test_openapi_is_3_1_and_the_docs_assets_are_swagger_ui_5(onnx_app):
+    client = TestClient(onnx_app)
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+    bundle = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert client.get("/docs-assets/__init__.py").status_code == 404  # only the two files the page uses
+
+
+def test_cam_without_autograd(onnx_app):
+    client = TestClient(onnx_app)
+    xray = sorted((EXAMPLES / "PNEUMONIA").iterdir())[0]
+    r = client.post("/v1/predict", files={"file": (xray.name, xray.read_bytes())}, params={"cam": "true"})
+    assert r.status_code == 200 and r.json()["cam"] and r.json()["label"] == "PNEUMONIA"
+    clf = onnx_app.state.classifier
+    assert clf.engine.name == "onnx" and clf._torch_net is None  # the map came from ONNX Runtime and numpy
+
+
+@pytest.mark.browser
+def test_docs_page_lists_the_operations_in_a_real_browser(onnx_server):
+    """Debian's Chromium, headless, offline: Swagger UI renders the schema (no 'Unable to render')."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        outside, errors = [], []
+        page.on("request", lambda req: None if req.url.startswith(onnx_server) else outside.append(req.url))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{onnx_server}/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30000)
+        paths = {el.inner_text().strip() for el in page.query_selector_all(".opblock-summary-path")}
+        body = page.inner_text("body")
+        browser.close()
+    assert {"/v1/predict", "/v1/model", "/healthz"} <= {p.replace("\u200b", "") for p in paths}
+    assert "Unable to render" not in body and outside == [] and errors == []
