@@ -3,7 +3,7 @@
     python benchmarks/predict_cli.py [--baseline-src OLD_CHECKOUT/src] [--rounds 3]
 
 Each round runs the command in a fresh process (the default engine, JSON lines to /dev/null) and reads
-its peak RSS from the kernel (ru_maxrss of the waited child). With --baseline-src the same command runs
+its peak RSS (VmHWM, see harness.py). With --baseline-src the same command runs
 from another source tree in the same rounds, interleaved, for the ratio. Medians of the rounds.
 """
 
@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from harness import run_child
 
 from pneumoscan.data import list_images, shared_data_root
 
@@ -25,15 +24,7 @@ def run_once(src: Path | None, folder: Path) -> tuple[float, float]:
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    cmd = [sys.executable, "-c", "import sys; from pneumoscan.cli import main; sys.exit(main())"]
-    cmd += ["predict", str(folder), "--format", "jsonl", "--quiet"]
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"predict failed: {child.stderr.read().decode()[-500:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return run_child("pneumoscan.cli", ["predict", folder, "--format", "jsonl", "--quiet"], env=env)
 
 
 def main() -> None:

@@ -9,22 +9,18 @@ starting a local cluster and its actors, which is what a user pays on one machin
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import interleaved, medians, run_child, table
 
 from pneumoscan.data import list_images, shared_data_root
 
 
 def run(extra: list[str], folder: Path, out: Path) -> float:
+    """Wall seconds of one whole `pneumoscan predict` writing ``out``."""
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pneumoscan.cli", "predict", str(folder), "--output", str(out), "--quiet", *extra]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - start
+    return run_child("pneumoscan.cli", ["predict", folder, "--output", out, "--quiet", *extra])[0]
 
 
 def main() -> None:
@@ -33,18 +29,16 @@ def main() -> None:
     args = parser.parse_args()
     folder = shared_data_root().resolve() / "chest_xray_224" / "test"
     n = len(list_images(folder))
-    times: dict[str, list[float]] = {"one process": [], "Ray, local cluster (2 actors)": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            times["one process"].append(run([], folder, Path(tmp) / "a.jsonl"))
-            times["Ray, local cluster (2 actors)"].append(run(["--ray", "local"], folder, Path(tmp) / "b.jsonl"))
-    base = statistics.median(times["one process"])
+        cases = {
+            "one process": lambda: run([], folder, Path(tmp) / "a.jsonl"),
+            "Ray, local cluster (2 actors)": lambda: run(["--ray", "local"], folder, Path(tmp) / "b.jsonl"),
+        }
+        times = medians(interleaved(cases, args.rounds))
+    base = times["one process"]
     print(f"`pneumoscan predict` over {n} test images, whole command, medians of {args.rounds}\n")
-    print("| run | wall s | images/s | ratio |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        t = statistics.median(values)
-        print(f"| {name} | {t:.1f} | {n / t:.0f} | {base / t:.2f}x |")
+    rows = [(name, f"{t:.1f}", f"{n / t:.0f}", f"{base / t:.2f}x") for name, t in times.items()]
+    print(table(("run", "wall s", "images/s", "ratio"), rows))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 For each count, a folder of that many symbolic links to the 624 official test images (cycled) is
 predicted in a fresh process with `--output results.jsonl`; the table gives images/s, the process's peak
-RSS (from the kernel, wait4) and the ratio to the smallest count, and checks that every input has
+RSS (VmHWM, see harness.py) and the ratio to the smallest count, and checks that every input has
 exactly one line.
 """
 
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import run_child
 
 from pneumoscan.data import list_images, shared_data_root
 
@@ -27,16 +26,10 @@ def run(count: int, sources: list[Path], workdir: Path) -> tuple[float, float]:
     for i in range(count):
         os.symlink(sources[i % len(sources)], folder / f"{i:07d}.jpeg")
     out = workdir / f"results{count}.jsonl"
-    cmd = [sys.executable, "-m", "pneumoscan.cli", "predict", str(folder), "--output", str(out), "--quiet"]
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(child.stderr.read().decode()[-500:])
+    seconds, rss = run_child("pneumoscan.cli", ["predict", folder, "--output", out, "--quiet"])
     lines = out.read_bytes().count(b"\n")
     assert lines == count, f"{lines} lines for {count} inputs"
-    return count / seconds, usage.ru_maxrss / 1024
+    return count / seconds, rss
 
 
 def main() -> None:

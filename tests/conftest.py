@@ -26,10 +26,18 @@ DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  #
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
+DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle"}  # built from $PNEUMOSCAN_DATA's images
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``data`` need the real images, ``browser`` Debian's Chromium, ``ray`` the Ray extra,
     ``dicom`` Debian's Orthanc, its DICOMweb plugin and dcmtk: without them they skip with the reason, except where
-    $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four)."""
+    $PNEUMOSCAN_REQUIRE names them (.ci/run requires all four). A test that uses a fixture made from the real
+    images is marked ``data`` here; tests that read them directly carry the mark themselves."""
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.data)
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"
@@ -47,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
         )
     required = set(os.environ.get("PNEUMOSCAN_REQUIRE", "").split(","))
     for marker, reason in missing.items():
-        needed = [item for item in items if marker in item.keywords]
+        needed = [item for item in items if item.get_closest_marker(marker)]  # a marker, not a test id
         if needed and marker in required:
             raise pytest.UsageError(f"{reason}; $PNEUMOSCAN_REQUIRE says these tests must run")
         for item in needed:
@@ -84,7 +92,9 @@ def trained_bundle(small_data, tmp_path_factory):
     from pneumoscan.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
-    bundle = train(TrainConfig(data=str(small_data), out=str(out), epochs=2, progress=False, seed=1))
+    bundle = train(
+        TrainConfig(data=str(small_data), out=str(out), epochs=2, fine_tune_epochs=0, progress=False, seed=1)
+    )
     return bundle
 
 

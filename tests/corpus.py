@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from conftest import D224
 from PIL import Image
 
-REAL = D224 / "test" / "PNEUMONIA" / "person1_virus_6.jpeg"
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
+
+
+def _real_224() -> Path:
+    """One real X-ray as the shared 224 px set stores them (224x224 RGB JPEG, aspect squashed), made from
+    an example image shipped in the package: tests need no dataset to have it."""
+    from pneumoscan.images import prepare
+
+    path = Path(tempfile.mkdtemp(prefix="pneumoscan-corpus-")) / "person1946_bacteria_4874.jpeg"
+    grey = prepare(EXAMPLES / "PNEUMONIA" / path.name, 224)
+    Image.fromarray(grey).convert("RGB").save(path, "JPEG", quality=95)
+    return path
+
+
+REAL = _real_224()
 
 
 def real_grey() -> np.ndarray:

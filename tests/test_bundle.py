@@ -10,8 +10,6 @@ import pytest
 from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture
 def copy(trained_bundle, tmp_path):

@@ -13,8 +13,6 @@ from pneumoscan.data import load_images, load_split
 from pneumoscan.demo import EXAMPLES
 from pneumoscan.errors import ConfigError
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture(scope="module")
 def local_set(small_data, tmp_path_factory):

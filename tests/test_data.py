@@ -6,8 +6,6 @@ from conftest import D224, link_dataset, real_images
 from pneumoscan.data import check_dataset, load_split, patient_id, split_by_patient, stratified_subset, training_splits
 from pneumoscan.errors import ConfigError
 
-pytestmark = pytest.mark.data
-
 
 @pytest.mark.parametrize(
     "name,patient",
@@ -23,6 +21,7 @@ def test_patient_ids(name, patient):
     assert patient_id(name) == patient
 
 
+@pytest.mark.data
 def test_real_train_split_by_patient_has_no_leak_and_keeps_class_balance():
     samples = load_split(D224, "train")
     assert len(samples) == 5216
@@ -38,11 +37,13 @@ def test_real_train_split_by_patient_has_no_leak_and_keeps_class_balance():
     assert [s.path for s in split_by_patient(samples, 0.1, seed=4)[1]] != [s.path for s in val]
 
 
+@pytest.mark.data
 def test_official_val_source_keeps_the_16_images():
     train, val = training_splits(D224, "official")
     assert len(val) == 16 and len(train) == 5216
 
 
+@pytest.mark.data
 def test_flat_layout_and_errors(tmp_path):
     flat = tmp_path / "flat"
     for label in ("NORMAL", "PNEUMONIA"):
@@ -61,12 +62,14 @@ def test_flat_layout_and_errors(tmp_path):
         load_split(tmp_path)
 
 
+@pytest.mark.data
 def test_stratified_subset():
     samples = load_split(D224, "test")
     sub = stratified_subset(samples, 10, seed=0)
     assert sum(s.label for s in sub) == 10 and len(sub) == 20
 
 
+@pytest.mark.data
 def test_data_check_finds_unreadable_duplicates_and_crossing_patients(tmp_path):
     root = link_dataset(tmp_path / "d", {"train": 5, "test": 5})
     (root / "train" / "NORMAL" / "broken.jpeg").write_bytes(b"not a jpeg")
@@ -82,6 +85,7 @@ def test_data_check_finds_unreadable_duplicates_and_crossing_patients(tmp_path):
     assert "unreadable files: 1" in text and "across splits" in text
 
 
+@pytest.mark.data
 def test_acquisition_jitter_changes_real_xrays_within_bounds_and_is_seeded():
     import numpy as np
     import torch

@@ -10,14 +10,13 @@ from pneumoscan.data import list_images
 from pneumoscan.images import load_image, prepare, resize_square
 from pneumoscan.model_card import model_card
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture(scope="module")
 def clf():
     return Classifier.load(engine="torch")
 
 
+@pytest.mark.data
 def test_bundle_is_small_complete_and_verified():
     path = default_bundle_path()
     assert max(f.stat().st_size for f in path.iterdir()) <= 50 * 2**20  # the repository's budget per file
@@ -46,6 +45,7 @@ def test_bundle_is_small_complete_and_verified():
     assert card == model_card(bundle)  # regenerated whenever the card's template changes
 
 
+@pytest.mark.data
 def test_bundled_model_separates_the_official_val_images(clf):
     """The 16 official val images (never trained on): all pneumonia cases rank above most normals."""
     from pneumoscan.metrics import roc_auc
@@ -55,6 +55,7 @@ def test_bundled_model_separates_the_official_val_images(clf):
     assert roc_auc(y, [r.probability for r in clf.predict(files)]) > 0.9
 
 
+@pytest.mark.data
 def test_draft_jpeg_decoding_changes_probabilities_by_less_than_0_01(clf):
     files = list_images(FULLRES)
     assert len(files) == 48

@@ -6,8 +6,6 @@ import pytest
 
 from pneumoscan import Classifier
 
-pytestmark = pytest.mark.data
-
 KEYS = {
     "split",
     "n",

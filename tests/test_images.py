@@ -8,8 +8,6 @@ from PIL import Image
 from pneumoscan.errors import ImageError
 from pneumoscan.images import load_image, prepare
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture(scope="module")
 def grey():
@@ -131,6 +129,7 @@ def test_arrays_pil_and_bytes_agree(grey):
         prepare(np.zeros((4, 4, 4, 4)), 128)
 
 
+@pytest.mark.data
 def test_draft_decoding_changes_little():
     """Reduced-scale JPEG decoding on full-resolution files: pixels close to a full decode."""
     from conftest import FULLRES

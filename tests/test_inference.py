@@ -14,8 +14,6 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.explain import class_activation_map
 from pneumoscan.images import prepare
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture(scope="module")
 def clf(trained_bundle):
@@ -30,6 +28,7 @@ def test_predict_accepts_paths_pil_and_arrays(clf):
     assert clf.predict_one(np.asarray(Image.open(REAL))).probability == pytest.approx(by_path.probability, abs=1e-6)
 
 
+@pytest.mark.data
 def test_one_corrupt_file_does_not_spoil_the_batch(clf, tmp_path):
     files = real_images("test", "NORMAL", 20) + real_images("test", "PNEUMONIA", 20)
     bad = write(tmp_path, "corrupt.jpeg", REAL.read_bytes()[:500])
@@ -43,6 +42,7 @@ def test_one_corrupt_file_does_not_spoil_the_batch(clf, tmp_path):
             assert r.probability == pytest.approx(alone[r.path], abs=1e-6)  # aligned with its own file
 
 
+@pytest.mark.data
 def test_onnx_matches_torch_on_real_images(exported_bundle):
     files = (
         real_images("test", "NORMAL", 12)
@@ -56,6 +56,7 @@ def test_onnx_matches_torch_on_real_images(exported_bundle):
     assert np.max(np.abs(np.array(torch_p) - np.array(onnx_p))) < 1e-4
 
 
+@pytest.mark.data
 def test_int8_stays_close(exported_bundle):
     from pneumoscan.metrics import roc_auc
 
@@ -103,6 +104,7 @@ def test_grad_cam_for_the_predicted_class(clf):
     assert overlay.mode == "RGB" and overlay.size == (224, 224)
 
 
+@pytest.mark.data
 def test_grad_cam_on_full_resolution_keeps_the_aspect(clf):
     path = sorted(VAL_FULLRES.rglob("*.jpeg"))[0]
     explanation = clf.explain(path)
@@ -117,6 +119,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.data
 def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -159,6 +162,7 @@ def test_symlink_loop_and_non_ascii_names(trained_bundle, tmp_path):
     assert len(rows) == 1 and rows[0]["path"].endswith("Röntgen_胸部 1.jpeg") and "probability" in rows[0]
 
 
+@pytest.mark.data
 def test_concurrent_explanations_do_not_mix(clf):
     """Grad-CAM hooks the shared network; 16 threads explaining two images get the sequential answers
     (without the lock this raises or mixes heatmaps)."""
@@ -171,6 +175,7 @@ def test_concurrent_explanations_do_not_mix(clf):
     assert all(np.allclose(g, expected[i % 2], atol=1e-4) for i, g in enumerate(got))
 
 
+@pytest.mark.data
 def test_predict_output_survives_a_kill_and_resumes(trained_bundle, tmp_path):
     """`predict --output FILE` writes each result as it is made; killed with SIGKILL midway and run again
     with --resume, every input appears exactly once (a torn last line is cut off first)."""

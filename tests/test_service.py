@@ -13,8 +13,6 @@ from PIL import Image
 from pneumoscan import Classifier
 from pneumoscan.service import create_app, listen, make_server
 
-pytestmark = pytest.mark.data
-
 
 @pytest.fixture(scope="module")
 def app(trained_bundle):
@@ -111,6 +109,7 @@ def live_server(app):
 
 
 @pytest.mark.browser
+@pytest.mark.data
 def test_page_in_a_real_browser(live_server, tmp_path_factory):
     """Debian's Chromium, headless, offline: upload a real X-ray, see label, probability and overlay."""
     from playwright.sync_api import sync_playwright

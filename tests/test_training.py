@@ -10,8 +10,6 @@ from pneumoscan.bundle import load_bundle
 from pneumoscan.errors import ConfigError
 from pneumoscan.training import TrainConfig, train
 
-pytestmark = pytest.mark.data
-
 
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent
@@ -56,7 +54,11 @@ def test_best_weights_by_validation_auc_are_kept(trained_bundle):
 
 def test_seeded_cpu_runs_repeat(small_data, tmp_path):
     def run(out):
-        train(TrainConfig(data=str(small_data), out=str(out), epochs=1, limit=24, progress=False, seed=5))
+        train(
+            TrainConfig(
+                data=str(small_data), out=str(out), epochs=1, fine_tune_epochs=0, limit=24, progress=False, seed=5
+            )
+        )
         return open(out / "history.csv").read().splitlines()[1].split(",")
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
@@ -119,7 +121,20 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     import signal
     import time
 
-    args = ["train", "--data", str(small_data), "--epochs", "4", "--limit", "60", "--seed", "3", "--quiet"]
+    args = [
+        "train",
+        "--data",
+        str(small_data),
+        "--epochs",
+        "4",
+        "--fine-tune-epochs",
+        "0",
+        "--limit",
+        "60",
+        "--seed",
+        "3",
+        "--quiet",
+    ]
     cli = [sys.executable, "-m", "pneumoscan.cli"]
     full = subprocess.run(cli + args + ["--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-1500:]
@@ -159,12 +174,13 @@ def test_resume_needs_a_run_folder(tmp_path):
     assert done.returncode == 2 and "not a run folder to resume" in done.stderr
 
 
+@pytest.mark.data
 def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
     from conftest import link_dataset
 
     root = link_dataset(tmp_path / "data", {"train": 20})
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"broken")
-    bundle = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1, progress=False))
+    bundle = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1, fine_tune_epochs=0, progress=False))
     skipped = bundle.config["training"]["skipped_unreadable"]
     assert len(skipped) == 1 and "IM-9999-0001.jpeg" in skipped[0]
     assert "skipped" in capsys.readouterr().out
@@ -176,7 +192,14 @@ def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
     assert fits_in_memory(5216, 224) and not fits_in_memory(10**9, 224)
     bundle = train(
         TrainConfig(
-            data=str(small_data), out=str(tmp_path), epochs=1, limit=24, cache="disk", workers=2, progress=False
+            data=str(small_data),
+            out=str(tmp_path),
+            epochs=1,
+            fine_tune_epochs=0,
+            limit=24,
+            cache="disk",
+            workers=2,
+            progress=False,
         )
     )
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
@@ -197,7 +220,19 @@ def test_two_nodes_under_torchrun_train_one_bundle(small_data, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
         cmd += ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
         cmd += ["-m", "pneumoscan.cli", "train", "--data", str(small_data), "--out", str(outs[rank])]
-        cmd += ["--epochs", "1", "--limit", "24", "--num-nodes", "2", "--accelerator", "cpu", "--quiet"]
+        cmd += [
+            "--epochs",
+            "1",
+            "--fine-tune-epochs",
+            "0",
+            "--limit",
+            "24",
+            "--num-nodes",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--quiet",
+        ]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = [node(0), node(1)]

@@ -97,7 +97,8 @@ def _add_train(sub) -> None:
         "train",
         help='train a classifier on a chest_xray folder (needs pip install "pneumoscan[train]")',
         description="Train on ROOT/train (validation carved from it by patient), keep the best "
-        "weights by validation AUC, and write a run folder with the model bundle.",
+        "weights by validation AUC, and write a run folder with the model bundle. --recipe picks a named "
+        "preset (recorded in the bundle); any other flag given overrides the preset's value.",
     )
     p.add_argument(
         "--resume",
@@ -124,8 +125,12 @@ def _run_train(args) -> int:
 
     if args.resume:
         return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
-    cfg = settings.from_args(
-        TrainConfig, args, augmentation=settings.from_args(Augmentation, args), progress=not args.quiet
+    chosen = settings.given(TrainConfig, args)
+    cfg = TrainConfig.from_recipe(
+        chosen.pop("recipe", "default"),
+        **chosen,
+        augmentation=settings.given(Augmentation, args),
+        progress=not args.quiet,
     )
     return _report_bundle(train(cfg))
 
@@ -137,7 +142,7 @@ def _report_bundle(bundle) -> int:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="inspect a dataset folder")
+    p = sub.add_parser("data", help="lay out the downloaded dataset, or check a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser(
         "check",
@@ -150,6 +155,27 @@ def _add_data(sub) -> None:
     )
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(run=_run_data_check)
+    prep = data_sub.add_parser(
+        "prepare",
+        help="lay the downloaded Kaggle/Mendeley archive out as ROOT/{train,val,test}/{NORMAL,PNEUMONIA}",
+        description="Unpack the Kermany chest X-ray download (the Kaggle chest-xray-pneumonia zip, or Mendeley's "
+        "ChestXRay2017.zip), or its unpacked folder, into the layout the other commands read. Run it again to "
+        "finish an interrupted run: files already in place are skipped. Archive entries that are links, over "
+        "the size limit, badly named or not images are refused and listed (exit 1); nothing is written "
+        "outside ROOT.",
+    )
+    prep.add_argument("source", help="the downloaded zip, or the folder it was unpacked into")
+    prep.add_argument("--out", required=True, metavar="ROOT", help="folder to write the layout into")
+    prep.add_argument(
+        "--size",
+        type=_number(int, 32, 1024),
+        default=None,
+        metavar="N",
+        help="write N x N grey JPEGs instead of the original files (aspect ratio squashed, as the model "
+        "sees them; 224 is the shipped model's size and makes training read small files)",
+    )
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_run_data_prepare)
 
 
 def _run_data_check(args) -> int:
@@ -158,6 +184,17 @@ def _run_data_check(args) -> int:
     report = check_dataset(args.root, progress=not args.quiet)
     print("\n".join(map(printable, report.lines())))
     return 1 if report.unreadable else 0
+
+
+def _run_data_prepare(args) -> int:
+    from .data_prepare import prepare_dataset
+
+    report = prepare_dataset(args.source, args.out, size=args.size, progress=not args.quiet)
+    for line in report.errors:
+        print(f"pneumoscan: {printable(line)}", file=sys.stderr)
+    print("\n".join(report.lines()))
+    print(f"dataset in {printable(args.out)}; check it with: pneumoscan data check {printable(args.out)}")
+    return 1 if report.errors else 0
 
 
 def _add_evaluate(sub) -> None:
@@ -243,7 +280,8 @@ def _run_evaluate(args) -> int:
     if "comparison" in summary:
         c = summary["comparison"]
         print(
-            f"AUC difference A-B: {c['difference']:.4f} (95% CI {c['ci95'][0]:.4f} to {c['ci95'][1]:.4f}), "
+            f"AUC difference A - B ({printable(c['a'])} minus {printable(c['b'])}): {c['difference']:.4f} "
+            f"(95% CI {c['ci95'][0]:.4f} to {c['ci95'][1]:.4f}), "
             f"p = {c['p_value']:.4g} ({c['method']})"
             if c["difference"] is not None
             else "AUC difference undefined"
@@ -266,7 +304,12 @@ def _add_predict(sub) -> None:
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
     )
     p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="output format (default table; with --output, the file's suffix decides and --format must agree)",
+    )
     _add_engine(p)
     p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
     p.add_argument(
@@ -322,7 +365,7 @@ def _add_predict(sub) -> None:
 
 def _run_predict(args) -> int:
     from .inference import Classifier, Prediction, expand_inputs
-    from .output import PredictionWriter, ResultsFile, ensure_folder, results_settings, write_cams
+    from .output import PredictionWriter, ResultsFile, ensure_folder, output_format, results_settings, write_cams
 
     if args.resume and not args.output:
         raise PneumoscanError("--resume goes with --output FILE")
@@ -335,8 +378,14 @@ def _run_predict(args) -> int:
         from .distributed import connect
 
         connect(args.ray)
-    fmt, todo, stream, results = args.format, items, sys.stdout, None
+    fmt, todo, stream, results = args.format or "table", items, sys.stdout, None
     if args.output:
+        fmt = output_format(Path(args.output))
+        if args.format and args.format != fmt:
+            raise PneumoscanError(
+                f"--format {args.format} does not match --output {printable(args.output)} (written as {fmt}, by its "
+                "suffix); leave out --format or change the suffix"
+            )
         names = [str(x.path if isinstance(x, Prediction) else x) for x in items]
         results = ResultsFile(args.output, results_settings(clf, not args.no_gate), names, resume=args.resume)
         fmt, stream = results.fmt, results.stream
@@ -364,10 +413,11 @@ def _run_predict(args) -> int:
         for item in todo:
             r = next(predicted) if isinstance(item, Path) else item
             writer.write(r)
-            if not r.ok:
+            if r.ok:
+                if args.cam:
+                    explained.append(r)
+            elif not (fmt == "table" and stream is sys.stdout):  # a table on the terminal shows its errors
                 print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
-            elif args.cam:
-                explained.append(r)
             if args.sr and isinstance(item, Path):
                 reported.append(r)
     finally:
@@ -447,12 +497,17 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help='export a bundle to ONNX (fp32, or int8 with --int8; needs pip install "pneumoscan[train]")',
-        description="Export the whole model (normalisation and sigmoid included) to ONNX. Without "
-        "--out the file goes into the bundle, so predict uses ONNX Runtime by default.",
+        description="Export the network to ONNX: uint8 grey images (N, 1, S, S) in, normalisation inside; "
+        "logits and pooled features out (temperature, threshold and the heads stay in the bundle, so one "
+        "export serves every calibration). Without --out the file goes into the bundle, recorded by its "
+        "sha256, and predict uses ONNX Runtime by default.",
     )
     p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument(
-        "--out", default=None, type=settings.path_argument, help="FILE.onnx to write (default: inside the bundle)"
+        "--out",
+        default=None,
+        type=settings.path_argument,
+        help="FILE.onnx to write outside the bundle (default: into the bundle as model.onnx, where it is used)",
     )
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
     p.add_argument(
@@ -479,13 +534,20 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     import tempfile
 
-    from .bundle import load_bundle
+    from .bundle import ONNX, ONNX_INT8, load_bundle
     from .errors import require_train_extra
     from .export import export_onnx, quantize_int8, training_images
     from .output import ensure_folder
 
     require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
     bundle = load_bundle(args.model)
+    if args.out and Path(args.out).resolve().parent == bundle.path.resolve():
+        if Path(args.out).name != ONNX:  # a file of its own name in the bundle would never be used
+            raise PneumoscanError(
+                f"{printable(args.out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
+                "leave out --out to export into the bundle"
+            )
+        args.out = None  # the bundle's own model.onnx: written and recorded as without --out
     if args.out:
         if Path(args.out).is_dir():
             raise PneumoscanError(f"{printable(args.out)}: --out names a folder; give a FILE.onnx")

@@ -124,8 +124,23 @@ def stratified_subset(samples: list[Sample], per_class: int | None, seed: int = 
     return sorted(out, key=lambda s: str(s.path))
 
 
+def require_train_folder(root: str | Path) -> None:
+    """Training reads ``ROOT/train``: a missing root, a flat NORMAL/PNEUMONIA folder or a split such as
+    ``test`` is refused with one line, before anything is written."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: data folder not found")
+    if not (root / "train").is_dir():
+        raise ConfigError(
+            f"{root}: no train/ folder; training reads ROOT/train/{{NORMAL,PNEUMONIA}} (the Kaggle layout, "
+            "which pneumoscan data prepare makes from the download)"
+        )
+
+
 def training_splits(root: str | Path, val_source: str = "patients", val_fraction: float = 0.1, seed: int = 0):
-    """(train, val) for training: validation carved from train by patient, or the official val split."""
+    """(train, val) for training: validation carved from train by patient, or the official val split.
+    ``root`` must hold ``train/``: a flat NORMAL/PNEUMONIA folder, or a split such as test, is refused."""
+    require_train_folder(root)
     train = load_split(root, "train")
     if val_source == "official":
         return train, load_split(root, "val")

@@ -17,8 +17,8 @@ from . import metrics as M
 from .bundle import WEIGHTS, Bundle, write_bundle, write_json
 from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
-from .inference import Classifier, Prediction
-from .labels import CLASSES, label_of
+from .inference import Classifier
+from .labels import CLASSES
 from .output import ensure_folder, write_prediction_file
 from .settings import checked_path
 from .subtype import SUBTYPES
@@ -81,23 +81,25 @@ def evaluate(
     out = ensure_folder(out)
     models = models or [None]
     all_samples = load_split(data, split)
-    split_name = split or Path(data).name
+    is_split = bool(split) and (Path(data) / split).is_dir()  # else a flat NORMAL/PNEUMONIA folder was given
+    split_name = split if is_split else Path(data).name
     classifiers = [Classifier.load(model, engine=engine) for model in models]  # bad bundles stop before any work
     images_by_size: dict[int, tuple] = {}
     results = []
     for index, clf in enumerate(classifiers):
         if clf.image_size not in images_by_size:
-            images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split}")
+            images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split_name}")
         images, samples, errors = images_by_size[clf.image_size]
         if not samples:
             raise ConfigError(f"{data}: none of the {len(all_samples)} images could be read (first: {errors[0]})")
         logits, features = clf.outputs(images)
-        name = clf.bundle.name if len(models) == 1 else f"{chr(65 + index)}: {clf.bundle.name}"
+        name = _display_name(classifiers, index)
         folder = out if len(models) == 1 else ensure_folder(out / f"model_{chr(97 + index)}")
         report = score(
             samples, logits, clf.bundle, engine=clf.engine.name, split=split_name, n_resamples=n_resamples, seed=seed
         )
         report["unreadable"] = errors
+        report["model"]["shown_as"] = name  # "A: ..." and "B: ..." when two are compared
         if clf.gate is not None:
             report["gate"] = gate_report(samples, clf.gate_scores(features), clf.gate.limit)
         subtype = subtype_scores(samples, features, clf)
@@ -122,16 +124,18 @@ def evaluate(
         if "subtype" in report:
             path = R.plot_confusion(report["subtype"]["confusion_matrix"], folder / "subtype_confusion.png", SUBTYPES)
             result.figures["Bacterial or viral: confusion matrix (true pneumonia)"] = path
-        write_prediction_file(folder / "predictions.csv", _prediction_rows(result))
+        predictions = clf.results([str(s.path) for s in samples], logits, features, gating=False)
+        write_prediction_file(folder / "predictions.csv", list(zip(predictions, samples)))
         write_json(folder / "metrics.json", report)
         if record:
-            record_in_bundle(clf.bundle, split or "all", report)
+            record_in_bundle(clf.bundle, split_name if is_split else "all", report)
         if ledger:
             append_to_ledger(ledger, clf.bundle, report, commit=commit)
         results.append(result)
 
     summary = {
-        "split": split or Path(data).name,
+        "split": split_name,
+        "is_split": is_split,
         "data": summarize(results[0].samples),
         "models": [r.report for r in results],
     }
@@ -242,11 +246,14 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
         writer.writerow({k: csv_cell(v) for k, v in row.items()})
 
 
-def _prediction_rows(result: ModelResult) -> list[tuple[Prediction, Sample]]:
-    t = result.classifier.threshold
-    return [
-        (Prediction(str(s.path), float(p), label_of(p, t), t), s) for s, p in zip(result.samples, result.probabilities)
-    ]
+def _display_name(classifiers: list[Classifier], index: int) -> str:
+    """How a model is named in reports: its bundle's name; when two are compared, "A: name" and
+    "B: name", with the bundle folder where both bundles carry the same name."""
+    bundle = classifiers[index].bundle
+    if len(classifiers) == 1:
+        return bundle.name
+    same = len({c.bundle.name for c in classifiers}) == 1
+    return f"{chr(65 + index)}: {bundle.name}" + (f" ({bundle.path})" if same else "")
 
 
 def score(
@@ -392,7 +399,8 @@ def metrics_table(report: dict) -> str:
     reports = [t] if t["threshold"] == 0.5 else [t, report["at_0.5"]]
     heads = [f"at {r['threshold']:.3f} (95% CI)" for r in reports]
     lines = [
-        f"{printable(report['model']['name'])} on {printable(report['split'])}: {report['n']} images "
+        f"{printable(report['model'].get('shown_as', report['model']['name']))} on {printable(report['split'])}: "
+        f"{report['n']} images "
         f"({report['n_normal']} NORMAL, {report['n_pneumonia']} PNEUMONIA, {report['patients']} patients)",
         f"{'metric':<12} " + " ".join(f"{h:<28}" for h in heads),
     ]

@@ -170,10 +170,20 @@ def plot_image_grid(images, titles: list[str], colours: list[str], path: Path, c
     return _save(fig, path)
 
 
+def short_name(name: str, width: int = 26) -> str:
+    """A file name that fits above a grid image: whole if short, else its start and end around an ellipsis
+    (the end keeps the number that tells files apart)."""
+    text = printable(name)
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return f"{text[: keep - keep // 2]}…{text[-(keep // 2) :]}"
+
+
 def prediction_titles(samples, p, threshold: float) -> tuple[list[str], list[str]]:
     titles, colours = [], []
     for sample, prob in zip(samples, p):
         predicted = label_of(prob, threshold)
-        titles.append(f"{printable(sample.path.name)[:24]}\ntrue {sample.label_name} / pred {predicted}\np={prob:.3f}")
+        titles.append(f"{short_name(sample.path.name)}\ntrue {sample.label_name} / pred {predicted}\np={prob:.3f}")
         colours.append("green" if predicted == sample.label_name else "red")
     return titles, colours

@@ -48,7 +48,9 @@ def _metrics_table(results, references: dict) -> str:
     rows = []
     for r in results:
         rep = r.report
-        parts = [(f"{r.name}, threshold {rep['threshold']:.3f}", rep), (f"{r.name}, threshold 0.5", rep["at_0.5"])]
+        parts = [(f"{r.name}, threshold {rep['threshold']:.3f}", rep)]
+        if abs(rep["threshold"] - 0.5) > 5e-7:  # a second row only where 0.5 is another threshold
+            parts.append((f"{r.name}, threshold 0.5", rep["at_0.5"]))
         if "cross_fit" in rep:
             cf = rep["cross_fit"]
             parts.append((f"{r.name}, cross-fitted local calibration ({cf['folds']} folds, {cf['rule']})", cf))
@@ -87,10 +89,11 @@ def _model_section(r) -> str:
 def write_report(path: Path, results, summary: dict, references: dict) -> Path:
     data = summary["data"]
     split = summary["split"] or "all"
+    where = f"{split} split" if summary.get("is_split", True) else f"folder {split}"
     parts = [
-        f"<h1>pneumoscan evaluation: {html.escape(split)} split</h1>",
+        f"<h1>pneumoscan evaluation: {html.escape(where)}</h1>",
         '<p class="notice">Research software, not a medical device. Metrics are on the '
-        f"{html.escape(split)} split, touched only for this report; each model's threshold and temperature were "
+        f"{html.escape(where)}; each model's threshold and temperature were "
         "fitted on other data, named in its section.</p>",
         "<h2>Data</h2>",
         f"<p>{data['images']} images: {data['n_normal']} NORMAL, {data['n_pneumonia']} PNEUMONIA, "
@@ -109,7 +112,8 @@ def write_report(path: Path, results, summary: dict, references: dict) -> Path:
     if "comparison" in summary:
         c = summary["comparison"]
         parts.append(
-            f"<h2>Comparison</h2><p>AUC difference (A &minus; B) on {c['n']} shared images: "
+            f"<h2>Comparison</h2><p>AUC difference (A &minus; B; A is {html.escape(c['a'])}, "
+            f"B is {html.escape(c['b'])}) on {c['n']} shared images: "
             f"{_fmt(c['difference'], 4)} (95% CI {_fmt((c['ci95'] or [None])[0], 4)} to "
             f"{_fmt((c['ci95'] or [None, None])[1], 4)}), p = {_fmt(c['p_value'], 4)} ({c['method']}).</p>"
         )

@@ -54,18 +54,10 @@ class Prediction:
         return self.error is None
 
     def to_dict(self) -> dict:
-        out = {"path": self.path}
-        if self.error is not None:
-            out["error"] = self.error
-        else:
-            out.update(probability=self.probability, label=self.label, threshold=self.threshold)
-            if self.subtype is not None:
-                out.update(subtype=self.subtype, viral_probability=self.viral_probability)
-        if self.gate_score is not None:
-            out.update(gate_score=self.gate_score, gate_limit=self.gate_limit)
-            if not self.gated:
-                out["gate"] = "off"
-        return out
+        """The fields this result has, as JSON lines and the service write them (:func:`output.record`)."""
+        from .output import record
+
+        return record(self)
 
 
 class TorchEngine:
@@ -379,16 +371,24 @@ class Classifier:
                 results[i] = Prediction(source_name(source), error=error.reason)
         if images:
             logits, features = self.engine.run(np.stack(images))
-            scores = self.gate_scores(features)
-            viral = None if self.subtype is None else self.subtype.viral_probability(features)
-            for n, (i, p) in enumerate(zip(good, self.probabilities(logits))):
-                score = None if scores is None else float(scores[n])
-                result = self._result(source_name(decoding[i][0]), p, score, gating)
-                if viral is not None and result.label == CLASSES[1]:
-                    result.viral_probability = float(viral[n])
-                    result.subtype = self.subtype.label(viral[n])
+            names = [source_name(decoding[i][0]) for i in good]
+            for i, result in zip(good, self.results(names, logits, features, gating)):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def results(self, names: list[str], logits: np.ndarray, features: np.ndarray, gating: bool) -> list[Prediction]:
+        """Predictions from the engine's outputs: probability and label, the gate's score (and refusal when
+        ``gating``), and the subtype of PNEUMONIA results where the bundle has the head."""
+        scores = self.gate_scores(features)
+        viral = None if self.subtype is None else self.subtype.viral_probability(features)
+        out = []
+        for n, (name, p) in enumerate(zip(names, self.probabilities(logits))):
+            result = self._result(name, p, None if scores is None else float(scores[n]), gating)
+            if viral is not None and result.label == CLASSES[1]:
+                result.viral_probability = float(viral[n])
+                result.subtype = self.subtype.label(viral[n])
+            out.append(result)
+        return out
 
     def predict_one(self, source: ImageSource) -> Prediction:
         return self.predict([source])[0]

@@ -74,7 +74,7 @@ def model_card(bundle) -> str:
         "anyway. The limit keeps 99.5% of validation X-rays, clean and under acquisition perturbations. What it "
         "refuses among photographs, CT and MR slices, documents, screenshots, plots, noise, blank images and "
         "transformed X-rays (inverted, rotated, cropped) is measured by `python benchmarks/gate_ood.py --model "
-        "BUNDLE` (the README has the bundled model's table). It is not meant to catch chest X-rays outside the "
+        "BUNDLE` (docs/results.md has the bundled model's table). It is not meant to catch chest X-rays outside the "
         "intended population (adults, lateral views, other hospitals), which look like what it was fitted on; "
         "no adult films were at hand to measure it on.\n"
         if "gate.safetensors" in c.get("files", {})

@@ -25,9 +25,16 @@ from .settings import checked_path
 from .text import csv_cell, csv_value, printable
 
 FORMATS = ("table", "csv", "jsonl")
-CSV_COLUMNS = (
-    "path", "probability", "label", "threshold", "error", "gate_score", "gate", "subtype", "viral_probability",
+
+# The prediction record, declared once: its fields in order, and the decimals a number is written with.
+# JSON lines (and the service's responses) hold the fields a result has (:func:`record`); CSV, an
+# evaluation's predictions.csv and the table hold the columns below, from the same record.
+FIELDS = (
+    "path", "probability", "label", "threshold", "error",
+    "gate_score", "gate_limit", "gate", "subtype", "viral_probability",
 )  # fmt: skip
+DIGITS = {"probability": 6, "threshold": 6, "gate_score": 3, "gate_limit": 3, "viral_probability": 6}
+CSV_COLUMNS = tuple(f for f in FIELDS if f != "gate_limit")  # the limit is the bundle's, the same on every row
 MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte limit
 
 
@@ -44,21 +51,54 @@ def ensure_folder(path: str | Path) -> Path:
     return path
 
 
+def record(result) -> dict:
+    """One result as the fields it has: path and error, or path, probability, label and threshold (with
+    subtype and viral probability for PNEUMONIA where the bundle has the head); gate score and limit
+    where the bundle has a gate, and ``"gate": "off"`` when it was not applied."""
+    out = {"path": result.path}
+    if result.error is not None:
+        out["error"] = result.error
+    else:
+        out.update(probability=result.probability, label=result.label, threshold=result.threshold)
+        if result.subtype is not None:
+            out.update(subtype=result.subtype, viral_probability=result.viral_probability)
+    if result.gate_score is not None:
+        out.update(gate_score=result.gate_score, gate_limit=result.gate_limit)
+        if not result.gated:
+            out["gate"] = "off"
+    return {name: out[name] for name in FIELDS if name in out}  # in the declared order
+
+
+def _text(fields: dict, name: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        return ""
+    return f"{value:.{DIGITS[name]}f}" if name in DIGITS else str(value)
+
+
 def _csv_row(result, sample=None) -> list[str]:
-    row = [
-        result.path,
-        "" if result.probability is None else f"{result.probability:.6f}",
-        result.label or "",
-        "" if result.threshold is None else f"{result.threshold:.6f}",
-        result.error or "",
-        "" if result.gate_score is None else f"{result.gate_score:.3f}",
-        "off" if result.gate_score is not None and not result.gated else "",
-        result.subtype or "",
-        "" if result.viral_probability is None else f"{result.viral_probability:.6f}",
-    ]
+    fields = record(result)
+    row = [_text(fields, name) for name in CSV_COLUMNS]
     if sample is not None:
         row += [sample.patient, sample.label_name]
     return [csv_cell(cell) for cell in row]
+
+
+# the table's columns before the path: (header, width, right-aligned)
+TABLE = (("label", 10, False), ("probability", 11, True), ("subtype", 9, False), ("p(viral)", 8, True))
+
+
+def _table_row(cells: list[str]) -> str:
+    """Cells under the TABLE headers, then the path (unpadded, last)."""
+    padded = [f"{c:>{w}}" if right else f"{c:<{w}}" for (_, w, right), c in zip(TABLE, cells)]
+    return "  ".join(padded + cells[len(TABLE) :])
+
+
+def _table_line(r) -> str:
+    if not r.ok:
+        return _table_row(["ERROR", "", "", "", f"{printable(r.path)}: {printable(r.error)}"])
+    viral = "" if r.viral_probability is None else f"{r.viral_probability:.2f}"
+    return _table_row([r.label, f"{r.probability:.4f}", r.subtype or "", viral, printable(r.path)])
 
 
 class PredictionWriter:
@@ -75,7 +115,7 @@ class PredictionWriter:
         if header and fmt == "csv":
             self._csv.writerow(CSV_COLUMNS)
         elif header and fmt == "table":
-            stream.write(f"{'label':<10} {'probability':>11}  path\n")
+            stream.write(_table_row([head for head, _, _ in TABLE] + ["path"]) + "\n")
 
     def write(self, r) -> None:
         if r.ok:
@@ -85,14 +125,11 @@ class PredictionWriter:
         else:
             self.failed += 1
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(r.to_dict()) + "\n")
+            self.stream.write(json.dumps(record(r)) + "\n")
         elif self.fmt == "csv":
             self._csv.writerow(_csv_row(r))
-        elif r.ok:
-            label = f"{r.label} ({r.subtype} {r.viral_probability:.2f})" if r.subtype else r.label
-            self.stream.write(f"{label:<10} {r.probability:>11.4f}  {printable(r.path)}\n")
         else:
-            self.stream.write(f"{'ERROR':<10} {'':>11}  {printable(r.path)}: {printable(r.error)}\n")
+            self.stream.write(_table_line(r) + "\n")
 
     def summary(self) -> str:
         rule = f"; PNEUMONIA when probability >= {self.threshold:.4f}" if self.threshold is not None else ""

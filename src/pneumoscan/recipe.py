@@ -23,11 +23,33 @@ CACHE_MODES = ("auto", "memory", "disk")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
+# Named presets: the settings each changes from TrainConfig's defaults (augmentation settings under
+# "augmentation"). Flags given beside --recipe override the preset's values. The defaults themselves are
+# the "default" recipe: 3 epochs on a frozen backbone, then 4 fine-tuning the last 6 blocks.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    # the shipped model's recipe: every block fine-tuned, with acquisition augmentation
+    "shipped": {"unfreeze": 16, "augmentation": {"acquisition": 0.5}},
+    # a smoke test of a setup (a minute or two on a laptop): not a useful model
+    "quick": {"epochs": 1, "fine_tune_epochs": 1, "limit": 200},
+}
+RECIPE_HELP = {
+    "default": "3 frozen epochs, then 4 fine-tuning the last 6 blocks (Adam 3e-4, one-cycle)",
+    "shipped": "the shipped model's: as default, fine-tuning all 16 blocks, acquisition augmentation 0.5",
+    "quick": "1 frozen and 1 fine-tuning epoch on at most 200 images per class, to try a setup",
+}
+
 
 @dataclass
 class TrainConfig:
     """A training run's settings; each option's default, help and allowed values live here alone."""
 
+    recipe: str = option(
+        "default",
+        "named preset of the settings below (flags given with it override it): "
+        + "; ".join(f"'{k}': {v}" for k, v in RECIPE_HELP.items()),
+        choices=tuple(RECIPES),
+    )
     data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)", path=True)
     out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)", path=True)
     backbone: str = option("efficientnet_lite0", f"ImageNet-pretrained backbone: {' or '.join(BACKBONES)}")
@@ -37,16 +59,16 @@ class TrainConfig:
         "or a torchvision/timm checkpoint FILE",
     )
     image_size: int = option(224, "square input size in pixels", at_least=32, at_most=1024)
-    epochs: int = option(10, "frozen-backbone epochs, phase 1", at_least=1, at_most=10_000)
+    epochs: int = option(3, "frozen-backbone epochs, phase 1", at_least=1, at_most=10_000)
     batch_size: int = option(32, "images per batch and device", at_least=1, at_most=4096)
     lr: float = option(1e-3, "Adam learning rate of phase 1", above=0, at_most=10)
     patience: int = option(5, "epochs without a better validation AUC before stopping", at_least=1)
     fine_tune_epochs: int = option(
-        0, "phase 2 epochs with the last blocks unfrozen (0: none)", at_least=0, at_most=10_000
+        4, "phase 2 epochs with the last blocks unfrozen (0: none)", at_least=0, at_most=10_000
     )
     unfreeze: int = option(6, "blocks unfrozen in phase 2, counted from the top", at_least=0)
-    fine_tune_lr: float = option(1e-5, "Adam learning rate of phase 2", above=0, at_most=10)
-    schedule: str = option("constant", "phase 2 learning-rate schedule", choices=SCHEDULES)
+    fine_tune_lr: float = option(3e-4, "Adam learning rate of phase 2", above=0, at_most=10)
+    schedule: str = option("onecycle", "phase 2 learning-rate schedule", choices=SCHEDULES)
     class_weights: str = option("balanced", "weight the loss so both classes count equally", choices=CLASS_WEIGHTS)
     label_smoothing: float = option(0.0, "pull training targets towards 0.5 by this much", at_least=0, below=1)
     dropout: float = option(HEAD["dropout"], "dropout before the last dense layer", at_least=0, below=1)
@@ -88,6 +110,19 @@ class TrainConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     progress: bool = True
     resume: bool = False
+
+    @classmethod
+    def from_recipe(cls, name: str = "default", **settings_given) -> TrainConfig:
+        """The preset ``name`` with ``settings_given`` on top (``augmentation`` as a dict of the augmentation
+        settings given, or an :class:`Augmentation`); the recipe's name is recorded with the run."""
+        if name not in RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+        preset = dict(RECIPES[name])
+        augmentation = settings_given.pop("augmentation", {})
+        if isinstance(augmentation, Augmentation):
+            augmentation = asdict(augmentation)
+        augmentation = Augmentation(**{**preset.pop("augmentation", {}), **augmentation})
+        return cls(**{**preset, **settings_given, "recipe": name, "augmentation": augmentation})
 
     @classmethod
     def from_run(cls, run_dir: str | Path, progress: bool = True) -> TrainConfig:

@@ -132,6 +132,12 @@ def add_options(parser, cls, skip: tuple[str, ...] = ()) -> None:
         )
 
 
+def given(cls, args: argparse.Namespace) -> dict[str, Any]:
+    """The declared options of ``cls`` that were given on the command line (flags have no defaults in
+    the parsed arguments, so what is there was given)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if _spec(f) and hasattr(args, f.name)}
+
+
 def from_args(cls, args: argparse.Namespace, **extra):
     """An instance of ``cls`` from parsed arguments (flags not given keep the dataclass defaults)."""
     given = {f.name: getattr(args, f.name) for f in fields(cls) if _spec(f) and hasattr(args, f.name)}

@@ -30,6 +30,7 @@ from .data import (
     ImageDataset,
     fits_in_memory,
     load_images,
+    require_train_folder,
     stratified_subset,
     summarize,
     training_splits,
@@ -416,6 +417,7 @@ def train(cfg: TrainConfig) -> Bundle | None:
 
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
+    require_train_folder(cfg.data)  # before the run folder is made
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     run = RunState(Path(cfg.out), cfg.resume)
     rank_zero = _is_rank_zero()

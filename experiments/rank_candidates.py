@@ -1,8 +1,9 @@
 """Rank candidate models without the test split: validation, and the shift proxy of validation.
 
-    python benchmarks/rank_candidates.py runs/A/model runs/B/model ... [--data ../shared/data/chest_xray_224] [--detail]
+    python experiments/rank_candidates.py runs/A/model runs/B/model ... \
+        [--data ../shared/data/chest_xray_224] [--detail]
 
-The rule (fixed on 2026-11-28, before any candidate existed; see the README's protocol):
+The rule (fixed on 2026-11-28, before any candidate existed; see docs/research-log.md):
 - each bundle is scored on the validation patients of its own recipe (carved from train by patient), clean
   and under every perturbation of ``pneumoscan.shift`` (seed 0, all validation images);
 - its shift-proxy AUC is the worst AUC over the perturbations;

@@ -1,6 +1,6 @@
 """Apply the operating-point decision (balanced: probability 0.5) to the bundled model, without a new test read.
 
-    python benchmarks/operating_point_decision.py [--data ../shared/data/chest_xray_224]
+    python experiments/operating_point_decision.py [--data ../shared/data/chest_xray_224]
 
 The weights and temperature stay. Validation metrics are recomputed at 0.5 on the same validation patients
 (carved from train by patient with the recipe's seed and fraction). The test report becomes the one already

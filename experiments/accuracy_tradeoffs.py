@@ -1,6 +1,6 @@
 """What the speed-ups cost in accuracy, for the bundled model.
 
-    python benchmarks/accuracy_tradeoffs.py [--model BUNDLE]
+    python experiments/accuracy_tradeoffs.py [--model BUNDLE]
 
 1. Reduced-scale JPEG decoding on the 48 full-resolution samples (train split): probability
    differences against a full decode, and decode+resize speed, for each draft oversampling.

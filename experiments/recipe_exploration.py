@@ -1,8 +1,8 @@
 """Explore fine-tuning recipes on validation, and tabulate them. Never reads the test split.
 
-    python benchmarks/recipe_exploration.py branch runs/r2 runs/r4-unfreeze3 --set unfreeze=3
+    python experiments/recipe_exploration.py branch runs/r2 runs/r4-unfreeze3 --set unfreeze=3
     pneumoscan train --resume runs/r4-unfreeze3
-    python benchmarks/recipe_exploration.py table runs/r2 runs/r4-unfreeze3 ...
+    python experiments/recipe_exploration.py table runs/r2 runs/r4-unfreeze3 ...
 
 ``branch`` starts a variant of a finished run that shares its frozen (head) phase: the head's best
 checkpoint is copied and marked done, the configuration changed as ``--set`` says, and ``pneumoscan

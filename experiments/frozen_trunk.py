@@ -1,6 +1,6 @@
 """Forward speed of the frozen backbone, the cost that bounds the frozen training phase.
 
-    python benchmarks/frozen_trunk.py [--size 224] [--batch 32] [--repeats 5]
+    python experiments/frozen_trunk.py [--size 224] [--batch 32] [--repeats 5]
 
 Eager PyTorch (the baseline), the frozen TorchScript trunk that training uses
 (`pneumoscan.training.compile_frozen`), `torch.compile`, and ONNX Runtime, all in this process on
