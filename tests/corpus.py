@@ -104,3 +104,50 @@ def write(folder: Path, name: str, data: bytes) -> Path:
     path = folder / name
     path.write_bytes(data)
     return path
+
+
+def encapsulated_dicom(
+    frame: bytes, syntax: str, rows: int, columns: int, samples: int = 1, bits: int = 8, photometric: str = ""
+) -> bytes:
+    """A DICOM file holding one compressed ``frame`` under ``syntax``; its header states ``rows`` x ``columns``
+    whatever the frame holds (as a hostile or broken peer would write it)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CR", "TEST"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric or ("MONOCHROME2" if samples == 1 else "YBR_FULL_422")
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def with_frame_size(codestream: bytes, width: int, height: int) -> bytes:
+    """A JPEG (SOF) or JPEG 2000 (SIZ, with one tile) codestream whose header claims ``width`` x ``height``."""
+    import struct
+
+    data = bytearray(codestream)
+    if data.startswith(b"\xff\xd8"):
+        pos = 2
+        while not (0xC0 <= data[pos + 1] <= 0xCF and data[pos + 1] not in (0xC4, 0xC8, 0xCC)) and data[pos + 1] != 0xF7:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        data[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
+        return bytes(data)
+    at = data.find(b"\xff\x4f\xff\x51") + 4
+    data[at + 4 : at + 12] = struct.pack(">II", width, height)  # Xsiz, Ysiz (offsets 0)
+    data[at + 20 : at + 28] = struct.pack(">II", width, height)  # one tile of the whole image
+    return bytes(data)

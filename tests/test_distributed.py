@@ -42,7 +42,28 @@ def test_cli_ray_writes_the_rows_of_predict_output(trained_bundle, small_data, t
         cli + ["--output", str(tmp_path / "ray.jsonl"), "--ray", "local"], capture_output=True, text=True, timeout=600
     )
     assert single.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-2000:]
-    rows = [[json.loads(x) for x in (tmp_path / name).read_text().splitlines()] for name in ("one.jsonl", "ray.jsonl")]
+    rows = [[json.loads(x) for x in (tmp_path / n).read_text().splitlines()[1:]] for n in ("one.jsonl", "ray.jsonl")]
     assert len(rows[0]) == 40 and [r["path"] for r in rows[0]] == [r["path"] for r in rows[1]]
     for a, b in zip(*rows):
         assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "address,fragment",
+    [("127.0.0.1:1", "cannot connect"), ("nosuchhost.invalid:6379", "does not resolve"), ("nocolon", "HOST:PORT")],
+)
+def test_an_unreachable_cluster_fails_within_seconds(tmp_path, address, fragment):
+    import time
+
+    from corpus import REAL
+
+    out = tmp_path / "r.jsonl"
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "predict", str(REAL), "--ray", address, "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert time.time() - start < 60 and not out.exists()  # nothing written before the cluster answered

@@ -105,7 +105,7 @@ def test_predict_prints_each_error_once_and_format_must_agree_with_output(tmp_pa
     code, _, err = _run(capsys, "predict", PNEUMONIA[0], "--format", "csv", "--output", tmp_path / "r.jsonl")
     assert code == 2 and "--format csv does not match --output" in err and not (tmp_path / "r.jsonl").exists()
     code, _, _ = _run(capsys, "predict", PNEUMONIA[0], "--format", "jsonl", "--output", tmp_path / "r.jsonl")
-    assert code == 0 and json.loads((tmp_path / "r.jsonl").read_text())["label"] == "PNEUMONIA"
+    assert code == 0 and json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])["label"] == "PNEUMONIA"
 
 
 def test_export_into_the_bundle_by_its_path_is_used(tmp_path, capsys):

@@ -376,6 +376,108 @@ def test_a_small_multiframe_dicom_uses_its_first_frame(tmp_path):
     assert np.corrcoef(first.ravel(), grey.ravel())[0, 1] > 0.99
 
 
+def _jpeg_ls_frame(width: int, height: int, bits: int = 16) -> bytes:
+    """A JPEG-LS codestream head (SOF55, one component) claiming ``width`` x ``height``, with a scrap of data."""
+    import struct
+
+    sof = b"\xff\xf7" + struct.pack(">HBHHB", 11, bits, height, width, 1) + b"\x01\x11\x00"
+    sos = b"\xff\xda" + struct.pack(">HB", 8, 1) + b"\x01\x00\x00\x00\x00"
+    return b"\xff\xd8" + sof + sos + b"\x00" * 64 + b"\xff\xd9"
+
+
+def _rle_bomb(megabytes: int) -> bytes:
+    """One DICOM RLE segment of runs: every 2 bytes unpack to 128."""
+    return (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + b"\0" * 56 + b"\x81\x00" * (megabytes << 19)
+
+
+@pytest.mark.parametrize(
+    "codec,size",
+    [("jpeg", (12000, 12000)), ("jpeg-progressive", (9000, 9000)), ("j2k", (9000, 9000)), ("jpeg-ls", (8000, 8000))],
+)
+def test_compressed_dicom_frames_are_bounded_by_their_own_header(tmp_path, codec, size):
+    """The DICOM header says 64x64; the frame's own header (SOF, SOF55, SIZ) says more: refused before decoding."""
+    import resource
+
+    from corpus import encapsulated_dicom, with_frame_size
+
+    small = Image.fromarray(real_grey())
+    if codec == "jpeg-ls":
+        frame, syntax = _jpeg_ls_frame(*size), "1.2.840.10008.1.2.4.80"
+    elif codec == "j2k":
+        frame, syntax = with_frame_size(encode(small, "JPEG2000", irreversible=False), *size), "1.2.840.10008.1.2.4.90"
+    else:
+        frame = with_frame_size(encode(small, "JPEG", progressive=codec.endswith("progressive")), *size)
+        syntax = "1.2.840.10008.1.2.4.51" if codec.endswith("progressive") else "1.2.840.10008.1.2.4.50"
+    data = encapsulated_dicom(frame, syntax, 64, 64)
+    assert len(data) < 100_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match=f"{size[0]}x{size[1]}"):
+        load_image(write(tmp_path, "frame.dcm", data))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KB: nothing decoded
+
+
+def test_an_rle_frame_that_unpacks_past_its_header_is_refused(tmp_path):
+    from corpus import encapsulated_dicom
+
+    data = encapsulated_dicom(_rle_bomb(2), "1.2.840.10008.1.2.5", 64, 64)  # 2 MB that unpack to 128 MB
+    with pytest.raises(ImageError, match="RLE frame unpacks to more than the 64x64") as caught:
+        load_image(write(tmp_path, "rle.dcm", data))
+    assert caught.value.kind == "too_large"
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg-progressive", "j2k", "rle"])
+def test_compressed_dicom_frames_that_match_their_header_decode(tmp_path, codec):
+    from corpus import encapsulated_dicom
+    from pydicom import dcmread
+
+    grey = real_grey()
+    if codec == "rle":
+        ds = dcmread(io.BytesIO(dicom(grey)))
+        ds.compress("1.2.840.10008.1.2.5")
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        data = buf.getvalue()
+    elif codec == "j2k":
+        frame = encode(Image.fromarray(grey), "JPEG2000", irreversible=False)
+        data = encapsulated_dicom(frame, "1.2.840.10008.1.2.4.90", *grey.shape)
+    else:
+        frame = encode(Image.fromarray(grey), "JPEG", quality=95, progressive=codec.endswith("progressive"))
+        data = encapsulated_dicom(frame, "1.2.840.10008.1.2.4.50", *grey.shape)
+    image = np.asarray(load_image(write(tmp_path, "ok.dcm", data)), dtype=float)
+    assert image.shape == grey.shape and np.corrcoef(image.ravel(), grey.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("subsampling,side", [(0, 9000), (2, 10000)])  # 486 MB and 300 MB of coefficients
+def test_progressive_colour_jpeg_counts_its_coefficient_buffer(tmp_path, subsampling, side):
+    """libjpeg keeps every DCT coefficient of a progressive file (2 bytes each, all components, full size
+    whatever the draft scale): that buffer is in the decode bound, checked before decoding."""
+    import resource
+
+    from corpus import with_frame_size
+
+    small = Image.fromarray(real_grey()).convert("RGB")
+    data = with_frame_size(encode(small, "JPEG", progressive=True, subsampling=subsampling), side, side)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="progressive JPEG coefficients") as caught:
+        load_image(write(tmp_path, "p.jpeg", data), draft_size=224)
+    assert caught.value.kind == "too_large"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KB
+    baseline = with_frame_size(encode(small, "JPEG", subsampling=subsampling), side, side)
+    try:  # the same picture as baseline JPEG is decoded at 1/8 scale, a row at a time: within the bound
+        load_image(write(tmp_path, "b.jpeg", baseline), draft_size=224)
+    except ImageError as exc:
+        assert exc.kind != "too_large", exc
+
+
+def test_progressive_and_colour_jpegs_of_radiograph_size_still_load(tmp_path):
+    grey = real_grey()
+    big = Image.fromarray(grey).resize((2000, 2000))
+    for image in (big, big.convert("RGB")):
+        data = encode(image, "JPEG", quality=95, progressive=True)
+        loaded = np.asarray(load_image(write(tmp_path, "p.jpeg", data), draft_size=224).resize((224, 224)), float)
+        assert np.corrcoef(loaded.ravel(), grey.ravel())[0, 1] > 0.98
+
+
 # --- 8. special files and in-memory images ------------------------------------------------------------------
 
 
@@ -471,3 +573,293 @@ def test_serve_on_a_busy_port_is_one_line(trained_bundle):
         done = _cli("serve", "--model", trained_bundle.path, "--port", port)
     err = _one_line(done)
     assert done.returncode == 2 and f"127.0.0.1:{port}: cannot listen" in err and len(err.strip().splitlines()) == 1
+
+
+# --- 12. bundle files are regular files inside the bundle, bounded; the served card is generated --------------
+
+
+@pytest.mark.parametrize("name", ["MODEL_CARD.md", "metrics.json", "model.safetensors", "model.int8.onnx"])
+def test_bundle_files_that_are_links_are_refused(exported_bundle, tmp_path, name):
+    """A link may point at a private file (or /dev/zero); even a link to the right bytes is refused."""
+    copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
+    outside = tmp_path / "outside"
+    (copy / name).rename(outside)
+    os.symlink(outside, copy / name)
+    with pytest.raises(ConfigError, match=f"{name}: is a symbolic link"):
+        load_bundle(copy)
+    done = _cli("predict", REAL, "--model", copy)
+    err = _one_line(done)
+    assert done.returncode == 2 and "symbolic link" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bundle_files_that_are_folders_or_too_large_are_refused(trained_bundle, tmp_path):
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    (copy / "MODEL_CARD.md").write_bytes(b"x" * (3 * 2**20))
+    with pytest.raises(ConfigError, match="MODEL_CARD.md: 3.0 MB, over the 1 MB limit"):
+        load_bundle(copy)
+    (copy / "MODEL_CARD.md").unlink()
+    (copy / "MODEL_CARD.md").mkdir()
+    with pytest.raises(ConfigError, match="MODEL_CARD.md: not a regular file"):
+        load_bundle(copy)
+
+
+def test_the_served_model_card_is_generated_not_read(trained_bundle, tmp_path):
+    """A card swapped for a link to a private file after the service started is never sent."""
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.service import create_app
+
+    copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:SECRET-HASH:19000:0:99999:7:::\n")
+    client = TestClient(create_app(classifier=Classifier.load(copy, engine="torch")))
+    (copy / "MODEL_CARD.md").unlink()
+    os.symlink(secret, copy / "MODEL_CARD.md")
+    body = client.get("/v1/model").json()
+    assert "SECRET-HASH" not in json.dumps(body)
+    assert body["model_card"].startswith("#") and len(body["model_card"]) < 2**20
+
+
+# --- 13. predict --output --resume: only files pneumoscan wrote, with the same settings, one writer ----------
+
+
+def _predict(model, *args, cwd=None):
+    return subprocess.run(
+        [*CLI, "predict", "--model", str(model), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize(
+    "name,content", [("theirs.csv", b"id,score\n1,0.5\n2,0.7"), ("theirs.jsonl", b'{"a": 1}\n{"b"')]
+)
+def test_resume_never_changes_a_file_pneumoscan_did_not_write(trained_bundle, tmp_path, name, content):
+    out = tmp_path / name
+    out.write_bytes(content)  # another program's file, its last line without a newline
+    done = _predict(trained_bundle.path, REAL, "--output", out, "--resume")
+    assert done.returncode == 2 and "not a results file written by pneumoscan" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and out.read_bytes() == content
+
+
+def test_resume_refuses_another_model_threshold_engine_or_gate(trained_bundle, tmp_path):
+    out = tmp_path / "r.jsonl"
+    first = _predict(trained_bundle.path, REAL, "--output", out, "--engine", "torch")
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    head = json.loads(before.splitlines()[0])["pneumoscan"]
+    assert head["weights_sha256"] == trained_bundle.config["weights_sha256"] and head["gate"] == "on"
+    other = shutil.copytree(trained_bundle.path, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["threshold"] = 0.3
+    (other / "config.json").write_text(json.dumps(config))
+    for model, extra, word in (
+        (trained_bundle.path, ["--engine", "torch", "--no-gate"], "gate"),
+        (other, ["--engine", "torch"], "threshold"),
+        (trained_bundle.path, ["--engine", "auto"], "engine"),  # ONNX Runtime on the cached export
+    ):
+        done = _predict(model, REAL, "--output", out, "--resume", *extra)
+        assert done.returncode == 2 and word in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert out.read_bytes() == before
+
+
+def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trained_bundle, tmp_path):
+    """'=a.jpeg' and ''=a.jpeg' were one cell after formula escaping; an absolute spelling of a file done
+    under a relative one was done again."""
+    import csv
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("=a.jpeg", "'=a.jpeg", "b.jpeg"):
+        shutil.copyfile(REAL, folder / name)
+    first = _predict(trained_bundle.path, "=a.jpeg", "--output", "r.csv", cwd=folder)
+    assert first.returncode == 0, first.stderr
+    again = _predict(trained_bundle.path, folder / "." / "=a.jpeg", ".", "--output", "r.csv", "--resume", cwd=folder)
+    assert again.returncode == 0 and "2 classified" in again.stdout, again.stdout + again.stderr
+    with open(folder / "r.csv", newline="") as f:
+        f.readline()
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert sorted(paths) == sorted(["'=a.jpeg", "''=a.jpeg", "b.jpeg"]), paths  # each once, escaped apart
+
+
+def _settings(**changes) -> dict:
+    from pneumoscan.output import RESULTS_FORMAT
+
+    base = {"format": RESULTS_FORMAT, "model": "m", "weights_sha256": "0" * 64, "engine": "onnx"}
+    return {**base, "threshold": 0.5, "temperature": 1.0, "gate": "on", "cwd": "/", **changes}
+
+
+def test_a_second_writer_of_a_results_file_is_refused(tmp_path):
+    from pneumoscan.output import ResultsFile
+
+    first = ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"])
+    try:
+        with pytest.raises(ConfigError, match="another pneumoscan is writing this file"):
+            ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"], resume=True)
+    finally:
+        first.close()
+    again = ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"], resume=True)  # the lock went with it
+    again.close()
+
+
+def test_resume_reads_the_file_a_line_at_a_time(tmp_path):
+    """Memory follows this run's inputs, not the size of the file being resumed."""
+    import tracemalloc
+
+    from pneumoscan.output import ResultsFile
+
+    path = tmp_path / "big.jsonl"
+    row = {"path": "", "error": "x" * 200}
+    with open(path, "w") as f:
+        f.write(json.dumps({"pneumoscan": _settings()}) + "\n")
+        for i in range(200_000):
+            f.write(json.dumps({**row, "path": f"/data/{i:07d}.jpeg"}) + "\n")
+    assert path.stat().st_size > 40 * 2**20
+    tracemalloc.start()
+    results = ResultsFile(path, _settings(), ["/data/0000007.jpeg", "/data/new.jpeg"], resume=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    results.close()
+    assert results.done == [True, False] and peak < 4 * 2**20, peak
+
+
+@pytest.mark.parametrize(
+    "name,body,fragment",
+    [
+        ("deep.jsonl", "[" * 200_000 + "\n", "line 3 is not a result written by pneumoscan (nested too deeply)"),
+        ("wide.csv", "'" + "x" * 300_000 + ",1\n", "line 4 is not a result written by pneumoscan (field larger"),
+        ("long.jsonl", '{"path": "' + "x" * (2**20 + 10) + '"}\n', "a line is over 1024 KB"),
+    ],
+)
+def test_malformed_results_files_are_one_line(trained_bundle, tmp_path, name, body, fragment):
+    path = tmp_path / name
+    assert _predict(trained_bundle.path, REAL, "--output", path).returncode == 0
+    with open(path, "a", newline="") as f:
+        f.write(body)
+    before = path.read_bytes()
+    done = _predict(trained_bundle.path, REAL, "--output", path, "--resume")
+    assert done.returncode == 2 and fragment in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert path.read_bytes() == before
+
+
+# --- 14. deep trees and empty paths ------------------------------------------------------------------------
+
+
+def test_a_recursive_glob_over_a_deep_tree(trained_bundle, tmp_path):
+    deep = tmp_path / "deep"
+    levels = [deep]
+    for _ in range(1100):  # one level at a time: os.makedirs (and shutil.rmtree) recurse
+        levels.append(levels[-1] / "d")
+    for level in levels:
+        level.mkdir()
+    shutil.copyfile(REAL, levels[-1] / "x.jpeg")
+    shutil.copyfile(REAL, deep / "top.jpeg")
+    try:
+        done = _cli("predict", f"{deep}/**/*.jpeg", "--model", trained_bundle.path, "--format", "jsonl")
+        err = _one_line(done)
+        rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+        assert done.returncode == 0 and len(rows) == 2 and all("label" in r for r in rows), err
+    finally:
+        for f in (levels[-1] / "x.jpeg", deep / "top.jpeg"):
+            f.unlink()
+        for level in reversed(levels):
+            level.rmdir()
+
+
+def test_glob_files_agrees_with_glob_on_a_small_tree(tmp_path, monkeypatch):
+    import glob
+
+    from pneumoscan.inference import glob_files
+
+    for name in ("a/b/x.jpeg", "a/.hidden/y.jpeg", "c/z.png", "top.jpeg", "a/b/c/d/w.dcm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("**/*.jpeg", "*/*/*", "a/**", "./a/**/w.dcm", f"{tmp_path}/**/*.png", "?/*.png", "**/**/*.jpeg"):
+        expected = sorted({Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+        assert glob_files(pattern) == expected, pattern
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate", "--data", ""],
+        ["evaluate", "--data", ".", "--out", ""],
+        ["data", "check", ""],
+        ["calibrate", "--data", ".", "--out", ""],
+        ["train", "--data", ".", "--out", ""],
+        ["predict", "x.jpeg", "--output", ""],
+        ["predict", "x.jpeg", "--model", ""],
+        ["export", "--out", ""],
+        ["demo", "--out", ""],
+        ["evaluate", "--data", ".", "--ledger", ""],
+    ],
+)
+def test_an_empty_path_is_a_usage_error(tmp_path, args):
+    done = _cli(*args, cwd=tmp_path)
+    err = _one_line(done)
+    assert done.returncode == 2 and "empty path" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # the current folder was not taken for it
+
+
+def test_the_api_refuses_an_empty_path_too(trained_bundle, tmp_path):
+    from pneumoscan.calibrate import calibrate_bundle
+    from pneumoscan.data import check_dataset
+    from pneumoscan.evaluation import evaluate
+
+    for call in (
+        lambda: check_dataset(""),
+        lambda: evaluate("", "test", [str(trained_bundle.path)], tmp_path / "x", progress=False),
+        lambda: evaluate(".", "test", [str(trained_bundle.path)], "", progress=False),
+        lambda: calibrate_bundle(".", "", model=str(trained_bundle.path), progress=False),
+        lambda: load_bundle(""),
+    ):
+        with pytest.raises(ConfigError, match="empty path"):
+            call()
+
+
+# --- 15. the test-read ledger ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_split(tmp_path):
+    from conftest import real_images
+
+    root = tmp_path / "tiny"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        for f in real_images("test", label, 4):
+            os.symlink(f, root / label / f.name)
+    return root
+
+
+def test_the_ledger_records_the_code_that_ran_not_the_current_folder(trained_bundle, tiny_split, tmp_path):
+    import csv
+
+    from pneumoscan.evaluation import code_version
+
+    other = tmp_path / "other-repo"  # the user runs pneumoscan from inside another repository
+    other.mkdir()
+    git = ["git", "-C", str(other), "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    theirs = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    args = ["evaluate", "--data", tiny_split, "--model", trained_bundle.path, "--out", tmp_path / "e"]
+    done = _cli(*args, "--ledger", "ledger.csv", "--bootstrap", 20, "--quiet", cwd=other)
+    assert done.returncode == 0, _one_line(done)
+    rows = list(csv.DictReader(open(other / "ledger.csv")))
+    assert len(rows) == 1 and rows[0]["commit"] == code_version() and not rows[0]["commit"].startswith(theirs)
+
+
+@pytest.mark.parametrize("kind", ["unwritable", "other header"])
+def test_a_ledger_that_cannot_take_the_row_stops_the_run_before_it(trained_bundle, tiny_split, tmp_path, kind):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ledger = blocker / "ledger.csv" if kind == "unwritable" else tmp_path / "scores.csv"
+    if kind == "other header":
+        ledger.write_text("name,score\nmine,0.9\n")
+    before = ledger.read_bytes() if ledger.is_file() else None
+    out = tmp_path / "e"
+    done = _cli("evaluate", "--data", tiny_split, "--model", trained_bundle.path, "--out", out, "--ledger", ledger)
+    err = _one_line(done)
+    assert done.returncode == 2 and len(err.strip().splitlines()) == 1 and str(ledger) in err, err
+    assert not out.exists()  # refused before any work
+    assert (ledger.read_bytes() if ledger.is_file() else None) == before

@@ -325,3 +325,112 @@ def test_docs_work_offline(client):
     assert "<script>" not in docs.text  # no inline script: the CSP forbids it
     for asset in re.findall(r'(?:src|href)="(/[^"]+)"', docs.text):
         assert client.get(asset).status_code == 200, asset
+
+
+def _unusable_dicoms():
+    from corpus import encapsulated_dicom, encode
+
+    grey = real_grey()
+    j2k = encode(Image.fromarray(grey), "JPEG2000", irreversible=False)
+    htj2k = encapsulated_dicom(j2k, "1.2.840.10008.1.2.4.201", *grey.shape)  # no installed handler decodes it
+    mpeg = encapsulated_dicom(b"\x00\x00\x01\xb3" + b"\0" * 64, "1.2.840.10008.1.2.4.100", *grey.shape)  # video
+    no_header = encapsulated_dicom(b"\0" * 64, "1.2.840.10008.1.2.4.90", *grey.shape)  # J2K without SIZ
+    broken = dicom(grey)[:200] + b"\xff" * 50  # DICM magic, then garbage
+    return [("htj2k.dcm", htj2k), ("mpeg.dcm", mpeg), ("noheader.dcm", no_header), ("broken.dcm", broken)]
+
+
+def test_unusable_dicom_gets_422_and_a_non_image_415(app):
+    """One definition: a file that is DICOM by its content but cannot be used is an unusable image (422);
+    only a file that is no image format we read is 415."""
+    client = TestClient(create_app(classifier=app.state.classifier))  # the module's app may be shut down
+    for name, data in _unusable_dicoms():
+        r = _post(client, name, data)
+        assert r.status_code == 422 and name in r.json()["detail"], (name, r.status_code, r.text)
+    r = _post(client, "notes.jpeg", b"plain text, not an image " * 20)
+    assert r.status_code == 415, r.text
+
+
+def _half_open(port: int, source: str, count: int) -> list[socket.socket]:
+    """``count`` connections from ``source`` (any 127.x address is this machine) that never finish a head."""
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        except OSError:
+            pass
+        held.append(s)
+    return held
+
+
+def _health_from(port: int, source: str, tries: int) -> int:
+    import httpx
+
+    ok = 0
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=5) as client:
+        for _ in range(tries):
+            try:
+                ok += client.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}).status_code == 200
+            except httpx.HTTPError:
+                pass
+    return ok
+
+
+def test_one_client_address_gets_only_its_share_of_connections(app):
+    """60 half-open connections from one address (cap 30, share 5): another address is still served."""
+    port, stop = run_server(app, header_timeout=10.0, max_connections=30, max_per_client=5)
+    held = []
+    try:
+        held = _half_open(port, "127.0.0.1", 60)
+        time.sleep(0.3)
+        assert sum(not _closed(s, wait=0.05) for s in held) <= 5
+        assert _health_from(port, "127.0.0.2", 10) == 10
+    finally:
+        for s in held:
+            s.close()
+        stop()
+
+
+def test_health_checks_are_answered_while_many_addresses_fill_the_server(app):
+    """Ten addresses hold every connection half-open: a new client replaces the longest-waiting one."""
+    port, stop = run_server(app, header_timeout=10.0, max_connections=30, max_per_client=5)
+    held = []
+    try:
+        for n in range(3, 13):
+            held += _half_open(port, f"127.0.0.{n}", 5)
+        time.sleep(0.3)
+        assert _health_from(port, "127.0.0.2", 10) == 10
+        assert sum(not _closed(s, wait=0.05) for s in held) <= 30
+    finally:
+        for s in held:
+            s.close()
+        stop()
+
+
+def test_a_trickled_body_is_cut_at_the_overall_deadline(app):
+    """A byte every 0.3 s never stalls for the 1 s body timeout, but the body must be complete in 2 s."""
+    quick = create_app(classifier=app.state.classifier, body_timeout=1.0, body_deadline=2.0)
+    port, stop = run_server(quick)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(_multipart_head(port, 100_000))
+            start, reply = time.time(), b""
+            s.setblocking(False)
+            while time.time() - start < 8 and b"within" not in reply:
+                try:
+                    s.send(b"a")
+                except OSError:
+                    break
+                time.sleep(0.3)
+                try:
+                    reply += s.recv(4096)
+                except BlockingIOError:
+                    pass
+            assert reply.startswith(b"HTTP/1.1 408") and b"not complete within 2 s" in reply, reply
+            assert time.time() - start < 4
+        assert _health_from(port, "127.0.0.1", 1) == 1
+    finally:
+        stop()

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,19 @@ ANSWER_FILES = (*ONNX_FILES, GATE, SUBTYPE)  # besides the weights, the files th
 EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
 MAX_JSON_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 32
+MAX_MODEL_BYTES = 1024 * 2**20  # weights and ONNX models (the shipped ones are 4-17 MB)
+# The largest file of each name a bundle may hold; anything bigger is refused before it is read.
+MAX_FILE_BYTES = {
+    CONFIG: MAX_JSON_BYTES,
+    METRICS: MAX_JSON_BYTES,
+    CARD: 2**20,
+    WEIGHTS: MAX_MODEL_BYTES,
+    ONNX: MAX_MODEL_BYTES,
+    ONNX_INT8: MAX_MODEL_BYTES,
+    GATE: 64 * 2**20,
+    SUBTYPE: 64 * 2**20,
+    CURVES: 16 * 2**20,
+}
 
 # key: (types, required)
 _SCHEMA = {
@@ -82,6 +96,27 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def default_bundle_path() -> Path:
     return Path(__file__).parent / "default_model"
 
+
+def bundle_file(folder: Path, name: str) -> Path | None:
+    """``folder / name`` if the bundle holds that file, None if it does not. A bundle's files must be
+    regular files inside it, within their size limit (:data:`MAX_FILE_BYTES`): a symbolic link (which
+    could point at a private file or at /dev/zero), a FIFO, a device or a folder is refused with one
+    line, before anything is read."""
+    path = folder / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{path}: is a symbolic link; a bundle's files must be regular files inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    limit = MAX_FILE_BYTES[name]
+    if info.st_size > limit:
+        raise ConfigError(f"{path}: {info.st_size / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB limit for {name}")
+    return path
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
@@ -342,32 +377,35 @@ class Bundle:
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Open and verify a bundle (the packaged default when ``path`` is None): config and metrics
     validated, and the sha256 of the weights and of every recorded ONNX model checked."""
-    path = Path(path) if path is not None else default_bundle_path()
+    from .settings import checked_path
+
+    path = checked_path(path, "--model") if path is not None else default_bundle_path()
     if path.is_file() and path.name == CONFIG:
         path = path.parent
-    if not (path / CONFIG).is_file():
+    if not path.is_dir() or not os.path.lexists(path / CONFIG):
         if path == default_bundle_path():
             raise ConfigError(
                 "no bundled model in this install; pass --model BUNDLE (a folder made by pneumoscan train)"
             )
         raise ConfigError(f"{path}: not a model bundle (no {CONFIG})")
+    present = {name for name in MAX_FILE_BYTES if bundle_file(path, name) is not None}  # every file checked
     config = read_json_object(path / CONFIG, "config.json")
     validate_config(config, str(path))
     weights = path / WEIGHTS
-    if not weights.is_file():
+    if WEIGHTS not in present:
         raise ConfigError(f"{path}: {WEIGHTS} is missing")
     if sha256_file(weights) != config["weights_sha256"]:
         raise ConfigError(f"{weights}: sha256 does not match config.json (truncated or tampered weights)")
     _check_weights_metadata(weights, config)
     for name, digest in config.get("files", {}).items():
-        if not (path / name).is_file():
+        if name not in present:
             raise ConfigError(f"{path}: {name} is recorded in config.json but missing")
         if sha256_file(path / name) != digest:
             raise ConfigError(f"{path / name}: sha256 does not match config.json (swapped or tampered file)")
     for name in ANSWER_FILES:
-        if (path / name).is_file() and name not in config.get("files", {}):  # never used unvouched for
+        if name in present and name not in config.get("files", {}):  # never used unvouched for
             warnings.warn(f"{path / name} is not recorded in config.json and will not be used", stacklevel=2)
-    metrics = read_json_object(path / METRICS, "metrics.json") if (path / METRICS).is_file() else {}
+    metrics = read_json_object(path / METRICS, "metrics.json") if METRICS in present else {}
     validate_metrics(metrics, str(path))
     return Bundle(path, config, metrics)
 

@@ -20,6 +20,7 @@ from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
 from .output import ensure_folder
+from .settings import checked_path
 
 FEW_PER_CLASS = 50  # below this many images of either class, say the fit is unreliable
 TEMPERATURE_SPREAD = 4.0  # a site's temperature stays within the source's divided or multiplied by this
@@ -57,7 +58,7 @@ def calibrate_bundle(
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     clf = Classifier.load(model)
     source = clf.bundle
-    out = Path(out)
+    out = checked_path(out, "output folder")
     if out.resolve() == source.path.resolve():
         raise ConfigError(f"{out}: write the calibrated bundle to a new folder, not over its source")
     created = not out.exists()

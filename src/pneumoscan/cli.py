@@ -103,6 +103,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=settings.path_argument,
         default=None,
         help="continue an interrupted run from its last checkpoint, with its own configuration",
     )
@@ -149,7 +150,9 @@ def _add_data(sub) -> None:
         description="Check a chest_xray folder: images per split and class, files that do "
         "not decode, byte-identical files, and patients found in several splits.",
     )
-    check.add_argument("root", help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)")
+    check.add_argument(
+        "root", type=settings.path_argument, help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)"
+    )
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(run=_run_data_check)
     prep = data_sub.add_parser(
@@ -201,10 +204,23 @@ def _add_evaluate(sub) -> None:
         description="Evaluate one model, or compare two (--model A --model B), on a labelled split. "
         "Writes metrics.json, predictions.csv, figures and report.html to --out.",
     )
-    p.add_argument("--data", required=True, help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=settings.path_argument,
+        help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder",
+    )
     p.add_argument("--split", default="test", help="split folder to evaluate (default test)")
-    p.add_argument("--model", action="append", default=None, help=MODEL_HELP + "; give twice to compare two models")
-    p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        type=settings.path_argument,
+        help=MODEL_HELP + "; give twice to compare two models",
+    )
+    p.add_argument(
+        "--out", default="evaluation", type=settings.path_argument, help="output folder (default ./evaluation)"
+    )
     _add_engine(p)
     _add_bootstrap(p)
     p.add_argument(
@@ -224,6 +240,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument(
         "--ledger",
         metavar="FILE",
+        type=settings.path_argument,
         default=None,
         help="append one row per model to this CSV ledger of held-out reads (date, commit, weights sha256, "
         "recipe, metrics); the project's own is test_reads.csv",
@@ -286,7 +303,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -301,17 +318,25 @@ def _add_predict(sub) -> None:
         help="label every image, also those the input gate refuses as not a chest X-ray "
         "(each result says gate off and carries its gate score)",
     )
-    p.add_argument("--cam", metavar="DIR", default=None, help="also write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument(
+        "--cam",
+        metavar="DIR",
+        default=None,
+        type=settings.path_argument,
+        help="also write a Grad-CAM overlay PNG per image into DIR",
+    )
     p.add_argument(
         "--sr",
         metavar="DIR",
         default=None,
+        type=settings.path_argument,
         help="also write a DICOM structured report (Comprehensive SR, TID 1500) per DICOM input into DIR, "
         "refusals included: the same report that listen --send-to sends",
     )
     p.add_argument(
         "--output",
         metavar="FILE",
+        type=settings.path_argument,
         default=None,
         help="write results to FILE (.jsonl or .csv, by its suffix) as each one is made, instead of to stdout; "
         "a run killed midway loses nothing written",
@@ -340,7 +365,7 @@ def _add_predict(sub) -> None:
 
 def _run_predict(args) -> int:
     from .inference import Classifier, Prediction, expand_inputs
-    from .output import PredictionWriter, ensure_folder, output_format, paths_done, result_key, write_cams
+    from .output import PredictionWriter, ResultsFile, ensure_folder, output_format, results_settings, write_cams
 
     if args.resume and not args.output:
         raise PneumoscanError("--resume goes with --output FILE")
@@ -348,26 +373,25 @@ def _run_predict(args) -> int:
     for folder in (args.cam, args.sr):
         if folder:
             ensure_folder(folder)
-    fmt, done, stream = args.format or "table", set(), sys.stdout
+    items = expand_inputs(args.paths)
+    if args.ray:  # joined first: an unreachable cluster fails within seconds, before any file is touched
+        from .distributed import connect
+
+        connect(args.ray)
+    fmt, todo, stream, results = args.format or "table", items, sys.stdout, None
     if args.output:
-        path = Path(args.output)
-        fmt = output_format(path)
+        fmt = output_format(Path(args.output))
         if args.format and args.format != fmt:
             raise PneumoscanError(
-                f"--format {args.format} does not match --output {printable(path)} (written as {fmt}, by its "
+                f"--format {args.format} does not match --output {printable(args.output)} (written as {fmt}, by its "
                 "suffix); leave out --format or change the suffix"
             )
-        if path.is_file() and path.stat().st_size and not args.resume:
-            raise PneumoscanError(f"{printable(path)}: exists; add --resume to continue it, or remove it")
-        done = paths_done(path, fmt) if args.resume else set()
-        ensure_folder(path.parent)
-        # line-buffered: every result reaches the file (the kernel) as soon as it exists
-        stream = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="", buffering=1)
-    items = expand_inputs(args.paths)
-    todo = [x for x in items if result_key(str(x.path if isinstance(x, Prediction) else x), fmt) not in done]
+        names = [str(x.path if isinstance(x, Prediction) else x) for x in items]
+        results = ResultsFile(args.output, results_settings(clf, not args.no_gate), names, resume=args.resume)
+        fmt, stream = results.fmt, results.stream
+        todo = [x for x, done in zip(items, results.done) if not done]
     files = [x for x in todo if isinstance(x, Path)]
-    header = not args.output or stream.tell() == 0
-    writer = PredictionWriter(stream, fmt, header=header)
+    writer = PredictionWriter(stream, fmt, header=not args.output)
     show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
     if args.ray:
         from .distributed import iter_predictions_ray
@@ -397,8 +421,8 @@ def _run_predict(args) -> int:
             if args.sr and isinstance(item, Path):
                 reported.append(r)
     finally:
-        if stream is not sys.stdout:
-            stream.close()
+        if results is not None:
+            results.close()
     if fmt == "table" and not args.output:
         print(writer.summary())
     elif args.output:
@@ -422,11 +446,19 @@ def _add_calibrate(sub) -> None:
         "prints are in-sample: evaluate the new bundle on other images before relying on it.",
     )
     p.add_argument(
-        "--data", required=True, help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder"
+        "--data",
+        required=True,
+        type=settings.path_argument,
+        help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder",
     )
     p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="folder for the recalibrated bundle (not the source bundle)")
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=settings.path_argument,
+        help="folder for the recalibrated bundle (not the source bundle)",
+    )
     _add_operating_rule(p, "these images")
     _add_bootstrap(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -470,10 +502,11 @@ def _add_export(sub) -> None:
         "export serves every calibration). Without --out the file goes into the bundle, recorded by its "
         "sha256, and predict uses ONNX Runtime by default.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument(
         "--out",
         default=None,
+        type=settings.path_argument,
         help="FILE.onnx to write outside the bundle (default: into the bundle as model.onnx, where it is used)",
     )
     p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
@@ -486,6 +519,7 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--calibration-data",
         default=None,
+        type=settings.path_argument,
         help="dataset root whose train split calibrates int8 (default: the bundle's training data)",
     )
     p.add_argument(
@@ -538,7 +572,7 @@ def _add_serve(sub) -> None:
         description="Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. "
         "Research software, not a medical device.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port, 1-65535 (default 8000)")
     _add_engine(p)
@@ -555,6 +589,13 @@ def _add_serve(sub) -> None:
         help="seconds an upload may stall before 408 (default 30)",
     )
     p.add_argument(
+        "--body-deadline",
+        type=_number(float, 0, 3600, low_open=True),
+        default=60,
+        help="seconds a whole request body may take, from its request head, before 408 (default 60: "
+        "20 MB at 2.8 Mbit/s)",
+    )
+    p.add_argument(
         "--header-timeout",
         type=_number(float, 0, 3600, low_open=True),
         default=10,
@@ -565,8 +606,15 @@ def _add_serve(sub) -> None:
         "--max-connections",
         type=_number(int, 1, 1_000_000),
         default=None,
-        help="open connections at most; more are closed at once (default 1000, or fewer where the "
-        "process may open fewer files)",
+        help="open connections at most (default 1000, or fewer where the process may open fewer files); at "
+        "the cap a new connection replaces the one that has waited longest for a request head",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        type=_number(int, 1, 1_000_000),
+        default=None,
+        help="open connections one client address may hold; more are closed at once (default a tenth of "
+        "--max-connections; behind a reverse proxy every client has the proxy's address: raise it there)",
     )
     p.add_argument(
         "--workers", type=_number(int, 1, 256), default=None, help="inference threads (default: one per core)"
@@ -593,10 +641,39 @@ def _run_serve(args) -> int:
         workers=args.workers,
         cors_origins=args.cors,
         body_timeout=args.body_timeout,
+        body_deadline=args.body_deadline,
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
+        max_per_client=args.max_client_connections,
     )
     return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays",
+        description="A bundle is as trusted as code: its digests prove only which files its author recorded. "
+        "This runs PyTorch on the weights and ONNX Runtime on every ONNX model in the bundle (fp32, int8) "
+        "over the bundled reference X-rays and checks that logits and features agree within a tolerance. "
+        "Exit 0: all agree; 1: a model disagrees (do not use the bundle); 2: it cannot be checked.",
+    )
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    p.set_defaults(run=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from .verify import verify_bundle, verify_table
+
+    checks = verify_bundle(args.model)
+    if not checks:
+        print("the bundle holds no ONNX model: nothing to compare (ONNX Runtime would run an export made here)")
+        return 0
+    print(verify_table(checks))
+    failed = [c for c in checks if not c.ok]
+    for c in failed:
+        print(f"pneumoscan: {printable(c.path)}: does not compute what the weights compute", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_listen(sub) -> None:
@@ -612,14 +689,17 @@ def _add_listen(sub) -> None:
         "Research software, not a medical device: send its answers to a research destination, never into a "
         "clinical worklist. Stops on SIGTERM or Ctrl-C after answering the images already received.",
     )
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
     p.add_argument(
         "--ae-title", default="PNEUMOSCAN", help="this node's AE title, which senders call (default PNEUMOSCAN)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_number(int, 1, 65535), default=11112, help="DICOM port, 1-65535 (default 11112)")
     p.add_argument(
-        "--out", default="pneumoscan-listen", help="folder for results.jsonl, appended to (default ./pneumoscan-listen)"
+        "--out",
+        default="pneumoscan-listen",
+        type=settings.path_argument,
+        help="folder for results.jsonl, appended to (default ./pneumoscan-listen)",
     )
     p.add_argument(
         "--send-to",
@@ -726,7 +806,12 @@ def _add_demo(sub) -> None:
         description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
         "the bundled model; write report.html and Grad-CAM overlays.",
     )
-    p.add_argument("--out", default="pneumoscan-demo", help="output folder (default ./pneumoscan-demo)")
+    p.add_argument(
+        "--out",
+        default="pneumoscan-demo",
+        type=settings.path_argument,
+        help="output folder (default ./pneumoscan-demo)",
+    )
     p.set_defaults(run=_run_demo)
 
 
@@ -755,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export,
         _add_serve,
         _add_listen,
+        _add_verify,
         _add_demo,
     )
     for add in (*commands, _add_data):

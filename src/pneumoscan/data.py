@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ConfigError, ImageError
 from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
 from .labels import CLASSES
-from .settings import option
+from .settings import checked_path, option
 from .subtype import SUBTYPES, subtype_of
 
 SPLITS = ("train", "val", "test")
@@ -79,7 +79,7 @@ def list_images(folder: Path, problems: list[tuple[str, str]] | None = None) -> 
 
 def load_split(root: str | Path, split: str | None = None) -> list[Sample]:
     """The labelled samples of one split, or of a flat ``ROOT/{NORMAL,PNEUMONIA}`` folder."""
-    root = Path(root)
+    root = checked_path(root, "data folder")
     if not root.is_dir():
         raise ConfigError(f"{root}: data folder not found")
     folder = root / split if split and (root / split).is_dir() else root
@@ -239,7 +239,7 @@ def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
     """Counts, unreadable images, byte-identical files and patients seen in several splits."""
     from tqdm import tqdm
 
-    root = Path(root)
+    root = checked_path(root, "data folder")
     splits = {s: load_split(root, s) for s in SPLITS if (root / s).is_dir()} or {"all": load_split(root)}
     report = DataCheck(counts={s: class_counts(v) for s, v in splits.items()})
     report.subtypes = {split: subtype_counts(samples) for split, samples in splits.items()}

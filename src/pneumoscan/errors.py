@@ -13,17 +13,30 @@ class ConfigError(PneumoscanError):
     """A usage or configuration problem (bad path, unknown backbone, unreadable model): exit 2."""
 
 
+# The one definition of what each kind of image failure is, and the HTTP status it gets.
+IMAGE_ERROR_STATUS = {
+    "unsupported": 415,  # not a format we read: neither JPEG, PNG nor DICOM by its content
+    "too_large": 413,  # over a size, pixel or decoding-memory limit
+    "invalid": 422,  # a JPEG, PNG or DICOM that cannot be used: empty, truncated, too small, undecodable
+}
+
+
 class ImageError(PneumoscanError):
     """One input could not be turned into an image; the rest of a batch goes on.
 
     ``kind``: ``"unsupported"`` (not an image format we read), ``"too_large"`` (over a size or
-    pixel limit) or ``"invalid"`` (an image that cannot be used: empty, truncated, too small...)."""
+    pixel limit) or ``"invalid"`` (an image that cannot be used: empty, truncated, too small, a DICOM
+    file whose pixel data cannot be decoded...); :data:`IMAGE_ERROR_STATUS` maps each to its HTTP status."""
 
     def __init__(self, source: str | Path, reason: str, kind: str = "invalid"):
         self.source = str(source)
         self.reason = reason
         self.kind = kind
         super().__init__(f"{self.source}: {reason}")
+
+    @property
+    def http_status(self) -> int:
+        return IMAGE_ERROR_STATUS.get(self.kind, 422)
 
 
 TRAIN_EXTRA = 'pip install "pneumoscan[train]"'

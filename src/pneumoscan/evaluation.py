@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .inference import Classifier
 from .labels import CLASSES
 from .output import ensure_folder, write_prediction_file
+from .settings import checked_path
 from .subtype import SUBTYPES
 from .text import csv_cell, number, printable, with_ci
 
@@ -73,6 +74,10 @@ def evaluate(
     appends one row per model to that CSV file (the record of every read of a held-out split)."""
     from .html_report import write_report
 
+    checked_path(data, "data folder")
+    if ledger:  # before any work: a ledger that cannot take the rows stops the run now, not after it
+        ledger = check_ledger(ledger)
+        commit = code_version()  # the code that runs, recorded when it starts
     out = ensure_folder(out)
     models = models or [None]
     all_samples = load_split(data, split)
@@ -126,7 +131,7 @@ def evaluate(
         if record:
             record_in_bundle(clf.bundle, split_name if is_split else "all", report)
         if ledger:
-            append_to_ledger(ledger, clf.bundle, report)
+            append_to_ledger(ledger, clf.bundle, report, commit=commit)
         results.append(result)
 
     summary = {
@@ -155,18 +160,60 @@ LEDGER_COLUMNS = (
 )  # fmt: skip
 
 
-def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str = "") -> None:
-    """One row for one read of a split: when, which code and weights, which recipe, what it gave."""
-    import csv
-    import datetime
+def code_version() -> str:
+    """The code that is running: this package's git commit (``-dirty`` when its files differ from it)
+    when it runs from a checkout that tracks it, else ``pneumoscan VERSION`` (an installed release).
+    Never the git HEAD of the current folder, which may be another repository."""
     import subprocess
 
+    from . import __version__
+
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "__init__.py") is None:  # not tracked here: an installed copy
+        return f"pneumoscan {__version__}"
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return f"pneumoscan {__version__}"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", ".") else "")
+
+
+def check_ledger(path: str | Path) -> Path:
+    """Before an evaluation: the ledger can be appended to, and is empty or a ledger (its header is
+    :data:`LEDGER_COLUMNS`); one line saying why not. A file that did not exist is not left behind."""
+    import csv
+
+    path = checked_path(path, "--ledger")
+    existed = path.exists()
+    if existed and not path.is_file():
+        raise ConfigError(f"{printable(path)}: --ledger must be a regular file")
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+        with open(path, "a+", newline="", encoding="utf-8", errors="replace") as f:
+            f.seek(0)
+            first = f.readline(64 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"{printable(path)}: the ledger cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+    if first.strip() and tuple(next(csv.reader([first]), [])) != LEDGER_COLUMNS:
+        raise ConfigError(f"{printable(path)}: not a ledger of held-out reads (its header differs); rows not appended")
+    return path
+
+
+def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str = "", commit: str | None = None) -> None:
+    """One row for one read of a split: when, which code (``commit``: :func:`code_version` when the run
+    started) and weights, which recipe, what it gave."""
+    import csv
+    import datetime
+
+    path = check_ledger(path)
     recipe = bundle.config.get("training", {}).get("recipe", {})
     ci = report.get("ci95") or {}
 
@@ -175,7 +222,7 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
 
     row = {
         "date": datetime.date.today().isoformat(),
-        "commit": commit or "unknown",
+        "commit": commit or code_version(),
         "weights_sha256": bundle.config["weights_sha256"],
         "model": bundle.name,
         "recipe": " ".join(f"{k}={v}" for k, v in recipe.items() if k not in ("data", "out")),
@@ -192,7 +239,6 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
         "loss": number(report["loss"], 4),
         "note": note,
     }
-    path = Path(path)
     new = not path.is_file() or path.stat().st_size == 0
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=LEDGER_COLUMNS)

@@ -13,6 +13,7 @@ import io
 import os
 import stat
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -185,22 +186,163 @@ def _check_size(
     bytes_per_pixel: int = 1,
     frames: int = 1,
     max_bytes: int = MAX_DECODED_BYTES,
+    working: int = 0,
+    working_what: str = "",
 ) -> None:
-    """Refuse, from the header alone, images too small to be radiographs or too large to decode safely."""
+    """Refuse, from the header alone, images too small to be radiographs or too large to decode safely.
+    ``working``: bytes the decoder holds besides its output (``working_what`` says what they are)."""
     if width * height > max_pixels:
         raise ImageError(
             name, f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels", "too_large"
         )
-    decoded = frames * width * height * bytes_per_pixel
+    decoded = frames * width * height * bytes_per_pixel + working
     if decoded > max_bytes:
+        extra = f", plus {working / 2**20:.0f} MB of {working_what}" if working else ""
         raise ImageError(
             name,
-            f"decoding it would take {decoded / 2**20:.0f} MB ({frames} frame(s) of {width}x{height}), "
+            f"decoding it would take {decoded / 2**20:.0f} MB ({frames} frame(s) of {width}x{height}{extra}), "
             f"over the {max_bytes / 2**20:.0f} MB limit",
             "too_large",
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(name, f"image is {width}x{height} pixels; at least {MIN_SIDE} per side expected")
+
+
+def _peak_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel held at the peak of decoding an image of this mode and turning it into 8-bit grey:
+    the decoded pixels plus the grey copy, or, for 16-bit and float modes, the array copies of the
+    intensity mapping (a copy of the pixels, float32, then uint8)."""
+    if mode == "L":
+        return 1
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return 2 * _bytes_per_pixel(mode) + 4 + 1
+    return _bytes_per_pixel(mode) + 1
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a compressed codestream says about itself, read from its own header before any decoding."""
+
+    width: int
+    height: int
+    components: int
+    bits: int
+    working: int = 0  # bytes the decoder holds besides its output
+    working_what: str = ""
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return -(-self.bits // 8)
+
+
+# JPEG start-of-frame markers (all DCT and lossless processes) and JPEG-LS's SOF55.
+_JPEG_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+_JPEG_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
+_JPEG_LOSSLESS = {0xC3, 0xC7, 0xCB, 0xCF, 0xF7}
+
+
+def jpeg_header(data: bytes) -> FrameHeader | None:
+    """The frame header (SOF) of a JPEG, JPEG lossless or JPEG-LS codestream, or None if there is none
+    before the first scan. Progressive files, and files whose first scan does not hold every component,
+    are decoded by libjpeg through a buffer of all their DCT coefficients (2 bytes each, at full size
+    whatever the output scale): ``working`` counts it."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, sof, marker_of_frame = 2, None, 0
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xD9:
+            break
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            return None
+        if marker in _JPEG_SOF and sof is None:
+            if len(segment) < 6:
+                return None
+            count = segment[5]
+            components = [segment[6 + 3 * i : 9 + 3 * i] for i in range(count)]
+            if count == 0 or any(len(c) != 3 for c in components):
+                return None
+            sof = (segment[0], int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), components)
+            marker_of_frame = marker
+        elif marker == 0xDA:  # start of scan: entropy-coded data follow
+            if sof is None or not segment:
+                return None
+            bits, height, width, components = sof
+            multiscan = marker_of_frame in _JPEG_PROGRESSIVE or (
+                marker_of_frame not in _JPEG_LOSSLESS and segment[0] < len(components)
+            )
+            working = _jpeg_coefficient_bytes(width, height, components) if multiscan else 0
+            what = "progressive JPEG coefficients" if marker_of_frame in _JPEG_PROGRESSIVE else "JPEG coefficients"
+            return FrameHeader(width, height, len(components), bits, working, what)
+        pos += 2 + length
+    return None
+
+
+def _jpeg_coefficient_bytes(width: int, height: int, components: list[bytes]) -> int:
+    """libjpeg's whole-image coefficient buffer: 64 coefficients of 2 bytes per 8x8 block of each component."""
+    h_max = max(c[1] >> 4 for c in components) or 1
+    v_max = max(c[1] & 15 for c in components) or 1
+    total = 0
+    for c in components:
+        h, v = (c[1] >> 4) or 1, (c[1] & 15) or 1
+        total += _ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8) * 128
+    return total
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def j2k_header(data: bytes) -> FrameHeader | None:
+    """The image and tile size (SIZ marker) of a JPEG 2000 codestream, raw or in a JP2 file. OpenJPEG
+    decodes into 32-bit buffers for every component: ``working`` counts them."""
+    at = data.find(b"\xff\x4f\xff\x51", 0, 1 << 16)
+    siz = data[at + 4 : at + 4 + 38] if at >= 0 else b""
+    if len(siz) < 38:
+        return None
+    numbers = [int.from_bytes(siz[i : i + 4], "big") for i in range(4, 36, 4)]
+    x, y, x0, y0 = numbers[:4]
+    count = int.from_bytes(siz[36:38], "big")
+    sizes = data[at + 42 : at + 42 + 3 * count]
+    if count == 0 or len(sizes) != 3 * count or x <= x0 or y <= y0:
+        return None
+    bits = max((sizes[3 * i] & 0x7F) + 1 for i in range(count))
+    width, height = x - x0, y - y0
+    return FrameHeader(width, height, count, bits, 4 * width * height * count, "JPEG 2000 decoder buffers")
+
+
+def rle_decoded_bytes(frame: bytes, stop_after: int) -> int:
+    """How many bytes DICOM RLE segments decode to (PackBits), counted without decoding; counting
+    stops once it passes ``stop_after``."""
+    if len(frame) < 64:
+        return 0
+    count = int.from_bytes(frame[:4], "little")
+    offsets = [int.from_bytes(frame[4 + 4 * i : 8 + 4 * i], "little") for i in range(min(count, 15))]
+    ends = [*offsets[1:], len(frame)]
+    total = 0
+    for start, end in zip(offsets, ends):
+        pos, end = start, min(end, len(frame))
+        while pos < end - 1 and total <= stop_after:  # a control byte with nothing after it unpacks to nothing
+            control = frame[pos]
+            if control > 128:  # a run: the next byte, 257 - control times
+                total += 257 - control
+                pos += 2
+            elif control < 128:  # a literal: the next control + 1 bytes (as many as there are)
+                total += min(control + 1, end - pos - 1)
+                pos += control + 2
+            else:
+                pos += 1
+    return total
 
 
 def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -> Image.Image:
@@ -211,9 +353,11 @@ def _load_pil(data: bytes, name: str, draft_size: int | None, max_pixels: int) -
     except Image.DecompressionBombError:
         raise ImageError(name, f"image is over the limit of {max_pixels:,} pixels", "too_large") from None
     _check_size(name, *image.size, max_pixels)
+    header = jpeg_header(data) if image.format == "JPEG" else None
     if draft_size and image.format in ("JPEG", "MPO"):
         image.draft("L", (DRAFT_OVERSAMPLE * draft_size, DRAFT_OVERSAMPLE * draft_size))
-    _check_size(name, *image.size, max_pixels, _bytes_per_pixel(image.mode))
+    working, what = (header.working, header.working_what) if header else (0, "")
+    _check_size(name, *image.size, max_pixels, _peak_bytes_per_pixel(image.mode), working=working, working_what=what)
     image.load()
     image = ImageOps.exif_transpose(image)
     return _to_grey(image, name)
@@ -312,7 +456,7 @@ def _check_deflated_dicom(data: bytes, name: str) -> None:
     try:
         inflated = len(inflater.decompress(data[stream.tell() :], MAX_DICOM_BYTES + 1))
     except zlib.error as exc:
-        raise ImageError(name, f"not a readable DICOM file (deflated data: {exc})", "unsupported") from None
+        raise ImageError(name, f"not a readable DICOM file (deflated data: {exc})") from None
     if inflated > MAX_DICOM_BYTES:
         raise ImageError(
             name, f"deflated DICOM data inflate past the {MAX_DICOM_BYTES / 2**20:.0f} MB limit", "too_large"
@@ -334,6 +478,61 @@ def _dicom_geometry(ds) -> tuple[int, int, int, int]:
     return number("Columns", 0), number("Rows", 0), max(1, number("NumberOfFrames", 1)), max(1, samples * -(-bits // 8))
 
 
+JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # baseline ... JPEG-LS
+J2K_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203)}  # JPEG 2000, HTJ2K
+RLE_SYNTAX = "1.2.840.10008.1.2.5"
+
+
+def _first_frame(ds, name: str, frames: int) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:  # noqa: BLE001 - a broken encapsulation is this input's error
+        raise ImageError(name, f"DICOM compressed pixel data cannot be read ({_describe(exc)})") from None
+
+
+def _check_encapsulated_frame(ds, name: str, columns: int, rows: int, frames: int, max_pixels: int) -> None:
+    """A compressed frame is decoded to the size its own codestream states, whatever the DICOM header says:
+    read that size (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ; for RLE, the bytes its segments unpack to) and
+    refuse, before any decoder runs, a frame that differs from the header or would take too much memory."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if syntax in ("", DEFLATED_DICOM) or not getattr(meta.TransferSyntaxUID, "is_encapsulated", False):
+        return
+    if syntax not in JPEG_SYNTAXES | J2K_SYNTAXES | {RLE_SYNTAX}:
+        raise ImageError(name, f"DICOM transfer syntax {meta.TransferSyntaxUID.name} is not one this loader decodes")
+    frame = _first_frame(ds, name, frames)
+    samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    if syntax == RLE_SYNTAX:
+        expected = columns * rows * samples * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
+        if rle_decoded_bytes(frame, expected) > expected:
+            raise ImageError(
+                name, f"RLE frame unpacks to more than the {columns}x{rows} pixels its header states", "too_large"
+            )
+        return
+    header = jpeg_header(frame) if syntax in JPEG_SYNTAXES else j2k_header(frame)
+    if header is None:
+        raise ImageError(
+            name, f"DICOM {meta.TransferSyntaxUID.name} frame cannot be decoded: it has no readable size header"
+        )
+    _check_size(
+        name,
+        header.width,
+        header.height,
+        max_pixels,
+        header.components * header.bytes_per_sample,
+        working=header.working,
+        working_what=header.working_what,
+    )
+    if (header.width, header.height) != (columns, rows) or header.components != samples:
+        raise ImageError(
+            name,
+            f"DICOM compressed frame is {header.width}x{header.height} with {header.components} component(s) "
+            f"but its header states {columns}x{rows} with {samples}",
+        )
+
+
 def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     import pydicom
 
@@ -341,20 +540,21 @@ def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001
-        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", "unsupported") from None
+        # DICOM by its magic, but unreadable: an unusable image; by its name alone: not an image we know
+        kind = "invalid" if data[128:132] == b"DICM" else "unsupported"
+        raise ImageError(name, f"not a readable DICOM file ({_describe(exc)})", kind) from None
     if "PixelData" not in ds:
         raise ImageError(name, "DICOM file has no pixel data")
     columns, rows, frames, depth = _dicom_geometry(ds)
     _check_size(name, columns, rows, max_pixels, depth, frames, MAX_DICOM_BYTES)
+    _check_encapsulated_frame(ds, name, columns, rows, frames, max_pixels)
     try:
         ds.pixel_array_options(index=0)  # classification reads the first frame only
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "pixel data"
-        raise ImageError(
-            name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})", "unsupported"
-        ) from None
+        raise ImageError(name, f"DICOM {what} cannot be decoded by the installed handlers ({_describe(exc)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("MONOCHROME"):
         return Image.fromarray(dicom_to_uint8(ds, pixels), "L")

@@ -11,6 +11,7 @@ result: a probability, or the one-line reason it could not be read.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import threading
@@ -161,6 +162,8 @@ def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
     """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    if engine == "torch" and int8:
+        raise ConfigError("int8 is an ONNX model: --int8 goes with --engine onnx or auto, not torch")
     if engine == "torch":
         return TorchEngine(bundle)
     onnx = bundle.onnx_path(int8)
@@ -204,11 +207,56 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]
         elif os.path.lexists(path):
             items.append(path)
         elif glob.has_magic(arg):
-            matched = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+            matched = glob_files(arg)
             items += matched or [Prediction(arg, error="pattern matched no files")]
         else:
             items.append(Prediction(arg, error="no such file or folder"))
     return items
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob pattern matches, sorted (``**``: any number of folders, hidden ones excepted, as in
+    :func:`glob.glob`). The search keeps its own stack: a tree of any depth, no recursion limit; ``**``
+    does not follow links to folders (no loops)."""
+    start = os.sep if pattern.startswith(os.sep) else ""
+    parts = [part for part in pattern.split(os.sep) if part]
+    found: set[str] = set()
+    pending: list[tuple[str, int]] = [(start, 0)]
+    seen: set[tuple[str, int]] = set()
+    while pending:
+        prefix, index = pending.pop()
+        if (prefix, index) in seen:
+            continue
+        seen.add((prefix, index))
+        if index == len(parts):
+            if prefix and os.path.isfile(prefix):
+                found.add(prefix)
+            continue
+        part = parts[index]
+        if not glob.has_magic(part):
+            pending.append((os.path.join(prefix, part), index + 1))
+            continue
+        if part == "**":
+            pending.append((prefix, index + 1))  # no folder at all
+        for entry in _entries(prefix or os.curdir):
+            if entry.name.startswith(".") and not part.startswith("."):
+                continue
+            if part == "**":
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((os.path.join(prefix, entry.name), index))  # one folder more
+                elif index == len(parts) - 1:  # a last ** matches files too
+                    pending.append((os.path.join(prefix, entry.name), index + 1))
+            elif fnmatch.fnmatchcase(entry.name, part):
+                pending.append((os.path.join(prefix, entry.name), index + 1))
+    return sorted(Path(p) for p in found)
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:  # a folder that cannot be listed matches nothing, as in glob.glob
+        return []
 
 
 class Classifier:

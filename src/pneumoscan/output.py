@@ -8,8 +8,12 @@ a spreadsheet formula (:func:`text.csv_cell`).
 from __future__ import annotations
 
 import csv
+import fcntl
+import functools
+import io
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -17,7 +21,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import ConfigError, ImageError
-from .text import csv_cell, printable
+from .settings import checked_path
+from .text import csv_cell, csv_value, printable
 
 FORMATS = ("table", "csv", "jsonl")
 
@@ -35,7 +40,7 @@ MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte l
 
 def ensure_folder(path: str | Path) -> Path:
     """An output folder that exists and can be written, or one line saying why not (before any work)."""
-    path = Path(path)
+    path = checked_path(path, "output folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{printable(path)}: output folder is an existing file")
     try:
@@ -155,34 +160,175 @@ def output_format(path: Path) -> str:
     raise ConfigError(f"{printable(path)}: --output must end in .jsonl or .csv")
 
 
-def paths_done(path: Path, fmt: str) -> set[str]:
-    """The inputs a results file already holds (as written: CSV cells escaped), for --resume. A last line
-    torn by a kill is cut off, so that appending goes on from a whole line."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    lines = complete.decode("utf-8", "surrogateescape").splitlines()
-    if fmt == "jsonl":
-        done = set()
-        for n, line in enumerate(lines, 1):
-            try:
-                done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{printable(path)}: line {n} is not a result written by pneumoscan") from None
-        return done
-    rows = list(csv.reader(lines))
-    if rows and tuple(rows[0]) != CSV_COLUMNS:
-        raise ConfigError(f"{printable(path)}: not a CSV written by pneumoscan predict (header differs)")
-    return {row[0] for row in rows[1:] if row}
+RESULTS_FORMAT = "pneumoscan-results/1"  # the first line of every results file predict --output writes
+CSV_MARKER = "# " + RESULTS_FORMAT  # a CSV results file's first cell (pandas: read_csv(..., comment="#"))
+SAME_FOR_RESUME = ("weights_sha256", "engine", "threshold", "temperature", "gate")  # what a resume must match
+MAX_RESULT_LINE = 2**20  # longer lines are no result of ours
 
 
-def result_key(name: str, fmt: str) -> str:
-    """How an input's name stands in a results file of this format."""
-    return csv_cell(name) if fmt == "csv" else name
+def results_settings(clf, gate: bool) -> dict:
+    """What a results file records about the run that made it: the model (name and weights digest), the
+    engine, the operating point, the gate setting, and the folder relative paths are relative to."""
+    return {
+        "format": RESULTS_FORMAT,
+        "model": clf.bundle.name,
+        "weights_sha256": clf.bundle.config["weights_sha256"],
+        "engine": clf.engine.name,
+        "threshold": clf.threshold,
+        "temperature": clf.bundle.temperature,
+        "gate": "none" if clf.gate is None else "on" if gate else "off",
+        "cwd": os.getcwd(),
+    }
+
+
+class ResultsFile:
+    """``predict --output FILE``: a results file opened for appending, locked against other writers.
+
+    The first line records the run's settings (:func:`results_settings`). With ``resume``, a file is
+    changed only after its first line shows that pneumoscan wrote it with the same model, engine,
+    threshold, temperature and gate setting; it is read a line at a time (memory follows the inputs,
+    not the file), inputs are matched by resolved path, and only then is a last line torn by a kill cut
+    off. Anything else is a :class:`ConfigError` and leaves the file as it was."""
+
+    def __init__(self, path: str | Path, settings: dict, names: list[str], resume: bool = False):
+        self.path = checked_path(path, "--output")
+        self.fmt = output_format(self.path)
+        ensure_folder(self.path.parent)
+        self._file = self._open_locked()
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size and not resume:
+                raise ConfigError(f"{printable(self.path)}: exists; add --resume to continue it, or remove it")
+            keys = [_resolved(name, os.getcwd(), self.fmt) for name in names]
+            found, end = self._read(settings, set(keys)) if size else (set(), 0)
+            self.done = [key in found for key in keys]  # every spelling of a file already in it
+            if end < size:  # a last line torn by a kill: cut, now that the file is known to be ours
+                self._file.truncate(end)
+            self._file.seek(end)
+            self.stream = io.TextIOWrapper(
+                self._file, encoding="utf-8", errors="surrogateescape", newline="", line_buffering=True
+            )
+            if not size:
+                self._write_head(settings)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open_locked(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
+        except OSError as exc:
+            raise ConfigError(f"{printable(self.path)}: cannot be opened ({exc.strerror or exc})") from None
+        f = os.fdopen(fd, "r+b")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{printable(self.path)}: --output must be a regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ConfigError(f"{printable(self.path)}: another pneumoscan is writing this file (locked)") from None
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def _write_head(self, settings: dict) -> None:
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps({"pneumoscan": settings}) + "\n")
+        else:
+            writer = csv.writer(self.stream)
+            writer.writerow([CSV_MARKER, json.dumps(settings)])
+            writer.writerow(CSV_COLUMNS)
+
+    def _lines(self, position: list[int]):
+        """The file's whole lines, as text; ``position``: the offset after the last one read, and its number."""
+        while True:
+            raw = self._file.readline(MAX_RESULT_LINE + 1)
+            if len(raw) > MAX_RESULT_LINE:
+                raise ConfigError(f"{printable(self.path)}: a line is over {MAX_RESULT_LINE // 1024} KB: not a result")
+            if not raw.endswith(b"\n"):  # end of file, or a line torn by a kill
+                return
+            position[0] += len(raw)
+            position[1] += 1
+            yield raw.decode("utf-8", "surrogateescape")
+
+    def _read(self, settings: dict, wanted: set[str]) -> tuple[set[str], int]:
+        """The keys of ``wanted`` the file holds, and the offset after its last whole line."""
+        self._file.seek(0)
+        position = [0, 0]  # the offset after the last whole line read, and its number
+        lines = self._lines(position)
+        recorded = self._recorded(next(lines, ""))
+        changed = [k for k in SAME_FOR_RESUME if recorded.get(k) != settings.get(k)]
+        if changed:
+            was = ", ".join(f"{k} {printable(recorded.get(k))}" for k in changed)
+            now = ", ".join(f"{printable(settings.get(k))}" for k in changed)
+            raise ConfigError(
+                f"{printable(self.path)}: written with {was}; this run has {now}: resume with the same model and "
+                "options, or write another file"
+            )
+        base = str(recorded.get("cwd") or os.getcwd())
+        found: set[str] = set()
+        try:
+            if self.fmt == "jsonl":
+                for line in lines:
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                        raise ValueError("no path")
+                    key = _resolved(row["path"], base, "jsonl")
+                    if key in wanted:
+                        found.add(key)
+            else:
+                rows = csv.reader(lines)
+                if tuple(next(rows, ())) != CSV_COLUMNS:
+                    raise ValueError("the column header differs")
+                for row in rows:
+                    key = _resolved(csv_value(row[0]), base, "csv") if row else None
+                    if key in wanted:
+                        found.add(key)
+        except (ValueError, RecursionError, csv.Error) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
+            raise ConfigError(
+                f"{printable(self.path)}: line {position[1]} is not a result written by pneumoscan ({reason}); "
+                "left unchanged"
+            ) from None
+        return found, position[0]
+
+    def _recorded(self, first: str) -> dict:
+        """The settings on the file's first line, or a ConfigError: pneumoscan did not write this file."""
+        try:
+            if self.fmt == "jsonl":
+                recorded = json.loads(first)["pneumoscan"] if first.startswith('{"pneumoscan"') else None
+            else:
+                cells = next(csv.reader([first]), [])
+                recorded = json.loads(cells[1]) if len(cells) == 2 and cells[0] == CSV_MARKER else None
+        except (ValueError, KeyError, TypeError, RecursionError, csv.Error):
+            recorded = None
+        if not isinstance(recorded, dict) or recorded.get("format") != RESULTS_FORMAT:
+            raise ConfigError(
+                f"{printable(self.path)}: not a results file written by pneumoscan predict --output (its first line "
+                "is not pneumoscan's); left unchanged"
+            )
+        return recorded
+
+    def close(self) -> None:
+        self.stream.close()  # also releases the lock
+
+
+def _resolved(name: str, base: str, fmt: str) -> str:
+    """An input's name as a resume key: relative names joined to ``base``, the folder resolved (links,
+    ``..``, ``.``), the file name kept (two links to one image stay two inputs). For CSV, the name goes
+    through the same cell conversion as the file's names did."""
+    if fmt == "csv":
+        name = csv_value(csv_cell(name))
+    if not name:
+        return name
+    folder, leaf = os.path.split(os.path.join(base, name))
+    return os.path.join(_real_folder(folder), leaf)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def write_prediction_file(path: Path, rows: list) -> None:

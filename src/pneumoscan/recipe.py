@@ -52,8 +52,8 @@ class TrainConfig:
         + "; ".join(f"'{k}': {v}" for k, v in RECIPE_HELP.items()),
         choices=tuple(RECIPES),
     )
-    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)")
-    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)")
+    data: str | None = option(None, "dataset root with train/{NORMAL,PNEUMONIA} (Kaggle layout)", path=True)
+    out: str | None = option(None, "run folder to write (config, history, curves, checkpoints, model/)", path=True)
     backbone: str = option("efficientnet_lite0", f"pretrained backbone (pneumoscan.backbones): {', '.join(BACKBONES)}")
     weights: str = option(
         "imagenet",

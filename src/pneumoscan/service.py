@@ -6,7 +6,9 @@ refused with 413 from their Content-Length before the body is read, and are read
 memory only up to the limit: they are never written anywhere that could serve or keep them.
 
 Clients are hostile until proven otherwise: a request head must arrive within ``header_timeout``
-seconds and a body may not stall for ``body_timeout``; open connections are capped; every response
+seconds; a body may not stall for ``body_timeout`` and must be complete within ``body_deadline``; open
+connections are capped, overall and per client address, and at the cap a new connection replaces the
+one that has waited longest for a request head (so /healthz keeps answering a flood); every response
 carries a Content-Security-Policy that allows no inline script and nothing from other origins; no
 redirect is built from the client's Host header; the API docs are served from this package, offline.
 """
@@ -18,6 +20,8 @@ import base64
 import io
 import os
 import socket
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,14 +36,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
-from .model_card import GENERALISATION_NOTE
+from .model_card import GENERALISATION_NOTE, model_card
 from .text import printable
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request body
+DEFAULT_BODY_DEADLINE = 60.0  # seconds a whole request body may take (20 MB at 2.8 Mbit/s)
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a complete request head
 DEFAULT_MAX_CONNECTIONS = 1000
+CLIENT_SHARE = 10  # by default one client address may hold a tenth of the connections
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -86,7 +92,7 @@ class ModelInfo(BaseModel):
     generalisation_note: str = Field(description="what the validation and test numbers predict for a new hospital")
     config: dict
     metrics: dict
-    model_card: str
+    model_card: str = Field(description="the model card, generated from the checked config and metrics")
 
 
 def _png_base64(image) -> str:
@@ -95,20 +101,18 @@ def _png_base64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-_STATUS = {"unsupported": 415, "too_large": 413, "invalid": 422}
-
-
 class _UploadGuard:
     """ASGI middleware for request bodies: refuse a declared Content-Length over the limit with 413
     before reading anything, stop a body without one (chunked) once it passes the limit, and
-    answer 408 when a body stalls for ``seconds`` (freeing the worker)."""
+    answer 408 when a body stalls for ``seconds`` or is not complete ``deadline`` seconds after its
+    request head (a client trickling a byte now and then is not stalled, but it is too slow)."""
 
     class _Refused(BaseException):  # not Exception: the form parser would turn it into a 400
         def __init__(self, status: int, detail: str):
             self.status, self.detail = status, detail
 
-    def __init__(self, app, max_bytes: int, seconds: float):
-        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
+    def __init__(self, app, max_bytes: int, seconds: float, deadline: float = DEFAULT_BODY_DEADLINE):
+        self.app, self.max_bytes, self.seconds, self.deadline = app, max_bytes, seconds, deadline
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -119,12 +123,19 @@ class _UploadGuard:
             return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
         started, received = False, 0
         limit = self.max_bytes + MULTIPART_OVERHEAD
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.deadline
 
         async def timed_receive():
             nonlocal received
+            left = due - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.seconds)
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.seconds, left))
             except asyncio.TimeoutError:
+                if due - loop.time() <= 0:
+                    raise self._Refused(408, f"request body not complete within {self.deadline:g} s") from None
                 raise self._Refused(408, f"request body stalled for {self.seconds:g} s") from None
             received += len(message.get("body", b""))
             if received > limit:
@@ -164,26 +175,62 @@ class _SecurityHeaders:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for the request head and a cap on connections.
+    """uvicorn's HTTP/1.1 protocol with a deadline for the request head and caps on connections.
 
     uvicorn's keep-alive timeout is reset by every byte received, so a client that trickles a header
     a byte at a time, or never finishes it, would hold its connection forever. Here a connection that
     has not delivered a complete request head ``header_timeout`` seconds after it opened (or after the
-    previous response) is closed, and connections beyond ``max_connections`` are closed at once."""
+    previous response) is closed. One client address may hold ``max_per_client`` connections; more are
+    closed at once. At ``max_connections`` in all, a new connection replaces the one that has waited
+    longest for a request head (idle or half-open); only when every connection is busy with a request
+    is the new one closed."""
 
     header_timeout = DEFAULT_HEADER_TIMEOUT
     max_connections = DEFAULT_MAX_CONNECTIONS
+    max_per_client = DEFAULT_MAX_CONNECTIONS // CLIENT_SHARE
+    clients: Counter = Counter()  # open connections per client address (one Counter per protocol_class)
     _head_deadline = None
+    _client = None
+    _waiting_since = 0.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        client = _client_address(transport)
+        if self.clients[client] >= self.max_per_client:
             transport.close()
             return
+        if sum(self.clients.values()) >= self.max_connections and not self._evict_longest_waiting():
+            transport.close()
+            return
+        self._client = client
+        self.clients[client] += 1
         self._arm_head_deadline()
+
+    def _evict_longest_waiting(self) -> bool:
+        """Close the connection that has waited longest for a request head; False if none is waiting."""
+        waiting = [
+            c
+            for c in self.connections
+            if isinstance(c, GuardedH11Protocol) and c is not self and c._client is not None and c._waiting_for_head()
+        ]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c._waiting_since)
+        oldest._cancel_head_deadline()
+        oldest.transport.close()
+        oldest._forget_client()  # counted out now: its connection_lost comes on a later loop turn
+        return True
+
+    def _forget_client(self) -> None:
+        if self._client is not None:
+            self.clients[self._client] -= 1
+            if self.clients[self._client] <= 0:
+                del self.clients[self._client]
+            self._client = None
 
     def _arm_head_deadline(self) -> None:
         self._cancel_head_deadline()
+        self._waiting_since = time.monotonic()
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_deadline_passed)
 
     def _cancel_head_deadline(self) -> None:
@@ -211,7 +258,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_deadline()
+        self._forget_client()
         super().connection_lost(exc)
+
+
+def _client_address(transport) -> str:
+    """The peer's address without its port: the unit that gets a share of the connections."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else str(peer or "")
 
 
 def default_max_connections() -> int:
@@ -224,10 +278,17 @@ def default_max_connections() -> int:
     return max(16, min(DEFAULT_MAX_CONNECTIONS, soft - 128))
 
 
-def protocol_class(header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None) -> type:
-    """A :class:`GuardedH11Protocol` with these limits, for ``uvicorn.Config(http=...)``."""
-    limits = {"header_timeout": header_timeout, "max_connections": max_connections or default_max_connections()}
-    return type("PneumoscanHTTP", (GuardedH11Protocol,), limits)
+def protocol_class(
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int | None = None,
+    max_per_client: int | None = None,
+) -> type:
+    """A :class:`GuardedH11Protocol` with these limits, for ``uvicorn.Config(http=...)``; by default one
+    client address may hold a tenth of the connections (at least one)."""
+    total = max_connections or default_max_connections()
+    per_client = max_per_client or max(1, total // CLIENT_SHARE)
+    limits = {"header_timeout": header_timeout, "max_connections": total, "max_per_client": per_client}
+    return type("PneumoscanHTTP", (GuardedH11Protocol,), {**limits, "clients": Counter()})
 
 
 def create_app(
@@ -238,6 +299,7 @@ def create_app(
     workers: int | None = None,
     cors_origins: list[str] | None = None,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    body_deadline: float = DEFAULT_BODY_DEADLINE,
     classifier: Classifier | None = None,
 ) -> FastAPI:
     """The application; ``classifier`` lets tests and embedders pass one already loaded."""
@@ -275,8 +337,11 @@ def create_app(
         summary="Classify one X-ray (JPEG, PNG or DICOM)",
         responses={
             413: {"description": "upload too large"},
-            415: {"description": "not an image"},
-            422: {"description": "an image that cannot be used, or not a chest X-ray (the input gate)"},
+            415: {"description": "not an image: neither JPEG, PNG nor DICOM by its content"},
+            422: {
+                "description": "an image that cannot be used (truncated, too small, a DICOM file whose pixels "
+                "cannot be decoded), or not a chest X-ray (the input gate)"
+            },
         },
     )
     async def predict(file: UploadFile, cam: bool = False, gate: bool = True):
@@ -289,15 +354,18 @@ def create_app(
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam, gate)
         except ImageError as exc:
-            raise HTTPException(_STATUS.get(exc.kind, 422), str(exc)) from None
+            raise HTTPException(exc.http_status, str(exc)) from None
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
         return Health(status="ok", model=clf.bundle.name, engine=clf.engine.name)
 
+    # The card is made from the config and metrics that load_bundle checked and bounded, once: the
+    # bundle's MODEL_CARD.md file is never read here (it could be a link to a private file, or huge).
+    card = model_card(clf.bundle)
+
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info():
-        card = clf.bundle.path / "MODEL_CARD.md"
         return ModelInfo(
             name=clf.bundle.name,
             version=str(clf.bundle.config.get("version", "")),
@@ -306,7 +374,7 @@ def create_app(
             generalisation_note=GENERALISATION_NOTE,
             config=clf.bundle.config,
             metrics=clf.bundle.metrics,
-            model_card=card.read_text() if card.is_file() else "",
+            model_card=card,
         )
 
     @app.get("/", include_in_schema=False)
@@ -325,7 +393,7 @@ def create_app(
             raise HTTPException(404, "Not Found")
         return FileResponse(_swagger_ui_path() / name, media_type=DOCS_ASSETS[name])
 
-    app.add_middleware(_UploadGuard, max_bytes=max_upload_bytes, seconds=body_timeout)
+    app.add_middleware(_UploadGuard, max_bytes=max_upload_bytes, seconds=body_timeout, deadline=body_deadline)
     app.add_middleware(_SecurityHeaders)
     app.router.on_shutdown.append(lambda: pool.shutdown(wait=False))
     return app
@@ -353,7 +421,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def make_server(
-    app, sock: socket.socket, *, header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None
+    app,
+    sock: socket.socket,
+    *,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int | None = None,
+    max_per_client: int | None = None,
 ):
     """A uvicorn server for ``app`` on ``sock`` with the guarded protocol; ``server.run(sockets=[sock])``."""
     import uvicorn
@@ -362,7 +435,7 @@ def make_server(
         app,
         log_level="warning",
         timeout_keep_alive=5,
-        http=protocol_class(header_timeout, max_connections),
+        http=protocol_class(header_timeout, max_connections, max_per_client),
         server_header=False,
     )
     return uvicorn.Server(config)
@@ -375,9 +448,13 @@ def serve(
     *,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     max_connections: int | None = None,
+    max_per_client: int | None = None,
     **options,
 ) -> None:
     sock = listen(host, port)  # before loading the model: a busy port fails at once
     app = create_app(model, **options)
     print(f"pneumoscan serving {printable(app.state.classifier.bundle.name)} on http://{host}:{port}/")
-    make_server(app, sock, header_timeout=header_timeout, max_connections=max_connections).run(sockets=[sock])
+    server = make_server(
+        app, sock, header_timeout=header_timeout, max_connections=max_connections, max_per_client=max_per_client
+    )
+    server.run(sockets=[sock])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -22,10 +24,29 @@ class Spec:
     at_most: float | None = None
     below: float | None = None
     flag: str | None = None  # the CLI flag, where it is not --field-name
+    path: bool = False  # a file or folder name: never empty (see checked_path)
 
     def describe_range(self) -> str:
         bounds = ((">=", self.at_least), (">", self.above), ("<=", self.at_most), ("<", self.below))
         return " and ".join(f"{op} {value:g}" for op, value in bounds if value is not None)
+
+
+EMPTY_PATH = "empty path (name a file or folder; '.' for the current folder)"
+
+
+def checked_path(value: str | os.PathLike, what: str = "path") -> Path:
+    """A file or folder name given by a user, as a Path. The one rule for every path the CLI and the API
+    take: the empty string is refused (``Path("")`` would silently mean the current folder)."""
+    if value is None or not str(os.fspath(value)).strip():
+        raise ConfigError(f"{what}: {EMPTY_PATH}")
+    return Path(value)
+
+
+def path_argument(text: str) -> str:
+    """An argparse type for path options: :func:`checked_path`'s rule as a usage error."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return text
 
 
 def option(default: Any = MISSING, help: str = "", **spec) -> Any:
@@ -67,6 +88,8 @@ def check(config) -> None:
         accepted = (int, float) if kind is float else kind
         if kind is not object and (not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool))):
             raise ConfigError(f"--{name} must be {kind.__name__}, got {value!r}")
+        if spec.path:
+            checked_path(value, f"--{name}")
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value!r}")
         if spec.choices is not None and value not in spec.choices:
@@ -101,7 +124,7 @@ def add_options(parser, cls, skip: tuple[str, ...] = ()) -> None:
         parser.add_argument(
             flag_name(f),
             dest=f.name,
-            type=kind if kind is not object else str,
+            type=path_argument if spec.path else kind if kind is not object else str,
             choices=spec.choices,
             default=argparse.SUPPRESS,
             metavar=None if spec.choices else f.name.upper().split("_")[-1],

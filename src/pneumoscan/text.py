@@ -31,13 +31,19 @@ def printable(text: object) -> str:
 
 def csv_cell(value: object) -> str:
     """A CSV cell that a spreadsheet never runs: a leading ``= + - @``, tab or carriage return gets a
-    ``'`` in front (OWASP's advice); bytes that are not UTF-8 are shown as ``\\xNN``."""
+    ``'`` in front (OWASP's advice), and so does a leading ``'``, so that no two values make one cell
+    (:func:`csv_value` undoes it); bytes that are not UTF-8 are shown as ``\\xNN``."""
     text = "" if value is None else str(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    return "'" + text if text.startswith((*_FORMULA_START, "'")) else text
+
+
+def csv_value(cell: str) -> str:
+    """The value :func:`csv_cell` made ``cell`` from (for names that are UTF-8)."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 def markdown_text(value: object) -> str:
