@@ -83,7 +83,8 @@ def test_calibrated_bundle_keeps_its_onnx_models(exported_bundle, local_set, tmp
     assert {"model.onnx", "model.int8.onnx", "gate.safetensors"} <= set(bundle.config["files"])
     assert onnx_cache_path(bundle) == onnx_cache_path(exported_bundle)
     files = [p for p in sorted(local_set.rglob("*.jpeg"))[:6]]
-    source, calibrated = Classifier.load(exported_bundle.path, int8=True), Classifier.load(bundle.path, int8=True)
+    source = Classifier.load(exported_bundle.path, int8=True)
+    calibrated = Classifier.load(bundle.path, int8=True, gate=False)  # the small bundle's gate refuses a few films
     images, _, _ = load_images(load_split(local_set)[:6], bundle.image_size, progress=False)
     assert np.allclose(source.logits(images), calibrated.logits(images))
     got = calibrated.predict(files)

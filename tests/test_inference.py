@@ -102,7 +102,11 @@ def test_grad_cam_for_the_predicted_class(clf):
     chosen, _ = class_activation_map(clf._torch_net, x, positive)
     other, _ = class_activation_map(clf._torch_net, x, not positive)
     small = np.asarray(Image.fromarray(explanation.heatmap).resize(chosen.shape[::-1], Image.Resampling.BILINEAR))
-    assert np.corrcoef(small.ravel(), chosen.ravel())[0, 1] > np.corrcoef(small.ravel(), other.ravel())[0, 1]
+
+    def correlation(a, b):  # a constant map (no positive evidence for that class at all) correlates with nothing
+        return 0.0 if a.std() == 0 or b.std() == 0 else np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    assert correlation(small, chosen) > max(correlation(small, other), 0.5)
     overlay = explanation.overlay()
     assert overlay.mode == "RGB" and overlay.size == (224, 224)
 
@@ -148,10 +152,18 @@ def test_cli_predict_formats_and_exit_codes(trained_bundle, tmp_path):
     assert all({"path", "probability", "label", "threshold", "gate_score"} <= set(r) for r in rows if "error" not in r)
     assert "bad.jpeg" in done.stderr and "Traceback" not in done.stderr
     assert len(list((tmp_path / "cams").glob("*.cam.png"))) == 3
-    ok = _cli("predict", real_images("test", "PNEUMONIA", 1)[0], "--model", trained_bundle.path, "--format", "csv")
+    ok = _cli(
+        "predict",
+        real_images("test", "PNEUMONIA", 1)[0],
+        "--model",
+        trained_bundle.path,
+        "--format",
+        "csv",
+        "--no-gate",
+    )
     header = "path,probability,label,threshold,error,gate_score,gate,subtype,viral_probability,warnings"
     assert ok.returncode == 0 and ok.stdout.splitlines()[0] == header
-    glob = _cli("predict", f"{D224}/test/NORMAL/IM-000[1-3]*", "--model", trained_bundle.path)
+    glob = _cli("predict", f"{D224}/test/NORMAL/IM-000[1-3]*", "--model", trained_bundle.path, "--no-gate")
     assert glob.returncode == 0 and "classified, 0 failed" in glob.stdout
 
 

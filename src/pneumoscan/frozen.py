@@ -138,7 +138,8 @@ def train_frozen(cfg: TrainConfig) -> Bundle:
 
     rng = np.random.default_rng(cfg.seed)
     pick = np.sort(rng.choice(len(x_train), min(GATE_TRAIN_FEATURES, len(x_train)), replace=False))
-    extras = {GATE: _gate(net, x_train[pick], x_val, val_samples, cfg).to_bytes()}
+    gate = _gate(net, x_train[pick], [train_samples[i] for i in pick], x_val, val_samples, cfg)
+    extras = {GATE: gate.to_bytes()}
     if fitted := subtype_from_features(x_train, train_samples, x_val, val_samples):
         extras[SUBTYPE] = fitted[0].to_bytes()
         validation["subtype"] = fitted[1]
@@ -156,20 +157,24 @@ def train_frozen(cfg: TrainConfig) -> Bundle:
     return save_bundle(out / "model", net, config, {"validation": validation}, extras=extras, half=_needs_half(net))
 
 
-def _gate(net, train_features: np.ndarray, val_features: np.ndarray, val_samples: list, cfg: TrainConfig):
-    """The input gate on cached features: its limit from validation features, clean and under every
-    acquisition perturbation of a few validation images (those pass through the backbone)."""
+def _gate(net, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg):
+    """The input gate on cached features: fitted on training X-rays (their images also under every
+    acquisition perturbation), its limits from validation X-rays, clean and under every perturbation of a
+    few of them (those few pass through the backbone)."""
     from .gate import Gate
     from .models import predict_outputs
     from .shift import perturb
+    from .training import perturbed_sample
 
+    train_images, _, _ = load_images(train_samples, cfg.image_size, progress=False)
+    val_images, _, _ = load_images(val_samples, cfg.image_size, progress=False)
     rng = np.random.default_rng(cfg.seed)
-    rows = rng.choice(len(val_samples), min(GATE_PERTURBED_IMAGES, len(val_samples)), replace=False)
-    chosen = [val_samples[i] for i in np.sort(rows)]
-    images, _, _ = load_images(chosen, cfg.image_size, progress=False)
-    perturbed = np.concatenate(list(perturb(images, cfg.seed).values()))
+    rows = np.sort(rng.choice(len(val_samples), min(GATE_PERTURBED_IMAGES, len(val_samples)), replace=False))
+    perturbed = np.concatenate(list(perturb(val_images[rows], cfg.seed).values()))
     _, perturbed_features = predict_outputs(net, perturbed, batch_size=32)
-    return Gate.fit(train_features, np.concatenate([val_features, perturbed_features]))
+    train_all = np.concatenate([train_images, perturbed_sample(train_images, cfg.seed + 1)])
+    calibration = np.concatenate([val_images, perturbed])
+    return Gate.fit(train_features, np.concatenate([val_features, perturbed_features]), train_all, calibration)
 
 
 MAX_FP32_BYTES = 45 * 2**20  # a weights file above this is stored in float16 (the 50 MB per-file limit)
