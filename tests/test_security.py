@@ -534,7 +534,8 @@ def test_long_names_with_cam_and_empty_paths(trained_bundle, tmp_path):
     assert done.returncode == 1 and rows[0] == {"path": "", "error": "empty path"} and "probability" in rows[1]
 
 
-def test_deeply_nested_folders(trained_bundle, tmp_path):
+def _deep_tree(tmp_path):
+    """A folder 1,100 levels deep with a real X-ray at the bottom: (its top, every level)."""
     deep = tmp_path / "deep"
     levels = [deep]
     for _ in range(1100):  # one level at a time: os.makedirs (and shutil.rmtree) recurse
@@ -542,6 +543,11 @@ def test_deeply_nested_folders(trained_bundle, tmp_path):
     for level in levels:
         level.mkdir()
     shutil.copyfile(REAL, levels[-1] / "x.jpeg")
+    return deep, levels
+
+
+def test_deeply_nested_folders(trained_bundle, tmp_path):
+    deep, levels = _deep_tree(tmp_path)
     try:
         done = _cli("predict", deep, "--model", trained_bundle.path, "--format", "jsonl")
         err = _one_line(done)
@@ -744,13 +750,7 @@ def test_malformed_results_files_are_one_line(trained_bundle, tmp_path, name, bo
 
 
 def test_a_recursive_glob_over_a_deep_tree(trained_bundle, tmp_path):
-    deep = tmp_path / "deep"
-    levels = [deep]
-    for _ in range(1100):  # one level at a time: os.makedirs (and shutil.rmtree) recurse
-        levels.append(levels[-1] / "d")
-    for level in levels:
-        level.mkdir()
-    shutil.copyfile(REAL, levels[-1] / "x.jpeg")
+    deep, levels = _deep_tree(tmp_path)
     shutil.copyfile(REAL, deep / "top.jpeg")
     try:
         done = _cli("predict", f"{deep}/**/*.jpeg", "--model", trained_bundle.path, "--format", "jsonl")
