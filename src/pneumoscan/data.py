@@ -423,14 +423,19 @@ class AcquisitionJitter:
 
 class ImageDataset:
     """Images and labels for training, augmented on the fly when asked: decoded in memory
-    (``images``: a uint8 array ``(N,S,S)``) or read from disk at each access (``images``: paths)."""
+    (``images``: a uint8 array ``(N,S,S)``) or read from disk at each access (``images``: paths).
+    ``soft_targets`` (a teacher's probabilities, :mod:`pneumoscan.distill`) make each item
+    ``(image, label, soft target)``; augmentation never changes them."""
 
-    def __init__(self, images, labels, augmentation: Augmentation | None = None, size: int | None = None):
+    def __init__(
+        self, images, labels, augmentation: Augmentation | None = None, size: int | None = None, soft_targets=None
+    ):
         import torch
 
         self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else list(images)
         self.size = size
         self.labels = torch.as_tensor(list(labels), dtype=torch.float32)
+        self.soft = None if soft_targets is None else torch.as_tensor(np.asarray(soft_targets), dtype=torch.float32)
         self.augment = augmentation.build() if augmentation else None
 
     def __len__(self) -> int:
@@ -447,6 +452,8 @@ class ImageDataset:
         image = image.unsqueeze(0)
         if self.augment is not None:
             image = self.augment(image)
+        if self.soft is not None:
+            return image, self.labels[i], self.soft[i]
         return image, self.labels[i]
 
 

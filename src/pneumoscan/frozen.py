@@ -22,6 +22,7 @@ import numpy as np
 from . import metrics as M
 from .bundle import GATE, SUBTYPE, Bundle, save_bundle, write_json
 from .data import load_images, stratified_subset, summarize, training_splits
+from .distill import Teacher, balanced_class_weights, distillation_loss, soft_rows
 from .features import frozen_features
 from .recipe import TrainConfig
 
@@ -35,24 +36,29 @@ def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), x.std(0) + 1e-6
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, groups, seed: int = 0) -> tuple[dict, float]:
-    """Dense-head weights (2 hidden units) equal to a class-balanced logistic regression, and its C."""
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, groups, seed: int = 0, teacher: np.ndarray | None = None, teacher_weight: float = 0.5
+) -> tuple[dict, float]:
+    """Dense-head weights (2 hidden units) equal to a class-balanced logistic regression, and its C. With
+    ``teacher`` probabilities, the regression minimises the distillation loss (:func:`distill.soft_rows`);
+    C is still chosen by the AUC against the labels."""
     from sklearn.linear_model import LogisticRegression
 
     mean, scale = standardise(x)
     z = (x - mean) / scale
     folds = M.patient_folds(y, groups, 5, seed)
 
+    def fit(c: float, rows: np.ndarray):
+        soft = None if teacher is None else teacher[rows]
+        xs, ys, ws = soft_rows(z[rows], y[rows], balanced_class_weights(y[rows]), soft, teacher_weight)
+        return LogisticRegression(C=c, max_iter=3000).fit(xs, ys, sample_weight=ws)
+
     def cv_auc(c: float) -> float:
-        aucs = []
-        for k in range(5):
-            model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000)
-            model.fit(z[folds != k], y[folds != k])
-            aucs.append(M.roc_auc(y[folds == k], model.decision_function(z[folds == k])))
+        aucs = [M.roc_auc(y[folds == k], fit(c, folds != k).decision_function(z[folds == k])) for k in range(5)]
         return float(np.mean(aucs))
 
     c = max(C_GRID, key=cv_auc)
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(z, y)
+    model = fit(c, np.ones(len(y), bool))
     w = model.coef_[0] / scale  # standardisation folded in: w.x + b on raw features
     b = float(model.intercept_[0] - (model.coef_[0] * mean / scale).sum())
     state = {
@@ -64,32 +70,42 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, groups, seed: int = 0) -> tuple[d
     return state, c
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float, seed: int = 0) -> dict:
-    """The dense head trained on standardised features (folded back into the first layer)."""
+def fit_mlp(
+    x: np.ndarray,
+    y: np.ndarray,
+    hidden: int,
+    dropout: float,
+    seed: int = 0,
+    teacher: np.ndarray | None = None,
+    teacher_weight: float = 0.5,
+) -> dict:
+    """The dense head trained on standardised features (folded back into the first layer); with ``teacher``
+    probabilities, on the distillation loss (:func:`distill.distillation_loss`)."""
     import torch
 
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small full-batch head: one thread is fastest, and immune to a busy machine
     try:
-        return _fit_mlp(x, y, hidden, dropout)
+        return _fit_mlp(x, y, hidden, dropout, teacher, teacher_weight)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float) -> dict:
+def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float, teacher, teacher_weight: float) -> dict:
     import torch
     from torch import nn
 
     mean, scale = standardise(x)
     z = torch.from_numpy(((x - mean) / scale).astype(np.float32))
     t = torch.from_numpy(y.astype(np.float32))
+    soft = None if teacher is None else torch.as_tensor(np.asarray(teacher), dtype=torch.float32)
     head = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-    pos_weight = torch.tensor(float((y == 0).sum()) / max(1, int((y == 1).sum())))
+    class_weights = torch.tensor(balanced_class_weights(y), dtype=torch.float32)
     optimiser = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
     for _ in range(MLP_STEPS):
         optimiser.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), t, pos_weight=pos_weight)
+        loss = distillation_loss(head(z).squeeze(1), t, class_weights, soft, teacher_weight)
         loss.backward()
         optimiser.step()
     state = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
@@ -105,29 +121,36 @@ def head_logits(state: dict, x: np.ndarray) -> np.ndarray:
     return (h @ state["3.weight"].T + state["3.bias"])[:, 0]
 
 
-def train_frozen(cfg: TrainConfig) -> Bundle:
-    """Fit the head (and operating point, gate, subtype head) on cached frozen features; write the bundle."""
+def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
+    """Fit the head (and operating point, gate, subtype head) on cached frozen features; write the bundle.
+    With a teacher, the head is fitted on the distillation loss (its probabilities cached per image)."""
     import torch
 
     from .models import create_model
-    from .training import bundle_config, operating_point, subtype_from_features
+    from .training import bundle_config, operating_point, run_config, subtype_from_features
 
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.recorded())
+    write_json(out / "config.json", run_config(cfg, teacher))
     train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     args = {"image_size": cfg.image_size, "weights": cfg.weights, "progress": cfg.progress}
     x_train, train_samples, train_errors = frozen_features(cfg.backbone, train_samples, **args)
     x_val, val_samples, val_errors = frozen_features(cfg.backbone, val_samples, **args)
+    soft = None
+    if teacher is not None:  # its probabilities come in the order of the images it could read
+        soft, scored, teacher_errors = teacher.probabilities(train_samples, cfg.progress)
+        x_train = x_train[np.isin([str(s.path) for s in train_samples], [str(s.path) for s in scored])]
+        train_samples, train_errors = scored, train_errors + teacher_errors
+    distil = {"teacher": soft, "teacher_weight": teacher.weight if teacher else 0.5}
     y = np.array([s.label for s in train_samples])
     fitted_at = time.perf_counter()
     if cfg.head == "logistic":
-        state, c = fit_logistic(x_train, y, [s.patient for s in train_samples], cfg.seed)
+        state, c = fit_logistic(x_train, y, [s.patient for s in train_samples], cfg.seed, **distil)
         hidden, head_settings = 2, {"head": "logistic", "C": c}
     else:
-        state = fit_mlp(x_train, y, 128, cfg.dropout, cfg.seed)
+        state = fit_mlp(x_train, y, 128, cfg.dropout, cfg.seed, **distil)
         hidden, head_settings = 128, {"head": "mlp", "steps": MLP_STEPS}
     head_seconds = time.perf_counter() - fitted_at
 
@@ -152,6 +175,7 @@ def train_frozen(cfg: TrainConfig) -> Bundle:
         "skipped_unreadable": train_errors + val_errors,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "head_fit_seconds": round(head_seconds, 2),
+        **({"teacher": teacher.record()} if teacher else {}),
     }
     config = bundle_config(cfg, hidden, threshold, rule, temperature, training)
     return save_bundle(out / "model", net, config, {"validation": validation}, extras=extras, half=_needs_half(net))

@@ -101,7 +101,7 @@ def model_card(bundle) -> str:
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
   temperature {c["temperature"]:.4f}: {fitted_on}.
-- Weights sha256: `{c["weights_sha256"]}`.
+- Weights sha256: `{c["weights_sha256"]}`.{teacher_line(c)}
 
 ## Intended use
 Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
@@ -154,3 +154,19 @@ def head_line(config: dict) -> str:
     frozen = "kept frozen; " if recipe.get("frozen_features") else ""
     hidden, dropout = config.get("hidden", HEAD["hidden"]), config.get("dropout", HEAD["dropout"])
     return f"{frozen}a dense head ({hidden} units, ReLU, dropout {dropout})"
+
+
+def teacher_line(config: dict) -> str:
+    """Where a distilled model's soft targets came from (empty for a model trained on labels alone)."""
+    record = config.get("training", {}).get("teacher")
+    if not isinstance(record, dict):
+        return ""
+    weight = record.get("weight")
+    share = f"{weight:g}" if isinstance(weight, (int, float)) and not isinstance(weight, bool) else "?"
+    name, path = md(str(record.get("name", "?"))), md(str(record.get("path", "?")))
+    digest = md(str(record.get("weights_sha256", "?")))
+    return (
+        f"\n- Distilled from the bundle {name} ({path}, weights sha256 `{digest}`): loss = (1 - {share}) x "
+        f"class-weighted "
+        f"BCE against the labels + {share} x BCE against its calibrated probabilities."
+    )

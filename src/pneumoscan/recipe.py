@@ -13,6 +13,7 @@ from . import settings
 from .backbones import BACKBONES, HEAD, check_image_size
 from .bundle import read_json_object
 from .data import Augmentation
+from .distill import DEFAULT_WEIGHT
 from .errors import ConfigError
 from .metrics import OPERATING_RULES
 from .settings import option
@@ -122,6 +123,20 @@ class TrainConfig:
         "its strength chosen by 5-fold patient cross-validation on the training split)",
         choices=HEADS,
     )
+    teacher: str | None = option(
+        None,
+        "distil from this model bundle (any bundle, an ensemble too): the loss adds the teacher's calibrated "
+        "probability of each training image as a second target (computed once per image on the un-augmented "
+        "file, at the teacher's own image size, with its gate off; cached under $PNEUMOSCAN_CACHE/teacher)",
+        path=True,
+    )
+    teacher_weight: float | None = option(
+        None,
+        f"share A of the teacher's term: loss = (1-A) * class-weighted BCE(label) + A * BCE(teacher "
+        f"probability); --label-smoothing smooths both targets (default {DEFAULT_WEIGHT} with --teacher)",
+        at_least=0,
+        at_most=1,
+    )
     augmentation: Augmentation = field(default_factory=Augmentation)
     progress: bool = True
     resume: bool = False
@@ -179,3 +194,5 @@ class TrainConfig:
         if self.head != "mlp" and not self.frozen_features:
             raise ConfigError("--head logistic needs --frozen-features")
         check_image_size(self.backbone, self.image_size)
+        if self.teacher_weight is not None and not self.teacher:
+            raise ConfigError("--teacher-weight needs --teacher BUNDLE")

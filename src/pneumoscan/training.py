@@ -36,6 +36,7 @@ from .data import (
     summarize,
     training_splits,
 )
+from .distill import Teacher, aligned, balanced_class_weights, distillation_loss
 from .errors import ConfigError
 from .images import NORMALIZATION
 from .models import create_model, predict_logits
@@ -64,12 +65,20 @@ def compile_frozen(module: nn.Module, example: torch.Tensor) -> nn.Module:
 class LitClassifier(L.LightningModule):
     """The network, its loss and its metrics, for one phase at a time (:meth:`configure_phase`)."""
 
-    def __init__(self, net, class_weights: tuple[float, float], label_smoothing: float, image_size: int):
+    def __init__(
+        self,
+        net,
+        class_weights: tuple[float, float],
+        label_smoothing: float,
+        image_size: int,
+        teacher_weight: float = 0.0,
+    ):
         super().__init__()
         self.net = net
         self.image_size = image_size
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
         self.label_smoothing = label_smoothing
+        self.teacher_weight = teacher_weight  # A of distillation (batches then carry the teacher's probability)
         self.train_auc, self.val_auc = BinaryAUROC(), BinaryAUROC()
         self.train_acc, self.val_acc = BinaryAccuracy(), BinaryAccuracy()
         self.configure_phase(Phase("head", 1, 0, 1e-3, "constant"))
@@ -97,17 +106,15 @@ class LitClassifier(L.LightningModule):
             features = trunk(x)
         return self.net.head(self.net.body[self.split :](features)).squeeze(1)
 
-    def _loss(self, logits, y, training: bool):
+    def _loss(self, logits, y, teacher, training: bool):
         if not training:
             return F.binary_cross_entropy_with_logits(logits, y)
-        target = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        weights = self.class_weights[y.long()]
-        return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights).mean()
+        return distillation_loss(logits, y, self.class_weights, teacher, self.teacher_weight, self.label_smoothing)
 
     def _step(self, batch, stage: str):
-        x, y = batch
+        x, y, *teacher = batch  # a distilled run's training batches carry the teacher's probabilities
         logits = self(x)
-        loss = self._loss(logits, y, stage == "train")
+        loss = self._loss(logits, y, teacher[0] if teacher else None, stage == "train")
         p = torch.sigmoid(logits.detach())
         auc, acc = (self.train_auc, self.train_acc) if stage == "train" else (self.val_auc, self.val_acc)
         auc.update(p, y.int())
@@ -293,13 +300,6 @@ def _read_history(path: Path) -> list[dict]:
     return rows
 
 
-def _balanced_weights(labels: list[int], mode: str) -> tuple[float, float]:
-    if mode == "none":
-        return 1.0, 1.0
-    n, pos = len(labels), sum(labels)
-    return n / (2 * max(n - pos, 1)), n / (2 * max(pos, 1))
-
-
 def _trainer(cfg: TrainConfig, run: RunState, phase: Phase, history: History):
     """A Lightning trainer for one phase, and its best-by-validation-AUC checkpoint callback."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -354,17 +354,20 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
-def load_training_data(cfg: TrainConfig, rank_zero: bool) -> TrainingData:
-    """Train and validation images (validation carved by patient), decoded once; unreadable ones skipped."""
+def load_training_data(cfg: TrainConfig, rank_zero: bool, teacher: Teacher | None = None) -> TrainingData:
+    """Train and validation images (validation carved by patient), decoded once; unreadable ones skipped.
+    With a teacher, each training image also carries the teacher's probability (computed or cached first)."""
     train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
     in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and fits_in_memory(len(train_samples), cfg.image_size))
     show = cfg.progress and rank_zero
-    x_train, train_samples, train_errors = load_images(
-        train_samples, cfg.image_size, show, "loading train", keep=in_memory
-    )
+    soft, scored, teacher_errors = None, train_samples, []
+    if teacher is not None:
+        soft, scored, teacher_errors = teacher.probabilities(train_samples, show)
+    x_train, train_samples, train_errors = load_images(scored, cfg.image_size, show, "loading train", keep=in_memory)
     x_val, val_samples, val_errors = load_images(val_samples, cfg.image_size, show, "loading val")
+    train_errors = teacher_errors + train_errors
     if rank_zero:
         for line in train_errors + val_errors:
             print(f"skipped {printable(line)}")
@@ -373,8 +376,9 @@ def load_training_data(cfg: TrainConfig, rank_zero: bool) -> TrainingData:
         raise ConfigError(f"{cfg.data}: training and validation sets need readable images of both classes")
     if not in_memory:  # streamed from disk: loader processes decode while the model trains
         x_train = [s.path for s in train_samples]
+    soft = None if soft is None else aligned(soft, scored, train_samples)
     return TrainingData(
-        ImageDataset(x_train, y_train, cfg.augmentation, cfg.image_size),
+        ImageDataset(x_train, y_train, cfg.augmentation, cfg.image_size, soft_targets=soft),
         ImageDataset(x_val, [s.label for s in val_samples]),
         train_samples,
         val_samples,
@@ -419,23 +423,27 @@ def train(cfg: TrainConfig) -> Bundle | None:
     Returns the bundle on the main process (``None`` on other DDP ranks)."""
     cfg.check()
     require_train_folder(cfg.data)  # before the run folder is made
+    teacher = Teacher.load(cfg.teacher, cfg.teacher_weight) if cfg.teacher else None
     if cfg.frozen_features:
         from .frozen import train_frozen
 
-        return train_frozen(cfg)
+        return train_frozen(cfg, teacher)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banners about GPUs and loggers
     run = RunState(Path(cfg.out), cfg.resume)
     rank_zero = _is_rank_zero()
-    if not cfg.resume and rank_zero:
-        write_json(run.out / "config.json", cfg.recorded())
+    if cfg.resume:
+        check_same_teacher(run.out / "config.json", teacher)
+    elif rank_zero:
+        write_json(run.out / "config.json", run_config(cfg, teacher))
     seed_everything(cfg.seed)
-    data = load_training_data(cfg, rank_zero)
+    data = load_training_data(cfg, rank_zero, teacher)
     net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, image_size=cfg.image_size)
     module = LitClassifier(
         net,
-        _balanced_weights([s.label for s in data.train_samples], cfg.class_weights),
+        balanced_class_weights([s.label for s in data.train_samples], cfg.class_weights),
         cfg.label_smoothing,
         cfg.image_size,
+        teacher.weight if teacher else 0.0,
     )
     loaders = _loaders(cfg, data)
     best_score, best_state = -1.0, None
@@ -447,7 +455,21 @@ def train(cfg: TrainConfig) -> Bundle | None:
         module.load_state_dict(best_state)  # each phase starts from, and the run ends with, the best so far
     if not rank_zero:
         return None
-    return finish_run(cfg, run, net, data, best_score, time.perf_counter() - started)
+    return finish_run(cfg, run, net, data, best_score, time.perf_counter() - started, teacher)
+
+
+def run_config(cfg: TrainConfig, teacher: Teacher | None) -> dict:
+    """A run folder's config.json: the settings, and what the teacher was (its digests), if any."""
+    return {**cfg.recorded(), **({"teacher_record": teacher.record()} if teacher else {})}
+
+
+def check_same_teacher(path: Path, teacher: Teacher | None) -> None:
+    """A resumed run distils from the very teacher it started with (same config.json digest)."""
+    if teacher is None or not path.is_file():
+        return
+    started = read_json_object(path, "run configuration").get("teacher_record")
+    if not isinstance(started, dict) or started.get("config_sha256") != teacher.digest:
+        raise ConfigError(f"{teacher.bundle.path}: not the teacher this run started with (config.json digest differs)")
 
 
 GATE_TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
@@ -561,7 +583,9 @@ def bundle_config(cfg: TrainConfig, hidden: int, threshold: float, rule: str, te
     }
 
 
-def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_score: float, wall: float) -> Bundle:
+def finish_run(
+    cfg: TrainConfig, run: RunState, net, data: TrainingData, best_score: float, wall: float, teacher=None
+) -> Bundle:
     """Fit the operating point on validation, then write curves, metrics and the bundle."""
     from .figures import plot_training_curves
 
@@ -583,6 +607,7 @@ def finish_run(cfg: TrainConfig, run: RunState, net, data: TrainingData, best_sc
         "phase_seconds": run.seconds,
         "train_images_per_s_median": {k: float(np.median(v)) for k, v in speeds.items() if v},
         "epochs_run": len(run.history),
+        **({"teacher": teacher.record()} if teacher else {}),
     }
     config = bundle_config(cfg, net.hidden, threshold, rule, temperature, training)
     train_images, train_samples = _training_images(data, cfg.image_size)
