@@ -34,6 +34,7 @@ BASE_MODULES = (
     "pneumoscan.demo",
     "pneumoscan.dicom_node",
     "pneumoscan.dicom_sr",
+    "pneumoscan.distill",
     "pneumoscan.evaluation",
     "pneumoscan.explain",
     "pneumoscan.export",
