@@ -1,7 +1,8 @@
 """Distillation on frozen features, scored by the ranking rule's designs T and P (no test images).
 
     PNEUMOSCAN_CACHE=... PYTHONPATH=src python experiments/distillation.py [--teacher-model PATH] \
-        [--dinov2 STORE_PREFIX] [--weights 0.25 0.5 0.75 1] [--seeds 0 1 2] [--core-per-class N]
+        [--dinov2 STORE_PREFIX] [--weights 0.25 0.5 0.75 1] [--seeds 0 1 2] \
+        [--core-per-class N] [--teachers NAME ...] [--logistic]
 
 A frozen EfficientNet-Lite0 student (the MLP head of ``train --frozen-features``) is fitted on core train
 (train minus the random-patient hold-out P and the temporal hold-out T), once on the labels alone and once
@@ -11,9 +12,11 @@ P as experiments/candidates.py scores candidates (AUC; log loss at a temperature
 - ``bundle``: a bundle's calibrated probabilities through the public Classifier (:class:`distill.Teacher`;
   the shipped model by default, which was fitted on train minus P: it saw core train and most of T);
 - ``dinov2``: the DINOv2 ViT-S/14 logistic head of the candidates, fitted on core train, temperature on P;
-- ``dinov2+bundle``: the mean of the two calibrated logits (the ensemble the rule made top candidate).
+- ``dinov2+bundle``: the mean of the two calibrated logits (the ensemble the rule made top candidate);
+- ``dinov2, other images`` (with ``--core-per-class``): the same head fitted on the core-train images the
+  student does not use, so its probabilities on the student's images are out of sample.
 
-The teachers' probabilities on core train are in-sample for every teacher: they saw those images.
+The other teachers' probabilities on the student's images are in-sample: they were fitted on those images.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def main() -> None:
     )
     parser.add_argument("--weights", type=float, nargs="+", default=[0.5], help="teacher weights A")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (mean, sd)")
+    parser.add_argument("--teachers", nargs="+", help="only these teachers (names as printed)")
     parser.add_argument("--logistic", action="store_true", help="also a logistic-regression student")
     parser.add_argument("--core-per-class", type=int, help="fit on at most N core-train images per class (quick)")
     args = parser.parse_args()
@@ -83,11 +87,17 @@ def main() -> None:
     teachers["bundle"] = bundle_p
     if args.dinov2:
         xd = stored_features(args.dinov2, kept)
-        state, c = fit_logistic(xd[core], y[core], np.array([s.patient for s in kept])[core])
-        dino_logits = head_logits(state, xd)
+        dino_logits = head_logits(fit_logistic(xd[core], y[core], np.array([s.patient for s in kept])[core])[0], xd)
         temperature = M.fit_temperature(y[in_p], dino_logits[in_p])
         teachers["dinov2"] = M.sigmoid(dino_logits, temperature)
         teachers["dinov2+bundle"] = M.sigmoid((dino_logits / temperature + logit(bundle_p)) / 2)
+        others = [s for s in core_set if str(s.path) not in wanted]
+        if others:  # a teacher that never saw the student's images: fitted on the rest of core train
+            x_others = stored_features(args.dinov2, others)
+            fitted = fit_logistic(x_others, np.array([s.label for s in others]), [s.patient for s in others])[0]
+            held_logits = head_logits(fitted, xd)
+            teachers["dinov2, other images"] = M.sigmoid(held_logits, M.fit_temperature(y[in_p], held_logits[in_p]))
+    teachers = {k: v for k, v in teachers.items() if not args.teachers or k in args.teachers}
 
     print("\n| teacher | on core train: AUC | loss | mean p NORMAL | mean p PNEUMONIA | AUC T | AUC P | loss P |")
     print("|---|---|---|---|---|---|---|---|")
