@@ -38,6 +38,7 @@ from pydicom.uid import UID
 from .errors import ConfigError, ImageError
 from .images import MAX_FILE_BYTES
 from .inference import Classifier, Prediction
+from .options import ListenOptions
 
 LOG = logging.getLogger("pneumoscan.dicom")
 
@@ -117,7 +118,7 @@ def check_ae_title(title: str) -> str:
 class NodeLimits:
     """How much the network may ask of the node."""
 
-    max_associations: int = 8  # concurrent; more are rejected (local limit exceeded)
+    max_associations: int = ListenOptions.max_associations  # concurrent; more are rejected (local limit exceeded)
     acse_timeout: float = 30.0  # seconds to negotiate or release an association
     dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
     network_timeout: float = 60.0  # seconds an idle association is kept

@@ -37,13 +37,16 @@ from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
 from .model_card import GENERALISATION_NOTE, model_card
+from .options import ServeOptions
+from .settings import DECLARED, declared
 from .text import printable
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request body
-DEFAULT_BODY_DEADLINE = 60.0  # seconds a whole request body may take (20 MB at 2.8 Mbit/s)
-DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a complete request head
+# the defaults declared with serve's options (ServeOptions), as the protocol and guard use them
+DEFAULT_MAX_UPLOAD = int(ServeOptions.max_upload_mb * 2**20)
+DEFAULT_BODY_TIMEOUT = ServeOptions.body_timeout  # seconds a client may stay silent while sending a request body
+DEFAULT_BODY_DEADLINE = ServeOptions.body_deadline  # seconds a whole request body may take
+DEFAULT_HEADER_TIMEOUT = ServeOptions.header_timeout  # seconds a client has to send a complete request head
 DEFAULT_MAX_CONNECTIONS = 1000
 CLIENT_SHARE = 10  # by default one client address may hold a tenth of the connections
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
@@ -291,18 +294,20 @@ def protocol_class(
     return type("PneumoscanHTTP", (GuardedH11Protocol,), {**limits, "clients": Counter()})
 
 
+@declared(ServeOptions, "model", "engine", "workers", "cors_origins", "body_timeout", "body_deadline")
 def create_app(
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = DECLARED,
     *,
-    engine: str = "auto",
+    engine: str = DECLARED,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    workers: int | None = None,
-    cors_origins: list[str] | None = None,
-    body_timeout: float = DEFAULT_BODY_TIMEOUT,
-    body_deadline: float = DEFAULT_BODY_DEADLINE,
+    workers: int | None = DECLARED,
+    cors_origins: list[str] | None = DECLARED,
+    body_timeout: float = DECLARED,
+    body_deadline: float = DECLARED,
     classifier: Classifier | None = None,
 ) -> FastAPI:
-    """The application; ``classifier`` lets tests and embedders pass one already loaded."""
+    """The application (options as :func:`serve`'s, the upload limit in bytes); ``classifier`` lets tests
+    and embedders pass one already loaded."""
     clf = classifier or Classifier.load(model, engine=engine)
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pneumoscan")
     app = FastAPI(
@@ -441,18 +446,33 @@ def make_server(
     return uvicorn.Server(config)
 
 
+@declared(ServeOptions, *ServeOptions.__dataclass_fields__)
 def serve(
-    model=None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    model: str | os.PathLike | None = DECLARED,
+    host: str = DECLARED,
+    port: int = DECLARED,
     *,
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    max_connections: int | None = None,
-    max_per_client: int | None = None,
-    **options,
+    engine: str = DECLARED,
+    max_upload_mb: float = DECLARED,
+    body_timeout: float = DECLARED,
+    body_deadline: float = DECLARED,
+    header_timeout: float = DECLARED,
+    max_connections: int | None = DECLARED,
+    max_per_client: int | None = DECLARED,
+    workers: int | None = DECLARED,
+    cors_origins: list[str] | None = DECLARED,
 ) -> None:
+    """``pneumoscan serve``: the service on ``host``:``port`` until stopped (each option as the CLI's)."""
     sock = listen(host, port)  # before loading the model: a busy port fails at once
-    app = create_app(model, **options)
+    app = create_app(
+        model,
+        engine=engine,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        workers=workers,
+        cors_origins=cors_origins,
+        body_timeout=body_timeout,
+        body_deadline=body_deadline,
+    )
     print(f"pneumoscan serving {printable(app.state.classifier.bundle.name)} on http://{host}:{port}/")
     server = make_server(
         app, sock, header_timeout=header_timeout, max_connections=max_connections, max_per_client=max_per_client
