@@ -30,13 +30,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
 from .model_card import GENERALISATION_NOTE, model_card
+from .output import field_list
 from .options import ServeOptions
 from .settings import DECLARED, declared
 from .text import printable
@@ -65,6 +66,10 @@ SECURITY_HEADERS = [
 
 
 class PredictResponse(BaseModel):
+    """The prediction record (``output.FIELDS``, documented here field by field) and the model's name;
+    a field added to the record passes through before it is documented here (extra fields allowed)."""
+
+    model_config = ConfigDict(extra="allow")
     path: str = Field(description="the uploaded file's name")
     probability: float = Field(description="calibrated probability of PNEUMONIA")
     label: str = Field(description="NORMAL or PNEUMONIA, by the model's operating threshold")
@@ -79,6 +84,12 @@ class PredictResponse(BaseModel):
     warnings: list[str] | None = Field(None, description="a degraded film: what the input gate noticed")
     cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
     image: str | None = Field(None, description="the X-ray as the model read it, PNG, base64 (with ?cam=true)")
+
+
+class RecordField(BaseModel):
+    name: str
+    label: str = Field(description="how the page names it")
+    digits: int | None = Field(None, description="decimals a number is shown with")
 
 
 class Health(BaseModel):
@@ -360,6 +371,10 @@ def create_app(
             return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam, gate)
         except ImageError as exc:
             raise HTTPException(exc.http_status, str(exc)) from None
+
+    @app.get("/v1/fields", response_model=list[RecordField], summary="The prediction record's fields, in order")
+    async def record_fields():
+        return field_list()
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
