@@ -37,8 +37,8 @@ from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
 from .model_card import GENERALISATION_NOTE, model_card
-from .output import field_list
 from .options import ServeOptions
+from .output import field_list
 from .settings import DECLARED, declared
 from .text import printable
 
