@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,7 @@ def _api_error(call) -> str:
 
 # (command line, the same values given to the Python API)
 SAME_VALUES = [
-    (["evaluate", "--data", "x", "--bootstrap", "0"], lambda: evaluation.evaluate("x", n_resamples=0)),
+    (["evaluate", "--data", "x", "--bootstrap", "0"], lambda: evaluation.evaluate(Path("x"), n_resamples=0)),
     (["evaluate", "--data", "x", "--bootstrap", "many"], lambda: evaluation.evaluate("x", n_resamples="many")),
     (["evaluate", "--data", "x", "--cross-fit", "1"], lambda: evaluation.evaluate("x", cross_fit=1)),
     (["evaluate", "--data", "x", "--seed", "-1"], lambda: evaluation.evaluate("x", seed=-1)),

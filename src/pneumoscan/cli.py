@@ -21,6 +21,7 @@ from .options import (
     DemoOptions,
     EvaluateOptions,
     ExportOptions,
+    HeadsFitOptions,
     ListenOptions,
     PredictOptions,
     PrepareOptions,
@@ -353,6 +354,31 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_heads(sub) -> None:
+    p = sub.add_parser("heads", help="fit a bundle's feature heads (input gate, bacterial/viral head)")
+    heads_sub = p.add_subparsers(dest="heads_command", required=True)
+    fit = heads_sub.add_parser(
+        "fit",
+        help='fit the input gate and the bacterial/viral head onto an existing bundle (needs "pneumoscan[train]")',
+        description="Fit the feature heads onto a bundle trained before they existed, exactly as train fits "
+        "them: on the bundle's training images and validation patients (its recipe's split of ROOT; the test "
+        "split is not opened). The weights are untouched; the heads' sha256 go into config.json and the model "
+        "card is regenerated.",
+    )
+    settings.add_options(fit, HeadsFitOptions)
+    fit.set_defaults(run=_run_heads_fit)
+
+
+def _run_heads_fit(args) -> int:
+    from .heads import fit_heads
+
+    given = settings.given(HeadsFitOptions, args)
+    bundle, lines = fit_heads(given.pop("model"), given.pop("data"), **given)
+    print("\n".join(lines))
+    print(f"heads written to {printable(bundle.path)}")
+    return 0
+
+
 def _add_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
@@ -501,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_verify,
         _add_demo,
     )
-    for add in (*commands, _add_data):
+    for add in (*commands, _add_data, _add_heads):
         add(sub)
     return parser
 

@@ -308,6 +308,18 @@ class ListenOptions:
 
 
 @dataclass
+class HeadsFitOptions:
+    model: str = option(help="the bundle folder to give its heads", positional=True, path=True, metavar="BUNDLE")
+    data: str = option(
+        help="the bundle's training data root (its train split; the test split is not opened)",
+        path=True,
+        metavar="ROOT",
+    )
+    only: str | None = option(None, "fit only this head (both when not given)", choices=("gate", "subtype"))
+    progress: bool = quiet_option()
+
+
+@dataclass
 class VerifyOptions:
     model: str | None = model_option()
 
@@ -327,5 +339,6 @@ COMMANDS = {
     "serve": ServeOptions,
     "listen": ListenOptions,
     "verify": VerifyOptions,
+    "heads fit": HeadsFitOptions,
     "demo": DemoOptions,
 }  # train: recipe.TrainConfig and data.Augmentation

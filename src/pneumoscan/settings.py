@@ -121,8 +121,11 @@ def _check_one(f, spec: Spec, value: Any) -> None:
         if optional or f.default is None:
             return
         raise ConfigError(f"{name} is required")
+    if spec.path and isinstance(value, (str, os.PathLike)):  # a file or folder name, as text or a Path
+        checked_path(value, name)
+        return
     if spec.repeat:
-        kind = str if spec.path else object
+        kind = object
     accepted = (int, float) if kind is float else kind
     if kind is not object and (not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool))):
         raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
