@@ -39,6 +39,7 @@ from .errors import ConfigError, ImageError
 from .images import MAX_FILE_BYTES
 from .inference import Classifier, Prediction
 from .options import ListenOptions
+from .settings import DECLARED, declared
 
 LOG = logging.getLogger("pneumoscan.dicom")
 
@@ -272,16 +273,17 @@ def make_sender(send_to: Peer | StowTarget, ae_title: str, limits: NodeLimits) -
 class DicomNode:
     """The C-ECHO/C-STORE node around one :class:`Classifier` (see the module's docstring)."""
 
+    @declared(ListenOptions, "out", "ae_title", "host", "port", "send_cam")
     def __init__(
         self,
         classifier: Classifier,
         out: str | Path,
         *,
-        ae_title: str = "PNEUMOSCAN",
-        host: str = "127.0.0.1",
-        port: int = 11112,
+        ae_title: str = DECLARED,
+        host: str = DECLARED,
+        port: int = DECLARED,
         send_to: Peer | StowTarget | None = None,
-        send_cam: bool = False,
+        send_cam: bool = DECLARED,
         allow: Sequence[str] | None = None,
         limits: NodeLimits = NodeLimits(),
     ):
