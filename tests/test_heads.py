@@ -3,19 +3,19 @@
 import hashlib
 import json
 import shutil
+from dataclasses import fields
 
 import pytest
 
 from pneumoscan.bundle import CARD, GATE, SUBTYPE, load_bundle
 from pneumoscan.cli import main
 
-pytestmark = pytest.mark.data
-
 
 def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.data
 def test_heads_fit_writes_the_subtype_head_records_it_and_regenerates_the_card(trained_bundle, small_data, tmp_path):
     copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
     gate_before = (copy / GATE).read_bytes() if (copy / GATE).exists() else None
@@ -44,3 +44,12 @@ def test_heads_fit_refuses_a_bad_value_as_the_api_does(tmp_path, capsys):
     with pytest.raises(ConfigError) as raised:
         fit_heads(tmp_path, tmp_path, only="lungs")
     assert capsys.readouterr().err == f"pneumoscan: error: {raised.value}\n"
+
+
+def test_only_takes_the_heads_there_are():
+    from pneumoscan.heads import FITTERS
+    from pneumoscan.options import HeadsFitOptions
+    from pneumoscan.settings import _spec
+
+    only = next(f for f in fields(HeadsFitOptions) if f.name == "only")
+    assert set(_spec(only).choices) == set(FITTERS)

@@ -12,6 +12,7 @@ card is regenerated (``bundle.write_bundle``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,52 @@ from .options import HeadsFitOptions
 from .settings import DECLARED, declared
 
 
+@dataclass
+class _Fitting:
+    """What fitting a head reads: the bundle, its network, and its training and validation images."""
+
+    bundle: Bundle
+    net: object
+    seed: int
+    train_images: np.ndarray
+    train: list
+    val_images: np.ndarray
+    val: list
+
+
+def _fit_gate(f: _Fitting) -> tuple[dict, dict, list[str]]:
+    """The input gate: its file, no metrics, and what was fitted."""
+    from .inference import OnnxEngine
+    from .training import fit_gate, gate_images
+
+    gate, lines = fit_gate(f.net, f.train_images, f.val_images, f.seed), []
+    if (int8 := f.bundle.onnx_path(int8=True)) is not None:  # the int8 model's own feature limit
+        engine = OnnxEngine(int8, f.bundle)
+        calibration = gate_images(f.train_images, f.val_images, f.seed)[1]
+        features = np.concatenate([engine.run(calibration[i : i + 64])[1] for i in range(0, len(calibration), 64)])
+        gate.fit_int8_limit(features)
+        lines.append(f"gate: int8 feature limit {gate.int8_limit:.2f} (fp32 {gate.feature_limit:.2f})")
+    lines.append(
+        f"gate: limits: features {gate.feature_limit:.2f}, statistics {gate.statistics_limit:.2f}, "
+        f"orientation {gate.orientation_limit:.2f}"
+    )
+    return {GATE: gate.to_bytes()}, {}, lines
+
+
+def _fit_subtype(f: _Fitting) -> tuple[dict, dict, list[str]]:
+    """The bacterial/viral head: its file and validation report, or nothing where no name tells a subtype."""
+    from .training import fit_subtype
+
+    if not (fitted := fit_subtype(f.net, f.train_images, f.train, f.val_images, f.val)):
+        return {}, {}, ["subtype head: not fitted (no subtype in the training or validation file names)"]
+    head, report = fitted
+    line = f"subtype head: validation AUC {report['auc']:.3f}, temperature {head.temperature:.3f}"
+    return {SUBTYPE: head.to_bytes()}, {"subtype": report}, [line]
+
+
+FITTERS = {"gate": _fit_gate, "subtype": _fit_subtype}  # the names --only takes (options.HeadsFitOptions)
+
+
 @declared(HeadsFitOptions, "model", "data", "only", "progress")
 def fit_heads(
     model: str | Path, data: str | Path, *, only: str | None = DECLARED, progress: bool = DECLARED
@@ -30,36 +77,21 @@ def fit_heads(
     """Fit the heads (``only``: just ``gate`` or ``subtype``) onto the bundle at ``model`` from the training
     data at ``data``; returns the rewritten bundle and one line per head fitted."""
     require_train_extra("pneumoscan heads fit", TRAINING_STACK)
-    from .inference import OnnxEngine
-    from .training import fit_gate, fit_subtype, gate_images
+    from tqdm import tqdm
 
     bundle = load_bundle(model)
-    net = bundle.load_net()
-    seed = bundle.config.get("training", {}).get("recipe", {}).get("seed", 0)
     train, val = bundle.training_splits(data)
     train_images, train, _ = load_images(train, bundle.image_size, progress, "loading train")
     val_images, val, _ = load_images(val, bundle.image_size, progress, "loading validation")
-    files, metrics, lines = {}, bundle.metrics, []
-    if only in (None, "gate"):
-        gate = fit_gate(net, train_images, val_images, seed)
-        if (int8 := bundle.onnx_path(int8=True)) is not None:
-            engine = OnnxEngine(int8, bundle)
-            calibration = gate_images(train_images, val_images, seed)[1]
-            features = np.concatenate([engine.run(calibration[i : i + 64])[1] for i in range(0, len(calibration), 64)])
-            gate.fit_int8_limit(features)
-            lines.append(f"gate: int8 feature limit {gate.int8_limit:.2f} (fp32 {gate.feature_limit:.2f})")
-        files[GATE] = gate.to_bytes()
-        lines.append(
-            f"gate: limits: features {gate.feature_limit:.2f}, statistics {gate.statistics_limit:.2f}, "
-            f"orientation {gate.orientation_limit:.2f}"
-        )
-    if only in (None, "subtype"):
-        if fitted := fit_subtype(net, train_images, train, val_images, val):
-            head, report = fitted
-            files[SUBTYPE] = head.to_bytes()
-            metrics = {**metrics, "validation": {**metrics.get("validation", {}), "subtype": report}}
-            lines.append(f"subtype head: validation AUC {report['auc']:.3f}, temperature {head.temperature:.3f}")
-        else:
-            lines.append("subtype head: not fitted (no subtype in the training or validation file names)")
+    seed = bundle.config.get("training", {}).get("recipe", {}).get("seed", 0)
+    fitting = _Fitting(bundle, bundle.load_net(), seed, train_images, train, val_images, val)
+    files, validation, lines = {}, dict(bundle.metrics.get("validation", {})), []
+    names = [only] if only else list(FITTERS)
+    for name in tqdm(names, desc="fitting heads", unit="head", disable=not progress):
+        head_files, head_metrics, head_lines = FITTERS[name](fitting)
+        files.update(head_files)
+        validation.update(head_metrics)
+        lines += head_lines
+    metrics = {**bundle.metrics, "validation": validation}
     written = write_bundle(bundle.path, bundle.config, metrics, weights=bundle.path / WEIGHTS, files=files)
     return written, lines
