@@ -89,3 +89,14 @@ def test_a_field_added_to_the_record_shows_on_the_page(onnx_server, monkeypatch)
         browser.close()
     assert "lung side" in added and "<b>left</b>" in added and markup == 0 and errors == []
     assert shown == [output.LABELS[n] for n in ("path", "probability", "label", "gate_score")]
+
+
+def test_the_response_model_and_the_field_list_follow_the_record(onnx_app):
+    """GET /v1/fields is output.FIELDS in order; the response model documents every field a 200 can carry."""
+    from pneumoscan import output
+    from pneumoscan.service import PredictResponse
+
+    listed = TestClient(onnx_app).get("/v1/fields").json()
+    assert [f["name"] for f in listed] == list(output.FIELDS)
+    assert all(f["label"] and f["digits"] == output.DIGITS.get(f["name"]) for f in listed)
+    assert set(output.FIELDS) - {"error"} <= set(PredictResponse.model_fields)
