@@ -59,6 +59,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
+        type=settings.path_argument,
         default=None,
         help="continue an interrupted run from its last checkpoint, with its own configuration",
     )
