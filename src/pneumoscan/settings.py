@@ -186,10 +186,13 @@ def add_options(parser, cls, skip: tuple[str, ...] = ()) -> None:
 
 
 def _converted(f, text: Any) -> Any:
-    """A flag's text as the option's declared type (int, float), or one line naming the flag."""
+    """A flag's text as the option's declared type (int, float), or one line naming the flag (a path option's
+    text is checked as a path at once: a config with other checks first would otherwise see it as missing)."""
     if isinstance(text, list):
         return [_converted(f, t) for t in text]
     kind, _ = _kind(f)
+    if _spec(f).path and isinstance(text, str):
+        checked_path(text, _shown_name(f))  # the empty-path rule, as the API applies it
     if kind in (int, float) and isinstance(text, str):
         try:
             return kind(text)
