@@ -156,3 +156,17 @@ def test_a_bad_teacher_is_one_line_and_exit_2(small_data, tmp_path, extra, fragm
     assert done.returncode == 2, done.stderr
     assert fragment.format(tmp=tmp_path) in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()  # refused before the run folder is made
+
+
+def test_resume_refuses_a_teacher_that_changed_since_the_run_started(tmp_path):
+    from pneumoscan.distill import Teacher
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.training import check_same_teacher
+
+    teacher = Teacher.load(SHIPPED)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"teacher_record": teacher.record()}))
+    check_same_teacher(config, teacher)  # the same teacher: resumes
+    config.write_text(json.dumps({"teacher_record": {**teacher.record(), "config_sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match="not the teacher this run started with"):
+        check_same_teacher(config, teacher)
