@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pneumoscan.bundle import default_bundle_path
 from pneumoscan.data import load_split, stratified_subset
-
-torch = pytest.importorskip("torch")
 
 SHIPPED = default_bundle_path()
 
