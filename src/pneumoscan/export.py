@@ -27,6 +27,7 @@ from .bundle import (
     with_metadata,
     write_bundle,
 )
+from .errors import ConfigError
 
 
 def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
@@ -37,6 +38,8 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
 
     carries = "" if bundle.onnx_path() else " (it carries no ONNX model: export it once where PyTorch is installed)"
     require_train_extra(f"exporting {bundle.path} to ONNX{carries}", ("torch", "timm", "torchvision"))
+    if bundle.head_only:
+        return export_head_only(bundle, out)
     import torch
 
     from .models import WithFeatures
@@ -60,6 +63,23 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
                 dynamic_axes={n: {0: "batch"} for n in (ONNX_INPUT, ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP)},
             )
         return _deliver(bundle, raw, ONNX, out)
+
+
+def export_head_only(bundle: Bundle, out: str | Path | None = None, precision: str = "int8") -> Path:
+    """A head-only bundle's ONNX model: its pinned backbone's features graph (MatMul weights int8 by
+    default, what the head was fitted on; ``precision="fp32"`` for checking) followed by the head.
+    Outputs ``logit`` and ``features``; a ViT has no convolutional ``feature_map`` for Grad-CAM."""
+    from .frozen_onnx import backbone_graph, with_head
+
+    bundle.check_pinned_backbone()
+    head = bundle.head_weights()
+    if head is None:
+        raise ConfigError(f"{bundle.path}: the weights hold no dense head")
+    graph = backbone_graph(bundle.config["backbone"], bundle.image_size, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.onnx"
+        model.write_bytes(with_head(graph, head))
+        return _deliver(bundle, model, ONNX, out)
 
 
 def _deliver(bundle: Bundle, model: Path, name: str, out: str | Path | None) -> Path:
