@@ -115,7 +115,11 @@ def test_tampered_head_weights_are_refused(head_only_bundle, tmp_path):
     folder = _copy(bundle, tmp_path)
     state = load_file(str(folder / WEIGHTS))
     state["head.0.bias"] = state["head.0.bias"] + 1.0
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "pneumoscan-bundle/1", "backbone": "dinov2_vits14", "image_size": "224"})
+    save_file(
+        state,
+        str(folder / WEIGHTS),
+        metadata={"format": "pneumoscan-bundle/1", "backbone": "dinov2_vits14", "image_size": "224"},
+    )
     with pytest.raises(ConfigError, match="sha256 does not match"):
         load_bundle(folder)
 

@@ -200,7 +200,9 @@ def _network(cfg: TrainConfig, hidden: int, state: dict, graph: Path | None):
     )
 
 
-def _gate(features_of, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg):
+def _gate(
+    features_of, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg
+):
     """The input gate on cached features: fitted on training X-rays (their images also under every
     acquisition perturbation), its limits from validation X-rays, clean and under every perturbation of a
     few of them (those few pass through the backbone, ``features_of``)."""
