@@ -163,3 +163,11 @@ def test_grad_cam_on_a_vit_says_why_it_cannot(head_only_bundle):
     clf = Classifier(load_bundle(bundle.path), engine="onnx", gate=False)
     with pytest.raises(ConfigError, match="Grad-CAM needs a convolutional feature map"):
         clf.explain(real_images("val", "PNEUMONIA", 1)[0])
+
+
+def test_no_static_int8_model_is_made_over_the_int8_backbone(head_only_bundle):
+    from pneumoscan.export import quantize_int8
+
+    bundle, _ = head_only_bundle
+    with pytest.raises(ConfigError, match="already holds its backbone with int8 MatMul weights"):
+        quantize_int8(bundle, bundle.path / ONNX, np.zeros((2, 224, 224), np.uint8))

@@ -102,6 +102,11 @@ def quantize_int8(
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``images`` (uint8 (N,S,S)),
     which must come from training data, never from the test split. ``method``: ONNX Runtime's
     activation-range calibration, MinMax, Percentile or Entropy."""
+    if bundle.head_only:
+        raise ConfigError(
+            f"{bundle.path}: a head-only bundle's model.onnx already holds its backbone with int8 MatMul weights "
+            "(the graph its head was fitted on); no static int8 model is made for it"
+        )
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
