@@ -19,6 +19,7 @@ from pneumoscan import metrics as M
 from pneumoscan.data import load_split, shared_data_root, split_by_number, split_by_patient, stratified_subset
 from pneumoscan.features import frozen_features
 from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits
+from pneumoscan.frozen_onnx import INT8, backbone_graph
 
 
 def scores(y_t, logits_t, y_p, logits_p) -> dict:
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--ensemble", action="append", default=[], help="NAME=NPZ of logits on P")
     parser.add_argument("--save", type=Path, help="folder for each candidate's logits on P and T (npz)")
     parser.add_argument("--core-per-class", type=int, help="fit on at most N core-train images per class (quick)")
+    parser.add_argument(
+        "--int8", action="store_true", help="features of the int8 ONNX graph a head-only bundle ships (frozen_onnx.py)"
+    )
     args = parser.parse_args()
     train = load_split(args.data, "train")
     _, p_set = split_by_patient(train, 0.1, 0)
@@ -55,7 +59,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     on_p = {}
     for backbone in args.backbone:
-        x, kept, errors = frozen_features(backbone, train, 224, progress=False)
+        graph = backbone_graph(backbone, 224, INT8) if args.int8 else None
+        x, kept, errors = frozen_features(backbone, train, 224, progress=False, graph=graph)
+        backbone += " int8" if args.int8 else ""
         assert not errors
         paths = np.array([str(s.path) for s in kept])
         y = np.array([s.label for s in kept])
@@ -75,7 +81,7 @@ def main() -> None:
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 np.savez(
-                    args.save / f"{name.replace(' + ', '-')}.npz",
+                    args.save / f"{name.replace(' + ', '-').replace(' ', '-')}.npz",
                     p_paths=paths[in_p],
                     p_logits=logits(x[in_p]),
                     t_paths=paths[in_t],

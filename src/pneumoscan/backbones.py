@@ -42,6 +42,9 @@ class Backbone:
     normalization: dict
     feature_size: int  # width of the pooled features the head reads
     patch: int = 1  # the image size must be a multiple of this (ViT patch size)
+    # Trained on frozen features, a bundle stores only its head: the backbone is pinned by its weights'
+    # sha256 and ships inside the bundle's ONNX model with int8 MatMul weights (frozen_onnx.py).
+    head_only_when_frozen: bool = False
 
 
 REGISTRY: dict[str, Backbone] = {
@@ -96,6 +99,7 @@ REGISTRY: dict[str, Backbone] = {
             IMAGENET_NORMALIZATION,
             768,
             patch=14,
+            head_only_when_frozen=True,
         ),
         Backbone(
             "mobilenet_v2",

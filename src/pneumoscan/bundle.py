@@ -81,7 +81,9 @@ _SCHEMA = {
     "notes": (str, False),
     "calibration": (dict, False),
     "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
+    "weights_scope": (str, False),  # "network" (default) or "head": the backbone comes from the registry
 }
+WEIGHTS_SCOPES = ("network", "head")
 _CALIBRATION_SCHEMA = {
     "source": str,
     "source_threshold": (int, float),
@@ -213,6 +215,10 @@ def validate_config(config: dict, where: str) -> None:
     pretrained = config.get("pretrained", {})
     if not all(isinstance(v, str) and len(v) <= 300 for v in pretrained.values()) or len(pretrained) > 16:
         raise ConfigError(f"{where}: config.json 'pretrained' must map at most 16 keys to short strings")
+    if config.get("weights_scope", "network") not in WEIGHTS_SCOPES:
+        raise ConfigError(f"{where}: config.json 'weights_scope' must be one of {', '.join(WEIGHTS_SCOPES)}")
+    if config.get("weights_scope") == "head" and not _SHA256.fullmatch(pretrained.get("sha256", "")):
+        raise ConfigError(f"{where}: a head-only bundle must pin its backbone's weights ('pretrained.sha256')")
     site = config.get("calibration")
     if site is not None:
         for key, types in _CALIBRATION_SCHEMA.items():
@@ -349,29 +355,55 @@ class Bundle:
             return None
         return head
 
+    @property
+    def head_only(self) -> bool:
+        """The weights hold only the head; the frozen backbone is the registry's, pinned by sha256."""
+        return self.config.get("weights_scope") == "head"
+
     def load_net(self):
-        """The PyTorch network with the bundle's weights, in eval mode (needs the ``train`` extra)."""
+        """The PyTorch network with the bundle's weights, in eval mode (needs the ``train`` extra; a
+        head-only bundle also needs its backbone's weights package, checked against the pinned sha256)."""
         require_train_extra("running the model on PyTorch (--engine torch)", ("torch", "timm", "torchvision"))
         from safetensors.torch import load_file
 
         from .models import create_model
 
+        if self.head_only:
+            self.check_pinned_backbone()
         net = create_model(
             self.config["backbone"],
-            weights=None,
+            weights="imagenet" if self.head_only else None,
             dropout=float(self.config.get("dropout", HEAD["dropout"])),
             hidden=int(self.config.get("hidden", HEAD["hidden"])),
             image_size=self.image_size,
         )
         try:
             state = load_file(str(self.path / WEIGHTS))
-            net.load_state_dict(state, strict=True)
+            if self.head_only:
+                if not all(k.startswith("head.") for k in state):
+                    raise ValueError("a head-only bundle's weights must all be head.* tensors")
+                net.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()}, strict=True)
+            else:
+                net.load_state_dict(state, strict=True)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(
                 f"{self.path}: weights do not match backbone {self.config['backbone']} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:150]})"
             ) from None
         return net.eval()
+
+    def check_pinned_backbone(self) -> None:
+        """A head-only bundle's head fits only the backbone weights it was fitted on: the registry's
+        weights must be the ones the bundle pins."""
+        from .backbones import get_backbone
+
+        source = get_backbone(self.config["backbone"]).weights
+        pinned = self.config.get("pretrained", {}).get("sha256")
+        if source is None or source.sha256 != pinned:
+            raise ConfigError(
+                f"{self.path}: its head was fitted on {self.config['backbone']} weights with sha256 {pinned}, "
+                f"not the ones this install's backbone registry provides"
+            )
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
@@ -554,6 +586,8 @@ def save_bundle(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    if config.get("weights_scope") == "head":  # the frozen backbone is pinned, not stored
+        state = {k: v for k, v in state.items() if k.startswith("head.")}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with tempfile.TemporaryDirectory(dir=path) as tmp:

@@ -124,6 +124,10 @@ def class_activation_map(net, x, positive: bool) -> tuple[np.ndarray, float]:
             (grad,) = torch.autograd.grad(logit if positive else -logit, activation)
     finally:
         hook.remove()
+    if activation.dim() != 4:  # a ViT's tokens: no spatial feature map for Grad-CAM to weight
+        from .errors import ConfigError
+
+        raise ConfigError("Grad-CAM needs a convolutional feature map; this model's backbone (a ViT) has none")
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(1))[0].detach().numpy()
     peak = cam.max()

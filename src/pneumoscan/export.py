@@ -27,6 +27,7 @@ from .bundle import (
     with_metadata,
     write_bundle,
 )
+from .errors import ConfigError
 
 
 def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
@@ -37,6 +38,8 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
 
     carries = "" if bundle.onnx_path() else " (it carries no ONNX model: export it once where PyTorch is installed)"
     require_train_extra(f"exporting {bundle.path} to ONNX{carries}", ("torch", "timm", "torchvision"))
+    if bundle.head_only:
+        return export_head_only(bundle, out)
     import torch
 
     from .models import WithFeatures
@@ -62,6 +65,23 @@ def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
         return _deliver(bundle, raw, ONNX, out)
 
 
+def export_head_only(bundle: Bundle, out: str | Path | None = None, precision: str = "int8") -> Path:
+    """A head-only bundle's ONNX model: its pinned backbone's features graph (MatMul weights int8 by
+    default, what the head was fitted on; ``precision="fp32"`` for checking) followed by the head.
+    Outputs ``logit`` and ``features``; a ViT has no convolutional ``feature_map`` for Grad-CAM."""
+    from .frozen_onnx import backbone_graph, with_head
+
+    bundle.check_pinned_backbone()
+    head = bundle.head_weights()
+    if head is None:
+        raise ConfigError(f"{bundle.path}: the weights hold no dense head")
+    graph = backbone_graph(bundle.config["backbone"], bundle.image_size, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.onnx"
+        model.write_bytes(with_head(graph, head))
+        return _deliver(bundle, model, ONNX, out)
+
+
 def _deliver(bundle: Bundle, model: Path, name: str, out: str | Path | None) -> Path:
     """An exported model, with the bundle's metadata, into the bundle as ``name`` (through the one bundle
     writer: sha256 recorded) or, given ``out``, into that file alone."""
@@ -82,6 +102,11 @@ def quantize_int8(
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``images`` (uint8 (N,S,S)),
     which must come from training data, never from the test split. ``method``: ONNX Runtime's
     activation-range calibration, MinMax, Percentile or Entropy."""
+    if bundle.head_only:
+        raise ConfigError(
+            f"{bundle.path}: a head-only bundle's model.onnx already holds its backbone with int8 MatMul weights "
+            "(the graph its head was fitted on); no static int8 model is made for it"
+        )
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

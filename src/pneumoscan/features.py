@@ -83,18 +83,26 @@ def frozen_features(
     batch_size: int = 32,
     progress: bool = True,
     cache: Path | None = None,
+    graph: Path | None = None,
 ) -> tuple[np.ndarray, list[Sample], list[str]]:
     """``(features (N, F) float32, kept samples, errors)`` of the pretrained backbone, each image taken
-    from the cache where it was computed before. Unreadable images are left out and reported."""
+    from the cache where it was computed before. Unreadable images are left out and reported.
+    ``graph``: compute them with this ONNX features graph (:mod:`pneumoscan.frozen_onnx`) instead of
+    PyTorch; they are then cached under the graph's sha256."""
     from safetensors.numpy import load_file
 
     cache = cache or cache_root()
-    prefix = _prefix(backbone, weights_digest(backbone, weights), image_size)
+    if graph is not None:
+        from .frozen_onnx import graph_digest
+
+        prefix = _prefix(backbone, "onnx" + graph_digest(graph), image_size)
+    else:
+        prefix = _prefix(backbone, weights_digest(backbone, weights), image_size)
     keys = [image_key(s.path) for s in samples]
     rows, known_errors = _stored(cache, prefix)
     missing = [s for s, k in zip(samples, keys) if k not in rows and k not in known_errors]
     if missing:
-        _compute(backbone, missing, image_size, weights, batch_size, progress, cache, prefix)
+        _compute(backbone, missing, image_size, weights, batch_size, progress, cache, prefix, graph)
         rows, known_errors = _stored(cache, prefix)
     stores: dict[Path, np.ndarray] = {}
     out, kept, errors = [], [], []
@@ -111,31 +119,46 @@ def frozen_features(
     return (np.stack(out) if out else np.zeros((0, width), np.float32)), kept, errors
 
 
-def _compute(backbone, samples, image_size, weights, batch_size, progress, cache: Path, prefix: str) -> None:
+def _compute(backbone, samples, image_size, weights, batch_size, progress, cache: Path, prefix: str, graph) -> None:
     """Features of ``samples``, written as stores of at most CHECKPOINT images."""
-    import torch
     from tqdm import tqdm
+
+    run = _graph_runner(graph) if graph is not None else _torch_runner(backbone, weights, image_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(samples), desc=f"{backbone} features", unit="img", disable=not progress)
+    for part in range(0, len(samples), CHECKPOINT):
+        features, keys, errors = [], [], {}
+        for start in range(part, min(part + CHECKPOINT, len(samples)), CHUNK):
+            chunk = samples[start : min(start + CHUNK, part + CHECKPOINT)]
+            images, ok, bad = load_images(chunk, image_size, progress=False)
+            keys += [image_key(s.path) for s in ok]
+            failed = [s for s in chunk if s not in set(ok)]
+            errors.update({image_key(s.path): message for s, message in zip(failed, bad)})
+            for b in range(0, len(images), batch_size):
+                features.append(run(images[b : b + batch_size]))
+            bar.update(len(chunk))
+        _write_store(cache, prefix, features, keys, errors)
+    bar.close()
+
+
+def _torch_runner(backbone: str, weights, image_size: int):
+    import torch
 
     from .models import create_model
 
     net = create_model(backbone, weights=weights, image_size=image_size).eval()
-    cache.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(samples), desc=f"{backbone} features", unit="img", disable=not progress)
-    with torch.inference_mode():
-        for part in range(0, len(samples), CHECKPOINT):
-            features, keys, errors = [], [], {}
-            for start in range(part, min(part + CHECKPOINT, len(samples)), CHUNK):
-                chunk = samples[start : min(start + CHUNK, part + CHECKPOINT)]
-                images, ok, bad = load_images(chunk, image_size, progress=False)
-                keys += [image_key(s.path) for s in ok]
-                failed = [s for s in chunk if s not in set(ok)]
-                errors.update({image_key(s.path): message for s, message in zip(failed, bad)})
-                for b in range(0, len(images), batch_size):
-                    batch = torch.from_numpy(images[b : b + batch_size]).unsqueeze(1)
-                    features.append(net.features(batch).float().numpy())
-                bar.update(len(chunk))
-            _write_store(cache, prefix, features, keys, errors)
-    bar.close()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net.features(torch.from_numpy(images).unsqueeze(1)).float().numpy()
+
+    return run
+
+
+def _graph_runner(graph: Path):
+    from .frozen_onnx import GraphFeatures
+
+    return GraphFeatures(graph)
 
 
 def _write_store(cache: Path, prefix: str, features: list, keys: list[str], errors: dict[str, str]) -> None:

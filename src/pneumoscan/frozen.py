@@ -123,19 +123,22 @@ def head_logits(state: dict, x: np.ndarray) -> np.ndarray:
 
 def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
     """Fit the head (and operating point, gate, subtype head) on cached frozen features; write the bundle.
-    With a teacher, the head is fitted on the distillation loss (its probabilities cached per image)."""
-    import torch
+    With a teacher, the head is fitted on the distillation loss (its probabilities cached per image).
 
-    from .models import create_model
+    For a backbone the registry marks ``head_only_when_frozen`` (DINOv2), the features come from the int8
+    ONNX graph that the bundle ships (:mod:`pneumoscan.frozen_onnx`) and the bundle stores only the head."""
+    from .backbones import get_backbone
     from .training import bundle_config, operating_point, run_config, subtype_from_features
 
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", run_config(cfg, teacher))
+    head_only = get_backbone(cfg.backbone).head_only_when_frozen and cfg.weights == "imagenet"
+    graph = _shipped_graph(cfg) if head_only else None
     train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
-    args = {"image_size": cfg.image_size, "weights": cfg.weights, "progress": cfg.progress}
+    args = {"image_size": cfg.image_size, "weights": cfg.weights, "progress": cfg.progress, "graph": graph}
     x_train, train_samples, train_errors = frozen_features(cfg.backbone, train_samples, **args)
     x_val, val_samples, val_errors = frozen_features(cfg.backbone, val_samples, **args)
     soft = None
@@ -154,14 +157,13 @@ def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
         hidden, head_settings = 128, {"head": "mlp", "steps": MLP_STEPS}
     head_seconds = time.perf_counter() - fitted_at
 
-    net = create_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, hidden=hidden, image_size=cfg.image_size)
-    net.head.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    net, features_of = _network(cfg, hidden, state, graph)
     logits = head_logits(state, x_val)
     temperature, threshold, rule, validation = operating_point(cfg, val_samples, logits)
 
     rng = np.random.default_rng(cfg.seed)
     pick = np.sort(rng.choice(len(x_train), min(GATE_TRAIN_FEATURES, len(x_train)), replace=False))
-    gate = _gate(net, x_train[pick], [train_samples[i] for i in pick], x_val, val_samples, cfg)
+    gate = _gate(features_of, x_train[pick], [train_samples[i] for i in pick], x_val, val_samples, cfg)
     extras = {GATE: gate.to_bytes()}
     if fitted := subtype_from_features(x_train, train_samples, x_val, val_samples):
         extras[SUBTYPE] = fitted[0].to_bytes()
@@ -178,15 +180,57 @@ def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
         **({"teacher": teacher.record()} if teacher else {}),
     }
     config = bundle_config(cfg, hidden, threshold, rule, temperature, training)
-    return save_bundle(out / "model", net, config, {"validation": validation}, extras=extras, half=_needs_half(net))
+    if graph is None:
+        return save_bundle(out / "model", net, config, {"validation": validation}, extras=extras, half=_needs_half(net))
+    from .frozen_onnx import QUANTIZATION, graph_digest
+
+    training["features_graph"] = {"quantization": QUANTIZATION, "sha256": graph_digest(graph)}
+    config["weights_scope"] = "head"
+    bundle = save_bundle(out / "model", net, config, {"validation": validation}, extras=extras)
+    from .export import export_onnx
+
+    export_onnx(bundle)  # the int8 backbone and the head: what predicts without PyTorch
+    return bundle
 
 
-def _gate(net, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg):
+def _shipped_graph(cfg: TrainConfig) -> Path:
+    from .frozen_onnx import INT8, backbone_graph
+
+    return backbone_graph(cfg.backbone, cfg.image_size, INT8)
+
+
+def _network(cfg: TrainConfig, hidden: int, state: dict, graph: Path | None):
+    """The network whose weights the bundle stores (the whole one, or the head alone where the backbone
+    ships as ``graph``), and what computes features of more images (the gate's perturbed ones)."""
+    import torch
+    from torch import nn
+
+    from .models import create_model, predict_outputs
+
+    if graph is None:
+        net = create_model(
+            cfg.backbone, weights=cfg.weights, dropout=cfg.dropout, hidden=hidden, image_size=cfg.image_size
+        )
+        net.head.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        return net, lambda images: predict_outputs(net, images, batch_size=32)[1]
+    from .frozen_onnx import GraphFeatures
+
+    width = state["0.weight"].shape[1]
+    head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, 1))
+    head.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    features = GraphFeatures(graph)
+    return nn.ModuleDict({"head": head}), lambda images: np.concatenate(
+        [features(images[i : i + 32]) for i in range(0, len(images), 32)]
+    )
+
+
+def _gate(
+    features_of, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg
+):
     """The input gate on cached features: fitted on training X-rays (their images also under every
     acquisition perturbation), its limits from validation X-rays, clean and under every perturbation of a
-    few of them (those few pass through the backbone)."""
+    few of them (those few pass through the backbone, ``features_of``)."""
     from .gate import Gate
-    from .models import predict_outputs
     from .shift import perturb
     from .training import perturbed_sample
 
@@ -195,7 +239,7 @@ def _gate(net, train_features: np.ndarray, train_samples: list, val_features: np
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(val_samples), min(GATE_PERTURBED_IMAGES, len(val_samples)), replace=False))
     perturbed = np.concatenate(list(perturb(val_images[rows], cfg.seed).values()))
-    _, perturbed_features = predict_outputs(net, perturbed, batch_size=32)
+    perturbed_features = features_of(perturbed)
     train_all = np.concatenate([train_images, perturbed_sample(train_images, cfg.seed + 1)])
     calibration = np.concatenate([val_images, perturbed])
     return Gate.fit(train_features, np.concatenate([val_features, perturbed_features]), train_all, calibration)

@@ -101,7 +101,7 @@ def model_card(bundle) -> str:
   ImageNet mean/std.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
   temperature {c["temperature"]:.4f}: {fitted_on}.
-- Weights sha256: `{c["weights_sha256"]}`.{teacher_line(c)}
+- Weights sha256: `{c["weights_sha256"]}`.{_head_only_line(c)}{teacher_line(c)}
 
 ## Intended use
 Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
@@ -145,6 +145,17 @@ def pretrained_line(config: dict) -> str:
     fields = (record.get("package"), record.get("version"), record.get("file"), record.get("licence"))
     package, version, file, licence = (md(str(f)) for f in fields)
     return f"pretrained weights from {package} {version}, `{file}`, sha256 `{md(str(record['sha256']))}`, {licence}"
+
+
+def _head_only_line(config: dict) -> str:
+    if config.get("weights_scope") != "head":
+        return ""
+    graph = config.get("training", {}).get("features_graph", {})
+    return (
+        "\n- The weights hold the head alone: the frozen backbone is rebuilt from the registry, pinned by the "
+        "sha256 above, and `model.onnx` carries it with int8 MatMul weights (dynamic quantisation; features "
+        f"graph sha256 `{md(str(graph.get('sha256', '?')))}`), the graph whose features the head was fitted on."
+    )
 
 
 def head_line(config: dict) -> str:
