@@ -17,7 +17,10 @@ from . import settings
 from .errors import PneumoscanError
 from .text import printable
 
-MODEL_HELP = "model bundle folder (default: the bundled model)"
+MODEL_HELP = (
+    "model bundle folder, or the name of a bundled model (pneumoscan models lists them; an existing path "
+    "wins over a name); default: the bundled default model"
+)
 
 
 def _number(kind, low=None, high=None, low_open=False):
@@ -822,6 +825,75 @@ def _run_demo(args) -> int:
     return run_demo(ensure_folder(args.out))
 
 
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser(
+        "ensemble",
+        help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)",
+        description="Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit "
+        "is the mean of each member's logit divided by its temperature; the ensemble's own temperature is fitted "
+        "on the validation split the members were trained with (they must share it), threshold 0.5 (balanced). "
+        "The first member is the primary: its features feed the input gate and the bacterial/viral head, and "
+        "Grad-CAM explains it. Members must share the image size and may not be ensembles.",
+    )
+    p.add_argument("members", nargs="+", type=settings.path_argument, metavar="MEMBER_BUNDLE")
+    p.add_argument("--out", required=True, type=settings.path_argument, help="new (or empty) folder for the ensemble")
+    p.add_argument(
+        "--data",
+        default=None,
+        type=settings.path_argument,
+        help="dataset root with train/ (default: the training data the primary member records)",
+    )
+    p.add_argument(
+        "--names",
+        default=None,
+        help="comma-separated member names, 1-32 of a-z 0-9 _ - each (default: from the folder names)",
+    )
+    p.add_argument("--name", default=None, help="the ensemble's display name")
+    _add_engine(p)
+    _add_bootstrap(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_ensemble)
+
+
+def _run_ensemble(args) -> int:
+    from .ensemble import make_ensemble
+    from .evaluation import metrics_table
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    bundle = make_ensemble(
+        args.members,
+        args.out,
+        names=names,
+        data=args.data,
+        name=args.name,
+        engine=args.engine,
+        n_resamples=args.bootstrap,
+        progress=not args.quiet,
+    )
+    report = {**bundle.metrics["validation"], "model": {"name": bundle.name}}
+    print(metrics_table(report))
+    print(f"temperature {bundle.temperature:.4f}, threshold {bundle.threshold:.4f} ({bundle.config['threshold_rule']})")
+    print(f"ensemble bundle written to {printable(bundle.path)}")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the bundled models that --model NAME accepts",
+        description="The models shipped inside the package, by the name --model accepts: their folder, "
+        "size and the accuracy their metrics record (test where recorded, else validation).",
+    )
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args) -> int:
+    from .ensemble import bundled_models_table
+
+    print(bundled_models_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -841,6 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve,
         _add_listen,
         _add_verify,
+        _add_ensemble,
+        _add_models,
         _add_demo,
     )
     for add in (*commands, _add_data):
