@@ -177,15 +177,20 @@ class EnsembleEngine:
 
 def member_engine(bundle: Bundle, name: str, engine: str, int8: bool):
     """An ensemble member's engine for the ensemble's ``engine`` and ``int8`` choice. A member without an
-    int8 model runs its fp32 model under ``int8``; a member with only an int8 model runs it in any case
-    (a frozen-backbone member may ship its network as int8 ONNX alone). Each substitution is a warning."""
+    int8 model runs its fp32 model under ``int8``. A member with only an int8 model (a frozen-backbone member
+    may ship its network as int8 ONNX alone, its weights holding the head only) runs its fp32 network where
+    one can be had (a cached export of its weights under ``auto``), else its int8 model. Each substitution
+    is a warning."""
     has_fp32, has_int8 = bundle.onnx_path(False) is not None, bundle.onnx_path(True) is not None
     if engine != "torch" and int8 and not has_int8:
         warnings.warn(f"ensemble member {name} has no int8 model: it runs its fp32 model", stacklevel=3)
         return make_engine(bundle, engine, False)
     if engine != "torch" and not int8 and has_int8 and not has_fp32:
-        warnings.warn(f"ensemble member {name} has only an int8 ONNX model: it runs int8", stacklevel=3)
-        return make_engine(bundle, engine, True)
+        try:
+            return make_engine(bundle, engine, False)
+        except ConfigError:
+            warnings.warn(f"ensemble member {name} has only an int8 ONNX model: it runs int8", stacklevel=3)
+            return make_engine(bundle, engine, True)
     return make_engine(bundle, engine, int8)
 
 
