@@ -106,7 +106,9 @@ def test_serve_and_evaluate_an_ensemble(ensemble, tmp_path):
     assert r.status_code == 200 and r.json()["cam"] and r.json()["model"] == "pair"
     info = client.get("/v1/model").json()
     assert "primary member" in info["model_card"] and "`small`" in info["model_card"]
-    summary = evaluate(default_bundle_path().parent / "examples", None, [str(ensemble.path)], tmp_path, n_resamples=50, progress=False)
+    summary = evaluate(
+        default_bundle_path().parent / "examples", None, [str(ensemble.path)], tmp_path, n_resamples=50, progress=False
+    )
     report = summary["models"][0]
     assert report["n"] == 16 and report["model"]["backbone"] == "efficientnet_lite0+efficientnet_lite0"
     assert "gate" in report and (tmp_path / "predictions.csv").is_file()
@@ -149,7 +151,9 @@ def test_make_ensemble_fits_its_temperature_on_the_shared_validation_split(train
     # and calibrate writes a recalibrated ensemble, members carried over
     from pneumoscan.calibrate import calibrate_bundle
 
-    calibrated, _ = calibrate_bundle(small_data, tmp_path / "site", model=out, split="test", n_resamples=50, progress=False)
+    calibrated, _ = calibrate_bundle(
+        small_data, tmp_path / "site", model=out, split="test", n_resamples=50, progress=False
+    )
     again = load_bundle(calibrated.path)
     assert isinstance(again, Ensemble) and again.config["calibration"]["source"] == made.name
     assert again.members[1].weights_sha256 == twin.weights_sha256
@@ -245,14 +249,18 @@ def test_members_of_another_image_size_are_refused(shipped, tmp_path):
     from pneumoscan.models import create_model
 
     config = {k: v for k, v in shipped.config.items() if k not in ("files", "weights_sha256", "pretrained")}
-    small = save_bundle(tmp_path / "s96", create_model("efficientnet_lite0", weights=None, image_size=96), {**config, "image_size": 96})
+    small = save_bundle(
+        tmp_path / "s96", create_model("efficientnet_lite0", weights=None, image_size=96), {**config, "image_size": 96}
+    )
     with pytest.raises(ConfigError, match="image_size 96 differs from the primary's 224"):
         make_ensemble([shipped.path, small.path], tmp_path / "out", progress=False)
     out = write_ensemble(tmp_path / "mixed", {"image_size": 224, "threshold": 0.5, "temperature": 1.0}, {},
                          [("fast", shipped)]).path  # fmt: skip
     _copy(small.path, out / "members/s96")
     members = json.loads((out / CONFIG).read_text())["members"]
-    members.append({"name": "s96", "config_sha256": hashlib.sha256((out / "members/s96" / CONFIG).read_bytes()).hexdigest()})
+    members.append(
+        {"name": "s96", "config_sha256": hashlib.sha256((out / "members/s96" / CONFIG).read_bytes()).hexdigest()}
+    )
     _with_members(out, members)
     with pytest.raises(ConfigError, match=r"s96/config.json: image_size 96 differs from the ensemble's 224") as exc:
         load_bundle(out)
@@ -276,6 +284,8 @@ def test_bundled_models_by_name_and_a_path_wins(tmp_path, monkeypatch):
         load_bundle("fast")
     with pytest.raises(ConfigError, match=r"not a bundled model's name \(default, fast\)"):
         load_bundle("fastest")
-    done = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "models"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "models"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.splitlines()[1].startswith("default ")
     assert "AUC 0.972" in done.stdout

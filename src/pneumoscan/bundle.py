@@ -119,6 +119,7 @@ def bundle_file(folder: Path, name: str) -> Path | None:
         raise ConfigError(f"{path}: {info.st_size / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB limit for {name}")
     return path
 
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -442,7 +443,8 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     if not path.is_dir() or not os.path.lexists(path / CONFIG):
         if path.resolve().is_relative_to(Path(__file__).parent.resolve()):
             raise ConfigError(
-                f"no bundled model in this install ({path} is missing); pass --model BUNDLE (a folder made by pneumoscan train)"
+                f"no bundled model in this install ({path} is missing); "
+                "pass --model BUNDLE (a folder made by pneumoscan train)"
             )
         hint = "" if os.path.lexists(path) else f" and not a bundled model's name ({', '.join(BUNDLED_MODELS)})"
         raise ConfigError(f"{path}: not a model bundle (no {CONFIG}){hint}")

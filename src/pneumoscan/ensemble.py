@@ -36,6 +36,7 @@ from .bundle import (
     METRICS,
     WEIGHTS,
     Bundle,
+    atomic_write,
     bundle_file,
     check_schema,
     load_bundle,
@@ -46,7 +47,6 @@ from .bundle import (
     validate_operating_config,
     write_bundle,
     write_json,
-    atomic_write,
 )
 from .errors import ConfigError
 from .labels import CLASSES
@@ -138,7 +138,7 @@ def validate_ensemble_config(config: dict, where: str) -> None:
     names = []
     for member in members:
         if not isinstance(member, dict) or set(member) != {"name", "config_sha256"}:
-            raise ConfigError(f"{where}: each of config.json 'members' must be {{\"name\", \"config_sha256\"}}")
+            raise ConfigError(f'{where}: each of config.json \'members\' must be {{"name", "config_sha256"}}')
         name, digest = member["name"], member["config_sha256"]
         if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name):
             raise ConfigError(f"{where}: member name {str(name)[:40]!r} is not 1-32 of a-z, 0-9, '_', '-'")
@@ -173,10 +173,14 @@ def load_member(folder: Path, digest: str, image_size: int) -> Bundle:
         raise ConfigError(f"{folder}: not a model bundle (no {CONFIG})")
     data = config_path.read_bytes()[: MAX_JSON_BYTES + 1]
     if hashlib.sha256(data).hexdigest() != digest:
-        raise ConfigError(f"{config_path}: sha256 does not match the ensemble's config.json (swapped or tampered member)")
+        raise ConfigError(
+            f"{config_path}: sha256 does not match the ensemble's config.json (swapped or tampered member)"
+        )
     config = parse_json_object(data, config_path, "config.json")
     if config.get("format") != FORMAT:
-        raise ConfigError(f"{config_path}: a member must be a single model ({FORMAT}), not {str(config.get('format'))[:60]!r}")
+        raise ConfigError(
+            f"{config_path}: a member must be a single model ({FORMAT}), not {str(config.get('format'))[:60]!r}"
+        )
     member = load_single(folder, config)
     if member.image_size != image_size:
         raise ConfigError(
@@ -191,12 +195,12 @@ def load_ensemble(path: Path, config: dict) -> Ensemble:
     validate_ensemble_config(config, str(path))
     folder = path / MEMBERS
     _real_folder(folder)
-    members = [
-        load_member(folder / m["name"], m["config_sha256"], config["image_size"]) for m in config["members"]
-    ]
+    members = [load_member(folder / m["name"], m["config_sha256"], config["image_size"]) for m in config["members"]]
     present = {entry.name for entry in os.scandir(folder)}
     for extra in sorted(present - {m["name"] for m in config["members"]})[:5]:
-        warnings.warn(f"{folder / extra} is not recorded in the ensemble's config.json and will not be used", stacklevel=3)
+        warnings.warn(
+            f"{folder / extra} is not recorded in the ensemble's config.json and will not be used", stacklevel=3
+        )
     metrics_path = bundle_file(path, METRICS)
     metrics = read_json_object(metrics_path, "metrics.json") if metrics_path else {}
     validate_metrics(metrics, str(path))
@@ -338,11 +342,15 @@ def make_ensemble(
     fitted = M.operating_point(y, logits, "balanced")
     config.update(temperature=fitted.temperature, threshold=fitted.threshold, threshold_rule=fitted.rule)
     draft.config = config
-    report = score(samples, logits, draft, engine=clf.engine.name, split="validation", n_resamples=n_resamples, seed=seed)
+    report = score(
+        samples, logits, draft, engine=clf.engine.name, split="validation", n_resamples=n_resamples, seed=seed
+    )
     report["unreadable"] = errors
     subtype = subtype_scores(samples, features, clf)
     if subtype is not None:
-        report["subtype"] = M.subtype_report(*subtype[:2], subtype[2], clf.subtype.threshold, n_resamples, seed, "validation")
+        report["subtype"] = M.subtype_report(
+            *subtype[:2], subtype[2], clf.subtype.threshold, n_resamples, seed, "validation"
+        )
     ensure_folder(out)
     metrics = {"validation": {k: v for k, v in report.items() if k != "model"}}
     return write_ensemble(out, config, metrics, list(zip(names, bundles)))

@@ -485,10 +485,11 @@ class Classifier:
         return explanation
 
     def explain_class(self, source: ImageSource, positive: bool | None = None):
-        """Grad-CAM for ``positive`` (PNEUMONIA) or not, by default the predicted class. With ONNX Runtime (the default engine) it needs no PyTorch: the
-        fp32 ONNX model gives the last feature map and the head's gradient has a closed form
-        (:func:`pneumoscan.explain.onnx_grad_cam`); with ``engine="torch"``, or a bundle whose ONNX model has no
-        feature map, autograd does it (:func:`pneumoscan.explain.grad_cam`)."""
+        """Grad-CAM for ``positive`` (PNEUMONIA) or not, by default the predicted class. With ONNX Runtime
+        (the default engine) it needs no PyTorch: the fp32 ONNX model gives the last feature map and the
+        head's gradient has a closed form (:func:`pneumoscan.explain.onnx_grad_cam`); with
+        ``engine="torch"``, or a bundle whose ONNX model has no feature map, autograd does it
+        (:func:`pneumoscan.explain.grad_cam`)."""
         from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
         args = (source, self.image_size, self.threshold, self.bundle.temperature, positive)

@@ -71,12 +71,12 @@ def ensemble_card(bundle) -> str:
     """MODEL_CARD.md for an ensemble: its members, how they combine, its own metrics."""
     c = bundle.config
     members = "\n".join(
-        f"| {'primary: ' if i == 0 else ''}`{name}` | {md(m.name)} | `{md(m.backbone)}` | {m.temperature:.4f} | "
+        f"| {'primary: ' if i == 0 else ''}`{name}` | {md(m.name)} | `{m.backbone}` | {m.temperature:.4f} | "
         f"{_with_ci(m.metrics.get('validation') or {}, 'auc')} | `{m.weights_sha256[:16]}` |"
         for i, (name, m) in enumerate(zip(bundle.member_names, bundle.members))
     )
     rows = metric_rows(bundle.metrics)
-    primary = bundle.primary
+    files = bundle.primary.config.get("files", {})
     return f"""# Model card: {md(c.get("name", bundle.path.name))}
 
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
@@ -95,8 +95,8 @@ Grad-CAM explains the primary member (for the class the ensemble predicts).
 
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member.
 - Weights digest of the ensemble (sha256 of the members' weights digests, one per line): `{bundle.weights_sha256}`.
-- Input gate: {"the primary member's" if primary.load_gate() is not None else "none: every image gets a label"}.
-- Bacterial/viral head: {"the primary member's" if "subtype.safetensors" in primary.config.get("files", {}) else "none"}.
+- Input gate: {"the primary member's" if "gate.safetensors" in files else "none: every image gets a label"}.
+- Bacterial/viral head: {"the primary member's" if "subtype.safetensors" in files else "none"}.
 
 ## Intended use
 Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a

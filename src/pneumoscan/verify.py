@@ -113,7 +113,8 @@ def verify_table(checks: list[EngineCheck]) -> str:
     and the verdict."""
     width = max([10, *(len(c.engine) for c in checks)])
     head = (
-        f"{'engine':<{width}} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} {'labels':>7}  verdict"
+        f"{'engine':<{width}} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} "
+        f"{'labels':>7}  verdict"
     )
     rows = [head]
     for c in checks:
