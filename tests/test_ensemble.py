@@ -284,8 +284,11 @@ def test_bundled_models_by_name_and_a_path_wins(tmp_path, monkeypatch):
         load_bundle("fast")
     with pytest.raises(ConfigError, match=r"not a bundled model's name \(default, fast\)"):
         load_bundle("fastest")
+    shutil.rmtree(tmp_path / "fast")
+    with pytest.raises(ConfigError, match="fast: not a model bundle"):
+        load_bundle("./fast")  # written as a path: never a name
     done = subprocess.run(
         [sys.executable, "-m", "pneumoscan.cli", "models"], capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and done.stdout.splitlines()[1].startswith("default ")
+    assert done.returncode == 0 and done.stdout.splitlines()[0].startswith("default ")
     assert "AUC 0.972" in done.stdout

@@ -428,10 +428,10 @@ def resolve_model(path: str | Path | None) -> Path:
 
     if path is None:
         return default_bundle_path()
-    path = checked_path(path, "--model")
-    if not os.path.lexists(path) and str(path) in BUNDLED_MODELS:
-        return Path(__file__).parent / BUNDLED_MODELS[str(path)]
-    return path
+    raw = os.fspath(checked_path(path, "--model")) if isinstance(path, Path) else str(path)
+    if raw in BUNDLED_MODELS and not os.path.lexists(raw):  # the name as typed: "./fast" is always a path
+        return Path(__file__).parent / BUNDLED_MODELS[raw]
+    return checked_path(path, "--model")
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:

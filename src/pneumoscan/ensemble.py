@@ -119,8 +119,8 @@ class Ensemble(Bundle):
 
     def load_net(self):
         raise ConfigError(
-            f"{self.path}: an ensemble has no single network; export and PyTorch work on each member "
-            f"({MEMBERS}/NAME), before the ensemble is made"
+            f"{self.path}: an ensemble has no single network; export each member bundle ({MEMBERS}/NAME) "
+            "before the ensemble is made"
         )
 
     def write_copy(self, path: str | Path, config: dict, metrics: dict) -> Ensemble:
@@ -171,7 +171,8 @@ def load_member(folder: Path, digest: str, image_size: int) -> Bundle:
     config_path = bundle_file(folder, CONFIG)
     if config_path is None:
         raise ConfigError(f"{folder}: not a model bundle (no {CONFIG})")
-    data = config_path.read_bytes()[: MAX_JSON_BYTES + 1]
+    with open(config_path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)  # bounded even if the file grew after it was checked
     if hashlib.sha256(data).hexdigest() != digest:
         raise ConfigError(
             f"{config_path}: sha256 does not match the ensemble's config.json (swapped or tampered member)"
@@ -357,29 +358,29 @@ def make_ensemble(
 
 
 def bundled_models_table() -> str:
-    """One line per bundled model name (:data:`bundle.BUNDLED_MODELS`): folder, what it is, parameters,
-    and the accuracy its metrics record (test where recorded, else validation)."""
+    """Two lines per bundled model name (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
+    it is, its size and the accuracy its metrics record (test where recorded, else validation)."""
     from .bundle import BUNDLED_MODELS, resolve_model
     from .text import number, printable
 
-    rows = [f"{'name':<10} {'model':<44} {'parameters':>10}  accuracy (95% CI) as recorded"]
+    rows = []
     for name in BUNDLED_MODELS:
         try:
             bundle = load_bundle(resolve_model(name))
         except ConfigError as exc:
-            rows.append(f"{name:<10} unavailable: {printable(exc)}")
+            rows.append(f"{name:<8} unavailable: {printable(exc)}")
             continue
         kind = f"ensemble of {len(bundle.members)}" if isinstance(bundle, Ensemble) else bundle.backbone
         split = "test" if "test" in bundle.metrics else "validation"
         r = bundle.metrics.get(split) or {}
-        ci = r.get("ci95", {}).get("auc") or [None, None]
+        ci = (r.get("ci95") or {}).get("auc") or [None, None]
         accuracy = (
             f"{split}: AUC {number(r.get('auc'))} ({number(ci[0])}-{number(ci[1])}), "
-            f"accuracy {number(r.get('accuracy'))} at {number(r.get('threshold'))}"
+            f"accuracy {number(r.get('accuracy'))} at threshold {number(r.get('threshold'))}"
             if r
             else "no metrics recorded"
         )
-        label = f"{printable(bundle.name)[:30]} ({kind})"
-        rows.append(f"{name:<10} {label:<44} {bundle.parameter_count() / 1e6:>9.1f}M  {accuracy}")
-    rows.append("speed: docs/benchmarks.md (python benchmarks/predict_cli.py measures it on this machine)")
+        rows.append(f"{name:<8} {printable(bundle.name)}")
+        rows.append(f"{'':<8} {kind}, {bundle.parameter_count() / 1e6:.1f} M parameters; {accuracy}")
+    rows.append("speed: docs/benchmarks.md; python benchmarks/predict_cli.py --model NAME measures it here")
     return "\n".join(rows)
