@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import real_images
+from conftest import D224, real_images
 from corpus import REAL
 
 from pneumoscan import Classifier
@@ -159,9 +159,31 @@ def test_make_ensemble_fits_its_temperature_on_the_shared_validation_split(train
     assert again.members[1].weights_sha256 == twin.weights_sha256
 
 
-def test_members_trained_on_other_splits_are_refused(shipped, trained_bundle, tmp_path):
-    with pytest.raises(ConfigError, match="another validation split"):
+@pytest.mark.data
+def test_members_of_other_validation_designs_share_only_what_none_trained_on(shipped, tmp_path):
+    """A member trained with the temporal design and one trained with random patients: the ensemble's
+    temperature is fitted on the images held out of both."""
+    from pneumoscan.data import training_splits
+
+    recipe = {**shipped.config["training"]["recipe"], "val_source": "temporal"}
+    temporal = shipped.write_copy(
+        tmp_path / "temporal", {**shipped.config, "training": {**shipped.config["training"], "recipe": recipe}}, {}
+    )
+    root = D224
+    both = {s.path.resolve() for s in training_splits(root, "patients", 0.1, 0)[1]} & {
+        s.path.resolve() for s in training_splits(root, "temporal", 0.1, 0)[1]
+    }
+    with pytest.warns(UserWarning, match=f"use the {len(both)} of the primary's 525 validation images"):
+        made = make_ensemble(
+            [shipped.path, temporal.path], tmp_path / "made", data=root, n_resamples=20, progress=False
+        )
+    assert made.metrics["validation"]["n"] == len(both) and 10 < len(both) < 525
+
+
+def test_members_that_share_too_few_held_out_images_are_refused(shipped, trained_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="held out of every member's training") as exc:
         make_ensemble([shipped.path, trained_bundle.path], tmp_path / "x", progress=False)
+    assert _one_line(exc)
     with pytest.raises(ConfigError, match="cannot be a member of another ensemble"):
         make_ensemble([shipped.path, _copy(shipped_ensemble_path(tmp_path, shipped), tmp_path / "e2")], tmp_path / "y")
 

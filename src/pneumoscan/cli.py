@@ -831,7 +831,7 @@ def _add_ensemble(sub) -> None:
         help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)",
         description="Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit "
         "is the mean of each member's logit divided by its temperature; the ensemble's own temperature is fitted "
-        "on the validation split the members were trained with (they must share it), threshold 0.5 (balanced). "
+        "on the validation images no member was trained on, threshold 0.5 (balanced). "
         "The first member is the primary: its features feed the input gate and the bacterial/viral head, and "
         "Grad-CAM explains it. Members must share the image size and may not be ensembles.",
     )

@@ -255,24 +255,34 @@ def member_name(path: str | Path) -> str:
     return name or "member"
 
 
-def same_split(members: list[Bundle]) -> None:
-    """All members were trained with the same validation split: else the ensemble's temperature would be
-    fitted on images some member was trained on. One line naming the first member that differs."""
+MIN_HELD_OUT_PER_CLASS = 10  # the fewest images of each class the ensemble's temperature is fitted on
 
-    def split_of(b: Bundle) -> tuple:
-        training = b.config.get("training", {})
-        recipe = training.get("recipe", {})
-        keys = (recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0))
-        return keys, training.get("validation")
 
-    first = split_of(members[0])
+def held_out_of_every_member(members: list[Bundle], data: str | Path | None = None) -> list:
+    """The validation images no member was trained on: the primary's validation split of ``data`` (default:
+    the training data each member records), less the images any other member trained on. Members trained
+    with the same split give the whole split; members trained with different designs (random patients,
+    temporal) give the images held out of both, with a warning saying how many."""
+    _, validation = members[0].training_splits(data)
+    kept = validation
     for member in members[1:]:
-        if split_of(member) != first:
-            raise ConfigError(
-                f"{member.path / CONFIG}: trained with another validation split than {members[0].path} "
-                f"({split_of(member)[0]} vs {first[0]}, validation {split_of(member)[1]} vs {first[1]}); "
-                "the ensemble's temperature must be fitted on images no member was trained on"
-            )
+        _, theirs = member.training_splits(data)
+        held_out = {Path(s.path).resolve() for s in theirs}
+        kept = [s for s in kept if Path(s.path).resolve() in held_out]
+    counts = [sum(s.label == label for s in kept) for label in (0, 1)]
+    if min(counts) < MIN_HELD_OUT_PER_CLASS:
+        raise ConfigError(
+            f"{members[-1].path / CONFIG}: only {counts[0]} NORMAL and {counts[1]} PNEUMONIA validation images are "
+            f"held out of every member's training (at least {MIN_HELD_OUT_PER_CLASS} of each are needed to fit the "
+            "ensemble's temperature); were the members trained on the same data?"
+        )
+    if len(kept) < len(validation):
+        warnings.warn(
+            f"the members were trained with different validation splits: the ensemble's temperature and metrics "
+            f"use the {len(kept)} of the primary's {len(validation)} validation images that no member trained on",
+            stacklevel=2,
+        )
+    return kept
 
 
 def make_ensemble(
@@ -288,8 +298,8 @@ def make_ensemble(
     progress: bool = True,
 ) -> Ensemble:
     """Build an ensemble bundle in ``out`` from single bundles (the first is the primary): the members
-    copied in, the ensemble's temperature fitted on the primary's validation split of ``data`` (default:
-    the training data it records), threshold 0.5 (balanced), validation metrics and the model card."""
+    copied in, the ensemble's temperature fitted on the validation images no member was trained on
+    (:func:`held_out_of_every_member`), threshold 0.5 (balanced), validation metrics and the model card."""
     from . import metrics as M
     from .data import load_images
     from .evaluation import score, subtype_scores
@@ -318,7 +328,7 @@ def make_ensemble(
             raise ConfigError(
                 f"{bundle.path / CONFIG}: image_size {bundle.image_size} differs from the primary's {size}"
             )
-    same_split(bundles)
+    validation = held_out_of_every_member(bundles, data)
     out = checked_path(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: the ensemble goes into a new or empty folder")
@@ -333,7 +343,6 @@ def make_ensemble(
         "members": [{"name": n, "config_sha256": sha256_file(b.path / CONFIG)} for n, b in zip(names, bundles)],
     }
     draft = Ensemble(out, config, {}, bundles)
-    _, validation = draft.training_splits(data)
     clf = Classifier(draft, engine, gate=False)
     images, samples, errors = load_images(validation, size, progress, "loading validation")
     if not samples:
@@ -347,6 +356,7 @@ def make_ensemble(
         samples, logits, draft, engine=clf.engine.name, split="validation", n_resamples=n_resamples, seed=seed
     )
     report["unreadable"] = errors
+    report["held_out_of"] = "every member's training (the validation images no member was trained on)"
     subtype = subtype_scores(samples, features, clf)
     if subtype is not None:
         report["subtype"] = M.subtype_report(
