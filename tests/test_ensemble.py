@@ -314,3 +314,18 @@ def test_bundled_models_by_name_and_a_path_wins(tmp_path, monkeypatch):
     )
     assert done.returncode == 0 and done.stdout.splitlines()[0].startswith("default ")
     assert "AUC 0.972" in done.stdout
+
+
+def test_ensemble_and_models_options_are_explained_and_errors_are_one_line(tmp_path):
+    from pneumoscan.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("ensemble", "models"):
+        assert all(a.help for a in sub[command]._actions if a.option_strings and a.dest != "help")
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "ensemble", default_bundle_path(), "--names", "../up",
+         "--out", tmp_path / "e"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "member name '../up'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
