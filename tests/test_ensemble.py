@@ -165,13 +165,13 @@ def test_members_of_other_validation_designs_share_only_what_none_trained_on(shi
     temperature is fitted on the images held out of both."""
     from pneumoscan.data import training_splits
 
-    recipe = {**shipped.config["training"]["recipe"], "val_source": "temporal"}
+    recipe = {**shipped.config["training"]["recipe"], "val_source": "temporal", "val_fraction": 0.2}
     temporal = shipped.write_copy(
         tmp_path / "temporal", {**shipped.config, "training": {**shipped.config["training"], "recipe": recipe}}, {}
     )
     root = D224
     both = {s.path.resolve() for s in training_splits(root, "patients", 0.1, 0)[1]} & {
-        s.path.resolve() for s in training_splits(root, "temporal", 0.1, 0)[1]
+        s.path.resolve() for s in training_splits(root, "temporal", 0.2, 0)[1]
     }
     with pytest.warns(UserWarning, match=f"use the {len(both)} of the primary's 525 validation images"):
         made = make_ensemble(
