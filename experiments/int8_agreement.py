@@ -30,7 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     samples = load_split(shared_data_root().resolve() / "chest_xray_224", args.split)
     fp32, kept, _ = frozen_features(args.backbone, samples, progress=False)
-    int8, kept8, _ = frozen_features(args.backbone, kept, graph=backbone_graph(args.backbone, 224, INT8), progress=False)
+    int8, kept8, _ = frozen_features(
+        args.backbone, kept, graph=backbone_graph(args.backbone, 224, INT8), progress=False
+    )
     assert [s.path for s in kept8] == [s.path for s in kept]
     per_image = rowwise_correlation(fp32, int8)
     per_feature = rowwise_correlation(fp32.T, int8.T)

@@ -29,6 +29,7 @@ from .labels import CLASSES
 from .metrics import CI_METRICS, sigmoid
 
 FORMAT = "pneumoscan-bundle/1"
+ENSEMBLE_FORMAT = "pneumoscan-ensemble/1"  # an ensemble of single bundles (ensemble.py)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -120,6 +121,7 @@ def bundle_file(folder: Path, name: str) -> Path | None:
         raise ConfigError(f"{path}: {info.st_size / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB limit for {name}")
     return path
 
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -133,7 +135,18 @@ def read_json_object(path: Path, what: str) -> dict:
             raise ConfigError(
                 f"{path}: {what} is {size / 2**20:.1f} MB, over the {MAX_JSON_BYTES / 2**20:.0f} MB limit"
             )
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.strerror or exc})") from None
+    return parse_json_object(data, path, what)
+
+
+def parse_json_object(data: bytes, path: Path, what: str) -> dict:
+    """:func:`read_json_object` on bytes already read (at most :data:`MAX_JSON_BYTES`) from ``path``."""
+    try:
+        if len(data) > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: {what} is over the {MAX_JSON_BYTES / 2**20:.0f} MB limit")
+        text = data.decode("utf-8")
         # Nesting is checked before parsing: json's parser recurses once per level.
         if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _bracket_depth(text) > MAX_JSON_DEPTH:
             raise ConfigError(f"{path}: {what} is nested deeper than {MAX_JSON_DEPTH} levels")
@@ -168,36 +181,33 @@ def _bracket_depth(text: str) -> int:
     return deepest
 
 
-def validate_config(config: dict, where: str) -> None:
-    """Check ``config`` against the bundle schema, ranges included; one line naming the first problem.
-    A config that passes here cannot fail later on first use."""
-    from .images import NORMALIZATION
-
+def check_schema(config: dict, schema: dict, where: str) -> None:
+    """Every required key of ``schema`` (key: (types, required)) present, and every known key of its type."""
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: config.json must hold a JSON object")
-    for key, (types, required) in _SCHEMA.items():
+    for key, (types, required) in schema.items():
         if key not in config:
             if required:
                 raise ConfigError(f"{where}: config.json lacks '{key}'")
             continue
         if not isinstance(config[key], types) or isinstance(config[key], bool):
             raise ConfigError(f"{where}: config.json '{key}' has the wrong type ({type(config[key]).__name__})")
+
+
+def validate_config(config: dict, where: str) -> None:
+    """Check ``config`` against the bundle schema, ranges included; one line naming the first problem.
+    A config that passes here cannot fail later on first use."""
+    from .images import NORMALIZATION
+
+    check_schema(config, _SCHEMA, where)
     if config["format"] != FORMAT:
         raise ConfigError(f"{where}: unsupported bundle format {config['format']!r} (expected {FORMAT})")
     if config["backbone"] not in BACKBONES:
         raise ConfigError(f"{where}: unknown backbone {config['backbone']!r} (expected one of {', '.join(BACKBONES)})")
-    if not 32 <= config["image_size"] <= 1024:
-        raise ConfigError(f"{where}: image_size {config['image_size']} is outside 32..1024")
-    if not 0 < config["threshold"] < 1:
-        raise ConfigError(f"{where}: threshold {config['threshold']} is not a probability in (0, 1)")
-    if not 1e-3 <= config["temperature"] <= 1e3:
-        raise ConfigError(f"{where}: temperature {config['temperature']} is outside 0.001..1000")
     if not 0 <= config.get("dropout", HEAD["dropout"]) < 1:
         raise ConfigError(f"{where}: dropout {config['dropout']} is outside [0, 1)")
     if not 1 <= config.get("hidden", HEAD["hidden"]) <= 4096:
         raise ConfigError(f"{where}: hidden {config['hidden']} is outside 1..4096")
-    if list(config["class_names"]) != list(CLASSES):
-        raise ConfigError(f"{where}: class_names must be {list(CLASSES)}")
     if config.get("normalization", NORMALIZATION) != NORMALIZATION:
         raise ConfigError(f"{where}: normalization differs from the one the model applies ({NORMALIZATION})")
     if not _SHA256.fullmatch(config["weights_sha256"]):
@@ -206,12 +216,6 @@ def validate_config(config: dict, where: str) -> None:
     for name, digest in files.items():
         if name not in ANSWER_FILES or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise ConfigError(f"{where}: config.json 'files' may only map {', '.join(ANSWER_FILES)} to sha256 digests")
-    for key in ("name", "version", "threshold_rule", "notes"):
-        if len(config.get(key, "")) > (20_000 if key == "notes" else 200):
-            raise ConfigError(f"{where}: config.json '{key}' is too long")
-    for part in ("train", "validation", "recipe"):
-        if not isinstance(config.get("training", {}).get(part, {}), dict):
-            raise ConfigError(f"{where}: config.json 'training.{part}' must be an object")
     pretrained = config.get("pretrained", {})
     if not all(isinstance(v, str) and len(v) <= 300 for v in pretrained.values()) or len(pretrained) > 16:
         raise ConfigError(f"{where}: config.json 'pretrained' must map at most 16 keys to short strings")
@@ -219,6 +223,26 @@ def validate_config(config: dict, where: str) -> None:
         raise ConfigError(f"{where}: config.json 'weights_scope' must be one of {', '.join(WEIGHTS_SCOPES)}")
     if config.get("weights_scope") == "head" and not _SHA256.fullmatch(pretrained.get("sha256", "")):
         raise ConfigError(f"{where}: a head-only bundle must pin its backbone's weights ('pretrained.sha256')")
+    validate_operating_config(config, where)
+
+
+def validate_operating_config(config: dict, where: str) -> None:
+    """The checks a single bundle and an ensemble share: image size, classes, operating point, texts,
+    training summary and site calibration (types already checked by :func:`check_schema`)."""
+    if not 32 <= config["image_size"] <= 1024:
+        raise ConfigError(f"{where}: image_size {config['image_size']} is outside 32..1024")
+    if not 0 < config["threshold"] < 1:
+        raise ConfigError(f"{where}: threshold {config['threshold']} is not a probability in (0, 1)")
+    if not 1e-3 <= config["temperature"] <= 1e3:
+        raise ConfigError(f"{where}: temperature {config['temperature']} is outside 0.001..1000")
+    if list(config["class_names"]) != list(CLASSES):
+        raise ConfigError(f"{where}: class_names must be {list(CLASSES)}")
+    for key in ("name", "version", "threshold_rule", "notes"):
+        if len(config.get(key, "")) > (20_000 if key == "notes" else 200):
+            raise ConfigError(f"{where}: config.json '{key}' is too long")
+    for part in ("train", "validation", "recipe"):
+        if not isinstance(config.get("training", {}).get(part, {}), dict):
+            raise ConfigError(f"{where}: config.json 'training.{part}' must be an object")
     site = config.get("calibration")
     if site is not None:
         for key, types in _CALIBRATION_SCHEMA.items():
@@ -275,6 +299,15 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
+
+    @property
+    def weights_sha256(self) -> str:
+        """The digest that names the weights (results files, ledger, reports)."""
+        return self.config["weights_sha256"]
+
+    @property
+    def backbone(self) -> str:
+        return self.config["backbone"]
 
     @property
     def threshold(self) -> float:
@@ -405,23 +438,61 @@ class Bundle:
                 f"not the ones this install's backbone registry provides"
             )
 
+    def write_copy(self, path: str | Path, config: dict, metrics: dict) -> Bundle:
+        """This bundle with ``config`` and ``metrics`` written to ``path`` (its own folder included): the
+        weights and every file config.json records are carried over unchanged."""
+        carried = {name: self.path / name for name in self.config.get("files", {})}
+        return write_bundle(path, config, metrics, weights=self.path / WEIGHTS, files=carried)
+
+
+# Models that ship inside the package, by name (--model NAME): the folder under src/pneumoscan/ that
+# holds each. A name is looked up only when no file or folder of that name exists (a path wins).
+BUNDLED_MODELS = {
+    "default": "default_model",  # the most accurate model
+    "fast": "default_model",  # the fastest; the default itself while the default is a single model
+}
+
+
+def resolve_model(path: str | Path | None) -> Path:
+    """The folder ``--model`` means: the packaged default for None; an existing path as given; else a
+    bundled model's name (:data:`BUNDLED_MODELS`); else the path as given (its loader says what is wrong)."""
+    from .settings import checked_path
+
+    if path is None:
+        return default_bundle_path()
+    raw = os.fspath(checked_path(path, "--model")) if isinstance(path, Path) else str(path)
+    if raw in BUNDLED_MODELS and not os.path.lexists(raw):  # the name as typed: "./fast" is always a path
+        return Path(__file__).parent / BUNDLED_MODELS[raw]
+    return checked_path(path, "--model")
+
 
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Open and verify a bundle (the packaged default when ``path`` is None): config and metrics
     validated, and the sha256 of the weights and of every recorded ONNX model checked."""
-    from .settings import checked_path
-
-    path = checked_path(path, "--model") if path is not None else default_bundle_path()
+    path = resolve_model(path)
     if path.is_file() and path.name == CONFIG:
         path = path.parent
     if not path.is_dir() or not os.path.lexists(path / CONFIG):
-        if path == default_bundle_path():
+        if path.resolve().is_relative_to(Path(__file__).parent.resolve()):
             raise ConfigError(
-                "no bundled model in this install; pass --model BUNDLE (a folder made by pneumoscan train)"
+                f"no bundled model in this install ({path} is missing); "
+                "pass --model BUNDLE (a folder made by pneumoscan train)"
             )
-        raise ConfigError(f"{path}: not a model bundle (no {CONFIG})")
+        hint = "" if os.path.lexists(path) else f" and not a bundled model's name ({', '.join(BUNDLED_MODELS)})"
+        raise ConfigError(f"{path}: not a model bundle (no {CONFIG}){hint}")
     present = {name for name in MAX_FILE_BYTES if bundle_file(path, name) is not None}  # every file checked
     config = read_json_object(path / CONFIG, "config.json")
+    if config.get("format") == ENSEMBLE_FORMAT:
+        from .ensemble import load_ensemble
+
+        return load_ensemble(path, config)
+    return load_single(path, config, present)
+
+
+def load_single(path: Path, config: dict, present: set[str] | None = None) -> Bundle:
+    """A single model's bundle from its folder and its parsed config.json (:func:`load_bundle`'s checks)."""
+    if present is None:
+        present = {name for name in MAX_FILE_BYTES if bundle_file(path, name) is not None}
     validate_config(config, str(path))
     weights = path / WEIGHTS
     if WEIGHTS not in present:

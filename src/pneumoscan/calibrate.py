@@ -10,12 +10,13 @@ records are in-sample and say so. Evaluate on other images before trusting the n
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics as M
-from .bundle import WEIGHTS, Bundle, validate_config, write_bundle
+from .bundle import Bundle
 from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
@@ -97,8 +98,7 @@ def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resample
             "patients": len({s.patient for s in samples}),
         },
     }
-    validate_config(config, str(out))
-    bundle = Bundle(out, config)
+    bundle = dataclasses.replace(source, path=out, config=config, metrics={})  # a single bundle or an ensemble
     report = score(
         samples, logits, bundle, engine=clf.engine.name, split="calibration", n_resamples=n_resamples, seed=seed
     )
@@ -106,5 +106,4 @@ def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resample
     metrics = {"calibration": {k: v for k, v in report.items() if k != "model"}}
     # ONNX models hold logits only, so they stay valid (the writer puts the new operating point in their
     # metadata); the input gate and the subtype head do not depend on the operating point either.
-    carried = {name: source.path / name for name in source.config.get("files", {})}  # ONNX models, gate, heads
-    return write_bundle(out, config, metrics, weights=source.path / WEIGHTS, files=carried), report
+    return source.write_copy(out, config, metrics), report  # ONNX models, gate and heads carried over

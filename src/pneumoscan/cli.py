@@ -19,10 +19,12 @@ from .options import (
     CalibrateOptions,
     DataCheckOptions,
     DemoOptions,
+    EnsembleOptions,
     EvaluateOptions,
     ExportOptions,
     HeadsFitOptions,
     ListenOptions,
+    ModelsOptions,
     PredictOptions,
     PrepareOptions,
     ServeOptions,
@@ -507,6 +509,53 @@ def _run_demo(args) -> int:
     return run_demo(ensure_folder(args.out))
 
 
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser(
+        "ensemble",
+        help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)",
+        description="Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit "
+        "is the mean of each member's logit divided by its temperature; the ensemble's own temperature is fitted "
+        "on the validation images no member was trained on, threshold 0.5 (balanced). "
+        "The first member is the primary: its features feed the input gate and the bacterial/viral head, and "
+        "Grad-CAM explains it. Members must share the image size and may not be ensembles.",
+    )
+    settings.add_options(p, EnsembleOptions)
+    p.set_defaults(run=_run_ensemble)
+
+
+def _run_ensemble(args) -> int:
+    from .ensemble import make_ensemble
+    from .evaluation import metrics_table
+
+    given = settings.given(EnsembleOptions, args)
+    names = given.pop("names", None)
+    names = [n.strip() for n in names.split(",")] if names else None
+    bundle = make_ensemble(given.pop("members"), given.pop("out"), names=names, **given)
+    report = {**bundle.metrics["validation"], "model": {"name": bundle.name}}
+    print(metrics_table(report))
+    print(f"temperature {bundle.temperature:.4f}, threshold {bundle.threshold:.4f} ({bundle.config['threshold_rule']})")
+    print(f"ensemble bundle written to {printable(bundle.path)}")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the bundled models that --model NAME accepts",
+        description="The models shipped inside the package, by the name --model accepts: their folder, "
+        "size and the accuracy their metrics record (test where recorded, else validation).",
+    )
+    settings.add_options(p, ModelsOptions)
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args) -> int:
+    from .ensemble import bundled_models_table
+
+    print(bundled_models_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -526,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve,
         _add_listen,
         _add_verify,
+        _add_ensemble,
+        _add_models,
         _add_demo,
     )
     for add in (*commands, _add_data, _add_heads):

@@ -110,7 +110,7 @@ class ModelInfo:
         return cls(
             name=bundle.name,
             version=str(config.get("version", "unversioned")),
-            weights_sha256=config["weights_sha256"],
+            weights_sha256=bundle.weights_sha256,
             threshold_rule=str(config.get("threshold_rule", "not recorded")),
         )
 

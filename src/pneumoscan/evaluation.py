@@ -14,7 +14,7 @@ import numpy as np
 
 from . import figures as R
 from . import metrics as M
-from .bundle import WEIGHTS, Bundle, write_bundle, write_json
+from .bundle import Bundle, write_json
 from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
 from .inference import Classifier
@@ -153,7 +153,7 @@ def evaluate(
 def record_in_bundle(bundle: Bundle, split: str, report: dict) -> None:
     """Store a report in the bundle's metrics (under the split's name); the card is regenerated."""
     metrics = {**bundle.metrics, split: {k: v for k, v in report.items() if k != "model"}}
-    updated = write_bundle(bundle.path, bundle.config, metrics, weights=bundle.path / WEIGHTS)
+    updated = bundle.write_copy(bundle.path, bundle.config, metrics)
     bundle.config, bundle.metrics = updated.config, updated.metrics
 
 
@@ -226,7 +226,7 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
     row = {
         "date": datetime.date.today().isoformat(),
         "commit": commit or code_version(),
-        "weights_sha256": bundle.config["weights_sha256"],
+        "weights_sha256": bundle.weights_sha256,
         "model": bundle.name,
         "recipe": " ".join(f"{k}={v}" for k, v in recipe.items() if k not in ("data", "out")),
         "split": report["split"],
@@ -280,7 +280,7 @@ def score(
         "name": bundle.name,
         "path": str(bundle.path),
         "engine": engine,
-        "backbone": bundle.config["backbone"],
+        "backbone": bundle.backbone,
         "image_size": bundle.image_size,
         "threshold_rule": bundle.config.get("threshold_rule"),
         "temperature": bundle.temperature,

@@ -28,6 +28,7 @@ class Explanation:
     image: np.ndarray  # uint8 grey original (longest side at most 1024 px)
     probability: float
     label: str
+    model: str | None = None  # which network the map explains, where not the whole model (an ensemble's primary)
 
     def overlay(self, alpha: float = 0.45) -> Image.Image:
         """The heatmap in the 'jet' colours blended over the X-ray, as an RGB image."""
@@ -91,10 +92,17 @@ def explanation(image: Image.Image, cam: np.ndarray, probability: float, positiv
 
 
 def onnx_grad_cam(
-    session, head: dict[str, np.ndarray], source: ImageSource, size: int, threshold: float, temperature: float = 1.0
+    session,
+    head: dict[str, np.ndarray],
+    source: ImageSource,
+    size: int,
+    threshold: float,
+    temperature: float = 1.0,
+    positive: bool | None = None,
 ) -> Explanation:
     """Explain one input with an ONNX Runtime ``session`` of the exported network (outputs ``logit``,
-    ``features``, ``feature_map``): the heatmap of the class the model predicts."""
+    ``features``, ``feature_map``): the heatmap of ``positive`` (PNEUMONIA) or not, by default of the
+    class the model predicts."""
     from .bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT
     from .metrics import sigmoid
 
@@ -102,7 +110,7 @@ def onnx_grad_cam(
     x = resize_square(image, size)[None, None]
     logit, features, feature_map = session.run([ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP], {ONNX_INPUT: x})
     probability = float(sigmoid(float(logit[0]), temperature))
-    positive = probability >= threshold
+    positive = probability >= threshold if positive is None else positive
     cam, _ = grad_cam_map(feature_map[0], features[0], head, positive)
     return explanation(image, cam, probability, positive)
 
@@ -134,8 +142,11 @@ def class_activation_map(net, x, positive: bool) -> tuple[np.ndarray, float]:
     return (cam / peak if peak > 0 else cam).astype(np.float32), float(logit.detach())
 
 
-def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature: float = 1.0) -> Explanation:
-    """Explain one input with the PyTorch network ``net`` (autograd): the heatmap of the predicted class."""
+def grad_cam(
+    net, source: ImageSource, size: int, threshold: float, temperature: float = 1.0, positive: bool | None = None
+) -> Explanation:
+    """Explain one input with the PyTorch network ``net`` (autograd): the heatmap of ``positive``
+    (PNEUMONIA) or not, by default of the predicted class."""
     import torch
 
     from .metrics import sigmoid
@@ -145,6 +156,6 @@ def grad_cam(net, source: ImageSource, size: int, threshold: float, temperature:
     with torch.inference_mode():
         logit = float(net(x)[0])
     probability = float(sigmoid(logit, temperature))
-    positive = probability >= threshold
+    positive = probability >= threshold if positive is None else positive
     cam, _ = class_activation_map(net, x, positive)
     return explanation(image, cam, probability, positive)

@@ -70,7 +70,7 @@ def _model_section(r) -> str:
     params = r.classifier.bundle.parameter_count()
     items = {
         "bundle": str(r.classifier.bundle.path),
-        "backbone": c["backbone"],
+        "backbone": r.classifier.bundle.backbone,
         "parameters": f"{params:,}" if params else "n/a",
         "image size": f"{c['image_size']} px",
         "threshold": f"{c['threshold']:.4f} ({c.get('threshold_rule', 'youden')})",

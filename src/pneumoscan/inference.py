@@ -155,12 +155,55 @@ def cached_onnx(bundle: Bundle, fresh: bool = False) -> Path | None:
         return None
 
 
-def make_engine(bundle: Bundle, engine: str = "auto", int8: bool = False):
-    """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch."""
+class EnsembleEngine:
+    """The members' engines on the same prepared images: the mean of their temperature-scaled logits,
+    and the primary member's pooled features (which the gate and the subtype head were fitted on)."""
+
+    def __init__(self, bundle, engine: str = "auto", int8: bool = False):
+        self.members = [member_engine(m, n, engine, int8) for n, m in zip(bundle.member_names, bundle.members)]
+        self.temperatures = bundle.member_temperatures()
+        self.name = "+".join(e.name for e in self.members)  # one engine name per member, in order
+        self.features_from = self.members[0].name  # the primary's engine: the gate's limit is chosen by it
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Combined logits ``(N,)`` (mean of ``logit_i / T_i``) and the primary's features ``(N, F)``."""
+        outputs = [e.run(images) for e in self.members]
+        logits = np.mean([np.asarray(o[0], np.float64) / t for o, t in zip(outputs, self.temperatures)], axis=0)
+        return logits, outputs[0][1]
+
+
+def member_engine(bundle: Bundle, name: str, engine: str, int8: bool):
+    """An ensemble member's engine for the ensemble's ``engine`` and ``int8`` choice. A member without an
+    int8 model runs its fp32 model under ``int8``. A member with only an int8 model (a frozen-backbone member
+    may ship its network as int8 ONNX alone, its weights holding the head only) runs its fp32 network where
+    one can be had (a cached export of its weights under ``auto``), else its int8 model. Each substitution
+    is a warning."""
+    has_fp32, has_int8 = bundle.onnx_path(False) is not None, bundle.onnx_path(True) is not None
+    if engine != "torch" and int8 and not has_int8:
+        warnings.warn(f"ensemble member {name} has no int8 model: it runs its fp32 model", stacklevel=3)
+        return make_engine(bundle, engine, False)
+    if engine != "torch" and not int8 and has_int8 and not has_fp32:
+        try:
+            return make_engine(bundle, engine, False)
+        except ConfigError:
+            warnings.warn(f"ensemble member {name} has only an int8 ONNX model: it runs int8", stacklevel=3)
+            return make_engine(bundle, engine, True)
+    return make_engine(bundle, engine, int8)
+
+
+def make_engine(bundle: Bundle, engine="auto", int8: bool = False):
+    """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch; an ensemble
+    gets its members' engines (:class:`EnsembleEngine`). An engine object is used as it is."""
+    from .ensemble import Ensemble
+
+    if not isinstance(engine, str):
+        return engine
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     if engine == "torch" and int8:
         raise ConfigError("int8 is an ONNX model: --int8 goes with --engine onnx or auto, not torch")
+    if isinstance(bundle, Ensemble):
+        return EnsembleEngine(bundle, engine, int8)
     if engine == "torch":
         return TorchEngine(bundle)
     onnx = bundle.onnx_path(int8)
@@ -259,7 +302,8 @@ def _entries(folder: str) -> list[os.DirEntry]:
 class Classifier:
     """A trained model ready to predict and explain."""
 
-    def __init__(self, bundle: Bundle, engine: str = "auto", int8: bool = False, gate: bool = True):
+    def __init__(self, bundle: Bundle, engine="auto", int8: bool = False, gate: bool = True):
+        """``engine``: auto, onnx or torch (:data:`ENGINES`), or an engine object to share."""
         self.bundle = bundle
         self.engine = make_engine(bundle, engine, int8)
         self.gate = bundle.load_gate()
@@ -272,6 +316,7 @@ class Classifier:
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
         self._torch_net = None
         self._cam_onnx: tuple | bool | None = None  # (session, head weights), False for none, None: not looked yet
+        self._primary: Classifier | None = None  # an ensemble's primary member, for Grad-CAM
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
@@ -316,7 +361,7 @@ class Classifier:
         ``chroma``: each input's colourfulness before it became grey (:func:`images.prepare_with_chroma`)."""
         if self.gate is None:
             return None
-        verdicts = self.gate.check(images, features, self.engine.name)
+        verdicts = self.gate.check(images, features, getattr(self.engine, "features_from", self.engine.name))
         for verdict, c in zip(verdicts, chroma if chroma is not None else []):
             if verdict.accepted and c > COLOUR_LIMIT:
                 verdict.warnings.insert(0, COLOUR_WARNING)
@@ -428,13 +473,31 @@ class Classifier:
             return None, ImageError(source_name(source), f"cannot be read ({type(exc).__name__})")
 
     def explain(self, source: ImageSource):
-        """Grad-CAM for the predicted class. With ONNX Runtime (the default engine) it needs no PyTorch: the
-        fp32 ONNX model gives the last feature map and the head's gradient has a closed form
-        (:func:`pneumoscan.explain.onnx_grad_cam`); with ``engine="torch"``, or a bundle whose ONNX model has no
-        feature map, autograd does it (:func:`pneumoscan.explain.grad_cam`)."""
+        """Grad-CAM for the predicted class (:meth:`explain_class`). For an ensemble, the map is the primary
+        member's Grad-CAM for the class the ensemble predicts, with the ensemble's probability."""
+        from .ensemble import Ensemble
+
+        if not isinstance(self.bundle, Ensemble):
+            return self.explain_class(source)
+        result = self.predict([source], errors="raise", gate=False)[0]
+        if self._primary is None:
+            self._primary = Classifier(self.bundle.primary, self.engine.members[0], gate=False)
+        if hasattr(source, "seek"):
+            source.seek(0)
+        explanation = self._primary.explain_class(source, positive=result.label == CLASSES[1])
+        explanation.probability, explanation.label = float(result.probability), result.label
+        explanation.model = f"primary member {self.bundle.member_names[0]} ({self.bundle.primary.name})"
+        return explanation
+
+    def explain_class(self, source: ImageSource, positive: bool | None = None):
+        """Grad-CAM for ``positive`` (PNEUMONIA) or not, by default the predicted class. With ONNX Runtime
+        (the default engine) it needs no PyTorch: the fp32 ONNX model gives the last feature map and the
+        head's gradient has a closed form (:func:`pneumoscan.explain.onnx_grad_cam`); with
+        ``engine="torch"``, or a bundle whose ONNX model has no feature map, autograd does it
+        (:func:`pneumoscan.explain.grad_cam`)."""
         from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
-        args = (source, self.image_size, self.threshold, self.bundle.temperature)
+        args = (source, self.image_size, self.threshold, self.bundle.temperature, positive)
         with self._explain_lock:  # Grad-CAM by autograd hooks the shared network: one explanation at a time
             if self._cam_onnx is None:
                 self._cam_onnx = self._onnx_explainer() or False

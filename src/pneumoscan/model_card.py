@@ -27,17 +27,30 @@ def _calibration_advice(site: dict | None) -> str:
     )
 
 
-def model_card(bundle) -> str:
-    """MODEL_CARD.md for a bundle, from its config and metrics."""
-    c, metrics = bundle.config, bundle.metrics
-    training = c.get("training", {})
-    site = c.get("calibration")
-    fitted_on = md(bundle.operating_point_source) + (
-        f"\n  (its source, {md(site['source'])}, had {site['source_threshold']:.4f} "
-        f"and {site['source_temperature']:.4f})"
-        if site
-        else ""
-    )
+FAILURE_MODES = """## Known failure modes and limits
+- Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.
+- Other hospitals, scanners and processing: one centre's images; contrast, sharpness and burned-in markers
+  are known shortcuts on this data, and performance elsewhere is unknown.
+- Lateral or posterior-anterior views, cropped or rotated images, non-chest images: out of scope; the model
+  still outputs a probability for them.
+- Devices and lines (tubes, catheters, electrodes) and post-operative images are not represented.
+- The test split's normal images are called pneumonia more often than validation predicts: expect lower
+  specificity than on validation.
+"""
+
+
+def pretrained_line(config: dict) -> str:
+    """Where the backbone's pretrained weights came from, as the bundle records it (hostile text escaped)."""
+    record = config.get("pretrained")
+    if not isinstance(record, dict) or "sha256" not in record:
+        return "pretrained weights; provenance not recorded"
+    fields = (record.get("package"), record.get("version"), record.get("file"), record.get("licence"))
+    package, version, file, licence = (md(str(f)) for f in fields)
+    return f"pretrained weights from {package} {version}, `{file}`, sha256 `{md(str(record['sha256']))}`, {licence}"
+
+
+def metric_rows(metrics: dict) -> list[str]:
+    """The card's metrics table rows: validation, in-sample calibration set and test, where recorded."""
     rows = []
     for split, label in (
         ("validation", "validation"),
@@ -51,6 +64,70 @@ def model_card(bundle) -> str:
                 f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
                 f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
             )
+    return rows
+
+
+def ensemble_card(bundle) -> str:
+    """MODEL_CARD.md for an ensemble: its members, how they combine, its own metrics."""
+    c = bundle.config
+    members = "\n".join(
+        f"| {'primary: ' if i == 0 else ''}`{name}` | {md(m.name)} | `{m.backbone}` | {m.temperature:.4f} | "
+        f"{_with_ci(m.metrics.get('validation') or {}, 'auc')} | `{m.weights_sha256[:16]}` |"
+        for i, (name, m) in enumerate(zip(bundle.member_names, bundle.members))
+    )
+    rows = metric_rows(bundle.metrics)
+    files = bundle.primary.config.get("files", {})
+    return f"""# Model card: {md(c.get("name", bundle.path.name))}
+
+**Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
+
+## Model
+An ensemble of {len(bundle.members)} models (`pneumoscan-ensemble/1`), each a complete bundle under `members/` with
+its own model card. The combined logit is the mean of each member's logit divided by its own temperature; the
+ensemble's temperature {c["temperature"]:.4f} and threshold {c["threshold"]:.4f}
+({md(c.get("threshold_rule", "youden"))}) then apply: {md(bundle.operating_point_source)}.
+The primary member's pooled features feed the input gate and the bacterial/viral head (its own files), and
+Grad-CAM explains the primary member (for the class the ensemble predicts).
+
+| member | name | backbone | temperature | validation AUC | weights sha256 (first 16) |
+|---|---|---|---|---|---|
+{members}
+
+- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member.
+- Weights digest of the ensemble (sha256 of the members' weights digests, one per line): `{bundle.weights_sha256}`.
+- Input gate: {"the primary member's" if "gate.safetensors" in files else "none: every image gets a label"}.
+- Bacterial/viral head: {"the primary member's" if "subtype.safetensors" in files else "none"}.
+
+## Intended use
+Research on, and screening support for, pneumonia on paediatric anterior-posterior chest radiographs, with a
+clinician reading every image. {_calibration_advice(c.get("calibration"))}
+
+## Metrics (threshold {c["threshold"]:.3f}; 95% intervals by patient bootstrap)
+| split | AUC | accuracy | sensitivity | specificity | loss | ECE |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
+
+{GENERALISATION_NOTE}
+
+{FAILURE_MODES}"""
+
+
+def model_card(bundle) -> str:
+    """MODEL_CARD.md for a bundle, from its config and metrics."""
+    from .ensemble import Ensemble
+
+    if isinstance(bundle, Ensemble):
+        return ensemble_card(bundle)
+    c, metrics = bundle.config, bundle.metrics
+    training = c.get("training", {})
+    site = c.get("calibration")
+    fitted_on = md(bundle.operating_point_source) + (
+        f"\n  (its source, {md(site['source'])}, had {site['source_threshold']:.4f} "
+        f"and {site['source_temperature']:.4f})"
+        if site
+        else ""
+    )
+    rows = metric_rows(metrics)
     subtype_rows = [
         f"| {label} ({st['n']} true pneumonia: {st.get('n_bacterial', '?')} bacterial, {st.get('n_viral', '?')} "
         f"viral) | {_with_ci(st, 'auc')} | {_with_ci(st, 'accuracy')} | {_with_ci(st, 'sensitivity')} | "
@@ -125,26 +202,7 @@ of train ({md(training.get("validation", {}).get("images", "?"))} images).
 {calibration}
 {subtype}{gate}
 {notes}
-## Known failure modes and limits
-- Adults: trained only on children aged 1 to 5; adult anatomy and disease patterns differ.
-- Other hospitals, scanners and processing: one centre's images; contrast, sharpness and burned-in markers
-  are known shortcuts on this data, and performance elsewhere is unknown.
-- Lateral or posterior-anterior views, cropped or rotated images, non-chest images: out of scope; the model
-  still outputs a probability for them.
-- Devices and lines (tubes, catheters, electrodes) and post-operative images are not represented.
-- The test split's normal images are called pneumonia more often than validation predicts: expect lower
-  specificity than on validation.
-"""
-
-
-def pretrained_line(config: dict) -> str:
-    """Where the backbone's pretrained weights came from, as the bundle records it (hostile text escaped)."""
-    record = config.get("pretrained")
-    if not isinstance(record, dict) or "sha256" not in record:
-        return "pretrained weights; provenance not recorded"
-    fields = (record.get("package"), record.get("version"), record.get("file"), record.get("licence"))
-    package, version, file, licence = (md(str(f)) for f in fields)
-    return f"pretrained weights from {package} {version}, `{file}`, sha256 `{md(str(record['sha256']))}`, {licence}"
+{FAILURE_MODES}"""
 
 
 def _head_only_line(config: dict) -> str:

@@ -20,7 +20,10 @@ from .settings import option
 ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
 PREDICT_BATCH = 8  # on a CPU larger batches buy no speed and cost memory
 
-MODEL_HELP = "model bundle folder (default: the bundled model)"
+MODEL_HELP = (
+    "model bundle folder, or the name of a bundled model (pneumoscan models lists them; an existing path "
+    "wins over a name); default: the bundled default model"
+)
 
 
 def model_option(help: str = MODEL_HELP, flag: str | None = None) -> Any:
@@ -320,6 +323,33 @@ class HeadsFitOptions:
 
 
 @dataclass
+class EnsembleOptions:
+    members: list[str] = option(
+        help="the member bundles, 1 to 4; the first is the primary (its gate, subtype head and Grad-CAM)",
+        positional=True,
+        path=True,
+        nargs="+",
+        metavar="MEMBER_BUNDLE",
+    )
+    out: str = option(help="new (or empty) folder for the ensemble", path=True)
+    data: str | None = option(
+        None, "dataset root with train/ (default: the training data the primary member records)", path=True
+    )
+    names: str | None = option(
+        None, "comma-separated member names, 1-32 of a-z 0-9 _ - each (default: from the folder names)"
+    )
+    name: str | None = option(None, "the ensemble's display name")
+    engine: str = engine_option()
+    n_resamples: int = bootstrap_option()
+    progress: bool = quiet_option()
+
+
+@dataclass
+class ModelsOptions:
+    """``pneumoscan models`` takes no options."""
+
+
+@dataclass
 class VerifyOptions:
     model: str | None = model_option()
 
@@ -340,5 +370,7 @@ COMMANDS = {
     "listen": ListenOptions,
     "verify": VerifyOptions,
     "heads fit": HeadsFitOptions,
+    "ensemble": EnsembleOptions,
+    "models": ModelsOptions,
     "demo": DemoOptions,
 }  # train: recipe.TrainConfig and data.Augmentation

@@ -186,7 +186,7 @@ def results_settings(clf, gate: bool) -> dict:
     return {
         "format": RESULTS_FORMAT,
         "model": clf.bundle.name,
-        "weights_sha256": clf.bundle.config["weights_sha256"],
+        "weights_sha256": clf.bundle.weights_sha256,
         "engine": clf.engine.name,
         "threshold": clf.threshold,
         "temperature": clf.bundle.temperature,

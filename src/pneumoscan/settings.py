@@ -36,6 +36,11 @@ class Spec:
     repeat: bool = False  # the flag may be given several times; the value is the list given
     metavar: str | None = None
 
+    @property
+    def many(self) -> bool:
+        """The value is a list: a repeated flag, or a positional taking one or more."""
+        return self.repeat or self.nargs in ("+", "*")
+
     def describe_range(self) -> str:
         bounds = ((">=", self.at_least), (">", self.above), ("<=", self.at_most), ("<", self.below))
         return " and ".join(f"{op} {_number(value)}" for op, value in bounds if value is not None)
@@ -107,8 +112,8 @@ def check_values(cls, values: dict[str, Any]) -> None:
         if spec is None or f.name not in values:
             continue
         value = values[f.name]
-        items = value if spec.repeat and isinstance(value, (list, tuple)) else [value]
-        if spec.repeat and value is not None and not isinstance(value, (list, tuple)):
+        items = value if spec.many and isinstance(value, (list, tuple)) else [value]
+        if spec.many and value is not None and not isinstance(value, (list, tuple)):
             raise ConfigError(f"{_shown_name(f)} must be a list, got {value!r}")
         for item in items:
             _check_one(f, spec, item)
@@ -124,7 +129,7 @@ def _check_one(f, spec: Spec, value: Any) -> None:
     if spec.path and isinstance(value, (str, os.PathLike)):  # a file or folder name, as text or a Path
         checked_path(value, name)
         return
-    if spec.repeat:
+    if spec.many:
         kind = object
     accepted = (int, float) if kind is float else kind
     if kind is not object and (not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool))):

@@ -11,6 +11,7 @@ tolerance is wider: it catches an edited graph, not a small deliberate nudge.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,23 @@ def verify_bundle(model: str | Path | None = DECLARED) -> list[EngineCheck]:
     """Compare every ONNX model of the bundle (the packaged default when ``model`` is None) with PyTorch
     on its weights over the reference images; an empty list when the bundle holds no ONNX model."""
     from .bundle import load_bundle
-    from .images import prepare
-    from .inference import OnnxEngine, TorchEngine
+    from .ensemble import Ensemble
 
     require_train_extra("pneumoscan verify (it runs the weights with PyTorch)")
     bundle = load_bundle(model)
+    if isinstance(bundle, Ensemble):  # each member against its own weights (its config is pinned by the ensemble's)
+        return [
+            dataclasses.replace(check, engine=f"{name}:{check.engine}")
+            for name, member in zip(bundle.member_names, bundle.members)
+            for check in _verify_single(member)
+        ]
+    return _verify_single(bundle)
+
+
+def _verify_single(bundle) -> list[EngineCheck]:
+    from .images import prepare
+    from .inference import OnnxEngine, TorchEngine
+
     onnx_files = [p for p in (bundle.onnx_path(False), bundle.onnx_path(True)) if p is not None]
     if not onnx_files:
         return []
@@ -99,16 +112,19 @@ def verify_bundle(model: str | Path | None = DECLARED) -> list[EngineCheck]:
 
 
 def verify_table(checks: list[EngineCheck]) -> str:
-    """One row per ONNX model: its differences from PyTorch, the tolerances and the verdict."""
+    """One row per ONNX model (per member of an ensemble): its differences from PyTorch, the tolerances
+    and the verdict."""
+    width = max([10, *(len(c.engine) for c in checks)])
     head = (
-        f"{'engine':<10} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} {'labels':>7}  verdict"
+        f"{'engine':<{width}} {'images':>6} {'max |dlogit|':>12} {'mean dlogit':>11} {'features':>9} "
+        f"{'labels':>7}  verdict"
     )
     rows = [head]
     for c in checks:
         t = c.tolerance
         verdict = "ok" if c.ok else "FAIL"
         rows.append(
-            f"{c.engine:<10} {c.images:>6} {c.max_logit:>12.4f} {c.mean_logit:>+11.4f} {c.max_features:>9.4f} "
+            f"{c.engine:<{width}} {c.images:>6} {c.max_logit:>12.4f} {c.mean_logit:>+11.4f} {c.max_features:>9.4f} "
             f"{c.labels_agree:>3}/{c.images:<3}  {verdict} (within {t['logit']:g}, {t['mean_logit']:g}, "
             f"{t['features']:g})"
         )

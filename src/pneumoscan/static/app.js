@@ -56,7 +56,8 @@ async function loadModel() {
     box.replaceChildren();
     const summary = el("p");
     summary.append(el("b", info.name));
-    summary.append(` (${config.backbone}, ${config.image_size} px, engine ${info.engine}); ` +
+    const kind = config.members ? `ensemble of ${config.members.length}` : config.backbone;
+    summary.append(` (${kind}, ${config.image_size} px, engine ${info.engine}); ` +
       `threshold ${fmt(config.threshold)} (${config.threshold_rule || "rule not recorded"}), ` +
       `${info.operating_point}.`);
     box.append(summary);
