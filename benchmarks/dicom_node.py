@@ -26,16 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from harness import process_memory_mb  # noqa: E402
 from pacs import ECHOSCU, STORESCU, Orthanc, chest_dicom, free_port  # noqa: E402
 
 from pneumoscan.data import shared_data_root  # noqa: E402
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def films(count: int, fullres: bool) -> list[Path]:
@@ -99,7 +93,7 @@ def main() -> None:
             codes = send_all(work, port, args.senders, args.max_seconds)
         rows = wait_rows(work / "out" / "results.jsonl", len(files), args.max_seconds)
         elapsed = time.monotonic() - start
-        rss = peak_rss_mb(node.pid)
+        rss = process_memory_mb(node.pid)["peak"]
     finally:
         node.terminate()
         node.wait(60)

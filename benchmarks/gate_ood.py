@@ -25,7 +25,6 @@ import argparse
 import io
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import ood  # noqa: E402
+from harness import timed, timed_call  # noqa: E402
 
 from pneumoscan import Classifier  # noqa: E402
 from pneumoscan.data import load_images, load_split, shared_data_root  # noqa: E402
@@ -120,12 +120,11 @@ def print_cost(clf: Classifier, images: np.ndarray, rounds: int = 20) -> None:
     engine, gate = [], []
     for r in range(rounds):
         batch = images[8 * r : 8 * r + 8]
-        start = time.perf_counter()
-        _, features = clf.engine.run(batch)
-        middle = time.perf_counter()
-        clf.gate_verdicts(batch, features, [0.0] * len(batch))
-        engine.append(middle - start)
-        gate.append(time.perf_counter() - middle)
+        seconds, (_, features) = timed_call(lambda batch=batch: clf.engine.run(batch))
+        engine.append(seconds)
+        gate.append(
+            timed(lambda batch=batch, features=features: clf.gate_verdicts(batch, features, [0.0] * len(batch)))
+        )
     e, g = statistics.median(engine) / 8 * 1000, statistics.median(gate) / 8 * 1000
     print(f"\nCost per image ({clf.engine.name}, batches of 8): forward pass {e:.1f} ms, gate {g:.2f} ms ({g / e:.1%})")
 

@@ -4,6 +4,9 @@
   itself from ``/proc/self/status`` (VmHWM) as it exits. The kernel's ``ru_maxrss`` of a waited child
   can include the pages of the parent it was forked from, so a benchmark holding PyTorch would see its
   own size; VmHWM belongs to the child's final program alone.
+- :func:`self_peak_rss_mb` and :func:`process_memory_mb`: the same VmHWM (and VmRSS) of this process, or
+  of a running one (a server under load).
+- :func:`timed` and :func:`timed_call`: wall seconds of one call (and its result).
 - :func:`interleaved`: the cases of a comparison run in turn, round after round (a shared, noisy machine
   slows them alike), and :func:`medians` of the rounds.
 - :func:`table`: a Markdown table, as the docs quote them.
@@ -17,6 +20,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # Runs a module as __main__ (argv: the pipe's fd, the module, its arguments) and, at exit, writes this
 # process's peak RSS in kB to that pipe.
@@ -55,17 +61,29 @@ def run_child(module: str, args: Sequence[str], env: dict | None = None) -> tupl
     return seconds, int(reported) / 1024
 
 
+def process_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """A running process's resident memory now (``rss``, VmRSS) and at its peak so far (``peak``, VmHWM), MB."""
+    with open(f"/proc/{pid}/status") as f:
+        found = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
+                 if k in ("VmRSS", "VmHWM")}  # fmt: skip
+    return {"rss": found["VmRSS"], "peak": found["VmHWM"]}
+
+
 def self_peak_rss_mb() -> float:
     """This process's peak RSS so far, in MB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    return process_memory_mb()["peak"]
+
+
+def timed_call(fn: Callable[[], T]) -> tuple[float, T]:
+    """Wall seconds of one call, and what it returned."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def timed(fn: Callable[[], object]) -> float:
     """Wall seconds of one call."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return timed_call(fn)[0]
 
 
 def interleaved(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:

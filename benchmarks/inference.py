@@ -4,25 +4,22 @@
 
 Engines: torch eager, ONNX Runtime fp32, ONNX Runtime int8, all measured in this process,
 interleaved, so their ratios to torch eager are fair on a noisy shared machine (medians of
-``--repeats`` rounds). Peak RSS is measured per engine in a fresh child process, since a
-process's peak only grows. Data: the 624 official test images (224 px) and the 48
-full-resolution samples, from ``$PNEUMOSCAN_DATA`` (default ../shared/data).
+``--repeats`` rounds). Peak RSS is measured per engine in a fresh process running
+``pneumoscan predict`` on the test images with that engine (harness.run_child), since a process's
+peak only grows. Data: the 624 official test images (224 px) and the 48 full-resolution samples,
+from ``$PNEUMOSCAN_DATA`` (default ../shared/data).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from harness import run_child, self_peak_rss_mb, table, timed
 
 from pneumoscan import Classifier
 from pneumoscan.bundle import load_bundle
@@ -45,39 +42,20 @@ def prepared_bundle(model: str | None, workdir: Path) -> Path:
 
 
 def throughput(clf: Classifier, files: list[Path], batch_size: int = 32) -> float:
-    start = time.perf_counter()
-    results = clf.predict(files, batch_size=batch_size)
-    elapsed = time.perf_counter() - start
+    results: list = []
+    seconds = timed(lambda: results.extend(clf.predict(files, batch_size=batch_size)))
     assert all(r.ok for r in results)
-    return len(files) / elapsed
+    return len(files) / seconds
 
 
 def latencies_ms(clf: Classifier, files: list[Path]) -> list[float]:
-    out = []
-    for f in files:
-        start = time.perf_counter()
-        clf.predict_one(f)
-        out.append(1000 * (time.perf_counter() - start))
-    return out
+    return [1000 * timed(lambda f=f: clf.predict_one(f)) for f in files]
 
 
 def peak_rss_child(bundle: Path, engine: str, int8: bool, files: list[Path]) -> float:
-    """Peak RSS (MB) of a fresh process that loads one engine and predicts ``files``."""
-    # VmHWM, not ru_maxrss: the latter survives fork+exec and would report this process's peak
-    code = (
-        "import sys,json;from pneumoscan import Classifier;"
-        f"c=Classifier.load({str(bundle)!r},engine={engine!r},int8={int8});"
-        "fs=json.loads(sys.stdin.read());r=c.predict(fs,batch_size=32);assert all(x.ok for x in r);"
-        "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        input=json.dumps([str(f) for f in files]),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(done.stdout.strip().splitlines()[-1])
+    """Peak RSS (MB) of a fresh process that loads one engine and predicts ``files`` in batches of 32."""
+    args = ["predict", "--model", bundle, "--engine", engine, "--batch-size", "32", "--quiet", "--format", "csv"]
+    return run_child("pneumoscan.cli", [*args, *(["--int8"] if int8 else []), *files])[1]
 
 
 def main() -> None:
@@ -109,23 +87,18 @@ def main() -> None:
         f"End-to-end inference, files to probabilities ({len(test_files)} test images at 224 px; "
         f"{len(fullres)} full-resolution files); medians of {args.repeats} interleaved rounds"
     )
-    print(
-        "| engine | 224 px images/s (batch 32) | ratio to torch | full-res images/s | batch-1 p50 ms | "
-        "batch-1 p95 ms | peak RSS MB |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    header = ["engine", "224 px images/s (batch 32)", "ratio to torch", "full-res images/s", "batch-1 p50 ms"]
+    header += ["batch-1 p95 ms", "peak RSS MB"]
+    rows = []
     for name in classifiers:
         r = rounds[name]
         batch = statistics.median(r["batch"])
         p50, p95 = np.percentile(r["latency"], [50, 95])
-        print(
-            f"| {name} | {batch:.0f} | {batch / base:.2f}x | {statistics.median(r['fullres']):.0f} | "
-            f"{p50:.1f} | {p95:.1f} | {rss[name]:.0f} |"
-        )
-    print(
-        f"(this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB, "
-        "all three engines loaded)"
-    )
+        full = statistics.median(r["fullres"])
+        rows.append([name, f"{batch:.0f}", f"{batch / base:.2f}x", f"{full:.0f}", f"{p50:.1f}", f"{p95:.1f}"])
+        rows[-1].append(f"{rss[name]:.0f}")
+    print(table(header, rows))
+    print(f"(this process: peak RSS {self_peak_rss_mb():.0f} MB, all three engines loaded)")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import process_memory_mb, table
 
 from pneumoscan.data import list_images, shared_data_root
 
@@ -28,13 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def load(url: str, clients: int, requests: int, max_seconds: float, payloads: list[tuple[str, bytes]] | None):
@@ -99,25 +92,26 @@ def main() -> None:
         else:
             raise SystemExit(f"server did not start: {server.stderr.read().decode()[-500:]}")
         asyncio.run(load(url, args.clients, 64, 30, payloads))  # warm up
-        before = rss_mb(server.pid)
+        before = process_memory_mb(server.pid)["rss"]
         base = asyncio.run(load(url, args.clients, args.requests, args.max_seconds, None))
         result = asyncio.run(load(url, args.clients, args.requests, args.max_seconds, payloads))
-        after = rss_mb(server.pid)
+        after = process_memory_mb(server.pid)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
 
     print(f"pneumoscan serve on 127.0.0.1, {args.clients} concurrent clients, {os.cpu_count()} cores")
-    print("| requests | sent | requests/s | ratio to baseline | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, (rate, (p50, p95, p99), errors, sent) in (
-        ("GET /healthz (baseline)", base),
-        ("POST /v1/predict (224 px JPEG)", result),
-    ):
-        print(f"| {name} | {sent} | {rate:.0f} | {rate / base[0]:.3f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} |")
+    rows = [
+        [name, sent, f"{rate:.0f}", f"{rate / base[0]:.3f}", f"{p50:.1f}", f"{p95:.1f}", f"{p99:.1f}", errors]
+        for name, (rate, (p50, p95, p99), errors, sent) in (
+            ("GET /healthz (baseline)", base),
+            ("POST /v1/predict (224 px JPEG)", result),
+        )
+    ]
+    print(table(["requests", "sent", "requests/s", "ratio to baseline", "p50 ms", "p95 ms", "p99 ms", "errors"], rows))
     print(
-        f"server RSS: {before:.0f} MB before the measured requests, {after:.0f} MB after "
-        f"({100 * (after - before) / before:+.1f}%)"
+        f"server RSS: {before:.0f} MB before the measured requests, {after['rss']:.0f} MB after "
+        f"({100 * (after['rss'] - before) / before:+.1f}%), peak {after['peak']:.0f} MB (VmHWM)"
     )
 
 

@@ -26,7 +26,7 @@ def local_set(small_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(trained_bundle, local_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrated") / "model"
-    return calibrate_bundle(local_set, out, model=trained_bundle.path, n_resamples=200, progress=False)
+    return calibrate_bundle(local_set, out, model=trained_bundle.path, rule="youden", n_resamples=200, progress=False)
 
 
 def _labels_and_logits(bundle_path, folder):

@@ -1,11 +1,19 @@
+import argparse
+import contextlib
+import io
 import subprocess
 import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from pneumoscan.cli import build_parser
-
-COMMANDS = ["train", "evaluate", "predict", "export", "serve", "demo", "data"]
+from pneumoscan import calibrate, data_prepare, evaluation, service, verify
+from pneumoscan.cli import build_parser, main
+from pneumoscan.errors import ConfigError
+from pneumoscan.inference import Classifier
+from pneumoscan.settings import flag_name
 
 
 def _cli(*args):
@@ -14,13 +22,118 @@ def _cli(*args):
     )
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_is_explained(command):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    for action in sub._actions:
-        if action.dest not in ("help",) and action.option_strings:
-            assert action.help, f"{command} {action.option_strings} has no help"
+def _subparsers(parser=None):
+    """Every command's parser by its name ("data check" for the nested ones)."""
+    parser = parser or build_parser()
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = _subparsers(sub)
+                found.update({f"{name} {k}": v for k, v in nested.items()} if nested else {name: sub})
+    return found
+
+
+def test_every_command_lists_every_declared_option_with_help():
+    """Each command's --help names every option its options class declares, and every argument of every
+    command (declared or not) has help text."""
+    from pneumoscan.data import Augmentation
+    from pneumoscan.options import COMMANDS as DECLARED
+    from pneumoscan.recipe import TrainConfig
+
+    parsers = _subparsers()
+    assert set(parsers) == set(DECLARED) | {"train"}
+    for command, sub in parsers.items():
+        text = sub.format_help()
+        classes = (DECLARED[command],) if command in DECLARED else (TrainConfig, Augmentation)
+        for cls in classes:
+            for f in fields(cls):
+                if "spec" in f.metadata:
+                    assert flag_name(f) in text, f"{command} --help lacks {flag_name(f)}"
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help and action.help.strip(), (
+                    f"{command} {action.option_strings or action.dest} has no help"
+                )
+
+
+def _in_process(*args: str) -> tuple[int, str]:
+    """``pneumoscan ARGS`` run here (no new interpreter): its exit code and stderr."""
+    err = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+def _api_error(call) -> str:
+    with pytest.raises(ConfigError) as raised:
+        call()
+    return str(raised.value)
+
+
+# (command line, the same values given to the Python API)
+SAME_VALUES = [
+    (["evaluate", "--data", "x", "--bootstrap", "0"], lambda: evaluation.evaluate(Path("x"), n_resamples=0)),
+    (["evaluate", "--data", "x", "--bootstrap", "many"], lambda: evaluation.evaluate("x", n_resamples="many")),
+    (["evaluate", "--data", "x", "--cross-fit", "1"], lambda: evaluation.evaluate("x", cross_fit=1)),
+    (["evaluate", "--data", "x", "--seed", "-1"], lambda: evaluation.evaluate("x", seed=-1)),
+    (["evaluate", "--data", ""], lambda: evaluation.evaluate("")),
+    (
+        ["calibrate", "--data", "x", "--out", "y", "--operating-rule", "best"],
+        lambda: calibrate.calibrate_bundle("x", "y", rule="best"),
+    ),
+    (
+        ["calibrate", "--data", "x", "--out", "y", "--target-sensitivity", "1.5"],
+        lambda: calibrate.calibrate_bundle("x", "y", target_sensitivity=1.5),
+    ),
+    (["predict", "x.jpeg", "--engine", "tpu"], lambda: Classifier.load(engine="tpu")),
+    (["serve", "--port", "99999"], lambda: service.serve(port=99999)),
+    (["serve", "--header-timeout", "0"], lambda: service.serve(header_timeout=0)),
+    (["serve", "--workers", "-2"], lambda: service.serve(workers=-2)),
+    (["serve", "--max-upload-mb", "nan"], lambda: service.serve(max_upload_mb=float("nan"))),
+    (
+        ["data", "prepare", "x.zip", "--out", "r", "--size", "8"],
+        lambda: data_prepare.prepare_dataset("x.zip", "r", size=8),
+    ),
+    (["verify", "--model", ""], lambda: verify.verify_bundle("")),
+]
+
+
+@pytest.mark.parametrize("args,call", SAME_VALUES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in SAME_VALUES])
+def test_a_bad_value_gives_the_same_line_from_the_cli_and_the_api(args, call):
+    code, err = _in_process(*args)
+    expected = _api_error(call)
+    assert code == 2 and err == f"pneumoscan: error: {expected}\n"
+    assert expected.startswith(args[-2]), expected  # names the flag given the bad value
+
+
+def test_batch_size_is_checked_by_the_api_as_by_the_cli():
+    clf = Classifier.load(engine="onnx")
+    code, err = _in_process("predict", "x.jpeg", "--batch-size", "0")
+    assert code == 2 and err == f"pneumoscan: error: {_api_error(lambda: clf.predict([], batch_size=0))}\n"
+    assert "--batch-size must be >= 1 and <= 4096, got 0" in err
+
+
+def test_api_defaults_are_the_declared_ones():
+    """The Python API's defaults are the options' defaults (one declaration), shown by help()."""
+    import inspect
+
+    from pneumoscan.settings import default_of
+
+    functions = [evaluation.evaluate, calibrate.calibrate_bundle, service.serve, service.create_app]
+    functions += [Classifier.load, Classifier.predict, data_prepare.prepare_dataset, verify.verify_bundle]
+    for func in functions:
+        cls, mapping = func.declared
+        parameters = inspect.signature(func).parameters
+        assert set(mapping) <= set(parameters), func.__qualname__
+        for name, option_name in mapping.items():
+            if parameters[name].default is not inspect.Parameter.empty:
+                assert parameters[name].default == default_of(cls, option_name), (func.__qualname__, name)
+    assert inspect.signature(evaluation.evaluate).parameters["rule"].default == "balanced"
+    assert inspect.signature(calibrate.calibrate_bundle).parameters["rule"].default == "balanced"
+    from pneumoscan.recipe import TrainConfig
+
+    assert TrainConfig().operating_rule == "balanced"
 
 
 @pytest.mark.parametrize(
@@ -53,7 +166,7 @@ def test_data_check_reports(small_data):
 
 
 def test_usage_errors_are_one_line_and_exit_2():
-    for args in (["predict"], ["train", "--epochs", "many"], ["frobnicate"]):
+    for args in (["predict"], ["evaluate"], ["frobnicate"]):
         done = _cli(*args)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "--help" in done.stderr
@@ -62,12 +175,10 @@ def test_usage_errors_are_one_line_and_exit_2():
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["predict", "x.jpeg", "--batch-size", "0"], "--batch-size: 0 must be at least 1"),
-        (["evaluate", "--data", "x", "--bootstrap", "0"], "--bootstrap: 0 must be at least 1"),
-        (["serve", "--port", "99999"], "--port: 99999 must be at most 65535"),
-        (["serve", "--workers", "-2"], "--workers: -2 must be at least 1"),
-        (["serve", "--header-timeout", "0"], "--header-timeout: 0 must be above 0"),
-        (["train", "--data", "x", "--out", "y", "--dropout", "2"], "--dropout must be >= 0 and < 1, got 2.0"),
+        (["predict", "x.jpeg", "--batch-size", "0"], "--batch-size must be >= 1 and <= 4096, got 0"),
+        (["serve", "--port", "99999"], "--port must be >= 1 and <= 65535, got 99999"),
+        (["train", "--data", "x", "--out", "y", "--epochs", "many"], "--epochs must be int, got 'many'"),
+        (["train", "--data", "x", "--out", "y", "--dropout", "2"], "--dropout must be >= 0 and < 1, got 2"),
         (["train", "--data", "x", "--out", "y", "--rotation", "-400"], "--rotation must be >= 0 and <= 180"),
         (["train", "--data", "x", "--out", "y", "--workers", "-2"], "--workers must be >= 0"),
         (["train", "--data", "x", "--out", "y", "--lr", "nan"], "--lr must be a finite number"),

@@ -163,7 +163,8 @@ def test_cross_fitted_local_calibration(trained_bundle, small_data, tmp_path):
     out = tmp_path / "cf"
     done = subprocess.run(
         [sys.executable, "-m", "pneumoscan.cli", "evaluate", "--data", small_data, "--model", trained_bundle.path]
-        + ["--out", out, "--cross-fit", "3", "--bootstrap", "100", "--quiet", "--ledger", tmp_path / "reads.csv"],
+        + ["--out", out, "--cross-fit", "3", "--bootstrap", "100", "--quiet", "--ledger", tmp_path / "reads.csv"]
+        + ["--operating-rule", "youden"],
         capture_output=True,
         text=True,
         timeout=300,

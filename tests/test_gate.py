@@ -125,7 +125,7 @@ def test_a_broken_gate_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="wrong shapes"):
         Gate.load(tmp_path / "g.safetensors")
     (tmp_path / "old.safetensors").write_bytes(save(arrays, metadata={"format": "pneumoscan-gate/1"}))
-    with pytest.raises(ConfigError, match="add_heads"):
+    with pytest.raises(ConfigError, match="heads fit"):
         Gate.load(tmp_path / "old.safetensors")
     (tmp_path / "h.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="not a readable gate"):

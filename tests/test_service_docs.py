@@ -61,3 +61,42 @@ def test_docs_page_lists_the_operations_in_a_real_browser(onnx_server):
         browser.close()
     assert {"/v1/predict", "/v1/model", "/healthz"} <= {p.replace("\u200b", "") for p in paths}
     assert "Unable to render" not in body and outside == [] and errors == []
+
+
+@pytest.mark.browser
+def test_a_field_added_to_the_record_shows_on_the_page(onnx_server, monkeypatch):
+    """The page renders a result from the record's declared fields (GET /v1/fields): a field added to the
+    record (here with markup in its value) shows under its name, as text, with no change to the page."""
+    from playwright.sync_api import sync_playwright
+
+    from pneumoscan import output
+
+    recorded = output.record
+    monkeypatch.setattr(output, "FIELDS", (*output.FIELDS, "lung_side"))
+    monkeypatch.setattr(output, "record", lambda result: {**recorded(result), "lung_side": "<b>left</b>"})
+    xray = sorted((EXAMPLES / "PNEUMONIA").iterdir())[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(onnx_server)
+        page.set_input_files("#file", str(xray))
+        page.wait_for_selector("#result:not([hidden])", timeout=30000)
+        added = page.inner_text("#field-lung_side")
+        shown = [page.inner_text(f"#field-{name} th") for name in ("path", "probability", "label", "gate_score")]
+        markup = page.eval_on_selector_all("#record b", "nodes => nodes.length")
+        browser.close()
+    assert "lung side" in added and "<b>left</b>" in added and markup == 0 and errors == []
+    assert shown == [output.LABELS[n] for n in ("path", "probability", "label", "gate_score")]
+
+
+def test_the_response_model_and_the_field_list_follow_the_record(onnx_app):
+    """GET /v1/fields is output.FIELDS in order; the response model documents every field a 200 can carry."""
+    from pneumoscan import output
+    from pneumoscan.service import PredictResponse
+
+    listed = TestClient(onnx_app).get("/v1/fields").json()
+    assert [f["name"] for f in listed] == list(output.FIELDS)
+    assert all(f["label"] and f["digits"] == output.DIGITS.get(f["name"]) for f in listed)
+    assert set(output.FIELDS) - {"error"} <= set(PredictResponse.model_fields)

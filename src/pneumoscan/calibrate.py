@@ -19,8 +19,9 @@ from .bundle import WEIGHTS, Bundle, validate_config, write_bundle
 from .data import load_images, load_split
 from .errors import ConfigError
 from .inference import Classifier
+from .options import CalibrateOptions
 from .output import ensure_folder
-from .settings import checked_path
+from .settings import DECLARED, checked_path, declared
 
 FEW_PER_CLASS = 50  # below this many images of either class, say the fit is unreliable
 TEMPERATURE_SPREAD = 4.0  # a site's temperature stays within the source's divided or multiplied by this
@@ -37,25 +38,24 @@ def small_set_warning(report: dict) -> str | None:
     )
 
 
+@declared(CalibrateOptions, "data", "out", "model", "split", "rule", "target_sensitivity", "n_resamples", "progress")
 def calibrate_bundle(
     data: str | Path,
     out: str | Path,
     *,
-    model: str | Path | None = None,
-    split: str | None = None,
-    rule: str = "youden",
-    target_sensitivity: float | None = None,
-    n_resamples: int = 2000,
+    model: str | Path | None = DECLARED,
+    split: str | None = DECLARED,
+    rule: str = DECLARED,
+    target_sensitivity: float | None = DECLARED,
+    n_resamples: int = DECLARED,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = DECLARED,
 ) -> tuple[Bundle, dict]:
     """Fit temperature and threshold (by ``rule``, see :func:`metrics.fit_operating_point`) on
     the labelled images of ``data`` (``split`` of a Kaggle layout, or a flat NORMAL/PNEUMONIA folder)
     and write the recalibrated bundle to ``out``. Returns it with its in-sample report, whose ``warnings``
     say where a value was bounded or kept (a small or perfectly separated set: see
     :func:`metrics.operating_point`). A failed calibration leaves no folder it created."""
-    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
-        raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     clf = Classifier.load(model)
     source = clf.bundle
     out = checked_path(out, "output folder")

@@ -15,71 +15,27 @@ from pathlib import Path
 
 from . import settings
 from .errors import PneumoscanError
+from .options import (
+    CalibrateOptions,
+    DataCheckOptions,
+    DemoOptions,
+    EvaluateOptions,
+    ExportOptions,
+    HeadsFitOptions,
+    ListenOptions,
+    PredictOptions,
+    PrepareOptions,
+    ServeOptions,
+    VerifyOptions,
+)
 from .text import printable
 
-MODEL_HELP = "model bundle folder (default: the bundled model)"
 
-
-def _number(kind, low=None, high=None, low_open=False):
-    """An argparse type: ``kind`` within [low, high] (``low_open``: strictly above low), or a usage error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
-            ) from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text} must be at most {high}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _add_operating_rule(p, data: str) -> None:
-    """How calibrate (and evaluate's cross-fitting, which applies calibrate's rule) set a threshold."""
-    from .metrics import OPERATING_RULES
-
-    p.add_argument(
-        "--operating-rule",
-        choices=OPERATING_RULES,
-        default="youden",
-        help=f"threshold rule fitted on {data}: 'youden' (default) maximises Youden's J; 'balanced' keeps "
-        "probability 0.5 (logit 0) and fits the temperature alone",
-    )
-    p.add_argument(
-        "--target-sensitivity",
-        type=_number(float, 0, 1, low_open=True),
-        default=None,
-        help=f"threshold instead: the highest one whose sensitivity on {data} is at least this",
-    )
-
-
-def _add_bootstrap(p) -> None:
-    p.add_argument(
-        "--bootstrap",
-        type=_number(int, 1, 100_000),
-        default=2000,
-        help="patient bootstrap resamples for the 95%% intervals (default 2000)",
-    )
-
-
-def _add_engine(p) -> None:
-    from .inference import ENGINES
-
-    p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="auto (default): ONNX Runtime (the bundle's model or a cached export), else PyTorch; "
-        'torch needs the train extra (pip install "pneumoscan[train]")',
-    )
+def _options(cls, args: argparse.Namespace):
+    """A command's options from its parsed arguments (declared defaults for the others), checked."""
+    options = settings.from_args(cls, args)
+    settings.check(options)
+    return options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,10 +106,7 @@ def _add_data(sub) -> None:
         description="Check a chest_xray folder: images per split and class, files that do "
         "not decode, byte-identical files, and patients found in several splits.",
     )
-    check.add_argument(
-        "root", type=settings.path_argument, help="dataset root (Kaggle layout, or a flat NORMAL/PNEUMONIA folder)"
-    )
-    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings.add_options(check, DataCheckOptions)
     check.set_defaults(run=_run_data_check)
     prep = data_sub.add_parser(
         "prepare",
@@ -164,24 +117,14 @@ def _add_data(sub) -> None:
         "the size limit, badly named or not images are refused and listed (exit 1); nothing is written "
         "outside ROOT.",
     )
-    prep.add_argument("source", help="the downloaded zip, or the folder it was unpacked into")
-    prep.add_argument("--out", required=True, metavar="ROOT", help="folder to write the layout into")
-    prep.add_argument(
-        "--size",
-        type=_number(int, 32, 1024),
-        default=None,
-        metavar="N",
-        help="write N x N grey JPEGs instead of the original files (aspect ratio squashed, as the model "
-        "sees them; 224 is the shipped model's size and makes training read small files)",
-    )
-    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings.add_options(prep, PrepareOptions)
     prep.set_defaults(run=_run_data_prepare)
 
 
 def _run_data_check(args) -> int:
     from .data import check_dataset
 
-    report = check_dataset(args.root, progress=not args.quiet)
+    report = check_dataset(**settings.given(DataCheckOptions, args))
     print("\n".join(map(printable, report.lines())))
     return 1 if report.unreadable else 0
 
@@ -189,7 +132,7 @@ def _run_data_check(args) -> int:
 def _run_data_prepare(args) -> int:
     from .data_prepare import prepare_dataset
 
-    report = prepare_dataset(args.source, args.out, size=args.size, progress=not args.quiet)
+    report = prepare_dataset(**settings.given(PrepareOptions, args))
     for line in report.errors:
         print(f"pneumoscan: {printable(line)}", file=sys.stderr)
     print("\n".join(report.lines()))
@@ -204,77 +147,14 @@ def _add_evaluate(sub) -> None:
         description="Evaluate one model, or compare two (--model A --model B), on a labelled split. "
         "Writes metrics.json, predictions.csv, figures and report.html to --out.",
     )
-    p.add_argument(
-        "--data",
-        required=True,
-        type=settings.path_argument,
-        help="dataset root (Kaggle layout) or a flat NORMAL/PNEUMONIA folder",
-    )
-    p.add_argument("--split", default="test", help="split folder to evaluate (default test)")
-    p.add_argument(
-        "--model",
-        action="append",
-        default=None,
-        type=settings.path_argument,
-        help=MODEL_HELP + "; give twice to compare two models",
-    )
-    p.add_argument(
-        "--out", default="evaluation", type=settings.path_argument, help="output folder (default ./evaluation)"
-    )
-    _add_engine(p)
-    _add_bootstrap(p)
-    p.add_argument(
-        "--seed", type=_number(int, 0, 2**32 - 1), default=0, help="seed of the bootstrap and of the random image grid"
-    )
-    p.add_argument(
-        "--cross-fit",
-        type=_number(int, 2, 100),
-        nargs="?",
-        const=5,
-        default=None,
-        metavar="K",
-        help="also report cross-fitted local calibration: K patient folds (default 5), each scored with the "
-        "temperature and threshold that calibrate's rule fits on the other folds",
-    )
-    _add_operating_rule(p, "the other folds (with --cross-fit)")
-    p.add_argument(
-        "--ledger",
-        metavar="FILE",
-        type=settings.path_argument,
-        default=None,
-        help="append one row per model to this CSV ledger of held-out reads (date, commit, weights sha256, "
-        "recipe, metrics); the project's own is test_reads.csv",
-    )
-    p.add_argument(
-        "--record",
-        action="store_true",
-        help="also store the report in the bundle's metrics.json (under the split name) and model card",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    settings.add_options(p, EvaluateOptions)
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    from .errors import ConfigError
     from .evaluation import evaluate, metrics_table
 
-    if args.model and len(args.model) > 2:
-        raise ConfigError("--model may be given at most twice")
-    summary = evaluate(
-        args.data,
-        args.split,
-        args.model,
-        args.out,
-        engine=args.engine,
-        n_resamples=args.bootstrap,
-        seed=args.seed,
-        progress=not args.quiet,
-        record=args.record,
-        cross_fit=args.cross_fit,
-        ledger=args.ledger,
-        rule=args.operating_rule,
-        target_sensitivity=args.target_sensitivity,
-    )
+    summary = evaluate(**settings.given(EvaluateOptions, args))
     for report in summary["models"]:
         print(metrics_table(report))
     if "comparison" in summary:
@@ -291,122 +171,61 @@ def _run_evaluate(args) -> int:
 
 
 def _add_predict(sub) -> None:
-    from .inference import PREDICT_BATCH
-    from .output import FORMATS
-
     p = sub.add_parser(
         "predict",
         help="classify image files, folders or globs",
         description="Classify X-rays (JPEG, PNG, DICOM). Unreadable inputs are reported with their "
         "reason and the rest are still processed (exit code 1).",
     )
-    p.add_argument(
-        "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns"
-    )
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=None,
-        help="output format (default table; with --output, the file's suffix decides and --format must agree)",
-    )
-    _add_engine(p)
-    p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
-    p.add_argument(
-        "--no-gate",
-        action="store_true",
-        help="label every image, also those the input gate refuses as not a chest X-ray "
-        "(each result says gate off and carries its gate score)",
-    )
-    p.add_argument(
-        "--cam",
-        metavar="DIR",
-        default=None,
-        type=settings.path_argument,
-        help="also write a Grad-CAM overlay PNG per image into DIR",
-    )
-    p.add_argument(
-        "--sr",
-        metavar="DIR",
-        default=None,
-        type=settings.path_argument,
-        help="also write a DICOM structured report (Comprehensive SR, TID 1500) per DICOM input into DIR, "
-        "refusals included: the same report that listen --send-to sends",
-    )
-    p.add_argument(
-        "--output",
-        metavar="FILE",
-        type=settings.path_argument,
-        default=None,
-        help="write results to FILE (.jsonl or .csv, by its suffix) as each one is made, instead of to stdout; "
-        "a run killed midway loses nothing written",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --output: skip the inputs FILE already holds (by path) and append the rest",
-    )
-    p.add_argument(
-        "--ray",
-        metavar="ADDRESS",
-        default=None,
-        help="predict on a Ray cluster (pip install pneumoscan[ray]): its ADDRESS, 'auto' for the running one, "
-        "or 'local' to start one here; a pool of actors runs the classifier, results come back in order",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_number(int, 1, 4096),
-        default=PREDICT_BATCH,
-        help=f"images per inference batch (default {PREDICT_BATCH}: larger batches take more memory, no less time)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings.add_options(p, PredictOptions)
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
+    o = _options(PredictOptions, args)
     from .inference import Classifier, Prediction, expand_inputs
     from .output import PredictionWriter, ResultsFile, ensure_folder, output_format, results_settings, write_cams
 
-    if args.resume and not args.output:
+    if o.resume and not o.output:
         raise PneumoscanError("--resume goes with --output FILE")
-    clf = Classifier.load(args.model, engine=args.engine, int8=args.int8, gate=not args.no_gate)
-    for folder in (args.cam, args.sr):
+    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8, gate=o.gate)
+    for folder in (o.cam, o.sr):
         if folder:
             ensure_folder(folder)
-    items = expand_inputs(args.paths)
-    if args.ray:  # joined first: an unreachable cluster fails within seconds, before any file is touched
+    items = expand_inputs(o.paths)
+    if o.ray:  # joined first: an unreachable cluster fails within seconds, before any file is touched
         from .distributed import connect
 
-        connect(args.ray)
-    fmt, todo, stream, results = args.format or "table", items, sys.stdout, None
-    if args.output:
-        fmt = output_format(Path(args.output))
-        if args.format and args.format != fmt:
+        connect(o.ray)
+    fmt, todo, stream, results = o.format or "table", items, sys.stdout, None
+    if o.output:
+        fmt = output_format(Path(o.output))
+        if o.format and o.format != fmt:
             raise PneumoscanError(
-                f"--format {args.format} does not match --output {printable(args.output)} (written as {fmt}, by its "
+                f"--format {o.format} does not match --output {printable(o.output)} (written as {fmt}, by its "
                 "suffix); leave out --format or change the suffix"
             )
         names = [str(x.path if isinstance(x, Prediction) else x) for x in items]
-        results = ResultsFile(args.output, results_settings(clf, not args.no_gate), names, resume=args.resume)
+        results = ResultsFile(o.output, results_settings(clf, o.gate), names, resume=o.resume)
         fmt, stream = results.fmt, results.stream
         todo = [x for x, done in zip(items, results.done) if not done]
     files = [x for x in todo if isinstance(x, Path)]
-    writer = PredictionWriter(stream, fmt, header=not args.output)
-    show_progress = not args.quiet and len(files) > 64 and sys.stderr.isatty()
-    if args.ray:
+    writer = PredictionWriter(stream, fmt, header=not o.output)
+    show_progress = o.progress and len(files) > 64 and sys.stderr.isatty()
+    if o.ray:
         from .distributed import iter_predictions_ray
 
         predicted = iter_predictions_ray(
             files,
-            address=args.ray,
-            model=args.model,
-            engine=args.engine,
-            int8=args.int8,
-            gate=not args.no_gate,
-            batch_size=args.batch_size,
+            address=o.ray,
+            model=o.model,
+            engine=o.engine,
+            int8=o.int8,
+            gate=o.gate,
+            batch_size=o.batch_size,
         )
     else:
-        batches = clf.iter_predictions(files, args.batch_size, show_progress, total=len(files))
+        batches = clf.iter_predictions(files, o.batch_size, show_progress, total=len(files))
         predicted = (r for batch in batches for r in batch)
     explained, reported = [], []
     try:
@@ -414,54 +233,39 @@ def _run_predict(args) -> int:
             r = next(predicted) if isinstance(item, Path) else item
             writer.write(r)
             if r.ok:
-                if args.cam:
+                if o.cam:
                     explained.append(r)
             elif not (fmt == "table" and stream is sys.stdout):  # a table on the terminal shows its errors
                 print(f"pneumoscan: {printable(r.path)}: {printable(r.error)}", file=sys.stderr)
-            if args.sr and isinstance(item, Path):
+            if o.sr and isinstance(item, Path):
                 reported.append(r)
     finally:
         if results is not None:
             results.close()
-    if fmt == "table" and not args.output:
+    if fmt == "table" and not o.output:
         print(writer.summary())
-    elif args.output:
-        skipped = f", {len(items) - len(todo)} already in the file" if args.resume else ""
-        print(f"{writer.summary()}{skipped}; results in {printable(args.output)}")
-    if args.cam:
-        write_cams(clf, explained, Path(args.cam))
-    if args.sr:
+    elif o.output:
+        skipped = f", {len(items) - len(todo)} already in the file" if o.resume else ""
+        print(f"{writer.summary()}{skipped}; results in {printable(o.output)}")
+    if o.cam:
+        write_cams(clf, explained, Path(o.cam))
+    if o.sr:
         from .dicom_sr import ModelInfo, write_reports
 
-        write_reports(reported, Path(args.sr), ModelInfo.of(clf.bundle))
+        write_reports(reported, Path(o.sr), ModelInfo.of(clf.bundle))
     return 1 if writer.failed else 0
 
 
 def _add_calibrate(sub) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="refit threshold and temperature on labelled local images (new bundle)",
-        description="Refit a bundle's temperature and operating threshold on labelled images from the site "
-        "where it will run, and write a copy of the bundle with them (weights unchanged). The metrics it "
-        "prints are in-sample: evaluate the new bundle on other images before relying on it.",
+        help="refit temperature (and threshold) on labelled local images (new bundle)",
+        description="Refit a bundle's temperature, and with --operating-rule youden or --target-sensitivity its "
+        "operating threshold, on labelled images from the site where it will run, and write a copy of the bundle "
+        "with them (weights unchanged). The metrics it prints are in-sample: evaluate the new bundle on other "
+        "images before relying on it.",
     )
-    p.add_argument(
-        "--data",
-        required=True,
-        type=settings.path_argument,
-        help="labelled images: dataset root (with --split) or a NORMAL/PNEUMONIA folder",
-    )
-    p.add_argument("--split", default=None, help="split folder under --data to use (default: --data itself)")
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument(
-        "--out",
-        required=True,
-        type=settings.path_argument,
-        help="folder for the recalibrated bundle (not the source bundle)",
-    )
-    _add_operating_rule(p, "these images")
-    _add_bootstrap(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    settings.add_options(p, CalibrateOptions)
     p.set_defaults(run=_run_calibrate)
 
 
@@ -469,16 +273,8 @@ def _run_calibrate(args) -> int:
     from .calibrate import calibrate_bundle, small_set_warning
     from .evaluation import metrics_table
 
-    bundle, report = calibrate_bundle(
-        args.data,
-        args.out,
-        model=args.model,
-        split=args.split,
-        rule=args.operating_rule,
-        target_sensitivity=args.target_sensitivity,
-        n_resamples=args.bootstrap,
-        progress=not args.quiet,
-    )
+    given = settings.given(CalibrateOptions, args)
+    bundle, report = calibrate_bundle(given.pop("data"), given.pop("out"), **given)
     site = bundle.config["calibration"]
     print(
         f"threshold {site['source_threshold']:.4f} -> {bundle.threshold:.4f} ({bundle.config['threshold_rule']}), "
@@ -502,36 +298,12 @@ def _add_export(sub) -> None:
         "export serves every calibration). Without --out the file goes into the bundle, recorded by its "
         "sha256, and predict uses ONNX Runtime by default.",
     )
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument(
-        "--out",
-        default=None,
-        type=settings.path_argument,
-        help="FILE.onnx to write outside the bundle (default: into the bundle as model.onnx, where it is used)",
-    )
-    p.add_argument("--int8", action="store_true", help="also quantise to int8, calibrated on training images")
-    p.add_argument(
-        "--int8-only",
-        action="store_true",
-        help="with --int8 and no --out: put only the int8 model into the bundle (the fp32 export is then made "
-        "on first use, into the cache), keeping the bundle small",
-    )
-    p.add_argument(
-        "--calibration-data",
-        default=None,
-        type=settings.path_argument,
-        help="dataset root whose train split calibrates int8 (default: the bundle's training data)",
-    )
-    p.add_argument(
-        "--calibration-images",
-        type=_number(int, 2, 100_000),
-        default=256,
-        help="training images used to calibrate int8 (default 256)",
-    )
+    settings.add_options(p, ExportOptions)
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
+    o = _options(ExportOptions, args)
     import tempfile
 
     from .bundle import ONNX, ONNX_INT8, load_bundle
@@ -540,27 +312,27 @@ def _run_export(args) -> int:
     from .output import ensure_folder
 
     require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
-    bundle = load_bundle(args.model)
-    if args.out and Path(args.out).resolve().parent == bundle.path.resolve():
-        if Path(args.out).name != ONNX:  # a file of its own name in the bundle would never be used
+    bundle = load_bundle(o.model)
+    if o.out and Path(o.out).resolve().parent == bundle.path.resolve():
+        if Path(o.out).name != ONNX:  # a file of its own name in the bundle would never be used
             raise PneumoscanError(
-                f"{printable(args.out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
+                f"{printable(o.out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
                 "leave out --out to export into the bundle"
             )
-        args.out = None  # the bundle's own model.onnx: written and recorded as without --out
-    if args.out:
-        if Path(args.out).is_dir():
-            raise PneumoscanError(f"{printable(args.out)}: --out names a folder; give a FILE.onnx")
-        ensure_folder(Path(args.out).parent)
-    if args.int8_only and (args.out or not args.int8):
+        o.out = None  # the bundle's own model.onnx: written and recorded as without --out
+    if o.out:
+        if Path(o.out).is_dir():
+            raise PneumoscanError(f"{printable(o.out)}: --out names a folder; give a FILE.onnx")
+        ensure_folder(Path(o.out).parent)
+    if o.int8_only and (o.out or not o.int8):
         raise PneumoscanError("--int8-only goes with --int8 and without --out")
-    images = training_images(bundle, args.calibration_data, args.calibration_images) if args.int8 else None
+    images = training_images(bundle, o.calibration_data, o.calibration_images) if o.int8 else None
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(bundle, Path(tmp) / "fp32.onnx" if args.int8_only else args.out)
-        if not args.int8_only:
+        fp32 = export_onnx(bundle, Path(tmp) / "fp32.onnx" if o.int8_only else o.out)
+        if not o.int8_only:
             print(f"ONNX fp32: {printable(fp32)}")
         if images is not None:
-            out = Path(args.out).with_suffix(".int8.onnx") if args.out else None
+            out = Path(o.out).with_suffix(".int8.onnx") if o.out else None
             print(f"ONNX int8: {printable(quantize_int8(bundle, fp32, images, out))}")
     return 0
 
@@ -572,80 +344,39 @@ def _add_serve(sub) -> None:
         description="Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. "
         "Research software, not a medical device.",
     )
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port, 1-65535 (default 8000)")
-    _add_engine(p)
-    p.add_argument(
-        "--max-upload-mb",
-        type=_number(float, 0, 100, low_open=True),
-        default=20,
-        help="largest accepted upload in MB (default 20; at most the loader's 100 MB file limit)",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=_number(float, 0, 3600, low_open=True),
-        default=30,
-        help="seconds an upload may stall before 408 (default 30)",
-    )
-    p.add_argument(
-        "--body-deadline",
-        type=_number(float, 0, 3600, low_open=True),
-        default=60,
-        help="seconds a whole request body may take, from its request head, before 408 (default 60: "
-        "20 MB at 2.8 Mbit/s)",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=_number(float, 0, 3600, low_open=True),
-        default=10,
-        help="seconds a client has to send a complete request head (line and headers), counted from the "
-        "connection or from the previous response; then the connection is closed (default 10)",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=_number(int, 1, 1_000_000),
-        default=None,
-        help="open connections at most (default 1000, or fewer where the process may open fewer files); at "
-        "the cap a new connection replaces the one that has waited longest for a request head",
-    )
-    p.add_argument(
-        "--max-client-connections",
-        type=_number(int, 1, 1_000_000),
-        default=None,
-        help="open connections one client address may hold; more are closed at once (default a tenth of "
-        "--max-connections; behind a reverse proxy every client has the proxy's address: raise it there)",
-    )
-    p.add_argument(
-        "--workers", type=_number(int, 1, 256), default=None, help="inference threads (default: one per core)"
-    )
-    p.add_argument(
-        "--cors",
-        action="append",
-        default=None,
-        metavar="ORIGIN",
-        help="allow cross-origin requests from ORIGIN (repeatable; default: CORS off)",
-    )
+    settings.add_options(p, ServeOptions)
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
     from .service import serve
 
-    serve(
-        args.model,
-        args.host,
-        args.port,
-        engine=args.engine,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        workers=args.workers,
-        cors_origins=args.cors,
-        body_timeout=args.body_timeout,
-        body_deadline=args.body_deadline,
-        header_timeout=args.header_timeout,
-        max_connections=args.max_connections,
-        max_per_client=args.max_client_connections,
+    serve(**settings.given(ServeOptions, args))
+    return 0
+
+
+def _add_heads(sub) -> None:
+    p = sub.add_parser("heads", help="fit a bundle's feature heads (input gate, bacterial/viral head)")
+    heads_sub = p.add_subparsers(dest="heads_command", required=True)
+    fit = heads_sub.add_parser(
+        "fit",
+        help='fit the input gate and the bacterial/viral head onto an existing bundle (needs "pneumoscan[train]")',
+        description="Fit the feature heads onto a bundle trained before they existed, exactly as train fits "
+        "them: on the bundle's training images and validation patients (its recipe's split of ROOT; the test "
+        "split is not opened). The weights are untouched; the heads' sha256 go into config.json and the model "
+        "card is regenerated.",
     )
+    settings.add_options(fit, HeadsFitOptions)
+    fit.set_defaults(run=_run_heads_fit)
+
+
+def _run_heads_fit(args) -> int:
+    from .heads import fit_heads
+
+    given = settings.given(HeadsFitOptions, args)
+    bundle, lines = fit_heads(given.pop("model"), given.pop("data"), **given)
+    print("\n".join(lines))
+    print(f"heads written to {printable(bundle.path)}")
     return 0
 
 
@@ -658,14 +389,14 @@ def _add_verify(sub) -> None:
         "over the bundled reference X-rays and checks that logits and features agree within a tolerance. "
         "Exit 0: all agree; 1: a model disagrees (do not use the bundle); 2: it cannot be checked.",
     )
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
+    settings.add_options(p, VerifyOptions)
     p.set_defaults(run=_run_verify)
 
 
 def _run_verify(args) -> int:
     from .verify import verify_bundle, verify_table
 
-    checks = verify_bundle(args.model)
+    checks = verify_bundle(**settings.given(VerifyOptions, args))
     if not checks:
         print("the bundle holds no ONNX model: nothing to compare (ONNX Runtime would run an export made here)")
         return 0
@@ -677,9 +408,6 @@ def _run_verify(args) -> int:
 
 
 def _add_listen(sub) -> None:
-    from .dicom_node import NodeLimits
-
-    limits = NodeLimits()
     p = sub.add_parser(
         "listen",
         help="run a DICOM node that classifies the chest X-rays a PACS sends",
@@ -689,46 +417,7 @@ def _add_listen(sub) -> None:
         "Research software, not a medical device: send its answers to a research destination, never into a "
         "clinical worklist. Stops on SIGTERM or Ctrl-C after answering the images already received.",
     )
-    p.add_argument("--model", default=None, type=settings.path_argument, help=MODEL_HELP)
-    p.add_argument(
-        "--ae-title", default="PNEUMOSCAN", help="this node's AE title, which senders call (default PNEUMOSCAN)"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_number(int, 1, 65535), default=11112, help="DICOM port, 1-65535 (default 11112)")
-    p.add_argument(
-        "--out",
-        default="pneumoscan-listen",
-        type=settings.path_argument,
-        help="folder for results.jsonl, appended to (default ./pneumoscan-listen)",
-    )
-    p.add_argument(
-        "--send-to",
-        metavar="AETITLE@HOST:PORT",
-        default=None,
-        help="send a DICOM SR per image (the finding, or why the image was refused) to this node by C-STORE; "
-        "or give a DICOMweb URL (http(s)://HOST/dicom-web) to send by STOW-RS",
-    )
-    p.add_argument(
-        "--send-cam",
-        action="store_true",
-        help="with --send-to: also send the Grad-CAM overlay as a Secondary Capture image in a new series of the "
-        "image's study (slower: PyTorch runs the explanation)",
-    )
-    p.add_argument(
-        "--allow",
-        action="append",
-        default=None,
-        metavar="AETITLE",
-        help="calling AE title allowed to associate (repeatable); others are rejected. Default: any, with a warning",
-    )
-    p.add_argument(
-        "--max-associations",
-        type=_number(int, 1, 1000),
-        default=limits.max_associations,
-        help=f"concurrent associations at most; more are rejected (default {limits.max_associations})",
-    )
-    _add_engine(p)
-    p.add_argument("--int8", action="store_true", help="use the bundle's int8 ONNX model")
+    settings.add_options(p, ListenOptions)
     p.set_defaults(run=_run_listen)
 
 
@@ -763,29 +452,30 @@ def _node_log():
 
 
 def _run_listen(args) -> int:
+    o = _options(ListenOptions, args)
     import dataclasses
 
     from .dicom_node import DicomNode, NodeLimits, check_ae_title, destination
     from .inference import Classifier
 
-    send_to = destination(args.send_to) if args.send_to else None
-    if args.send_cam and not send_to:
+    send_to = destination(o.send_to) if o.send_to else None
+    if o.send_cam and not send_to:
         raise PneumoscanError("--send-cam goes with --send-to AETITLE@HOST:PORT")
-    for title in (args.ae_title, *(args.allow or ())):
+    for title in (o.ae_title, *(o.allow or ())):
         check_ae_title(title)
-    if not args.allow:
+    if not o.allow:
         print("pneumoscan: warning: any calling AE title may store images here; restrict with --allow", file=sys.stderr)
-    limits = dataclasses.replace(NodeLimits(), max_associations=args.max_associations)
-    clf = Classifier.load(args.model, engine=args.engine, int8=args.int8)
+    limits = dataclasses.replace(NodeLimits(), max_associations=o.max_associations)
+    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8)
     node = DicomNode(
         clf,
-        args.out,
-        ae_title=args.ae_title,
-        host=args.host,
-        port=args.port,
+        o.out,
+        ae_title=o.ae_title,
+        host=o.host,
+        port=o.port,
         send_to=send_to,
-        send_cam=args.send_cam,
-        allow=args.allow,
+        send_cam=o.send_cam,
+        allow=o.allow,
         limits=limits,
     )
     with _node_log():
@@ -806,12 +496,7 @@ def _add_demo(sub) -> None:
         description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
         "the bundled model; write report.html and Grad-CAM overlays.",
     )
-    p.add_argument(
-        "--out",
-        default="pneumoscan-demo",
-        type=settings.path_argument,
-        help="output folder (default ./pneumoscan-demo)",
-    )
+    settings.add_options(p, DemoOptions)
     p.set_defaults(run=_run_demo)
 
 
@@ -843,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_verify,
         _add_demo,
     )
-    for add in (*commands, _add_data):
+    for add in (*commands, _add_data, _add_heads):
         add(sub)
     return parser
 

@@ -20,7 +20,8 @@ import numpy as np
 from .errors import ConfigError, ImageError
 from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
 from .labels import CLASSES
-from .settings import checked_path, option
+from .options import DataCheckOptions
+from .settings import DECLARED, checked_path, declared, option
 from .subtype import SUBTYPES, subtype_of
 
 SPLITS = ("train", "val", "test")
@@ -235,7 +236,8 @@ def _split_of(relative: str) -> str:
     return parts[0] if len(parts) > 2 else "all"
 
 
-def check_dataset(root: str | Path, progress: bool = True) -> DataCheck:
+@declared(DataCheckOptions, "root", "progress")
+def check_dataset(root: str | Path, progress: bool = DECLARED) -> DataCheck:
     """Counts, unreadable images, byte-identical files and patients seen in several splits."""
     from tqdm import tqdm
 

@@ -27,6 +27,8 @@ from .data import SPLITS
 from .errors import ConfigError, ImageError
 from .images import IMAGE_SUFFIXES, MAX_FILE_BYTES, UNSUPPORTED, prepare, read_bytes, sniff
 from .labels import CLASSES
+from .options import PrepareOptions
+from .settings import DECLARED, declared
 
 MAX_ENTRIES = 1_000_000  # an archive listing more entries than this is not the dataset
 MAX_NAME_BYTES = 200
@@ -207,19 +209,18 @@ def _done(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+@declared(PrepareOptions, "source", "out", "size", "progress")
 def prepare_dataset(
     source: str | Path,
     out: str | Path,
-    size: int | None = None,
-    progress: bool = True,
+    size: int | None = DECLARED,
+    progress: bool = DECLARED,
     max_bytes: int = MAX_FILE_BYTES,
 ) -> PrepareReport:
     """Lay the Kermany download (zip or folder) ``source`` out as ``out/{split}/{NORMAL,PNEUMONIA}/``;
     with ``size``, as ``size`` x ``size`` grey JPEGs. Files already in place are skipped; entries that
     are links, too large, badly named or not images are listed in the report, and the rest written."""
     source, out = Path(source), Path(out)
-    if size is not None and not 32 <= size <= 1024:
-        raise ConfigError(f"--size must be between 32 and 1024, got {size}")
     if source.is_dir() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
         raise ConfigError(f"{out}: the output folder must lie outside the source folder {source}")
     _check_earlier_run(out, size)

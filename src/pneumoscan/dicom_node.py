@@ -38,6 +38,8 @@ from pydicom.uid import UID
 from .errors import ConfigError, ImageError
 from .images import MAX_FILE_BYTES
 from .inference import Classifier, Prediction
+from .options import ListenOptions
+from .settings import DECLARED, declared
 
 LOG = logging.getLogger("pneumoscan.dicom")
 
@@ -117,7 +119,7 @@ def check_ae_title(title: str) -> str:
 class NodeLimits:
     """How much the network may ask of the node."""
 
-    max_associations: int = 8  # concurrent; more are rejected (local limit exceeded)
+    max_associations: int = ListenOptions.max_associations  # concurrent; more are rejected (local limit exceeded)
     acse_timeout: float = 30.0  # seconds to negotiate or release an association
     dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
     network_timeout: float = 60.0  # seconds an idle association is kept
@@ -271,16 +273,17 @@ def make_sender(send_to: Peer | StowTarget, ae_title: str, limits: NodeLimits) -
 class DicomNode:
     """The C-ECHO/C-STORE node around one :class:`Classifier` (see the module's docstring)."""
 
+    @declared(ListenOptions, "out", "ae_title", "host", "port", "send_cam")
     def __init__(
         self,
         classifier: Classifier,
         out: str | Path,
         *,
-        ae_title: str = "PNEUMOSCAN",
-        host: str = "127.0.0.1",
-        port: int = 11112,
+        ae_title: str = DECLARED,
+        host: str = DECLARED,
+        port: int = DECLARED,
         send_to: Peer | StowTarget | None = None,
-        send_cam: bool = False,
+        send_cam: bool = DECLARED,
         allow: Sequence[str] | None = None,
         limits: NodeLimits = NodeLimits(),
     ):

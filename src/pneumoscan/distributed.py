@@ -15,7 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import ConfigError
-from .inference import PREDICT_BATCH, Prediction
+from .inference import Prediction
+from .options import PredictOptions
+from .settings import DECLARED, declared
 
 
 class _Predictor:
@@ -35,15 +37,16 @@ class _Predictor:
 RAY_CONNECT_SECONDS = 5.0  # an address that does not answer within this is an error, not a wait
 
 
+@declared(PredictOptions, "model", "engine", "int8", "gate", "batch_size")
 def iter_predictions_ray(
     files: list[Path],
     *,
     address: str = "local",
-    model: str | None = None,
-    engine: str = "auto",
-    int8: bool = False,
-    gate: bool = True,
-    batch_size: int = PREDICT_BATCH,
+    model: str | None = DECLARED,
+    engine: str = DECLARED,
+    int8: bool = DECLARED,
+    gate: bool = DECLARED,
+    batch_size: int = DECLARED,
     actors: int | None = None,
 ) -> Iterator[Prediction]:
     """Predictions for ``files`` from a pool of Ray actors, in input order. ``address``: a Ray cluster

@@ -7,7 +7,7 @@ so a metric can always be traced to the images it came from.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,9 @@ from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
 from .inference import Classifier
 from .labels import CLASSES
+from .options import EvaluateOptions
 from .output import ensure_folder, write_prediction_file
-from .settings import checked_path
+from .settings import DECLARED, checked_path, declared
 from .subtype import SUBTYPES
 from .text import csv_cell, number, printable, with_ci
 
@@ -50,21 +51,22 @@ class ModelResult:
         return self.classifier.probabilities(self.logits)
 
 
+@declared(EvaluateOptions, *(f.name for f in fields(EvaluateOptions)))
 def evaluate(
     data: str | Path,
-    split: str | None = "test",
-    models: list[str | None] | None = None,
-    out: str | Path = "evaluation",
+    split: str | None = DECLARED,
+    models: list[str | None] | None = DECLARED,
+    out: str | Path = DECLARED,
     *,
-    engine: str = "auto",
-    n_resamples: int = 2000,
-    seed: int = 0,
-    progress: bool = True,
-    record: bool = False,
-    cross_fit: int | None = None,
-    rule: str = "youden",
-    target_sensitivity: float | None = None,
-    ledger: str | Path | None = None,
+    engine: str = DECLARED,
+    n_resamples: int = DECLARED,
+    seed: int = DECLARED,
+    progress: bool = DECLARED,
+    record: bool = DECLARED,
+    cross_fit: int | None = DECLARED,
+    rule: str = DECLARED,
+    target_sensitivity: float | None = DECLARED,
+    ledger: str | Path | None = DECLARED,
 ) -> dict:
     """Evaluate one model, or compare two, on one split; write metrics.json, figures and report.html.
 
@@ -74,7 +76,8 @@ def evaluate(
     appends one row per model to that CSV file (the record of every read of a held-out split)."""
     from .html_report import write_report
 
-    checked_path(data, "data folder")
+    if models and len(models) > 2:
+        raise ConfigError("--model may be given at most twice")
     if ledger:  # before any work: a ledger that cannot take the rows stops the run now, not after it
         ledger = check_ledger(ledger)
         commit = code_version()  # the code that runs, recorded when it starts

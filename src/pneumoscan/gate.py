@@ -386,7 +386,7 @@ class Gate:
             raise ConfigError(f"{path}: not a readable gate ({type(exc).__name__})") from None
         if version != FORMAT:
             raise ConfigError(
-                f"{path}: gate format {version!r}, expected {FORMAT!r} (fit it again: benchmarks/add_heads.py)"
+                f"{path}: gate format {version!r}, expected {FORMAT!r} (fit it again: pneumoscan heads fit)"
             )
         try:
             gate = cls._from_arrays(a)

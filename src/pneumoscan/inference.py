@@ -29,11 +29,8 @@ from .errors import ConfigError, ImageError, require_train_extra
 from .gate import COLOUR_LIMIT, COLOUR_WARNING, Verdict, refusal
 from .images import ImageSource, prepare_with_chroma, source_name
 from .labels import CLASSES, label_of
-
-ENGINES = ("auto", "onnx", "torch")  # auto: ONNX Runtime when an ONNX model is at hand, else PyTorch
-# Images per inference batch when predicting files. On a CPU a larger batch buys no speed, and the
-# activations of a batch of 32 at 224 px take about 300 MB more (benchmarks/predict_cli.py).
-PREDICT_BATCH = 8
+from .options import ENGINES, PREDICT_BATCH, PredictOptions
+from .settings import DECLARED, declared
 
 
 @dataclass
@@ -278,8 +275,14 @@ class Classifier:
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
+    @declared(PredictOptions, "engine", "int8", "gate", path="model")
     def load(
-        cls, path: str | os.PathLike | None = None, *, engine: str = "auto", int8: bool = False, gate: bool = True
+        cls,
+        path: str | os.PathLike | None = DECLARED,
+        *,
+        engine: str = DECLARED,
+        int8: bool = DECLARED,
+        gate: bool = DECLARED,
     ) -> Classifier:
         """Open a bundle (the packaged default when ``path`` is None). ``gate=False`` labels every image,
         also those the bundle's input gate would refuse (each result still carries its gate score)."""
@@ -327,10 +330,11 @@ class Classifier:
         warned = [] if verdict is None else verdict.warnings
         return Prediction(name, float(probability), label, self.threshold, None, score, limit, gating, warnings=warned)
 
+    @declared(PredictOptions, "batch_size")
     def predict(
         self,
         inputs: Iterable[ImageSource],
-        batch_size: int = PREDICT_BATCH,
+        batch_size: int = DECLARED,
         progress: bool = False,
         errors: str = "report",
         gate: bool | None = None,
@@ -342,10 +346,11 @@ class Classifier:
         batches = self.iter_predictions(inputs, batch_size, progress, errors, total=len(inputs), gate=gate)
         return [result for batch in batches for result in batch]
 
+    @declared(PredictOptions, "batch_size")
     def iter_predictions(
         self,
         inputs: Iterable[ImageSource],
-        batch_size: int = PREDICT_BATCH,
+        batch_size: int = DECLARED,
         progress: bool = False,
         errors: str = "report",
         total: int | None = None,

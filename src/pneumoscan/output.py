@@ -34,6 +34,14 @@ FIELDS = (
     "gate_score", "gate_limit", "gate", "subtype", "viral_probability", "warnings",
 )  # fmt: skip
 DIGITS = {"probability": 6, "threshold": 6, "gate_score": 3, "gate_limit": 3, "viral_probability": 6}
+# How people read each field (the service's page shows a result's fields under these names); a field
+# without one is shown under its own name.
+LABELS = {
+    "path": "file", "probability": "probability of pneumonia", "label": "label", "threshold": "threshold",
+    "error": "error", "gate_score": "input gate score", "gate_limit": "input gate limit", "gate": "input gate",
+    "subtype": "likely subtype (a second head, less certain)", "viral_probability": "probability viral",
+    "warnings": "warnings",
+}  # fmt: skip
 CSV_COLUMNS = tuple(f for f in FIELDS if f != "gate_limit")  # the limit is the bundle's, the same on every row
 MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte limit
 
@@ -69,6 +77,12 @@ def record(result) -> dict:
         if not result.gated:
             out["gate"] = "off"
     return {name: out[name] for name in FIELDS if name in out}  # in the declared order
+
+
+def field_list() -> list[dict]:
+    """The record's fields in order, each with the name people read and its decimals (None: not a number
+    written with fixed decimals): what the service's page renders a result from."""
+    return [{"name": n, "label": LABELS.get(n, n.replace("_", " ")), "digits": DIGITS.get(n)} for n in FIELDS]
 
 
 def _text(fields: dict, name: str) -> str:

@@ -14,7 +14,7 @@ from .backbones import BACKBONES, HEAD, check_image_size
 from .bundle import read_json_object
 from .data import Augmentation
 from .errors import ConfigError
-from .metrics import OPERATING_RULES
+from .options import operating_rule_option, target_sensitivity_option
 from .settings import option
 
 SCHEDULES = ("constant", "onecycle")
@@ -82,18 +82,8 @@ class TrainConfig:
         choices=VAL_SOURCES,
     )
     val_fraction: float = option(0.1, "share of patients per class held out for validation", above=0, below=1)
-    operating_rule: str = option(
-        "balanced",
-        "operating threshold: 'balanced' is probability 0.5 (logit 0, the class-balanced boundary); "
-        "'youden' maximises Youden's J on validation",
-        choices=OPERATING_RULES,
-    )
-    target_sensitivity: float | None = option(
-        None,
-        "threshold instead: the highest one whose sensitivity on validation is at least this",
-        above=0,
-        at_most=1,
-    )
+    operating_rule: str = operating_rule_option()  # declared once for train, calibrate and evaluate
+    target_sensitivity: float | None = target_sensitivity_option()
     seed: int = option(0, "seed for the split, initialisation, order and augmentation", at_least=0, below=2**32)
     devices: int = option(
         1, "processes/devices per node; 2+ runs DDP (gloo on CPU, NCCL on GPUs)", at_least=1, at_most=1024

@@ -30,20 +30,24 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .errors import ConfigError, ImageError
 from .inference import Classifier
 from .model_card import GENERALISATION_NOTE, model_card
+from .options import ServeOptions
+from .output import field_list
+from .settings import DECLARED, declared
 from .text import printable
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT = 30.0  # seconds a client may stay silent while sending a request body
-DEFAULT_BODY_DEADLINE = 60.0  # seconds a whole request body may take (20 MB at 2.8 Mbit/s)
-DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a complete request head
+# the defaults declared with serve's options (ServeOptions), as the protocol and guard use them
+DEFAULT_MAX_UPLOAD = int(ServeOptions.max_upload_mb * 2**20)
+DEFAULT_BODY_TIMEOUT = ServeOptions.body_timeout  # seconds a client may stay silent while sending a request body
+DEFAULT_BODY_DEADLINE = ServeOptions.body_deadline  # seconds a whole request body may take
+DEFAULT_HEADER_TIMEOUT = ServeOptions.header_timeout  # seconds a client has to send a complete request head
 DEFAULT_MAX_CONNECTIONS = 1000
 CLIENT_SHARE = 10  # by default one client address may hold a tenth of the connections
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file
@@ -62,6 +66,10 @@ SECURITY_HEADERS = [
 
 
 class PredictResponse(BaseModel):
+    """The prediction record (``output.FIELDS``, documented here field by field) and the model's name;
+    a field added to the record passes through before it is documented here (extra fields allowed)."""
+
+    model_config = ConfigDict(extra="allow")
     path: str = Field(description="the uploaded file's name")
     probability: float = Field(description="calibrated probability of PNEUMONIA")
     label: str = Field(description="NORMAL or PNEUMONIA, by the model's operating threshold")
@@ -76,6 +84,12 @@ class PredictResponse(BaseModel):
     warnings: list[str] | None = Field(None, description="a degraded film: what the input gate noticed")
     cam: str | None = Field(None, description="Grad-CAM overlay, PNG, base64 (with ?cam=true)")
     image: str | None = Field(None, description="the X-ray as the model read it, PNG, base64 (with ?cam=true)")
+
+
+class RecordField(BaseModel):
+    name: str
+    label: str = Field(description="how the page names it")
+    digits: int | None = Field(None, description="decimals a number is shown with")
 
 
 class Health(BaseModel):
@@ -291,18 +305,20 @@ def protocol_class(
     return type("PneumoscanHTTP", (GuardedH11Protocol,), {**limits, "clients": Counter()})
 
 
+@declared(ServeOptions, "model", "engine", "workers", "cors_origins", "body_timeout", "body_deadline")
 def create_app(
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = DECLARED,
     *,
-    engine: str = "auto",
+    engine: str = DECLARED,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    workers: int | None = None,
-    cors_origins: list[str] | None = None,
-    body_timeout: float = DEFAULT_BODY_TIMEOUT,
-    body_deadline: float = DEFAULT_BODY_DEADLINE,
+    workers: int | None = DECLARED,
+    cors_origins: list[str] | None = DECLARED,
+    body_timeout: float = DECLARED,
+    body_deadline: float = DECLARED,
     classifier: Classifier | None = None,
 ) -> FastAPI:
-    """The application; ``classifier`` lets tests and embedders pass one already loaded."""
+    """The application (options as :func:`serve`'s, the upload limit in bytes); ``classifier`` lets tests
+    and embedders pass one already loaded."""
     clf = classifier or Classifier.load(model, engine=engine)
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pneumoscan")
     app = FastAPI(
@@ -355,6 +371,10 @@ def create_app(
             return await asyncio.get_running_loop().run_in_executor(pool, run_prediction, data, name, cam, gate)
         except ImageError as exc:
             raise HTTPException(exc.http_status, str(exc)) from None
+
+    @app.get("/v1/fields", response_model=list[RecordField], summary="The prediction record's fields, in order")
+    async def record_fields():
+        return field_list()
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
@@ -441,18 +461,33 @@ def make_server(
     return uvicorn.Server(config)
 
 
+@declared(ServeOptions, *ServeOptions.__dataclass_fields__)
 def serve(
-    model=None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    model: str | os.PathLike | None = DECLARED,
+    host: str = DECLARED,
+    port: int = DECLARED,
     *,
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-    max_connections: int | None = None,
-    max_per_client: int | None = None,
-    **options,
+    engine: str = DECLARED,
+    max_upload_mb: float = DECLARED,
+    body_timeout: float = DECLARED,
+    body_deadline: float = DECLARED,
+    header_timeout: float = DECLARED,
+    max_connections: int | None = DECLARED,
+    max_per_client: int | None = DECLARED,
+    workers: int | None = DECLARED,
+    cors_origins: list[str] | None = DECLARED,
 ) -> None:
+    """``pneumoscan serve``: the service on ``host``:``port`` until stopped (each option as the CLI's)."""
     sock = listen(host, port)  # before loading the model: a busy port fails at once
-    app = create_app(model, **options)
+    app = create_app(
+        model,
+        engine=engine,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        workers=workers,
+        cors_origins=cors_origins,
+        body_timeout=body_timeout,
+        body_deadline=body_deadline,
+    )
     print(f"pneumoscan serving {printable(app.state.classifier.bundle.name)} on http://{host}:{port}/")
     server = make_server(
         app, sock, header_timeout=header_timeout, max_connections=max_connections, max_per_client=max_per_client

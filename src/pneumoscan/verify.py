@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, require_train_extra
+from .options import VerifyOptions
+from .settings import DECLARED, declared
 
 EXAMPLES = Path(__file__).parent / "examples"
 # Largest differences from PyTorch accepted, per engine: |logit| on any image, |mean logit| (a shift
@@ -56,7 +58,8 @@ def reference_images() -> list[Path]:
     return sorted(p for p in EXAMPLES.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
 
 
-def verify_bundle(model: str | Path | None = None) -> list[EngineCheck]:
+@declared(VerifyOptions, "model")
+def verify_bundle(model: str | Path | None = DECLARED) -> list[EngineCheck]:
     """Compare every ONNX model of the bundle (the packaged default when ``model`` is None) with PyTorch
     on its weights over the reference images; an empty list when the bundle holds no ONNX model."""
     from .bundle import load_bundle

@@ -77,6 +77,29 @@ async function loadModel() {
   }
 }
 
+// The prediction record's fields, in order, as the server declares them (GET /v1/fields, from
+// pneumoscan.output.FIELDS): every field a result has is shown from this list, so a field added to the
+// record appears here without a change to this page.
+const recordFields = fetch("/v1/fields").then((r) => (r.ok ? r.json() : [])).catch(() => []);
+
+function fieldText(value, digits) {
+  if (Array.isArray(value)) return value.map(String).join("; ");
+  if (typeof value === "number") return digits === null || digits === undefined ? String(value) : value.toFixed(Math.min(digits, 3));
+  return String(value);
+}
+
+function fieldsTable(data, fields) {
+  const table = el("table", null, { id: "fields" });
+  for (const { name, label, digits } of fields) {
+    if (data[name] === null || data[name] === undefined) continue;
+    const row = el("tr", null, { id: `field-${name}` });
+    row.append(el("th", label));
+    row.append(el("td", fieldText(data[name], digits)));
+    table.append(row);
+  }
+  return table;
+}
+
 async function classify(file) {
   $("error").hidden = true;
   $("busy").hidden = false;
@@ -90,7 +113,7 @@ async function classify(file) {
       const detail = typeof data.detail === "string" ? data.detail : `the server answered ${response.status}`;
       throw new Error(detail);
     }
-    show(data);
+    show(data, await recordFields);
   } catch (err) {
     $("result").hidden = true;
     showError(`Could not classify ${file.name}: ${err.message}` +
@@ -100,25 +123,19 @@ async function classify(file) {
   }
 }
 
-function show(data) {
+function show(data, fields) {
   $("xray").src = `data:image/png;base64,${data.image}`;
   $("overlay").src = `data:image/png;base64,${data.cam}`;
   $("overlay").hidden = !$("cam-toggle").checked;
   $("xray").hidden = $("cam-toggle").checked;
   $("label").textContent = data.label;
   $("label").className = `label ${data.label}`;
-  $("subtype").hidden = !data.subtype;
-  $("subtype").textContent = data.subtype
-    ? `Likely ${data.subtype} (probability viral ${fmt(data.viral_probability)}): a second head, less certain than the first.`
-    : "";
   $("fill").style.width = `${(100 * data.probability).toFixed(1)}%`;
   $("mark").style.left = `calc(${(100 * data.threshold).toFixed(1)}% - 1px)`;
   $("probability").textContent = `P(pneumonia) = ${data.probability.toFixed(3)}`;
   $("threshold").textContent = `PNEUMONIA when the probability is at least ${data.threshold.toFixed(3)} (the black mark).`;
-  const gate = data.gate_score === null || data.gate_score === undefined ? ""
-    : ` · input gate ${fmt(data.gate_score)} (limit ${fmt(data.gate_limit)})`;
-  const warned = (data.warnings || []).length ? ` · warning: ${data.warnings.join(", ")}` : "";
-  $("filename").textContent = `${data.path} · ${data.model} ${data.version}${gate}${warned}`;
+  $("record").replaceChildren(fieldsTable(data, fields));
+  $("filename").textContent = `model ${data.model} ${data.version}`;
   $("result").hidden = false;
 }
 
