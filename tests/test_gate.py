@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.errors import ConfigError
-from pneumoscan.gate import FeatureScore, Gate, image_statistics, refusal
+from pneumoscan.gate import FeatureScore, Gate, Mahalanobis, image_statistics, keeping, refusal, shrinkage
 
 
 def _features(rng, n, shift=0.0):
@@ -30,6 +30,38 @@ def test_feature_score_is_low_inside_and_high_outside():
     off_subspace = part.score(rng.normal(10, 1, (50, 64)) ** 2)  # energy outside the training directions
     far = part.score(_features(rng, 50, shift=25.0))
     assert (off_subspace > limit).all() and (far > limit).all()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_limits_from_few_calibration_scores_keep_other_real_ones(seed):
+    """A limit set on a few hundred scores (a quick run's validation films, clean and perturbed) keeps
+    nearly all of the same distribution's other scores, where the plain empirical quantile refuses
+    several times more: the tail is modelled from many scores, not from the two largest."""
+    rng = np.random.default_rng(seed)
+    draw = lambda n: np.exp(rng.gamma(4.0, 0.12, n))  # noqa: E731  positive, heavy-tailed like gate scores
+    others = draw(200_000)
+    modelled, empirical = [], []
+    for _ in range(40):
+        sample = draw(280)
+        modelled.append((others > keeping(sample, 0.9985)).mean())
+        empirical.append((others > np.quantile(sample, 0.9985)).mean())
+    assert np.mean(modelled) < 0.006 and np.mean(modelled) < 0.5 * np.mean(empirical), (modelled, empirical)
+    many = draw(20_000)
+    assert abs((others > keeping(many, 0.9985)).mean() - 0.0015) < 0.0015  # many scores: near the quantile
+
+
+def test_shrinkage_depends_on_the_number_of_films():
+    """Few films: the statistics' correlations are shrunk hard towards none; many: hardly at all; the
+    distance of held-out draws from a fit on few films stays near that of a fit on many."""
+    rng = np.random.default_rng(5)
+    mixing = rng.normal(size=(20, 20)) * 0.3 + np.eye(20)
+    draw = lambda n: rng.normal(size=(n, 20)) @ mixing  # noqa: E731
+    few, many = draw(30), draw(5000)
+    r_few, r_many = np.corrcoef(few, rowvar=False), np.corrcoef(many, rowvar=False)
+    assert shrinkage(r_few, 30) > 5 * shrinkage(r_many, 5000) and shrinkage(r_many, 5000) < 0.02
+    held_out = draw(2000)
+    small, large = Mahalanobis.fit(few).score(held_out), Mahalanobis.fit(many).score(held_out)
+    assert np.median(small) < 2.0 * np.median(large), (np.median(small), np.median(large))
 
 
 def _films() -> list[np.ndarray]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
@@ -153,15 +152,34 @@ class Mahalanobis:
     whiten: np.ndarray  # (D, D), the inverse of the Cholesky factor of the (shrunk) covariance
 
     @classmethod
-    def fit(cls, x: np.ndarray, shrink: float = 1e-3) -> Mahalanobis:
+    def fit(cls, x: np.ndarray, independent: int | None = None) -> Mahalanobis:
+        """Fit on vectors ``x`` ``(N, D)`` of which ``independent`` (default N) are independent draws (the
+        rest, perturbed copies of some of them, add spread but no new films). The correlations are shrunk
+        towards none by :func:`shrinkage` for that many draws: few films, strong shrinkage."""
+        x = np.asarray(x, np.float64)
         mean = x.mean(axis=0)
-        cov = np.cov(x - mean, rowvar=False)
-        cov += np.eye(len(cov)) * shrink * max(np.trace(cov) / len(cov), 1e-12)
+        centred = x - mean
+        spread = np.sqrt(np.maximum(centred.var(axis=0, ddof=1), 1e-12)) if len(x) > 1 else np.ones(x.shape[1])
+        correlation = np.corrcoef(centred, rowvar=False) if len(x) > 2 else np.eye(x.shape[1])
+        correlation = np.nan_to_num(correlation) * (1 - np.eye(len(correlation))) + np.eye(len(correlation))
+        rho = shrinkage(correlation, independent or len(x))
+        cov = ((1 - rho) * correlation + (rho + 1e-6) * np.eye(len(correlation))) * np.outer(spread, spread)
         return cls(mean, np.linalg.inv(np.linalg.cholesky(cov)))
 
     def score(self, x: np.ndarray) -> np.ndarray:
         z = (np.asarray(x, np.float64) - self.mean) @ self.whiten.T
         return (z**2).mean(axis=1)
+
+
+def shrinkage(correlation: np.ndarray, n: int) -> float:
+    """The oracle approximating shrinkage (OAS; Chen, Wiesel, Eldar and Hero, 2010) of a ``p x p``
+    correlation matrix estimated from ``n`` draws towards the identity: the weight ``rho`` of the identity
+    in ``(1 - rho) R + rho I``. It grows as ``n`` shrinks towards ``p`` (about ``p / n`` for weakly
+    correlated statistics), and vanishes for many draws."""
+    p = len(correlation)
+    trace_square = float((correlation**2).sum())  # tr(R^2); tr(R) = p
+    denominator = (n + 1 - 2 / p) * (trace_square - p)
+    return 1.0 if denominator <= 0 else min(1.0, ((1 - 2 / p) * trace_square + p * p) / denominator)
 
 
 @dataclass
@@ -200,18 +218,29 @@ def _root(features: np.ndarray) -> np.ndarray:
     return np.sign(features) * np.sqrt(np.abs(features))
 
 
+TAIL = 0.1  # share of the calibration scores (at least TAIL_LEAST of them) whose spread sets the limit
+TAIL_LEAST = 10
+
+
 def keeping(scores: np.ndarray, keep: float) -> float:
-    """The limit under which ``keep`` of the calibration X-rays' (positive) scores lie. Where there are too
-    few of them to hold that quantile (fewer than 1 / (1 - keep) beyond it: a small validation set, such as
-    a quick training run's), it is extrapolated from a log-normal fit of the scores instead, never below the
-    largest score: the empirical maximum of a few dozen scores would refuse real films far too often."""
+    """The limit under which ``keep`` of the calibration X-rays' (positive) scores are expected to lie.
+
+    The empirical ``keep`` quantile rests on the two or three largest scores: a few hundred validation
+    films (a quick run's) give a limit that swings with them and refuses a few percent of other real
+    films. So the tail is modelled instead (peaks over a threshold): the log-scores above the top
+    ``TAIL`` share's threshold ``u`` are taken as exponential with the mean excess ``b`` estimated from
+    all of them, and the limit is ``exp(u + b log(TAIL / (1 - keep)))``, never below the empirical
+    quantile. Many scores estimate ``b``, whatever the sample size."""
     scores = np.asarray(scores, dtype=np.float64)
     empirical = float(np.quantile(scores, keep))
-    if len(scores) * (1 - keep) >= 1:
+    logs = np.sort(np.log(np.maximum(scores, 1e-12)))
+    n = len(logs)
+    m = min(max(TAIL_LEAST, round(TAIL * n)), n - 1)
+    if m < 1:
         return empirical
-    logs = np.log(np.maximum(scores, 1e-12))
-    z = float(NormalDist().inv_cdf(keep))
-    return max(float(np.exp(logs.mean() + z * logs.std(ddof=1 if len(logs) > 1 else 0))), float(scores.max()))
+    threshold = logs[n - m - 1]
+    excess = float((logs[n - m :] - threshold).mean())
+    return max(empirical, float(np.exp(threshold + excess * math.log((m / n) / (1 - keep)))))
 
 
 @dataclass
@@ -255,8 +284,9 @@ class Gate:
         limit so that ``keep`` of the calibration (validation) X-rays pass it."""
         features = FeatureScore.fit(train_features)
         train_stats, calibration_stats = image_statistics(train_images), image_statistics(calibration_images)
-        statistics = Mahalanobis.fit(train_stats)
-        layout = Mahalanobis.fit(train_stats[:, LAYOUT])
+        films = len(train_features)  # the independent training films; the other images are perturbed copies
+        statistics = Mahalanobis.fit(train_stats, films)
+        layout = Mahalanobis.fit(train_stats[:, LAYOUT], films)
         low, high = np.quantile(calibration_stats, WARN_QUANTILES, axis=0)
         gate = cls(features, math.inf, statistics, math.inf, layout, math.inf, low, high)
         gate.feature_limit = keeping(features.score(calibration_features), keep)
