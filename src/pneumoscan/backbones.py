@@ -45,6 +45,7 @@ class Backbone:
     # Trained on frozen features, a bundle stores only its head: the backbone is pinned by its weights'
     # sha256 and ships inside the bundle's ONNX model with int8 MatMul weights (frozen_onnx.py).
     head_only_when_frozen: bool = False
+    backbone_parameters: int = 0  # a head-only bundle's backbone, counted with its head (at image_size)
 
 
 REGISTRY: dict[str, Backbone] = {
@@ -100,6 +101,7 @@ REGISTRY: dict[str, Backbone] = {
             768,
             patch=14,
             head_only_when_frozen=True,
+            backbone_parameters=21_628_800,
         ),
         Backbone(
             "mobilenet_v2",

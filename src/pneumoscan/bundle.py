@@ -335,13 +335,17 @@ class Bundle:
         return sigmoid(logits, self.temperature)
 
     def parameter_count(self) -> int:
-        """Trainable values in the weights (batch-norm statistics left out), read from the file's header."""
+        """Trainable values in the weights (batch-norm statistics left out), read from the file's header; a
+        head-only bundle adds its pinned backbone's."""
         from safetensors import safe_open
+
+        from .backbones import get_backbone
 
         buffers = ("running_mean", "running_var", "num_batches_tracked")
         with safe_open(str(self.path / WEIGHTS), framework="numpy") as f:
             shapes = [f.get_slice(k).get_shape() for k in f.keys() if not k.endswith(buffers)]
-        return int(sum(math.prod(shape) for shape in shapes))
+        backbone = get_backbone(self.config["backbone"]).backbone_parameters if self.head_only else 0
+        return backbone + int(sum(math.prod(shape) for shape in shapes))
 
     def training_splits(self, root: str | Path | None = None):
         """The (train, validation) samples this bundle was trained with: its recipe's patient split of
@@ -448,8 +452,8 @@ class Bundle:
 # Models that ship inside the package, by name (--model NAME): the folder under src/pneumoscan/ that
 # holds each. A name is looked up only when no file or folder of that name exists (a path wins).
 BUNDLED_MODELS = {
-    "default": "default_model",  # the most accurate model
-    "fast": "default_model",  # the fastest; the default itself while the default is a single model
+    "default": "default_model",  # the most accurate model: an ensemble of EfficientNet-Lite0 and DINOv2
+    "fast": "default_model/members/fast",  # the fastest: the ensemble's EfficientNet-Lite0 member alone
 }
 
 
