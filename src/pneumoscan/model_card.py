@@ -108,7 +108,7 @@ clinician reading every image. {_calibration_advice(c.get("calibration"))}
 {chr(10).join(rows) if rows else "| (no metrics recorded) | | | | | | |"}
 
 {GENERALISATION_NOTE}
-
+{_notes(c)}
 {FAILURE_MODES}"""
 
 
@@ -167,7 +167,6 @@ def model_card(bundle) -> str:
         if cal
         else ""
     )
-    notes = f"\n## How this model was chosen\n{md(c['notes'])}\n" if c.get("notes") else ""
     return f"""# Model card: {md(c.get("name", bundle.path.name))}
 
 **Research software, not a medical device.** It must not be used to diagnose, treat or triage patients.
@@ -201,8 +200,12 @@ of train ({md(training.get("validation", {}).get("images", "?"))} images).
 
 {calibration}
 {subtype}{gate}
-{notes}
+{_notes(c)}
 {FAILURE_MODES}"""
+
+
+def _notes(config: dict) -> str:
+    return f"\n## How this model was chosen\n{md(config['notes'])}\n" if config.get("notes") else ""
 
 
 def _head_only_line(config: dict) -> str:
