@@ -27,7 +27,6 @@ from pneumoscan.shift import PERTURBATIONS
 from pneumoscan.training import GATE_PERTURBED_IMAGES, gate_images, perturbed_sample
 
 
-
 def earlier_rule(scores: np.ndarray, keep: float) -> float:
     """The rule before the tail was modelled: the empirical quantile, or where fewer than 1 / (1 - keep)
     scores lie beyond it, a log-normal fit's quantile (never below the largest score)."""
