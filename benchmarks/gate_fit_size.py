@@ -56,14 +56,17 @@ def fit(train_feats, cal_feats, train_stats, cal_stats, films: int, rule) -> G.G
 def refused(gate: G.Gate, stats: np.ndarray, feats: np.ndarray) -> np.ndarray:
     """(N, 3): features, statistics, orientation over their limits."""
     ratio, _ = gate._orientation(stats)
-    return np.stack(
-        [
-            gate.features.score(feats) / gate.feature_limit,
-            gate.statistics.score(stats) / gate.statistics_limit,
-            ratio / gate.orientation_limit,
-        ],
-        axis=1,
-    ) > 1
+    return (
+        np.stack(
+            [
+                gate.features.score(feats) / gate.feature_limit,
+                gate.statistics.score(stats) / gate.statistics_limit,
+                ratio / gate.orientation_limit,
+            ],
+            axis=1,
+        )
+        > 1
+    )
 
 
 def main() -> None:
@@ -78,7 +81,9 @@ def main() -> None:
     train_images = load_images(train, size, progress=False)[0]
     val_images, val, _ = load_images(val, size, progress=False)
     sample, calibration = gate_images(train_images, val_images, seed)
-    train_stats = np.concatenate([G.image_statistics(sample), G.image_statistics(perturbed_sample(train_images, seed + 1))])
+    train_stats = np.concatenate(
+        [G.image_statistics(sample), G.image_statistics(perturbed_sample(train_images, seed + 1))]
+    )
     cal_stats = G.image_statistics(calibration)
     train_feats, cal_feats = clf.outputs(sample)[1], clf.outputs(calibration)[1]
     n_val, k = len(val_images), len(PERTURBATIONS)
@@ -109,8 +114,10 @@ def main() -> None:
                 gate = fit(train_feats[train_rows], cal_feats[rows], stats, cal_stats[rows], len(train_rows), rule)
                 out = refused(gate, cal_stats[:n_val][rest], cal_feats[:n_val][rest])
                 shares[name].append([*out.mean(0), out.any(1).mean()])
-        cells = [", ".join(f"{v:.1%}" for v in np.mean(s, axis=0)[:3]) + f": {np.mean(s, axis=0)[3]:.1%}"
-                 for s in shares.values()]
+        cells = [
+            ", ".join(f"{v:.1%}" for v in np.mean(s, axis=0)[:3]) + f": {np.mean(s, axis=0)[3]:.1%}"
+            for s in shares.values()
+        ]
         print(f"| {n} | {min(len(train_feats), 9 * n)} | {' | '.join(cells)} |")
 
 
