@@ -18,7 +18,9 @@ IMAGES = sorted(EXAMPLES.glob("*/*.jpeg"))
 
 @pytest.fixture(scope="module")
 def onnx_clf():
-    return Classifier.load()  # the bundled model on ONNX Runtime: what the base install runs
+    # the bundled fast model (the default ensemble's primary member, which its Grad-CAM explains) on ONNX
+    # Runtime, what the base install runs; the ensemble's explanations: tests/test_ensemble.py
+    return Classifier.load("fast")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_explanations_match_on_full_resolution_films(onnx_clf):
 
     films = sorted(VAL_FULLRES.rglob("*.jpeg"))[:2]
     assert len(films) == 2
-    autograd = Classifier.load(engine="torch")
+    autograd = Classifier.load("fast", engine="torch")
     for film in films:
         ours, reference = onnx_clf.explain(film), autograd.explain(film)
         assert ours.label == reference.label and ours.probability == pytest.approx(reference.probability, abs=1e-4)
