@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscan.bundle import resolve_model
 from pneumoscan.cli import main
 from pneumoscan.figures import short_name
 from pneumoscan.inference import Prediction
 from pneumoscan.output import CSV_COLUMNS, FIELDS, TABLE, record, write_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
-SHIPPED = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "default_model"
+SHIPPED = resolve_model("fast")  # a single network (the default is an ensemble of two)
 PNEUMONIA = sorted((EXAMPLES / "PNEUMONIA").glob("*.jpeg"))
 
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from pneumoscan.bundle import resolve_model
 from pneumoscan.cli import build_parser, main
 from pneumoscan.data import Augmentation
 from pneumoscan.errors import ConfigError
 from pneumoscan.recipe import RECIPES, TrainConfig
 from pneumoscan.settings import given
 
-SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "default_model" / "config.json"
+SHIPPED_CONFIG = resolve_model("fast") / "config.json"  # the recipe's model: the default ensemble's primary
 NOT_THE_RECIPE = {"data", "out", "recipe", "devices", "num_nodes", "accelerator", "precision", "workers", "cache"}
 
 
