@@ -5,6 +5,7 @@ calibrate and serve; training says which extra it needs. About 2 minutes (desele
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -61,7 +62,7 @@ def test_no_training_stack_is_installed(base_venv):
 def test_demo(base_venv, tmp_path):
     done = pneumoscan(base_venv, "demo", "--out", tmp_path / "demo")
     assert done.returncode == 0, done.stderr
-    engines = done.stdout.splitlines()[0].rsplit("(", 1)[1].split(")")[0]
+    engines = re.search(r"\(([\w+-]+)\), threshold", done.stdout.splitlines()[0]).group(1)
     assert set(engines.split("+")) == {"onnx"}  # every member of the bundled model on ONNX Runtime
     assert "<- wrong" not in done.stdout  # all 16 right
     assert len(list((tmp_path / "demo" / "gradcam").glob("*.png"))) == 16

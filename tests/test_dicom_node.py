@@ -131,7 +131,7 @@ def test_orthanc_sends_an_image_and_gets_a_report_in_the_same_study(pacs, classi
     assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
     words = " ".join(texts(sr))
     assert "research use only" in words.lower()
-    assert classifier.bundle.config["weights_sha256"] in words and "threshold rule: balanced" in words
+    assert classifier.bundle.weights_sha256 in words and "threshold rule: balanced" in words
 
     row = row_for(node, source.SOPInstanceUID)
     direct = classifier.predict_one(io.BytesIO(data))
