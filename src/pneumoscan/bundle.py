@@ -25,6 +25,7 @@ import numpy as np
 from . import __version__
 from .backbones import BACKBONES, HEAD, sha256_file
 from .errors import ConfigError, require_train_extra
+from .feature_heads import HEADS, head_files
 from .labels import CLASSES
 from .metrics import CI_METRICS, sigmoid
 
@@ -40,10 +41,11 @@ CURVES = "training_curves.png"
 ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out,
 ONNX_FEATURES = "features"  # and the pooled features (N, F) that the input gate and the subtype head read,
 ONNX_FEATURE_MAP = "feature_map"  # and the last feature map (N, F, h, w) they pool, for Grad-CAM without autograd
-GATE = "gate.safetensors"  # the input gate (gate.py)
-SUBTYPE = "subtype.safetensors"  # the bacterial/viral head (subtype.py)
+GATE = HEADS["gate"].filename  # the input gate (gate.py)
+SUBTYPE = HEADS["subtype"].filename  # the bacterial/viral head (subtype.py)
 ONNX_FILES = (ONNX, ONNX_INT8)
-ANSWER_FILES = (*ONNX_FILES, GATE, SUBTYPE)  # besides the weights, the files that can change an answer
+HEAD_FILES = head_files()  # one file per feature head (feature_heads.HEADS)
+ANSWER_FILES = (*ONNX_FILES, *HEAD_FILES)  # besides the weights, the files that can change an answer
 EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
 MAX_JSON_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 32
@@ -56,8 +58,7 @@ MAX_FILE_BYTES = {
     WEIGHTS: MAX_MODEL_BYTES,
     ONNX: MAX_MODEL_BYTES,
     ONNX_INT8: MAX_MODEL_BYTES,
-    GATE: 64 * 2**20,
-    SUBTYPE: 64 * 2**20,
+    **{head.filename: head.max_bytes for head in HEADS.values()},
     CURVES: 16 * 2**20,
 }
 
@@ -253,7 +254,7 @@ def validate_operating_config(config: dict, where: str) -> None:
 _METRIC_NUMBERS = (*CI_METRICS, "ece", "threshold")
 
 
-_NESTED_REPORTS = ("at_0.5", "subtype", "cross_fit", "previous_operating_point")
+_NESTED_REPORTS = ("at_0.5", *HEADS, "cross_fit", "previous_operating_point")  # heads: their validation reports
 
 
 def validate_metrics(metrics: dict, where: str, prefix: str = "") -> None:
@@ -360,17 +361,22 @@ class Bundle:
             root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0)
         )
 
+    def load_head(self, name: str):
+        """The feature head ``name`` (a key of :data:`feature_heads.HEADS`), or None for a bundle without it."""
+        head = HEADS[name]
+        return head.load(self.path / head.filename) if head.filename in self.config.get("files", {}) else None
+
+    def load_heads(self) -> dict:
+        """The feature heads this bundle has, by name, in HEADS order."""
+        return {name: head for name in HEADS if (head := self.load_head(name)) is not None}
+
     def load_gate(self):
         """The input gate (:class:`pneumoscan.gate.Gate`), or None for a bundle without one."""
-        from .gate import Gate
-
-        return Gate.load(self.path / GATE) if GATE in self.config.get("files", {}) else None
+        return self.load_head("gate")
 
     def load_subtype(self):
         """The bacterial/viral head (:class:`pneumoscan.subtype.SubtypeHead`), or None."""
-        from .subtype import SubtypeHead
-
-        return SubtypeHead.load(self.path / SUBTYPE) if SUBTYPE in self.config.get("files", {}) else None
+        return self.load_head("subtype")
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json."""

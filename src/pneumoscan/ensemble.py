@@ -107,11 +107,8 @@ class Ensemble(Bundle):
     def training_splits(self, root: str | Path | None = None):
         return self.primary.training_splits(root)
 
-    def load_gate(self):
-        return self.primary.load_gate()
-
-    def load_subtype(self):
-        return self.primary.load_subtype()
+    def load_head(self, name: str):
+        return self.primary.load_head(name)  # the primary's features feed every feature head
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         return None  # each member has its own
@@ -305,7 +302,8 @@ def make_ensemble(
     (:func:`held_out_of_every_member`), threshold 0.5 (balanced), validation metrics and the model card."""
     from . import metrics as M
     from .data import load_images
-    from .evaluation import score, subtype_scores
+    from .evaluation import head_reports, score
+    from .feature_head import Evaluation
     from .inference import Classifier
     from .output import ensure_folder
     from .settings import checked_path
@@ -360,11 +358,8 @@ def make_ensemble(
     )
     report["unreadable"] = errors
     report["held_out_of"] = "every member's training (the validation images no member was trained on)"
-    subtype = subtype_scores(samples, features, clf)
-    if subtype is not None:
-        report["subtype"] = M.subtype_report(
-            *subtype[:2], subtype[2], clf.subtype.threshold, n_resamples, seed, "validation"
-        )
+    # the heads' reports that need no refusals made (the gate's needs predictions: none here)
+    report.update(head_reports(clf, Evaluation(samples, features, None, n_resamples, seed, "validation")))
     ensure_folder(out)
     metrics = {"validation": {k: v for k, v in report.items() if k != "model"}}
     return write_ensemble(out, config, metrics, list(zip(names, bundles)))
