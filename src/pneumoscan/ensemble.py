@@ -26,29 +26,22 @@ import numpy as np
 
 from . import __version__
 from .backbones import sha256_file
-from .bundle import (
+from .bundle import Bundle, load_bundle, load_single, write_bundle
+from .bundle_schema import (
     CARD,
     CONFIG,
     CURVES,
     ENSEMBLE_FORMAT,
     FORMAT,
-    MAX_JSON_BYTES,
     METRICS,
     WEIGHTS,
-    Bundle,
-    atomic_write,
     bundle_file,
     check_schema,
-    load_bundle,
-    load_single,
-    parse_json_object,
-    read_json_object,
     validate_metrics,
     validate_operating_config,
-    write_bundle,
-    write_json,
 )
 from .errors import ConfigError
+from .fileio import MAX_JSON_BYTES, atomic_write, parse_json_object, read_json_object, write_json
 from .labels import CLASSES
 from .options import EnsembleOptions
 from .settings import DECLARED, declared

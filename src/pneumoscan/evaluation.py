@@ -14,11 +14,12 @@ import numpy as np
 
 from . import figures as R
 from . import metrics as M
-from .bundle import Bundle, write_json
+from .bundle import Bundle
 from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
 from .feature_head import Evaluation
 from .feature_heads import HEADS
+from .fileio import write_json
 from .inference import Classifier
 from .options import EvaluateOptions
 from .output import ensure_folder, write_prediction_file

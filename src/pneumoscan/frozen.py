@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .bundle import Bundle, save_bundle, write_json
+from .bundle import Bundle, save_bundle
 from .data import stratified_subset, summarize, training_splits
 from .distill import Teacher, balanced_class_weights, distillation_loss, soft_rows
 from .feature_head import FitData
 from .feature_heads import fit_heads_on
 from .features import frozen_features
+from .fileio import write_json
 from .recipe import TrainConfig
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from .backbones import provenance
-from .bundle import Bundle, read_json_object, save_bundle, write_json
+from .bundle import Bundle, save_bundle
 from .data import (
     ImageDataset,
     fits_in_memory,
@@ -40,6 +40,7 @@ from .distill import Teacher, aligned, balanced_class_weights, distillation_loss
 from .errors import ConfigError
 from .feature_head import FitData
 from .feature_heads import fit_heads_on
+from .fileio import read_json_object, write_json
 from .images import NORMALIZATION
 from .models import create_model, predict_logits, predict_outputs
 from .recipe import TrainConfig
