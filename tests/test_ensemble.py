@@ -24,7 +24,7 @@ EXAMPLES = sorted((default_bundle_path().parent / "examples").rglob("*.jpeg"))
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_bundle()
+    return load_bundle("fast")  # the bundled single model (the default is itself an ensemble)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +299,7 @@ def test_verify_checks_every_member(ensemble):
 
 def test_bundled_models_by_name_and_a_path_wins(tmp_path, monkeypatch):
     assert resolve_model("default") == default_bundle_path()
-    assert load_bundle("fast").weights_sha256 == load_bundle().weights_sha256
+    assert load_bundle("fast").weights_sha256 == load_bundle().primary.weights_sha256  # the default's primary
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fast").mkdir()  # an existing folder of that name is what --model means
     with pytest.raises(ConfigError, match="fast: not a model bundle"):
@@ -323,7 +323,7 @@ def test_ensemble_and_models_options_are_explained_and_errors_are_one_line(tmp_p
     for command in ("ensemble", "models"):
         assert all(a.help for a in sub[command]._actions if a.option_strings and a.dest != "help")
     done = subprocess.run(
-        [sys.executable, "-m", "pneumoscan.cli", "ensemble", default_bundle_path(), "--names", "../up",
+        [sys.executable, "-m", "pneumoscan.cli", "ensemble", resolve_model("fast"), "--names", "../up",
          "--out", tmp_path / "e"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
