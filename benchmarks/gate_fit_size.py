@@ -23,9 +23,9 @@ import numpy as np
 import pneumoscan.gate as G
 from pneumoscan import Classifier
 from pneumoscan.data import load_images, shared_data_root
+from pneumoscan.gate import PERTURBED_IMAGES as GATE_PERTURBED_IMAGES
+from pneumoscan.gate import gate_images, perturbed_sample
 from pneumoscan.shift import PERTURBATIONS
-from pneumoscan.training import GATE_PERTURBED_IMAGES, gate_images, perturbed_sample
-
 
 def earlier_rule(scores: np.ndarray, keep: float) -> float:
     """The rule before the tail was modelled: the empirical quantile, or where fewer than 1 / (1 - keep)

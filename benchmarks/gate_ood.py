@@ -36,8 +36,8 @@ from harness import timed, timed_call  # noqa: E402
 
 from pneumoscan import Classifier  # noqa: E402
 from pneumoscan.data import load_images, load_split, shared_data_root  # noqa: E402
+from pneumoscan.gate import gate_images  # noqa: E402
 from pneumoscan.images import load_image, prepare_with_chroma  # noqa: E402
-from pneumoscan.training import gate_images  # noqa: E402
 
 ENGINES = {"ONNX fp32": {"engine": "auto"}, "ONNX int8": {"int8": True}, "PyTorch": {"engine": "torch"}}
 

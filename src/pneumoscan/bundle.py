@@ -3,18 +3,16 @@
 ``model.safetensors``, ``config.json``, ``metrics.json``, ``MODEL_CARD.md`` and optionally
 ``model.onnx`` / ``model.int8.onnx`` and ``training_curves.png``. Bundles come from anywhere, so
 everything in one is hostile until checked: the config records the sha256 of the weights and of
-every ONNX model, checked at every load, and config and metrics are validated (types, ranges, size,
-nesting) so that a bundle either loads with one line saying why not, or works.
+every ONNX model and feature head, checked at every load, and config and metrics are validated (types,
+ranges, size, nesting: :mod:`pneumoscan.bundle_schema`) so that a bundle either loads with one line saying
+why not, or works. Files are written atomically and JSON read with bounds (:mod:`pneumoscan.fileio`); this
+module re-exports the names of both, so ``from pneumoscan.bundle import ...`` finds every bundle name.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
-import shutil
-import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -23,267 +21,55 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backbones import BACKBONES, HEAD, sha256_file
+from .backbones import HEAD, sha256_file
+from .bundle_schema import (
+    ANSWER_FILES,
+    CARD,
+    CONFIG,
+    CURVES,
+    ENSEMBLE_FORMAT,
+    EXTRA_FILES,
+    FORMAT,
+    GATE,
+    HEAD_FILES,
+    MAX_FILE_BYTES,
+    MAX_MODEL_BYTES,
+    METRICS,
+    ONNX,
+    ONNX_FEATURE_MAP,
+    ONNX_FEATURES,
+    ONNX_FILES,
+    ONNX_INPUT,
+    ONNX_INT8,
+    ONNX_OUTPUT,
+    SUBTYPE,
+    WEIGHTS,
+    WEIGHTS_SCOPES,
+    bundle_file,
+    check_schema,
+    validate_config,
+    validate_metrics,
+    validate_operating_config,
+)
 from .errors import ConfigError, require_train_extra
+from .feature_heads import HEADS
+from .fileio import MAX_JSON_BYTES, MAX_JSON_DEPTH, atomic_write, parse_json_object, read_json_object, write_json
 from .labels import CLASSES
-from .metrics import CI_METRICS, sigmoid
+from .metrics import sigmoid
 
-FORMAT = "pneumoscan-bundle/1"
-ENSEMBLE_FORMAT = "pneumoscan-ensemble/1"  # an ensemble of single bundles (ensemble.py)
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.json"
-CARD = "MODEL_CARD.md"
-ONNX = "model.onnx"
-ONNX_INT8 = "model.int8.onnx"
-CURVES = "training_curves.png"
-ONNX_INPUT, ONNX_OUTPUT = "image", "logit"  # an exported graph: uint8 (N, 1, S, S) in, logits (N,) out,
-ONNX_FEATURES = "features"  # and the pooled features (N, F) that the input gate and the subtype head read,
-ONNX_FEATURE_MAP = "feature_map"  # and the last feature map (N, F, h, w) they pool, for Grad-CAM without autograd
-GATE = "gate.safetensors"  # the input gate (gate.py)
-SUBTYPE = "subtype.safetensors"  # the bacterial/viral head (subtype.py)
-ONNX_FILES = (ONNX, ONNX_INT8)
-ANSWER_FILES = (*ONNX_FILES, GATE, SUBTYPE)  # besides the weights, the files that can change an answer
-EXTRA_FILES = (*ANSWER_FILES, CURVES)  # every other file a bundle may hold
-MAX_JSON_BYTES = 4 * 2**20
-MAX_JSON_DEPTH = 32
-MAX_MODEL_BYTES = 1024 * 2**20  # weights and ONNX models (the shipped ones are 4-17 MB)
-# The largest file of each name a bundle may hold; anything bigger is refused before it is read.
-MAX_FILE_BYTES = {
-    CONFIG: MAX_JSON_BYTES,
-    METRICS: MAX_JSON_BYTES,
-    CARD: 2**20,
-    WEIGHTS: MAX_MODEL_BYTES,
-    ONNX: MAX_MODEL_BYTES,
-    ONNX_INT8: MAX_MODEL_BYTES,
-    GATE: 64 * 2**20,
-    SUBTYPE: 64 * 2**20,
-    CURVES: 16 * 2**20,
-}
-
-# key: (types, required)
-_SCHEMA = {
-    "format": (str, True),
-    "backbone": (str, True),
-    "image_size": (int, True),
-    "class_names": (list, True),
-    "threshold": ((int, float), True),
-    "temperature": ((int, float), True),
-    "weights_sha256": (str, True),
-    "files": (dict, False),
-    "dropout": ((int, float), False),
-    "hidden": (int, False),
-    "name": (str, False),
-    "version": (str, False),
-    "normalization": (dict, False),
-    "threshold_rule": (str, False),
-    "training": (dict, False),
-    "pneumoscan_version": (str, False),
-    "notes": (str, False),
-    "calibration": (dict, False),
-    "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
-    "weights_scope": (str, False),  # "network" (default) or "head": the backbone comes from the registry
-}
-WEIGHTS_SCOPES = ("network", "head")
-_CALIBRATION_SCHEMA = {
-    "source": str,
-    "source_threshold": (int, float),
-    "source_temperature": (int, float),
-    "data": str,
-    "images": int,
-    "patients": int,
-}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+__all__ = [  # re-exported: pneumoscan.bundle stays the one place to import a bundle's names from
+    "ANSWER_FILES", "BUNDLED_MODELS", "CARD", "CONFIG", "CURVES", "ENSEMBLE_FORMAT", "EXTRA_FILES", "FORMAT", "GATE",
+    "HEAD_FILES", "MAX_FILE_BYTES", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_MODEL_BYTES", "METRICS", "ONNX",
+    "ONNX_FEATURE_MAP", "ONNX_FEATURES", "ONNX_FILES", "ONNX_INPUT", "ONNX_INT8", "ONNX_OUTPUT", "SUBTYPE",
+    "WEIGHTS", "WEIGHTS_SCOPES", "Bundle", "atomic_write", "bundle_file", "check_schema", "default_bundle_path",
+    "load_bundle", "load_single", "onnx_metadata", "parse_json_object", "read_json_object", "resolve_model",
+    "save_bundle", "sha256_file", "validate_config", "validate_metrics", "validate_operating_config",
+    "with_metadata", "write_bundle", "write_json",
+]  # fmt: skip
 
 
 def default_bundle_path() -> Path:
     return Path(__file__).parent / "default_model"
-
-
-def bundle_file(folder: Path, name: str) -> Path | None:
-    """``folder / name`` if the bundle holds that file, None if it does not. A bundle's files must be
-    regular files inside it, within their size limit (:data:`MAX_FILE_BYTES`): a symbolic link (which
-    could point at a private file or at /dev/zero), a FIFO, a device or a folder is refused with one
-    line, before anything is read."""
-    path = folder / name
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise ConfigError(f"{path}: is a symbolic link; a bundle's files must be regular files inside it")
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: not a regular file")
-    limit = MAX_FILE_BYTES[name]
-    if info.st_size > limit:
-        raise ConfigError(f"{path}: {info.st_size / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB limit for {name}")
-    return path
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON object from a file someone else may have made: bounded size and nesting, no NaN or
-    Infinity, one line naming the file when anything is off."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise ConfigError(
-                f"{path}: {what} is {size / 2**20:.1f} MB, over the {MAX_JSON_BYTES / 2**20:.0f} MB limit"
-            )
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.strerror or exc})") from None
-    return parse_json_object(data, path, what)
-
-
-def parse_json_object(data: bytes, path: Path, what: str) -> dict:
-    """:func:`read_json_object` on bytes already read (at most :data:`MAX_JSON_BYTES`) from ``path``."""
-    try:
-        if len(data) > MAX_JSON_BYTES:
-            raise ConfigError(f"{path}: {what} is over the {MAX_JSON_BYTES / 2**20:.0f} MB limit")
-        text = data.decode("utf-8")
-        # Nesting is checked before parsing: json's parser recurses once per level.
-        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _bracket_depth(text) > MAX_JSON_DEPTH:
-            raise ConfigError(f"{path}: {what} is nested deeper than {MAX_JSON_DEPTH} levels")
-        data = json.loads(text, parse_constant=_no_constants)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:150]
-        raise ConfigError(f"{path}: not valid JSON ({reason})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {what} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _bracket_depth(text: str) -> int:
-    """The deepest nesting of brackets outside strings."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            escaped = not escaped and ch == "\\"
-            if ch == '"' and not escaped:
-                in_string = False
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def check_schema(config: dict, schema: dict, where: str) -> None:
-    """Every required key of ``schema`` (key: (types, required)) present, and every known key of its type."""
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where}: config.json must hold a JSON object")
-    for key, (types, required) in schema.items():
-        if key not in config:
-            if required:
-                raise ConfigError(f"{where}: config.json lacks '{key}'")
-            continue
-        if not isinstance(config[key], types) or isinstance(config[key], bool):
-            raise ConfigError(f"{where}: config.json '{key}' has the wrong type ({type(config[key]).__name__})")
-
-
-def validate_config(config: dict, where: str) -> None:
-    """Check ``config`` against the bundle schema, ranges included; one line naming the first problem.
-    A config that passes here cannot fail later on first use."""
-    from .images import NORMALIZATION
-
-    check_schema(config, _SCHEMA, where)
-    if config["format"] != FORMAT:
-        raise ConfigError(f"{where}: unsupported bundle format {config['format']!r} (expected {FORMAT})")
-    if config["backbone"] not in BACKBONES:
-        raise ConfigError(f"{where}: unknown backbone {config['backbone']!r} (expected one of {', '.join(BACKBONES)})")
-    if not 0 <= config.get("dropout", HEAD["dropout"]) < 1:
-        raise ConfigError(f"{where}: dropout {config['dropout']} is outside [0, 1)")
-    if not 1 <= config.get("hidden", HEAD["hidden"]) <= 4096:
-        raise ConfigError(f"{where}: hidden {config['hidden']} is outside 1..4096")
-    if config.get("normalization", NORMALIZATION) != NORMALIZATION:
-        raise ConfigError(f"{where}: normalization differs from the one the model applies ({NORMALIZATION})")
-    if not _SHA256.fullmatch(config["weights_sha256"]):
-        raise ConfigError(f"{where}: weights_sha256 is not a sha256 hex digest")
-    files = config.get("files", {})
-    for name, digest in files.items():
-        if name not in ANSWER_FILES or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise ConfigError(f"{where}: config.json 'files' may only map {', '.join(ANSWER_FILES)} to sha256 digests")
-    pretrained = config.get("pretrained", {})
-    if not all(isinstance(v, str) and len(v) <= 300 for v in pretrained.values()) or len(pretrained) > 16:
-        raise ConfigError(f"{where}: config.json 'pretrained' must map at most 16 keys to short strings")
-    if config.get("weights_scope", "network") not in WEIGHTS_SCOPES:
-        raise ConfigError(f"{where}: config.json 'weights_scope' must be one of {', '.join(WEIGHTS_SCOPES)}")
-    if config.get("weights_scope") == "head" and not _SHA256.fullmatch(pretrained.get("sha256", "")):
-        raise ConfigError(f"{where}: a head-only bundle must pin its backbone's weights ('pretrained.sha256')")
-    validate_operating_config(config, where)
-
-
-def validate_operating_config(config: dict, where: str) -> None:
-    """The checks a single bundle and an ensemble share: image size, classes, operating point, texts,
-    training summary and site calibration (types already checked by :func:`check_schema`)."""
-    if not 32 <= config["image_size"] <= 1024:
-        raise ConfigError(f"{where}: image_size {config['image_size']} is outside 32..1024")
-    if not 0 < config["threshold"] < 1:
-        raise ConfigError(f"{where}: threshold {config['threshold']} is not a probability in (0, 1)")
-    if not 1e-3 <= config["temperature"] <= 1e3:
-        raise ConfigError(f"{where}: temperature {config['temperature']} is outside 0.001..1000")
-    if list(config["class_names"]) != list(CLASSES):
-        raise ConfigError(f"{where}: class_names must be {list(CLASSES)}")
-    for key in ("name", "version", "threshold_rule", "notes"):
-        if len(config.get(key, "")) > (20_000 if key == "notes" else 200):
-            raise ConfigError(f"{where}: config.json '{key}' is too long")
-    for part in ("train", "validation", "recipe"):
-        if not isinstance(config.get("training", {}).get(part, {}), dict):
-            raise ConfigError(f"{where}: config.json 'training.{part}' must be an object")
-    site = config.get("calibration")
-    if site is not None:
-        for key, types in _CALIBRATION_SCHEMA.items():
-            if not isinstance(site.get(key), types) or isinstance(site.get(key), bool):
-                raise ConfigError(f"{where}: config.json 'calibration.{key}' is missing or has the wrong type")
-
-
-_METRIC_NUMBERS = (*CI_METRICS, "ece", "threshold")
-
-
-_NESTED_REPORTS = ("at_0.5", "subtype", "cross_fit", "previous_operating_point")
-
-
-def validate_metrics(metrics: dict, where: str, prefix: str = "") -> None:
-    """metrics.json: an object of reports (one per split) whose headline numbers are numbers or null;
-    the reports nested in them (at 0.5, subtype, cross-fitted) likewise."""
-    for split, report in metrics.items():
-        if not isinstance(report, dict):
-            raise ConfigError(f"{where}: metrics.json '{prefix}{split}' must be an object")
-        validate_metrics({k: report[k] for k in _NESTED_REPORTS if k in report}, where, f"{prefix}{split}.")
-        split = prefix + split
-        for key in ("n", "n_normal", "n_pneumonia", "n_bacterial", "n_viral", "patients"):
-            if key in report and (not isinstance(report[key], int) or isinstance(report[key], bool)):
-                raise ConfigError(f"{where}: metrics.json '{split}.{key}' must be a whole number")
-        for key in _METRIC_NUMBERS:
-            value = report.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise ConfigError(f"{where}: metrics.json '{split}.{key}' must be a number or null")
-        ci = report.get("ci95", {})
-        if not isinstance(ci, dict) or not all(
-            v is None or (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v))
-            for v in ci.values()
-        ):
-            raise ConfigError(f"{where}: metrics.json '{split}.ci95' must map metrics to [low, high]")
-        cm = report.get("confusion_matrix")
-        if cm is not None and not (
-            isinstance(cm, list)
-            and len(cm) == 2
-            and all(isinstance(row, list) and len(row) == 2 and all(isinstance(x, int) for x in row) for row in cm)
-        ):
-            raise ConfigError(f"{where}: metrics.json '{split}.confusion_matrix' must be [[TN, FP], [FN, TP]]")
 
 
 @dataclass
@@ -360,17 +146,22 @@ class Bundle:
             root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0)
         )
 
+    def load_head(self, name: str):
+        """The feature head ``name`` (a key of :data:`feature_heads.HEADS`), or None for a bundle without it."""
+        head = HEADS[name]
+        return head.load(self.path / head.filename) if head.filename in self.config.get("files", {}) else None
+
+    def load_heads(self) -> dict:
+        """The feature heads this bundle has, by name, in HEADS order."""
+        return {name: head for name in HEADS if (head := self.load_head(name)) is not None}
+
     def load_gate(self):
         """The input gate (:class:`pneumoscan.gate.Gate`), or None for a bundle without one."""
-        from .gate import Gate
-
-        return Gate.load(self.path / GATE) if GATE in self.config.get("files", {}) else None
+        return self.load_head("gate")
 
     def load_subtype(self):
         """The bacterial/viral head (:class:`pneumoscan.subtype.SubtypeHead`), or None."""
-        from .subtype import SubtypeHead
-
-        return SubtypeHead.load(self.path / SUBTYPE) if SUBTYPE in self.config.get("files", {}) else None
+        return self.load_head("subtype")
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json."""
@@ -535,41 +326,6 @@ def _check_weights_metadata(weights: Path, config: dict) -> None:
                 f"{weights.parent}: config.json says {key} {config[key]!r} but the weights were "
                 f"trained with {recorded[key]!r}"
             )
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    atomic_write(path, (json.dumps(data, indent=2, default=_jsonable, allow_nan=False) + "\n").encode())
-
-
-def atomic_write(path: Path, data: bytes | Path) -> None:
-    """Write bytes (or a copy of a file) to ``path`` through a temporary file and a rename: readers
-    never see half a file, and a failure leaves the old one in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, Path):
-                with open(data, "rb") as source:
-                    shutil.copyfileobj(source, f, 1 << 20)
-            else:
-                f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def onnx_metadata(config: dict) -> dict[str, str]:

@@ -26,29 +26,22 @@ import numpy as np
 
 from . import __version__
 from .backbones import sha256_file
-from .bundle import (
+from .bundle import Bundle, load_bundle, load_single, write_bundle
+from .bundle_schema import (
     CARD,
     CONFIG,
     CURVES,
     ENSEMBLE_FORMAT,
     FORMAT,
-    MAX_JSON_BYTES,
     METRICS,
     WEIGHTS,
-    Bundle,
-    atomic_write,
     bundle_file,
     check_schema,
-    load_bundle,
-    load_single,
-    parse_json_object,
-    read_json_object,
     validate_metrics,
     validate_operating_config,
-    write_bundle,
-    write_json,
 )
 from .errors import ConfigError
+from .fileio import MAX_JSON_BYTES, atomic_write, parse_json_object, read_json_object, write_json
 from .labels import CLASSES
 from .options import EnsembleOptions
 from .settings import DECLARED, declared
@@ -107,11 +100,8 @@ class Ensemble(Bundle):
     def training_splits(self, root: str | Path | None = None):
         return self.primary.training_splits(root)
 
-    def load_gate(self):
-        return self.primary.load_gate()
-
-    def load_subtype(self):
-        return self.primary.load_subtype()
+    def load_head(self, name: str):
+        return self.primary.load_head(name)  # the primary's features feed every feature head
 
     def onnx_path(self, int8: bool = False) -> Path | None:
         return None  # each member has its own
@@ -305,7 +295,8 @@ def make_ensemble(
     (:func:`held_out_of_every_member`), threshold 0.5 (balanced), validation metrics and the model card."""
     from . import metrics as M
     from .data import load_images
-    from .evaluation import score, subtype_scores
+    from .evaluation import head_reports, score
+    from .feature_head import Evaluation
     from .inference import Classifier
     from .output import ensure_folder
     from .settings import checked_path
@@ -360,11 +351,8 @@ def make_ensemble(
     )
     report["unreadable"] = errors
     report["held_out_of"] = "every member's training (the validation images no member was trained on)"
-    subtype = subtype_scores(samples, features, clf)
-    if subtype is not None:
-        report["subtype"] = M.subtype_report(
-            *subtype[:2], subtype[2], clf.subtype.threshold, n_resamples, seed, "validation"
-        )
+    # the heads' reports that need no refusals made (the gate's needs predictions: none here)
+    report.update(head_reports(clf, Evaluation(samples, features, None, n_resamples, seed, "validation")))
     ensure_folder(out)
     metrics = {"validation": {k: v for k, v in report.items() if k != "model"}}
     return write_ensemble(out, config, metrics, list(zip(names, bundles)))

@@ -14,15 +14,16 @@ import numpy as np
 
 from . import figures as R
 from . import metrics as M
-from .bundle import Bundle, write_json
+from .bundle import Bundle
 from .data import Sample, load_images, load_split, summarize
 from .errors import ConfigError
+from .feature_head import Evaluation
+from .feature_heads import HEADS
+from .fileio import write_json
 from .inference import Classifier
-from .labels import CLASSES
 from .options import EvaluateOptions
 from .output import ensure_folder, write_prediction_file
 from .settings import DECLARED, checked_path, declared
-from .subtype import SUBTYPES
 from .text import csv_cell, number, printable, with_ci
 
 REFERENCES = {
@@ -104,15 +105,7 @@ def evaluate(
         report["unreadable"] = errors
         report["model"]["shown_as"] = name  # "A: ..." and "B: ..." when two are compared
         predictions = clf.results([str(s.path) for s in samples], logits, features, gating=False, images=images)
-        if clf.gate is not None:
-            scores = np.array([p.gate_score for p in predictions])
-            report["gate"] = gate_report(samples, scores, clf.gate.limit)
-        subtype = subtype_scores(samples, features, clf)
-        if subtype is not None:
-            y_viral, p_viral, groups = subtype
-            report["subtype"] = M.subtype_report(
-                y_viral, p_viral, groups, clf.subtype.threshold, n_resamples, seed, split_name
-            )
+        report.update(head_reports(clf, Evaluation(samples, features, predictions, n_resamples, seed, split_name)))
         if cross_fit:
             report["cross_fit"] = cross_fitted(
                 samples,
@@ -126,9 +119,9 @@ def evaluate(
             )
         result = ModelResult(name, clf, samples, logits, report)
         result.figures = make_figures(result, images, folder, seed, split_name)
-        if "subtype" in report:
-            path = R.plot_confusion(report["subtype"]["confusion_matrix"], folder / "subtype_confusion.png", SUBTYPES)
-            result.figures["Bacterial or viral: confusion matrix (true pneumonia)"] = path
+        for name, head in clf.heads.items():
+            if name in report:
+                result.figures.update(head.figures(report[name], folder))
         write_prediction_file(folder / "predictions.csv", list(zip(predictions, samples)))
         write_json(folder / "metrics.json", report)
         if record:
@@ -296,28 +289,10 @@ def score(
     return report
 
 
-def subtype_scores(samples: list[Sample], features: np.ndarray, clf: Classifier):
-    """(viral or not, viral probability, patient) of the true-pneumonia images whose names tell the
-    subtype, or None where the bundle has no subtype head or there are no such images."""
-    index = [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
-    if clf.subtype is None or not index:
-        return None
-    y = np.array([samples[i].subtype == SUBTYPES[1] for i in index], dtype=int)
-    return y, clf.subtype.viral_probability(features[index]), [samples[i].patient for i in index]
-
-
-def gate_report(samples: list[Sample], scores: np.ndarray, limit: float) -> dict:
-    """What the input gate would refuse among these labelled X-rays (metrics above count every image)."""
-    refused = [i for i, s in enumerate(scores) if s > limit]
-    by_class = {c.lower(): sum(samples[i].label == n for i in refused) for n, c in enumerate(CLASSES)}
-    return {
-        "limit": limit,
-        "refused": len(refused),
-        **{f"refused_{c}": n for c, n in by_class.items()},
-        "refused_share": len(refused) / max(len(samples), 1),
-        "refused_files": [str(samples[i].path) for i in refused],
-        "score_median": float(np.median(scores)) if len(scores) else None,
-    }
+def head_reports(clf: Classifier, data: Evaluation) -> dict:
+    """Each feature head's report on labelled images (metrics.json under its name), where it has one."""
+    reports = {name: head.evaluate(data) for name, head in clf.heads.items()}
+    return {name: report for name, report in reports.items() if report is not None}
 
 
 def cross_fitted(
@@ -416,18 +391,9 @@ def metrics_table(report: dict) -> str:
     lines.append(
         f"ECE {number(cal['ece_before'])} before, {number(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
     )
-    if st := report.get("subtype"):
-        lines.append(
-            f"bacterial or viral, on {st['n']} true pneumonia images ({st['n_bacterial']} bacterial, "
-            f"{st['n_viral']} viral), viral when probability >= {st['threshold']:.3f}:"
-        )
-        for key in (*M.HEADLINE, "loss"):
-            lines.append(f"{key:<12} {with_ci(st, key):<28}")
-    if gate := report.get("gate"):
-        lines.append(
-            f"input gate (limit {gate['limit']:.1f}): {gate['refused']} of {report['n']} would be refused "
-            f"({gate['refused_normal']} NORMAL, {gate['refused_pneumonia']} PNEUMONIA); the metrics count every image"
-        )
+    for name, head in HEADS.items():
+        if head_report := report.get(name):
+            lines += head.report_lines(head_report, report["n"])
     if cf := report.get("cross_fit"):
         lines.append(
             f"cross-fitted local calibration ({cf['folds']} patient folds, {cf['rule']}; "

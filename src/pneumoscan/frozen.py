@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .bundle import GATE, SUBTYPE, Bundle, save_bundle, write_json
-from .data import load_images, stratified_subset, summarize, training_splits
+from .bundle import Bundle, save_bundle
+from .data import stratified_subset, summarize, training_splits
 from .distill import Teacher, balanced_class_weights, distillation_loss, soft_rows
+from .feature_head import FitData
+from .feature_heads import fit_heads_on
 from .features import frozen_features
+from .fileio import write_json
 from .recipe import TrainConfig
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 MLP_STEPS = 300
-GATE_TRAIN_FEATURES = 1500
-GATE_PERTURBED_IMAGES = 32  # validation images per acquisition perturbation (each a new backbone pass)
 
 
 def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +129,7 @@ def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
     For a backbone the registry marks ``head_only_when_frozen`` (DINOv2), the features come from the int8
     ONNX graph that the bundle ships (:mod:`pneumoscan.frozen_onnx`) and the bundle stores only the head."""
     from .backbones import get_backbone
-    from .training import bundle_config, operating_point, run_config, subtype_from_features
+    from .training import bundle_config, operating_point, run_config
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -161,13 +162,11 @@ def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
     logits = head_logits(state, x_val)
     temperature, threshold, rule, validation = operating_point(cfg, val_samples, logits)
 
-    rng = np.random.default_rng(cfg.seed)
-    pick = np.sort(rng.choice(len(x_train), min(GATE_TRAIN_FEATURES, len(x_train)), replace=False))
-    gate = _gate(features_of, x_train[pick], [train_samples[i] for i in pick], x_val, val_samples, cfg)
-    extras = {GATE: gate.to_bytes()}
-    if fitted := subtype_from_features(x_train, train_samples, x_val, val_samples):
-        extras[SUBTYPE] = fitted[0].to_bytes()
-        validation["subtype"] = fitted[1]
+    fitting = FitData(
+        cfg.seed, cfg.image_size, train_samples, val_samples, features_of, train_features=x_train, val_features=x_val
+    )
+    extras, reports, _ = fit_heads_on(fitting)  # the feature heads (feature_heads.HEADS) on the cached features
+    validation.update(reports)
     training = {
         "data": str(cfg.data),
         "train": summarize(train_samples),
@@ -222,27 +221,6 @@ def _network(cfg: TrainConfig, hidden: int, state: dict, graph: Path | None):
     return nn.ModuleDict({"head": head}), lambda images: np.concatenate(
         [features(images[i : i + 32]) for i in range(0, len(images), 32)]
     )
-
-
-def _gate(
-    features_of, train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples: list, cfg
-):
-    """The input gate on cached features: fitted on training X-rays (their images also under every
-    acquisition perturbation), its limits from validation X-rays, clean and under every perturbation of a
-    few of them (those few pass through the backbone, ``features_of``)."""
-    from .gate import Gate
-    from .shift import perturb
-    from .training import perturbed_sample
-
-    train_images, _, _ = load_images(train_samples, cfg.image_size, progress=False)
-    val_images, _, _ = load_images(val_samples, cfg.image_size, progress=False)
-    rng = np.random.default_rng(cfg.seed)
-    rows = np.sort(rng.choice(len(val_samples), min(GATE_PERTURBED_IMAGES, len(val_samples)), replace=False))
-    perturbed = np.concatenate(list(perturb(val_images[rows], cfg.seed).values()))
-    perturbed_features = features_of(perturbed)
-    train_all = np.concatenate([train_images, perturbed_sample(train_images, cfg.seed + 1)])
-    calibration = np.concatenate([val_images, perturbed])
-    return Gate.fit(train_features, np.concatenate([val_features, perturbed_features]), train_all, calibration)
 
 
 MAX_FP32_BYTES = 45 * 2**20  # a weights file above this is stored in float16 (the 50 MB per-file limit)

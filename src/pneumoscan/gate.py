@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .feature_head import ERROR, Batch, Evaluation, FeatureHead, FitData, Fitted, ResultField, signed_root
 
 COMPONENTS = 32
 KEEP = 0.9985  # share of validation X-rays (clean and perturbed) under each part's limit (three parts: >= 99.5%)
@@ -43,6 +44,9 @@ WARN_QUANTILES = (0.001, 0.999)  # statistics beyond these quantiles of validati
 LIMIT = 1.0  # every score is divided by its limit
 REFUSAL = "does not look like a chest X-ray"
 FORMAT = "pneumoscan-gate/2"
+TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
+PERTURBED_IMAGES = 96  # per acquisition perturbation: training ones fit the statistics, validation ones set limits
+PERTURBED_IMAGES_CACHED = 32  # validation images per perturbation where features were cached (each a backbone pass)
 
 GRID = 7  # the layout: mean brightness over a GRID x GRID grid of the image (of 8-pixel blocks)
 SCALES = (1, 2, 4, 8)  # edge energy after averaging over blocks of these sides (each twice the last)
@@ -193,7 +197,7 @@ class FeatureScore:
 
     @classmethod
     def fit(cls, train: np.ndarray, k: int = COMPONENTS) -> FeatureScore:
-        train = _root(train)
+        train = signed_root(train)
         mean = train.mean(axis=0)
         _, singular, vt = np.linalg.svd(train - mean, full_matrices=False)
         k = min(k, vt.shape[0])
@@ -204,18 +208,11 @@ class FeatureScore:
         return cls(mean, vt[:k], scale, residual_scale)
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        centred = _root(features) - self.mean
+        centred = signed_root(features) - self.mean
         projected = centred @ self.components.T
         mahalanobis = ((projected / self.scale) ** 2).mean(axis=1)
         residual = np.maximum((centred**2).sum(axis=1) - (projected**2).sum(axis=1), 0) / self.residual_scale
         return mahalanobis + residual
-
-
-def _root(features: np.ndarray) -> np.ndarray:
-    """Signed square root: the plain root for a CNN's non-negative pooled features, and sign-preserving
-    for a ViT's signed token features."""
-    features = np.asarray(features, dtype=np.float64)
-    return np.sign(features) * np.sqrt(np.abs(features))
 
 
 TAIL = 0.1  # share of the calibration scores (at least TAIL_LEAST of them) whose spread sets the limit
@@ -258,7 +255,7 @@ class Verdict:
 
 
 @dataclass
-class Gate:
+class Gate(FeatureHead):
     features: FeatureScore
     feature_limit: float  # fp32 (PyTorch and ONNX)
     statistics: Mahalanobis
@@ -270,6 +267,54 @@ class Gate:
     int8_limit: float | None = None  # for int8 ONNX features; None: not fitted, the fp32 limit is used
 
     limit = LIMIT
+    name = "gate"
+    filename = "gate.safetensors"
+    description = "the input gate"
+    fields = (
+        ResultField("gate_score", "input gate score", 3),
+        ResultField("gate_limit", "input gate limit", 3, csv=False),  # the bundle's, the same on every row
+        ResultField("gate", "input gate"),  # "off" where predicted with the gate off
+    )
+
+    @classmethod
+    def from_training(cls, data: FitData) -> Fitted:
+        """The gate for a trained network: fitted on training X-rays (the image statistics also on
+        training X-rays under every acquisition perturbation of :mod:`pneumoscan.shift`), its limits set on
+        validation X-rays, clean and perturbed; for ``heads fit`` on a bundle with an int8 ONNX model, also
+        that model's own feature limit."""
+        if data.cached:  # features of every film are cached: a few perturbed validation films pass the backbone
+            pick = np.sort(
+                np.random.default_rng(data.seed).choice(
+                    len(data.train_samples), min(TRAIN_IMAGES, len(data.train_samples)), replace=False
+                )
+            )
+            train_images, val_images = data.images("train", pick), data.images("val")
+            perturbed = perturbed_sample(val_images, data.seed, PERTURBED_IMAGES_CACHED)
+            calibration = np.concatenate([val_images, perturbed])
+            calibration_features = np.concatenate([data.features("val"), data.features_of(perturbed)])
+            train_features, train_all = data.features("train", pick), train_images
+        else:
+            train_all, val_images = data.images("train"), data.images("val")
+            train_images, calibration = gate_images(train_all, val_images, data.seed)
+            train_features, calibration_features = data.features_of(train_images), data.features_of(calibration)
+        train_perturbed = perturbed_sample(train_all, data.seed + 1)
+        gate = cls.fit(
+            train_features, calibration_features, np.concatenate([train_images, train_perturbed]), calibration
+        )
+        lines = []
+        bundle = data.bundle
+        if bundle is not None and (int8 := bundle.onnx_path(int8=True)) is not None:
+            from .inference import OnnxEngine
+
+            engine = OnnxEngine(int8, bundle)
+            features = np.concatenate([engine.run(calibration[i : i + 64])[1] for i in range(0, len(calibration), 64)])
+            gate.fit_int8_limit(features)
+            lines.append(f"gate: int8 feature limit {gate.int8_limit:.2f} (fp32 {gate.feature_limit:.2f})")
+        lines.append(
+            f"gate: limits: features {gate.feature_limit:.2f}, statistics {gate.statistics_limit:.2f}, "
+            f"orientation {gate.orientation_limit:.2f}"
+        )
+        return Fitted(gate, None, lines)
 
     @classmethod
     def fit(
@@ -336,6 +381,41 @@ class Gate:
             else:
                 verdicts.append(Verdict(float(s), "; ".join(self.warnings(row)) or PART_REASONS[int(part.argmax())]))
         return verdicts
+
+    def verdicts(self, images: np.ndarray, features: np.ndarray, engine: str, chroma=None) -> list[Verdict]:
+        """:meth:`check`, and the colour warning on accepted inputs whose ``chroma`` (colourfulness before
+        they became grey, :func:`images.prepare_with_chroma`) is over :data:`COLOUR_LIMIT`."""
+        verdicts = self.check(images, features, engine)
+        for verdict, c in zip(verdicts, chroma if chroma is not None else []):
+            if verdict.accepted and c > COLOUR_LIMIT:
+                verdict.warnings.insert(0, COLOUR_WARNING)
+        return verdicts
+
+    def apply(self, batch: Batch) -> list[dict]:
+        """Score and limit for every input; a refusal (with ``batch.gating``), else the warnings."""
+        out = []
+        for verdict in self.verdicts(batch.images, batch.features, batch.engine, batch.chroma):
+            fields = {"gate_score": verdict.score, "gate_limit": self.limit}
+            if batch.gating and not verdict.accepted:
+                fields[ERROR] = refusal(verdict)
+            elif verdict.warnings:
+                fields["warnings"] = verdict.warnings
+            out.append(fields)
+        return out
+
+    def evaluate(self, data: Evaluation) -> dict | None:
+        """What the gate would refuse among labelled X-rays (the metrics count every image)."""
+        if data.results is None:
+            return None
+        return gate_report(data.samples, np.array([r.gate_score for r in data.results]), self.limit)
+
+    @classmethod
+    def report_lines(cls, report: dict, n: int) -> list[str]:
+        return [
+            f"input gate (limit {report['limit']:.1f}): {report['refused']} of {n} would be refused "
+            f"({report['refused_normal']} NORMAL, {report['refused_pneumonia']} PNEUMONIA); "
+            "the metrics count every image"
+        ]
 
     def _fits_once_turned(self, image: np.ndarray, turn: tuple[int, bool]) -> bool:
         """Whether the image, turned back, has the statistics of a chest X-ray (then the turn is named)."""
@@ -428,3 +508,35 @@ def refusal(verdict: Verdict) -> str:
     """The error of a refused input (its path stands beside it, in the result and on the error line)."""
     why = f": {verdict.reason}" if verdict.reason else ""
     return f"{REFUSAL}{why} (gate score {verdict.score:.2f}, limit {LIMIT:.0f})"
+
+
+def gate_report(samples: list, scores: np.ndarray, limit: float) -> dict:
+    """What the input gate would refuse among these labelled X-rays (metrics above count every image)."""
+    from .labels import CLASSES
+
+    refused = [i for i, s in enumerate(scores) if s > limit]
+    by_class = {c.lower(): sum(samples[i].label == n for i in refused) for n, c in enumerate(CLASSES)}
+    return {
+        "limit": limit,
+        "refused": len(refused),
+        **{f"refused_{c}": n for c, n in by_class.items()},
+        "refused_share": len(refused) / max(len(samples), 1),
+        "refused_files": [str(samples[i].path) for i in refused],
+        "score_median": float(np.median(scores)) if len(scores) else None,
+    }
+
+
+def gate_images(train_images: np.ndarray, val_images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The gate's training sample and its calibration set (validation X-rays, clean and perturbed)."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(train_images), min(TRAIN_IMAGES, len(train_images)), replace=False))
+    return np.asarray(train_images[pick]), np.concatenate([val_images, perturbed_sample(val_images, seed)])
+
+
+def perturbed_sample(images: np.ndarray, seed: int, count: int = PERTURBED_IMAGES) -> np.ndarray:
+    """``count`` of ``images`` (seeded) under every acquisition perturbation."""
+    from .shift import perturb
+
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(images), min(count, len(images)), replace=False))
+    return np.concatenate(list(perturb(np.asarray(images[sample]), seed).values()))

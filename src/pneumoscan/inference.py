@@ -26,7 +26,8 @@ import numpy as np
 
 from .bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, Bundle, load_bundle
 from .errors import ConfigError, ImageError, require_train_extra
-from .gate import COLOUR_LIMIT, COLOUR_WARNING, Verdict, refusal
+from .feature_head import ERROR, Batch
+from .gate import Verdict
 from .images import ImageSource, prepare_with_chroma, source_name
 from .labels import CLASSES, label_of
 from .options import ENGINES, PREDICT_BATCH, PredictOptions
@@ -46,16 +47,38 @@ class Prediction:
     subtype: str | None = None  # "bacterial" or "viral", for PNEUMONIA where the bundle has the head
     viral_probability: float | None = None
     warnings: list[str] = field(default_factory=list)  # a degraded film: what the input gate noticed
+    extra: dict = field(default_factory=dict)  # result fields of feature heads that have no attribute above
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def get(self, name: str):
+        """The value of record field ``name`` (:data:`output.FIELDS`), or None where the result has none;
+        ``gate`` is "off" for a result predicted with the gate off."""
+        if name == "gate":
+            return "off" if self.gate_score is not None and not self.gated else None
+        if name in _ATTRIBUTES:
+            return getattr(self, name)
+        return self.extra.get(name)
+
+    def set(self, name: str, value) -> None:
+        """Set record field ``name`` (a feature head's result field)."""
+        if name == "gate":
+            self.gated = value != "off"
+        elif name in _ATTRIBUTES:
+            setattr(self, name, value)
+        else:
+            self.extra[name] = value
 
     def to_dict(self) -> dict:
         """The fields this result has, as JSON lines and the service write them (:func:`output.record`)."""
         from .output import record
 
         return record(self)
+
+
+_ATTRIBUTES = {f for f in Prediction.__dataclass_fields__ if f != "extra"}
 
 
 class TorchEngine:
@@ -309,8 +332,9 @@ class Classifier:
         """``engine``: auto, onnx or torch (:data:`ENGINES`), or an engine object to share."""
         self.bundle = bundle
         self.engine = make_engine(bundle, engine, int8)
-        self.gate = bundle.load_gate()
-        self.subtype = bundle.load_subtype()
+        self.heads = bundle.load_heads()  # the feature heads the bundle has (feature_heads.HEADS), in order
+        self.gate = self.heads.get("gate")
+        self.subtype = self.heads.get("subtype")
         self.gating = gate and self.gate is not None  # refuse what the gate does not accept
         if self.gate is None:
             warnings.warn(
@@ -364,19 +388,12 @@ class Classifier:
         ``chroma``: each input's colourfulness before it became grey (:func:`images.prepare_with_chroma`)."""
         if self.gate is None:
             return None
-        verdicts = self.gate.check(images, features, getattr(self.engine, "features_from", self.engine.name))
-        for verdict, c in zip(verdicts, chroma if chroma is not None else []):
-            if verdict.accepted and c > COLOUR_LIMIT:
-                verdict.warnings.insert(0, COLOUR_WARNING)
-        return verdicts
+        return self.gate.verdicts(images, features, self.features_from, chroma)
 
-    def _result(self, name: str, probability: float, verdict: Verdict | None, gating: bool) -> Prediction:
-        score, limit = (None, None) if verdict is None else (verdict.score, self.gate.limit)
-        if gating and not verdict.accepted:
-            return Prediction(name, error=refusal(verdict), gate_score=score, gate_limit=limit)
-        label = label_of(probability, self.threshold)
-        warned = [] if verdict is None else verdict.warnings
-        return Prediction(name, float(probability), label, self.threshold, None, score, limit, gating, warnings=warned)
+    @property
+    def features_from(self) -> str:
+        """The engine whose features the heads read (an ensemble's: its primary member's)."""
+        return getattr(self.engine, "features_from", self.engine.name)
 
     @declared(PredictOptions, "batch_size")
     def predict(
@@ -450,17 +467,27 @@ class Classifier:
         images: np.ndarray,
         chroma: list[float] | None = None,
     ) -> list[Prediction]:
-        """Predictions from the engine's outputs on prepared ``images``: probability and label, the gate's
-        verdict (a refusal when ``gating``; warnings otherwise), and the subtype of PNEUMONIA results where
-        the bundle has the head."""
-        verdicts = self.gate_verdicts(images, features, chroma)
-        viral = None if self.subtype is None else self.subtype.viral_probability(features)
+        """Predictions from the engine's outputs on prepared ``images``: probability and label, and the
+        result fields of every feature head the bundle has (the gate's score, and its refusal when
+        ``gating``, else its warnings; the subtype of PNEUMONIA results). An input a head refuses gets that
+        head's fields and its error, and no label."""
+        probabilities = self.probabilities(logits)
+        labels = [label_of(p, self.threshold) for p in probabilities]
+        batch = Batch(images, features, probabilities, labels, self.features_from, chroma, gating)
+        applied = [head.apply(batch) for head in self.heads.values()]
         out = []
-        for n, (name, p) in enumerate(zip(names, self.probabilities(logits))):
-            result = self._result(name, p, None if verdicts is None else verdicts[n], gating)
-            if viral is not None and result.label == CLASSES[1]:
-                result.viral_probability = float(viral[n])
-                result.subtype = self.subtype.label(viral[n])
+        for n, (name, p, label) in enumerate(zip(names, probabilities, labels)):
+            refused = next((rows[n] for rows in applied if gating and ERROR in rows[n]), None)
+            if refused is not None:
+                result = Prediction(name)
+                for key, value in refused.items():
+                    result.set(key, value)
+            else:
+                result = Prediction(name, float(p), label, self.threshold, gated=gating)
+                for rows in applied:
+                    for key, value in rows[n].items():
+                        if key != ERROR:  # refusals are off
+                            result.set(key, value)
             out.append(result)
         return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .feature_heads import HEADS
 from .metrics import OPERATING_RULES
 from .output import FORMATS
 from .settings import option
@@ -318,7 +319,7 @@ class HeadsFitOptions:
         path=True,
         metavar="ROOT",
     )
-    only: str | None = option(None, "fit only this head (both when not given)", choices=("gate", "subtype"))
+    only: str | None = option(None, "fit only this head (every one when not given)", choices=tuple(HEADS))
     progress: bool = quiet_option()
 
 

@@ -21,28 +21,31 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import ConfigError, ImageError
+from .feature_head import ResultField
+from .feature_heads import result_fields
 from .settings import checked_path
 from .text import csv_cell, csv_value, printable
 
 FORMATS = ("table", "csv", "jsonl")
 
-# The prediction record, declared once: its fields in order, and the decimals a number is written with.
-# JSON lines (and the service's responses) hold the fields a result has (:func:`record`); CSV, an
-# evaluation's predictions.csv and the table hold the columns below, from the same record.
-FIELDS = (
-    "path", "probability", "label", "threshold", "error",
-    "gate_score", "gate_limit", "gate", "subtype", "viral_probability", "warnings",
-)  # fmt: skip
-DIGITS = {"probability": 6, "threshold": 6, "gate_score": 3, "gate_limit": 3, "viral_probability": 6}
-# How people read each field (the service's page shows a result's fields under these names); a field
-# without one is shown under its own name.
-LABELS = {
-    "path": "file", "probability": "probability of pneumonia", "label": "label", "threshold": "threshold",
-    "error": "error", "gate_score": "input gate score", "gate_limit": "input gate limit", "gate": "input gate",
-    "subtype": "likely subtype (a second head, less certain)", "viral_probability": "probability viral",
-    "warnings": "warnings",
-}  # fmt: skip
-CSV_COLUMNS = tuple(f for f in FIELDS if f != "gate_limit")  # the limit is the bundle's, the same on every row
+# The prediction record, declared once: its fields in order, how people read each (the service's page
+# shows a result's fields under these names) and the decimals a number is written with. The feature heads
+# (feature_heads.HEADS) declare theirs, between the pneumonia head's and the warnings. JSON lines (and the
+# service's responses) hold the fields a result has (:func:`record`); CSV, an evaluation's predictions.csv
+# and the table hold the columns below, from the same record.
+RECORD = (
+    ResultField("path", "file"),
+    ResultField("probability", "probability of pneumonia", 6),
+    ResultField("label", "label"),
+    ResultField("threshold", "threshold", 6),
+    ResultField("error", "error"),
+    *result_fields(),
+    ResultField("warnings", "warnings"),  # a degraded film: what the input gate noticed
+)
+FIELDS = tuple(f.name for f in RECORD)
+DIGITS = {f.name: f.digits for f in RECORD if f.digits is not None}
+LABELS = {f.name: f.label for f in RECORD}
+CSV_COLUMNS = tuple(f.name for f in RECORD if f.csv)  # e.g. not the gate's limit: the bundle's, on every row
 MAX_NAME_BYTES = 200  # file names we make stay well inside the usual 255-byte limit
 
 
@@ -60,23 +63,16 @@ def ensure_folder(path: str | Path) -> Path:
 
 
 def record(result) -> dict:
-    """One result as the fields it has: path and error, or path, probability, label and threshold (with
-    subtype and viral probability for PNEUMONIA where the bundle has the head); gate score and limit
-    where the bundle has a gate, and ``"gate": "off"`` when it was not applied."""
-    out = {"path": result.path}
-    if result.error is not None:
-        out["error"] = result.error
-    else:
-        out.update(probability=result.probability, label=result.label, threshold=result.threshold)
-        if result.subtype is not None:
-            out.update(subtype=result.subtype, viral_probability=result.viral_probability)
-        if result.warnings:
-            out["warnings"] = list(result.warnings)
-    if result.gate_score is not None:
-        out.update(gate_score=result.gate_score, gate_limit=result.gate_limit)
-        if not result.gated:
-            out["gate"] = "off"
-    return {name: out[name] for name in FIELDS if name in out}  # in the declared order
+    """One result (:class:`inference.Prediction`) as the fields it has, in the declared order: path and
+    error, or path, probability, label and threshold; then each feature head's fields where it gave them
+    (gate score and limit where the bundle has a gate, ``"gate": "off"`` when it was not applied; subtype
+    and viral probability for PNEUMONIA where the bundle has the head), and the warnings, if any."""
+    out = {}
+    for name in FIELDS:
+        value = result.get(name)
+        if value is not None and not (isinstance(value, list) and not value):
+            out[name] = list(value) if isinstance(value, list) else value
+    return out
 
 
 def field_list() -> list[dict]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from . import settings
 from .backbones import BACKBONES, HEAD, check_image_size
-from .bundle import read_json_object
 from .data import Augmentation
 from .distill import DEFAULT_WEIGHT
 from .errors import ConfigError
+from .fileio import read_json_object
 from .options import operating_rule_option, target_sensitivity_option
 from .settings import option
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .feature_head import Batch, Evaluation, FeatureHead, FitData, Fitted, ResultField, signed_root
 
 SUBTYPES = ("bacterial", "viral")  # label 0 and 1 of the subtype head; viral is the positive class
 L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # regularisation strengths tried, chosen on validation
@@ -32,15 +33,17 @@ def subtype_of(filename: str) -> str | None:
     return SUBTYPES[1] if match.group(1).lower() == "virus" else SUBTYPES[0]
 
 
-def _transform(features: np.ndarray) -> np.ndarray:
-    """Signed square root: the plain root for a CNN's non-negative pooled features, and sign-preserving
-    for a ViT's signed token features."""
-    features = np.asarray(features, dtype=np.float64)
-    return np.sign(features) * np.sqrt(np.abs(features))
+def with_subtype(samples: list) -> list[int]:
+    """The indices of PNEUMONIA samples whose file names tell the subtype."""
+    return [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
+
+
+def is_viral(samples: list, index: list[int]) -> np.ndarray:
+    return np.array([samples[i].subtype == SUBTYPES[1] for i in index], dtype=int)
 
 
 @dataclass
-class SubtypeHead:
+class SubtypeHead(FeatureHead):
     mean: np.ndarray  # (F,) of the transformed features
     scale: np.ndarray  # (F,)
     weights: np.ndarray  # (F,)
@@ -49,9 +52,76 @@ class SubtypeHead:
     threshold: float
     rule: str = "balanced"
 
+    name = "subtype"
+    filename = "subtype.safetensors"
+    description = "the bacterial/viral head"
+    fields = (
+        ResultField("subtype", "likely subtype (a second head, less certain)"),
+        ResultField("viral_probability", "probability viral", 6),
+    )
+
+    @classmethod
+    def from_training(cls, data: FitData) -> Fitted:
+        """Fitted on the training pneumonia images whose names tell the subtype, with its validation report;
+        no head where either split lacks a subtype."""
+        from . import metrics as M
+
+        train_idx, val_idx = with_subtype(data.train_samples), with_subtype(data.val_samples)
+        train_features, val_features = data.features("train", train_idx), data.features("val", val_idx)
+        y_train, y_val = is_viral(data.train_samples, train_idx), is_viral(data.val_samples, val_idx)
+        if len(set(y_train.tolist())) < 2 or len(set(y_val.tolist())) < 2:
+            why = "subtype head: not fitted (no subtype in the training or validation file names)"
+            return Fitted(None, None, [why])
+        head = cls.fit(train_features, y_train, val_features, y_val)
+        groups = [data.val_samples[i].patient for i in val_idx]
+        report = M.subtype_report(
+            y_val, head.viral_probability(val_features), groups, head.threshold, split="validation"
+        )
+        line = f"subtype head: validation AUC {report['auc']:.3f}, temperature {head.temperature:.3f}"
+        return Fitted(head, report, [line])
+
+    def apply(self, batch: Batch) -> list[dict]:
+        """Subtype and viral probability for the PNEUMONIA results."""
+        from .labels import CLASSES
+
+        viral = self.viral_probability(batch.features)
+        return [
+            {"subtype": self.label(v), "viral_probability": float(v)} if label == CLASSES[1] else {}
+            for label, v in zip(batch.labels, viral)
+        ]
+
+    def evaluate(self, data: Evaluation) -> dict | None:
+        """Bacterial or viral on the true-pneumonia images whose names tell the subtype (None: there are none)."""
+        from . import metrics as M
+
+        index = with_subtype(data.samples)
+        if not index:
+            return None
+        y, p = is_viral(data.samples, index), self.viral_probability(data.features[index])
+        groups = [data.samples[i].patient for i in index]
+        return M.subtype_report(y, p, groups, self.threshold, data.n_resamples, data.seed, data.split)
+
+    @classmethod
+    def report_lines(cls, report: dict, n: int) -> list[str]:
+        from .metrics import HEADLINE
+        from .text import with_ci
+
+        lines = [
+            f"bacterial or viral, on {report['n']} true pneumonia images ({report['n_bacterial']} bacterial, "
+            f"{report['n_viral']} viral), viral when probability >= {report['threshold']:.3f}:"
+        ]
+        return lines + [f"{key:<12} {with_ci(report, key):<28}" for key in (*HEADLINE, "loss")]
+
+    @classmethod
+    def figures(cls, report: dict, folder: Path) -> dict[str, Path]:
+        from .figures import plot_confusion
+
+        path = plot_confusion(report["confusion_matrix"], folder / "subtype_confusion.png", SUBTYPES)
+        return {"Bacterial or viral: confusion matrix (true pneumonia)": path}
+
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Logits of VIRAL for pooled features ``(N, F)``."""
-        return ((_transform(features) - self.mean) / self.scale) @ self.weights + self.bias
+        return ((signed_root(features) - self.mean) / self.scale) @ self.weights + self.bias
 
     def viral_probability(self, features: np.ndarray) -> np.ndarray:
         from .metrics import sigmoid
@@ -90,7 +160,7 @@ class SubtypeHead:
     def _fit_weights(cls, train_features, train_viral, l2: float, rule: str) -> SubtypeHead:
         from scipy.optimize import minimize
 
-        x = _transform(train_features)
+        x = signed_root(train_features)
         mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
         x = (x - mean) / scale
         y = np.asarray(train_viral, dtype=np.float64)

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from .backbones import provenance
-from .bundle import GATE, SUBTYPE, Bundle, read_json_object, save_bundle, write_json
+from .bundle import Bundle, save_bundle
 from .data import (
     ImageDataset,
     fits_in_memory,
@@ -38,8 +38,11 @@ from .data import (
 )
 from .distill import Teacher, aligned, balanced_class_weights, distillation_loss
 from .errors import ConfigError
+from .feature_head import FitData
+from .feature_heads import fit_heads_on
+from .fileio import read_json_object, write_json
 from .images import NORMALIZATION
-from .models import create_model, predict_logits
+from .models import create_model, predict_logits, predict_outputs
 from .recipe import TrainConfig
 from .text import printable
 
@@ -472,78 +475,6 @@ def check_same_teacher(path: Path, teacher: Teacher | None) -> None:
         raise ConfigError(f"{teacher.bundle.path}: not the teacher this run started with (config.json digest differs)")
 
 
-GATE_TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
-GATE_PERTURBED_IMAGES = (
-    96  # images per acquisition perturbation: training ones fit the statistics, validation ones set limits
-)
-
-
-def fit_gate(net, train_images: np.ndarray, val_images: np.ndarray, seed: int = 0):
-    """The input gate for a trained network (:class:`pneumoscan.gate.Gate`): fitted on training X-rays
-    (the image statistics also on training X-rays under every acquisition perturbation of
-    :mod:`pneumoscan.shift`), its limits set on validation X-rays, clean and perturbed."""
-    from .gate import Gate
-    from .models import predict_outputs
-
-    train_sample, calibration = gate_images(train_images, val_images, seed)
-    _, train_features = predict_outputs(net, train_sample)
-    _, calibration_features = predict_outputs(net, calibration)
-    train_perturbed = perturbed_sample(train_images, seed + 1)
-    return Gate.fit(train_features, calibration_features, np.concatenate([train_sample, train_perturbed]), calibration)
-
-
-def gate_images(train_images: np.ndarray, val_images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The gate's training sample and its calibration set (validation X-rays, clean and perturbed)."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(train_images), min(GATE_TRAIN_IMAGES, len(train_images)), replace=False))
-    return np.asarray(train_images[pick]), np.concatenate([val_images, perturbed_sample(val_images, seed)])
-
-
-def perturbed_sample(images: np.ndarray, seed: int) -> np.ndarray:
-    """``GATE_PERTURBED_IMAGES`` of ``images`` (seeded) under every acquisition perturbation."""
-    from .shift import perturb
-
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(images), min(GATE_PERTURBED_IMAGES, len(images)), replace=False))
-    return np.concatenate(list(perturb(np.asarray(images[sample]), seed).values()))
-
-
-def fit_subtype(net, train_images: np.ndarray, train_samples: list, val_images: np.ndarray, val_samples: list):
-    """The bacterial/viral head on the network's features, fitted on the training pneumonia images whose
-    names tell the subtype, and its validation report; None where either split lacks a subtype."""
-    from .models import predict_outputs
-
-    train_idx, val_idx = _with_subtype(train_samples), _with_subtype(val_samples)
-    _, train_features = predict_outputs(net, np.asarray(train_images[train_idx]))
-    _, val_features = predict_outputs(net, np.asarray(val_images[val_idx]))
-    return subtype_from_features(
-        train_features, [train_samples[i] for i in train_idx], val_features, [val_samples[i] for i in val_idx]
-    )
-
-
-def _with_subtype(samples: list) -> list[int]:
-    from .subtype import SUBTYPES
-
-    return [i for i, s in enumerate(samples) if s.label == 1 and s.subtype in SUBTYPES]
-
-
-def subtype_from_features(train_features: np.ndarray, train_samples: list, val_features: np.ndarray, val_samples):
-    """The bacterial/viral head from features of samples with a known subtype (others are skipped)."""
-    from . import metrics as M
-    from .subtype import SUBTYPES, SubtypeHead
-
-    train_idx, val_idx = _with_subtype(train_samples), _with_subtype(val_samples)
-    y_train = np.array([train_samples[i].subtype == SUBTYPES[1] for i in train_idx], dtype=int)
-    y_val = np.array([val_samples[i].subtype == SUBTYPES[1] for i in val_idx], dtype=int)
-    if len(set(y_train.tolist())) < 2 or len(set(y_val.tolist())) < 2:
-        return None
-    head = SubtypeHead.fit(train_features[train_idx], y_train, val_features[val_idx], y_val)
-    groups = [val_samples[i].patient for i in val_idx]
-    return head, M.subtype_report(
-        y_val, head.viral_probability(val_features[val_idx]), groups, head.threshold, split="validation"
-    )
-
-
 def _training_images(data: TrainingData, size: int) -> tuple[np.ndarray, list]:
     """Training images in memory (decoded again, unaugmented, when training streamed them from disk)."""
     if data.in_memory:
@@ -612,10 +543,17 @@ def finish_run(
     config = bundle_config(cfg, net.hidden, threshold, rule, temperature, training)
     train_images, train_samples = _training_images(data, cfg.image_size)
     val_images = data.val_set.images.numpy()
-    extras = {GATE: fit_gate(net, train_images, val_images, cfg.seed).to_bytes()}
-    if fitted := fit_subtype(net, train_images, train_samples, val_images, data.val_samples):
-        extras[SUBTYPE] = fitted[0].to_bytes()
-        validation["subtype"] = fitted[1]
+    fitting = FitData(
+        cfg.seed,
+        cfg.image_size,
+        train_samples,
+        data.val_samples,
+        lambda images: predict_outputs(net, images)[1],
+        train_images=train_images,
+        val_images=val_images,
+    )
+    extras, reports, _ = fit_heads_on(fitting)  # the feature heads (feature_heads.HEADS) on this network
+    validation.update(reports)
     if curves:
         extras["training_curves.png"] = curves.read_bytes()
     bundle = save_bundle(run.out / "model", net, config, {"validation": validation}, extras=extras)
