@@ -27,6 +27,7 @@ from pneumoscan.gate import PERTURBED_IMAGES as GATE_PERTURBED_IMAGES
 from pneumoscan.gate import gate_images, perturbed_sample
 from pneumoscan.shift import PERTURBATIONS
 
+
 def earlier_rule(scores: np.ndarray, keep: float) -> float:
     """The rule before the tail was modelled: the empirical quantile, or where fewer than 1 / (1 - keep)
     scores lie beyond it, a log-normal fit's quantile (never below the largest score)."""
