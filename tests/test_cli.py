@@ -39,13 +39,14 @@ def test_every_command_lists_every_declared_option_with_help():
     command (declared or not) has help text."""
     from pneumoscan.data import Augmentation
     from pneumoscan.options import COMMANDS as DECLARED
+    from pneumoscan.options import TrainRunOptions
     from pneumoscan.recipe import TrainConfig
 
     parsers = _subparsers()
     assert set(parsers) == set(DECLARED) | {"train"}
     for command, sub in parsers.items():
         text = sub.format_help()
-        classes = (DECLARED[command],) if command in DECLARED else (TrainConfig, Augmentation)
+        classes = (DECLARED[command],) if command in DECLARED else (TrainRunOptions, TrainConfig, Augmentation)
         for cls in classes:
             for f in fields(cls):
                 if "spec" in f.metadata:
@@ -213,3 +214,16 @@ def test_train_options_come_from_the_config_definitions():
     cfg = from_args(TrainConfig, args, augmentation=from_args(Augmentation, args))
     assert cfg.augmentation.zoom == 0.2 and not cfg.augmentation.hflip and cfg.epochs == TrainConfig().epochs
     assert cfg.operating_rule == "balanced"
+
+
+def test_export_and_train_options_are_checked_as_declared():
+    """The export API takes its defaults and checks from the same declaration as the CLI; train's --resume
+    and --quiet are declared options too."""
+    from pneumoscan.errors import ConfigError
+    from pneumoscan.export import export_bundle
+
+    with pytest.raises(ConfigError, match="--calibration-images must be >= 2 and <= 100000, got 1"):
+        export_bundle(calibration_images=1)
+    with pytest.raises(ConfigError, match="--out: empty path"):
+        export_bundle(out="")
+    assert _in_process("train", "--resume", "")[0] == 2

@@ -112,7 +112,7 @@ def test_predict_prints_each_error_once_and_format_must_agree_with_output(tmp_pa
 def test_export_into_the_bundle_by_its_path_is_used(tmp_path, capsys):
     from pneumoscan.bundle import load_bundle
 
-    bundle = shutil.copytree(SHIPPED / "members" / "fast", tmp_path / "model")  # a single model: it has one network
+    bundle = shutil.copytree(SHIPPED, tmp_path / "model")
     code, _, err = _run(capsys, "export", "--model", bundle, "--out", bundle / "other.onnx")
     assert code == 2 and "inside the bundle only model.onnx is used" in err
     code, out, err = _run(capsys, "export", "--model", bundle, "--out", bundle / "model.onnx")

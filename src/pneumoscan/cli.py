@@ -28,6 +28,7 @@ from .options import (
     PredictOptions,
     PrepareOptions,
     ServeOptions,
+    TrainRunOptions,
     VerifyOptions,
 )
 from .text import printable
@@ -58,18 +59,11 @@ def _add_train(sub) -> None:
         "weights by validation AUC, and write a run folder with the model bundle. --recipe picks a named "
         "preset (recorded in the bundle); any other flag given overrides the preset's value.",
     )
-    p.add_argument(
-        "--resume",
-        metavar="RUN_DIR",
-        type=settings.path_argument,
-        default=None,
-        help="continue an interrupted run from its last checkpoint, with its own configuration",
-    )
+    settings.add_options(p, TrainRunOptions)
     settings.add_options(p, TrainConfig)
     settings.add_options(
         p.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)"), Augmentation
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
 
@@ -81,14 +75,15 @@ def _run_train(args) -> int:
     require_train_extra("pneumoscan train", TRAINING_STACK)
     from .training import train
 
-    if args.resume:
-        return _report_bundle(train(TrainConfig.from_run(args.resume, progress=not args.quiet)))
+    run = _options(TrainRunOptions, args)
+    if run.resume:
+        return _report_bundle(train(TrainConfig.from_run(run.resume, progress=run.progress)))
     chosen = settings.given(TrainConfig, args)
     cfg = TrainConfig.from_recipe(
         chosen.pop("recipe", "default"),
         **chosen,
         augmentation=settings.given(Augmentation, args),
-        progress=not args.quiet,
+        progress=run.progress,
     )
     return _report_bundle(train(cfg))
 
@@ -305,37 +300,10 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    o = _options(ExportOptions, args)
-    import tempfile
+    from .export import export_bundle
 
-    from .bundle import ONNX, ONNX_INT8, load_bundle
-    from .errors import require_train_extra
-    from .export import export_onnx, quantize_int8, training_images
-    from .output import ensure_folder
-
-    require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
-    bundle = load_bundle(o.model)
-    if o.out and Path(o.out).resolve().parent == bundle.path.resolve():
-        if Path(o.out).name != ONNX:  # a file of its own name in the bundle would never be used
-            raise PneumoscanError(
-                f"{printable(o.out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
-                "leave out --out to export into the bundle"
-            )
-        o.out = None  # the bundle's own model.onnx: written and recorded as without --out
-    if o.out:
-        if Path(o.out).is_dir():
-            raise PneumoscanError(f"{printable(o.out)}: --out names a folder; give a FILE.onnx")
-        ensure_folder(Path(o.out).parent)
-    if o.int8_only and (o.out or not o.int8):
-        raise PneumoscanError("--int8-only goes with --int8 and without --out")
-    images = training_images(bundle, o.calibration_data, o.calibration_images) if o.int8 else None
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(bundle, Path(tmp) / "fp32.onnx" if o.int8_only else o.out)
-        if not o.int8_only:
-            print(f"ONNX fp32: {printable(fp32)}")
-        if images is not None:
-            out = Path(o.out).with_suffix(".int8.onnx") if o.out else None
-            print(f"ONNX int8: {printable(quantize_int8(bundle, fp32, images, out))}")
+    for kind, path in export_bundle(**settings.given(ExportOptions, args)):
+        print(f"ONNX {kind}: {printable(path)}")
     return 0
 
 

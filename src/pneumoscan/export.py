@@ -28,6 +28,8 @@ from .bundle import (
     write_bundle,
 )
 from .errors import ConfigError
+from .options import ExportOptions
+from .settings import DECLARED, declared
 
 
 def export_onnx(bundle: Bundle, out: str | Path | None = None) -> Path:
@@ -159,3 +161,49 @@ def _head_nodes(model_path: Path) -> list[str]:
 
     graph = onnx.load(str(model_path)).graph
     return [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+
+
+@declared(ExportOptions, "model", "out", "int8", "int8_only", "calibration_data", "calibration_images")
+def export_bundle(
+    model: str | Path | None = DECLARED,
+    out: str | Path | None = DECLARED,
+    *,
+    int8: bool = DECLARED,
+    int8_only: bool = DECLARED,
+    calibration_data: str | Path | None = DECLARED,
+    calibration_images: int = DECLARED,
+) -> list[tuple[str, Path]]:
+    """``pneumoscan export``: the bundle's network as ONNX fp32 (and int8 with ``int8``), into the bundle
+    (recorded by sha256 in its config, where predict uses it) or to ``out``; returns ``(kind, path)`` per
+    file written."""
+    from .bundle import ONNX, ONNX_INT8, load_bundle
+    from .errors import require_train_extra
+    from .output import ensure_folder
+    from .text import printable
+
+    require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
+    bundle = load_bundle(model)
+    if out and Path(out).resolve().parent == bundle.path.resolve():
+        if Path(out).name != ONNX:  # a file of its own name in the bundle would never be used
+            raise ConfigError(
+                f"{printable(out)}: inside the bundle only {ONNX} is used (and {ONNX_INT8} with --int8); "
+                "leave out --out to export into the bundle"
+            )
+        out = None  # the bundle's own model.onnx: written and recorded as without --out
+    if out:
+        if Path(out).is_dir():
+            raise ConfigError(f"{printable(out)}: --out names a folder; give a FILE.onnx")
+        ensure_folder(Path(out).parent)
+    if int8_only and (out or not int8):
+        raise ConfigError("--int8-only goes with --int8 and without --out")
+    images = training_images(bundle, calibration_data, calibration_images) if int8 else None
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(bundle, Path(tmp) / "fp32.onnx" if int8_only else out)
+        if not int8_only:
+            written.append(("fp32", fp32))
+        if images is not None:
+            written.append(
+                ("int8", quantize_int8(bundle, fp32, images, Path(out).with_suffix(".int8.onnx") if out else None))
+            )
+    return written

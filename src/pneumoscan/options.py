@@ -214,6 +214,19 @@ class PredictOptions:
 
 
 @dataclass
+class TrainRunOptions:
+    """``train``'s options besides the recipe's (:class:`recipe.TrainConfig`) and the augmentation's."""
+
+    resume: str | None = option(
+        None,
+        "continue an interrupted run from its last checkpoint, with its own configuration",
+        path=True,
+        metavar="RUN_DIR",
+    )
+    progress: bool = quiet_option()
+
+
+@dataclass
 class ExportOptions:
     model: str | None = model_option()
     out: str | None = option(
