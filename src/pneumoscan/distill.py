@@ -110,7 +110,7 @@ class Teacher:
     ) -> tuple[np.ndarray, list[Sample], list[str]]:
         """``(calibrated probabilities (N,), kept samples, errors)``: the teacher's probability of PNEUMONIA
         for each image, from the cache where it was computed before; unreadable images are left out."""
-        from .features import _stored, image_key
+        from .features import _stored, gather_rows, image_key
 
         cache = cache or teacher_cache()
         prefix = f"teacher-{self.digest[:16]}-"
@@ -120,7 +120,8 @@ class Teacher:
         if missing:
             self._compute(missing, progress, cache, prefix)
             rows, known_errors = _stored(cache, prefix)
-        return _gather(samples, keys, rows, known_errors)
+        x, kept, errors = gather_rows(samples, keys, rows, known_errors, 1)
+        return x[:, 0].astype(np.float32), kept, errors
 
     def _compute(self, samples: list[Sample], progress: bool, cache: Path, prefix: str) -> None:
         from tqdm import tqdm
@@ -147,23 +148,6 @@ class Teacher:
             matrix = [np.asarray(probabilities, np.float32).reshape(-1, 1)]
             _write_store(cache, prefix, matrix, keys, errors)
         bar.close()
-
-
-def _gather(samples, keys, rows, known_errors) -> tuple[np.ndarray, list[Sample], list[str]]:
-    from safetensors.numpy import load_file
-
-    stores: dict[Path, np.ndarray] = {}
-    out, kept, errors = [], [], []
-    for sample, key in zip(samples, keys):
-        if key in rows:
-            store, row = rows[key]
-            if store not in stores:
-                stores[store] = load_file(str(store))["features"]
-            out.append(float(stores[store][row, 0]))
-            kept.append(sample)
-        else:
-            errors.append(known_errors[key])
-    return np.asarray(out, np.float32), kept, errors
 
 
 def teacher_cache() -> Path:

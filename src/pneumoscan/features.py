@@ -89,8 +89,6 @@ def frozen_features(
     from the cache where it was computed before. Unreadable images are left out and reported.
     ``graph``: compute them with this ONNX features graph (:mod:`pneumoscan.frozen_onnx`) instead of
     PyTorch; they are then cached under the graph's sha256."""
-    from safetensors.numpy import load_file
-
     cache = cache or cache_root()
     if graph is not None:
         from .frozen_onnx import graph_digest
@@ -104,6 +102,16 @@ def frozen_features(
     if missing:
         _compute(backbone, missing, image_size, weights, batch_size, progress, cache, prefix, graph)
         rows, known_errors = _stored(cache, prefix)
+    width = get_backbone(backbone).feature_size
+    return gather_rows(samples, keys, rows, known_errors, width)
+
+
+def gather_rows(samples, keys, rows, known_errors, width: int) -> tuple[np.ndarray, list, list[str]]:
+    """The stored rows ``(N, width)`` of the samples found in ``rows`` (key -> (store, row)), in order, the
+    samples found, and the recorded error of each one that could not be read. Shared by every cache kept
+    in stores of this format (features, teacher probabilities)."""
+    from safetensors.numpy import load_file
+
     stores: dict[Path, np.ndarray] = {}
     out, kept, errors = [], [], []
     for sample, key in zip(samples, keys):
@@ -115,7 +123,6 @@ def frozen_features(
             kept.append(sample)
         else:
             errors.append(known_errors[key])
-    width = get_backbone(backbone).feature_size
     return (np.stack(out) if out else np.zeros((0, width), np.float32)), kept, errors
 
 
