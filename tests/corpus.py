@@ -70,15 +70,16 @@ def dicom(
     window: tuple[float, float] | None = None,
     rescale: tuple[float, float] = (1.0, 0.0),
 ) -> bytes:
-    """A DICOM file of ``grey`` stored as 12-bit values; MONOCHROME1 stores it inverted."""
+    """A DICOM file of ``grey``'s intensities stored as 12-bit values (0-255 onto 0-4095, so a viewer shows
+    the same pixels); MONOCHROME1 stores it inverted."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    values = grey.astype(np.uint16) * 16  # 0..4080
+    values = np.rint(grey * (4095 / 255)).astype(np.uint16)  # the same intensities over 0..4095
     if photometric == "MONOCHROME1":
         values = 4095 - values
     slope, intercept = rescale
-    stored = np.round((values - intercept) / slope).astype(np.uint16)
+    stored = np.floor((values - intercept) / slope).astype(np.uint16)  # rescaled back: within the stored range
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -183,3 +183,15 @@ def test_no_static_int8_model_is_made_over_the_int8_backbone(head_only_bundle):
     bundle, _ = head_only_bundle
     with pytest.raises(ConfigError, match="already holds its backbone with int8 MatMul weights"):
         quantize_int8(bundle, bundle.path / ONNX, np.zeros((2, 224, 224), np.uint8))
+
+
+def test_int8_runs_the_int8_backbone_it_ships(head_only_bundle, recwarn):
+    """A head-only bundle's model.onnx is its int8 model: `--int8` runs it alone, the same answers, no warning."""
+    from pneumoscan.inference import Classifier
+
+    bundle, _ = head_only_bundle
+    images = real_images("val", "NORMAL", 2)
+    plain = Classifier(load_bundle(bundle.path), engine="onnx", gate=False).predict(images)
+    int8 = Classifier(load_bundle(bundle.path), int8=True, gate=False).predict(images)
+    assert [r.probability for r in int8] == [r.probability for r in plain]
+    assert not [w for w in recwarn if "int8" in str(w.message)]

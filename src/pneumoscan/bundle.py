@@ -164,9 +164,11 @@ class Bundle:
         return self.load_head("subtype")
 
     def onnx_path(self, int8: bool = False) -> Path | None:
-        """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json."""
-        name = ONNX_INT8 if int8 else ONNX
-        return self.path / name if name in self.config.get("files", {}) else None
+        """The bundle's ONNX model, if it has one recorded (by sha256, checked at load) in config.json. A
+        head-only bundle's model.onnx is its int8 model too: its backbone's MatMul weights are int8 already."""
+        files = self.config.get("files", {})
+        name = ONNX_INT8 if int8 and not (self.head_only and ONNX_INT8 not in files) else ONNX
+        return self.path / name if name in files else None
 
     def head_weights(self) -> dict[str, np.ndarray] | None:
         """The dense head's weights as float64 numpy arrays (``w1`` (H, F), ``b1``, ``w2`` (1, H), ``b2``),

@@ -303,7 +303,7 @@ class Gate(FeatureHead):
         )
         lines = []
         bundle = data.bundle
-        if bundle is not None and (int8 := bundle.onnx_path(int8=True)) is not None:
+        if bundle is not None and (int8 := bundle.onnx_path(int8=True)) not in (None, bundle.onnx_path()):
             from .inference import OnnxEngine
 
             engine = OnnxEngine(int8, bundle)

@@ -200,11 +200,8 @@ def member_engine(bundle: Bundle, name: str, engine: str, int8: bool):
     int8 model runs its fp32 model under ``int8``. A member with only an int8 model (a frozen-backbone member
     may ship its network as int8 ONNX alone, its weights holding the head only) runs its fp32 network where
     one can be had (a cached export of its weights under ``auto``), else its int8 model. Each substitution
-    is a warning. A head-only member's model.onnx is already int8 (its backbone's MatMul weights): it runs
-    that under ``int8`` without a word."""
+    is a warning."""
     has_fp32, has_int8 = bundle.onnx_path(False) is not None, bundle.onnx_path(True) is not None
-    if engine != "torch" and int8 and not has_int8 and bundle.head_only:
-        return make_engine(bundle, engine, False)
     if engine != "torch" and int8 and not has_int8:
         warnings.warn(f"ensemble member {name} has no int8 model: it runs its fp32 model", stacklevel=3)
         return make_engine(bundle, engine, False)

@@ -81,7 +81,7 @@ def _verify_single(bundle) -> list[EngineCheck]:
     from .images import prepare
     from .inference import OnnxEngine, TorchEngine
 
-    onnx_files = [p for p in (bundle.onnx_path(False), bundle.onnx_path(True)) if p is not None]
+    onnx_files = list(dict.fromkeys(p for p in (bundle.onnx_path(False), bundle.onnx_path(True)) if p is not None))
     if not onnx_files:
         return []
     files = reference_images()
