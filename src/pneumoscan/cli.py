@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from . import settings
 from .errors import PneumoscanError
 from .options import (
+    COMMANDS,
     CalibrateOptions,
     DataCheckOptions,
-    DemoOptions,
     EnsembleOptions,
     EvaluateOptions,
     ExportOptions,
     HeadsFitOptions,
     ListenOptions,
-    ModelsOptions,
     PredictOptions,
     PrepareOptions,
     ServeOptions,
@@ -41,6 +42,37 @@ def _options(cls, args: argparse.Namespace):
     return options
 
 
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}  # name: (help, run)
+_GROUPS = {
+    "data": "lay out the downloaded dataset, or check a dataset folder",
+    "heads": "fit a bundle's feature heads (input gate, bacterial/viral head)",
+}
+
+
+def command(name: str, help: str):
+    """Make the decorated function the command ``name`` ("data check": ``check`` under ``data``). Its options
+    are ``options.COMMANDS[name]``, its ``--help`` description its docstring."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        _COMMANDS[name] = (help, run)
+        return run
+
+    return register
+
+
+def _add_options(parser: argparse.ArgumentParser, name: str) -> None:
+    if name != "train":
+        settings.add_options(parser, COMMANDS[name])
+        return
+    from .data import Augmentation
+    from .recipe import TrainConfig
+
+    settings.add_options(parser, TrainRunOptions)
+    settings.add_options(parser, TrainConfig)
+    group = parser.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)")
+    settings.add_options(group, Augmentation)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (and exit 2), like every other error of the CLI."""
 
@@ -48,26 +80,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_train(sub) -> None:
-    from .data import Augmentation
-    from .recipe import TrainConfig
+@command("demo", help="run the bundled model on bundled example X-rays and write a report")
+def _run_demo(args) -> int:
+    """Classify the 16 bundled example X-rays (the official Kermany val split) with the bundled model; write
+    report.html and Grad-CAM overlays."""
+    from .demo import run_demo
+    from .output import ensure_folder
 
-    p = sub.add_parser(
-        "train",
-        help='train a classifier on a chest_xray folder (needs pip install "pneumoscan[train]")',
-        description="Train on ROOT/train (validation carved from it by patient), keep the best "
-        "weights by validation AUC, and write a run folder with the model bundle. --recipe picks a named "
-        "preset (recorded in the bundle); any other flag given overrides the preset's value.",
-    )
-    settings.add_options(p, TrainRunOptions)
-    settings.add_options(p, TrainConfig)
-    settings.add_options(
-        p.add_argument_group("augmentation (Keras ImageDataGenerator semantics, as the seed)"), Augmentation
-    )
-    p.set_defaults(run=_run_train)
+    return run_demo(ensure_folder(args.out))
 
 
+@command("train", help='train a classifier on a chest_xray folder (needs pip install "pneumoscan[train]")')
 def _run_train(args) -> int:
+    """Train on ROOT/train (validation carved from it by patient), keep the best weights by validation AUC, and write a
+    run folder with the model bundle. --recipe picks a named preset (recorded in the bundle); any other flag given
+    overrides the preset's value."""
     from .data import Augmentation
     from .errors import TRAINING_STACK, require_train_extra
     from .recipe import TrainConfig
@@ -94,31 +121,10 @@ def _report_bundle(bundle) -> int:
     return 0
 
 
-def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="lay out the downloaded dataset, or check a dataset folder")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    check = data_sub.add_parser(
-        "check",
-        help="counts, unreadable files, duplicates, patients across splits",
-        description="Check a chest_xray folder: images per split and class, files that do "
-        "not decode, byte-identical files, and patients found in several splits.",
-    )
-    settings.add_options(check, DataCheckOptions)
-    check.set_defaults(run=_run_data_check)
-    prep = data_sub.add_parser(
-        "prepare",
-        help="lay the downloaded Kaggle/Mendeley archive out as ROOT/{train,val,test}/{NORMAL,PNEUMONIA}",
-        description="Unpack the Kermany chest X-ray download (the Kaggle chest-xray-pneumonia zip, or Mendeley's "
-        "ChestXRay2017.zip), or its unpacked folder, into the layout the other commands read. Run it again to "
-        "finish an interrupted run: files already in place are skipped. Archive entries that are links, over "
-        "the size limit, badly named or not images are refused and listed (exit 1); nothing is written "
-        "outside ROOT.",
-    )
-    settings.add_options(prep, PrepareOptions)
-    prep.set_defaults(run=_run_data_prepare)
-
-
+@command("data check", help="counts, unreadable files, duplicates, patients across splits")
 def _run_data_check(args) -> int:
+    """Check a chest_xray folder: images per split and class, files that do not decode, byte-identical files, and
+    patients found in several splits."""
     from .data import check_dataset
 
     report = check_dataset(**settings.given(DataCheckOptions, args))
@@ -126,7 +132,15 @@ def _run_data_check(args) -> int:
     return 1 if report.unreadable else 0
 
 
+@command(
+    "data prepare",
+    help="lay the downloaded Kaggle/Mendeley archive out as ROOT/{train,val,test}/{NORMAL,PNEUMONIA}",
+)
 def _run_data_prepare(args) -> int:
+    """Unpack the Kermany chest X-ray download (the Kaggle chest-xray-pneumonia zip, or Mendeley's ChestXRay2017.zip),
+    or its unpacked folder, into the layout the other commands read. Run it again to finish an interrupted run:
+    files already in place are skipped. Archive entries that are links, over the size limit, badly named or not
+    images are refused and listed (exit 1); nothing is written outside ROOT."""
     from .data_prepare import prepare_dataset
 
     report = prepare_dataset(**settings.given(PrepareOptions, args))
@@ -137,18 +151,10 @@ def _run_data_prepare(args) -> int:
     return 1 if report.errors else 0
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="metrics, intervals, calibration, figures and report.html on a split",
-        description="Evaluate one model, or compare two (--model A --model B), on a labelled split. "
-        "Writes metrics.json, predictions.csv, figures and report.html to --out.",
-    )
-    settings.add_options(p, EvaluateOptions)
-    p.set_defaults(run=_run_evaluate)
-
-
+@command("evaluate", help="metrics, intervals, calibration, figures and report.html on a split")
 def _run_evaluate(args) -> int:
+    """Evaluate one model, or compare two (--model A --model B), on a labelled split. Writes metrics.json,
+    predictions.csv, figures and report.html to --out."""
     from .evaluation import evaluate, metrics_table
 
     summary = evaluate(**settings.given(EvaluateOptions, args))
@@ -167,18 +173,10 @@ def _run_evaluate(args) -> int:
     return 1 if any(r["unreadable"] for r in summary["models"]) else 0
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="classify image files, folders or globs",
-        description="Classify X-rays (JPEG, PNG, DICOM). Unreadable inputs are reported with their "
-        "reason and the rest are still processed (exit code 1).",
-    )
-    settings.add_options(p, PredictOptions)
-    p.set_defaults(run=_run_predict)
-
-
+@command("predict", help="classify image files, folders or globs")
 def _run_predict(args) -> int:
+    """Classify X-rays (JPEG, PNG, DICOM). Unreadable inputs are reported with their reason and the rest are still
+    processed (exit code 1)."""
     o = _options(PredictOptions, args)
     from .inference import Classifier, Prediction, expand_inputs
     from .output import PredictionWriter, ResultsFile, ensure_folder, output_format, results_settings, write_cams
@@ -253,20 +251,11 @@ def _run_predict(args) -> int:
     return 1 if writer.failed else 0
 
 
-def _add_calibrate(sub) -> None:
-    p = sub.add_parser(
-        "calibrate",
-        help="refit temperature (and threshold) on labelled local images (new bundle)",
-        description="Refit a bundle's temperature, and with --operating-rule youden or --target-sensitivity its "
-        "operating threshold, on labelled images from the site where it will run, and write a copy of the bundle "
-        "with them (weights unchanged). The metrics it prints are in-sample: evaluate the new bundle on other "
-        "images before relying on it.",
-    )
-    settings.add_options(p, CalibrateOptions)
-    p.set_defaults(run=_run_calibrate)
-
-
+@command("calibrate", help="refit temperature (and threshold) on labelled local images (new bundle)")
 def _run_calibrate(args) -> int:
+    """Refit a bundle's temperature, and with --operating-rule youden or --target-sensitivity its operating threshold,
+    on labelled images from the site where it will run, and write a copy of the bundle with them (weights
+    unchanged). The metrics it prints are in-sample: evaluate the new bundle on other images before relying on it."""
     from .calibrate import calibrate_bundle, small_set_warning
     from .evaluation import metrics_table
 
@@ -286,20 +275,11 @@ def _run_calibrate(args) -> int:
     return 1 if report["unreadable"] else 0
 
 
-def _add_export(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help='export a bundle to ONNX (fp32, or int8 with --int8; needs pip install "pneumoscan[train]")',
-        description="Export the network to ONNX: uint8 grey images (N, 1, S, S) in, normalisation inside; "
-        "logits and pooled features out (temperature, threshold and the heads stay in the bundle, so one "
-        "export serves every calibration). Without --out the file goes into the bundle, recorded by its "
-        "sha256, and predict uses ONNX Runtime by default.",
-    )
-    settings.add_options(p, ExportOptions)
-    p.set_defaults(run=_run_export)
-
-
+@command("export", help='export a bundle to ONNX (fp32, or int8 with --int8; needs pip install "pneumoscan[train]")')
 def _run_export(args) -> int:
+    """Export the network to ONNX: uint8 grey images (N, 1, S, S) in, normalisation inside; logits and pooled features
+    out (temperature, threshold and the heads stay in the bundle, so one export serves every calibration). Without
+    --out the file goes into the bundle, recorded by its sha256, and predict uses ONNX Runtime by default."""
     from .export import export_bundle
 
     for kind, path in export_bundle(**settings.given(ExportOptions, args)):
@@ -307,40 +287,24 @@ def _run_export(args) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the web service and page",
-        description="Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. "
-        "Research software, not a medical device.",
-    )
-    settings.add_options(p, ServeOptions)
-    p.set_defaults(run=_run_serve)
-
-
+@command("serve", help="run the web service and page")
 def _run_serve(args) -> int:
+    """Serve POST /v1/predict, GET /healthz, GET /v1/model and the page at GET /. Research software, not a medical
+    device."""
     from .service import serve
 
     serve(**settings.given(ServeOptions, args))
     return 0
 
 
-def _add_heads(sub) -> None:
-    p = sub.add_parser("heads", help="fit a bundle's feature heads (input gate, bacterial/viral head)")
-    heads_sub = p.add_subparsers(dest="heads_command", required=True)
-    fit = heads_sub.add_parser(
-        "fit",
-        help='fit the input gate and the bacterial/viral head onto an existing bundle (needs "pneumoscan[train]")',
-        description="Fit the feature heads onto a bundle trained before they existed, exactly as train fits "
-        "them: on the bundle's training images and validation patients (its recipe's split of ROOT; the test "
-        "split is not opened). The weights are untouched; the heads' sha256 go into config.json and the model "
-        "card is regenerated.",
-    )
-    settings.add_options(fit, HeadsFitOptions)
-    fit.set_defaults(run=_run_heads_fit)
-
-
+@command(
+    "heads fit",
+    help='fit the input gate and the bacterial/viral head onto an existing bundle (needs "pneumoscan[train]")',
+)
 def _run_heads_fit(args) -> int:
+    """Fit the feature heads onto a bundle trained before they existed, exactly as train fits them: on the bundle's
+    training images and validation patients (its recipe's split of ROOT; the test split is not opened). The weights
+    are untouched; the heads' sha256 go into config.json and the model card is regenerated."""
     from .heads import fit_heads
 
     given = settings.given(HeadsFitOptions, args)
@@ -350,20 +314,12 @@ def _run_heads_fit(args) -> int:
     return 0
 
 
-def _add_verify(sub) -> None:
-    p = sub.add_parser(
-        "verify",
-        help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays",
-        description="A bundle is as trusted as code: its digests prove only which files its author recorded. "
-        "This runs PyTorch on the weights and ONNX Runtime on every ONNX model in the bundle (fp32, int8) "
-        "over the bundled reference X-rays and checks that logits and features agree within a tolerance. "
-        "Exit 0: all agree; 1: a model disagrees (do not use the bundle); 2: it cannot be checked.",
-    )
-    settings.add_options(p, VerifyOptions)
-    p.set_defaults(run=_run_verify)
-
-
+@command("verify", help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays")
 def _run_verify(args) -> int:
+    """A bundle is as trusted as code: its digests prove only which files its author recorded. This runs PyTorch on the
+    weights and ONNX Runtime on every ONNX model in the bundle (fp32, int8) over the bundled reference X-rays and
+    checks that logits and features agree within a tolerance. Exit 0: all agree; 1: a model disagrees (do not use
+    the bundle); 2: it cannot be checked."""
     from .verify import verify_bundle, verify_table
 
     checks = verify_bundle(**settings.given(VerifyOptions, args))
@@ -375,20 +331,6 @@ def _run_verify(args) -> int:
     for c in failed:
         print(f"pneumoscan: {printable(c.path)}: does not compute what the weights compute", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _add_listen(sub) -> None:
-    p = sub.add_parser(
-        "listen",
-        help="run a DICOM node that classifies the chest X-rays a PACS sends",
-        description="A DICOM C-ECHO/C-STORE node. It accepts CR and DX (for presentation) images, uncompressed or "
-        "JPEG/JPEG-LS/JPEG 2000/RLE compressed, classifies each with the input gate on, appends one JSON line per "
-        "image to OUT/results.jsonl and, with --send-to, answers with a DICOM structured report in the image's study. "
-        "Research software, not a medical device: send its answers to a research destination, never into a "
-        "clinical worklist. Stops on SIGTERM or Ctrl-C after answering the images already received.",
-    )
-    settings.add_options(p, ListenOptions)
-    p.set_defaults(run=_run_listen)
 
 
 @contextlib.contextmanager
@@ -421,7 +363,13 @@ def _node_log():
         network.setLevel(levels[1])
 
 
+@command("listen", help="run a DICOM node that classifies the chest X-rays a PACS sends")
 def _run_listen(args) -> int:
+    """A DICOM C-ECHO/C-STORE node. It accepts CR and DX (for presentation) images, uncompressed or JPEG/JPEG-LS/JPEG
+    2000/RLE compressed, classifies each with the input gate on, appends one JSON line per image to
+    OUT/results.jsonl and, with --send-to, answers with a DICOM structured report in the image's study. Research
+    software, not a medical device: send its answers to a research destination, never into a clinical worklist.
+    Stops on SIGTERM or Ctrl-C after answering the images already received."""
     o = _options(ListenOptions, args)
     import dataclasses
 
@@ -459,39 +407,13 @@ def _run_listen(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run the bundled model on bundled example X-rays and write a report",
-        description="Classify the 16 bundled example X-rays (the official Kermany val split) with "
-        "the bundled model; write report.html and Grad-CAM overlays.",
-    )
-    settings.add_options(p, DemoOptions)
-    p.set_defaults(run=_run_demo)
-
-
-def _run_demo(args) -> int:
-    from .demo import run_demo
-    from .output import ensure_folder
-
-    return run_demo(ensure_folder(args.out))
-
-
-def _add_ensemble(sub) -> None:
-    p = sub.add_parser(
-        "ensemble",
-        help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)",
-        description="Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit "
-        "is the mean of each member's logit divided by its temperature; the ensemble's own temperature is fitted "
-        "on the validation images no member was trained on, threshold 0.5 (balanced). "
-        "The first member is the primary: its features feed the input gate and the bacterial/viral head, and "
-        "Grad-CAM explains it. Members must share the image size and may not be ensembles.",
-    )
-    settings.add_options(p, EnsembleOptions)
-    p.set_defaults(run=_run_ensemble)
-
-
+@command("ensemble", help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)")
 def _run_ensemble(args) -> int:
+    """Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit is the mean of each
+    member's logit divided by its temperature; the ensemble's own temperature is fitted on the validation images no
+    member was trained on, threshold 0.5 (balanced). The first member is the primary: its features feed the input
+    gate and the bacterial/viral head, and Grad-CAM explains it. Members must share the image size and may not be
+    ensembles."""
     from .ensemble import make_ensemble
     from .evaluation import metrics_table
 
@@ -506,18 +428,10 @@ def _run_ensemble(args) -> int:
     return 0
 
 
-def _add_models(sub) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list the bundled models that --model NAME accepts",
-        description="The models shipped inside the package, by the name --model accepts: their folder, "
-        "size and the accuracy their metrics record (test where recorded, else validation).",
-    )
-    settings.add_options(p, ModelsOptions)
-    p.set_defaults(run=_run_models)
-
-
+@command("models", help="list the bundled models that --model NAME accepts")
 def _run_models(args) -> int:
+    """The models shipped inside the package, by the name --model accepts: their folder, size and the accuracy their
+    metrics record (test where recorded, else validation)."""
     from .ensemble import bundled_models_table
 
     print(bundled_models_table())
@@ -534,21 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = (
-        _add_train,
-        _add_evaluate,
-        _add_calibrate,
-        _add_predict,
-        _add_export,
-        _add_serve,
-        _add_listen,
-        _add_verify,
-        _add_ensemble,
-        _add_models,
-        _add_demo,
-    )
-    for add in (*commands, _add_data, _add_heads):
-        add(sub)
+    groups = {}
+    for name, (summary, run) in _COMMANDS.items():
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = sub.add_parser(group, help=_GROUPS[group]).add_subparsers(
+                dest=f"{group}_command", required=True
+            )
+        p = (groups[group] if group else sub).add_parser(leaf, help=summary, description=inspect.getdoc(run))
+        _add_options(p, name)
+        p.set_defaults(run=run)
     return parser
 
 
