@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,25 @@ def scores(y_t, logits_t, y_p, logits_p) -> dict:
     }
 
 
+class DesignSets(NamedTuple):
+    used: list  # core train (at most core_per_class per class) and both held-out sets
+    spare: list  # core train left out by core_per_class
+    p: set[str]  # held-out design P: random patients, 10%
+    t: set[str]  # held-out design T: the last 20% of file numbers
+
+
+def design_sets(data: Path, core_per_class: int | None = None) -> DesignSets:
+    """The training split's images under the two held-out designs, P and T; the rest is core train."""
+    train = load_split(data, "train")
+    _, p_set = split_by_patient(train, 0.1, 0)
+    _, t_set = split_by_number(train, 0.2)
+    p_paths, t_paths = {str(s.path) for s in p_set}, {str(s.path) for s in t_set}
+    core_set = [s for s in train if str(s.path) not in p_paths | t_paths]
+    core = {str(s.path) for s in stratified_subset(core_set, core_per_class)}
+    used = [s for s in train if str(s.path) in core | p_paths | t_paths]
+    return DesignSets(used, [s for s in core_set if str(s.path) not in core], p_paths, t_paths)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", action="append", default=[])
@@ -48,13 +68,7 @@ def main() -> None:
         "--int8", action="store_true", help="features of the int8 ONNX graph a head-only bundle ships (frozen_onnx.py)"
     )
     args = parser.parse_args()
-    train = load_split(args.data, "train")
-    _, p_set = split_by_patient(train, 0.1, 0)
-    _, t_set = split_by_number(train, 0.2)
-    p_paths, t_paths = {str(s.path) for s in p_set}, {str(s.path) for s in t_set}
-    core_set = [s for s in train if str(s.path) not in p_paths | t_paths]
-    wanted = {str(s.path) for s in stratified_subset(core_set, args.core_per_class)} | p_paths | t_paths
-    train = [s for s in train if str(s.path) in wanted]
+    train, _, p_paths, t_paths = design_sets(args.data, args.core_per_class)
     print("| candidate | C | AUC T | AUC P | loss T | loss P | acc T | sens T | spec T |")
     print("|---|---|---|---|---|---|---|---|---|")
     on_p = {}

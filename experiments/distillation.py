@@ -28,16 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from candidates import scores  # noqa: E402
+from candidates import design_sets, scores  # noqa: E402
 
 from pneumoscan import metrics as M  # noqa: E402
-from pneumoscan.data import (  # noqa: E402
-    load_split,
-    shared_data_root,
-    split_by_number,
-    split_by_patient,
-    stratified_subset,
-)
+from pneumoscan.data import shared_data_root  # noqa: E402
 from pneumoscan.distill import Teacher  # noqa: E402
 from pneumoscan.features import frozen_features  # noqa: E402
 from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits  # noqa: E402
@@ -66,13 +60,7 @@ def main() -> None:
     parser.add_argument("--core-per-class", type=int, help="fit on at most N core-train images per class (quick)")
     args = parser.parse_args()
 
-    train = load_split(args.data, "train")
-    _, p_set = split_by_patient(train, 0.1, 0)
-    _, t_set = split_by_number(train, 0.2)
-    p_paths, t_paths = {str(s.path) for s in p_set}, {str(s.path) for s in t_set}
-    core_set = [s for s in train if str(s.path) not in p_paths | t_paths]
-    wanted = {str(s.path) for s in stratified_subset(core_set, args.core_per_class)} | p_paths | t_paths
-    train = [s for s in train if str(s.path) in wanted]
+    train, spare, p_paths, t_paths = design_sets(args.data, args.core_per_class)
     x, kept, errors = frozen_features("efficientnet_lite0", train, 224, progress=True)
     assert not errors
     paths = np.array([str(s.path) for s in kept])
@@ -91,10 +79,9 @@ def main() -> None:
         temperature = M.fit_temperature(y[in_p], dino_logits[in_p])
         teachers["dinov2"] = M.sigmoid(dino_logits, temperature)
         teachers["dinov2+bundle"] = M.sigmoid((dino_logits / temperature + logit(bundle_p)) / 2)
-        others = [s for s in core_set if str(s.path) not in wanted]
-        if others:  # a teacher that never saw the student's images: fitted on the rest of core train
-            x_others = stored_features(args.dinov2, others)
-            fitted = fit_logistic(x_others, np.array([s.label for s in others]), [s.patient for s in others])[0]
+        if spare:  # a teacher that never saw the student's images: fitted on the rest of core train
+            x_spare = stored_features(args.dinov2, spare)
+            fitted = fit_logistic(x_spare, np.array([s.label for s in spare]), [s.patient for s in spare])[0]
             held_logits = head_logits(fitted, xd)
             teachers["dinov2, other images"] = M.sigmoid(held_logits, M.fit_temperature(y[in_p], held_logits[in_p]))
     teachers = {k: v for k, v in teachers.items() if not args.teachers or k in args.teachers}
