@@ -176,7 +176,7 @@ def export_bundle(
     """``pneumoscan export``: the bundle's network as ONNX fp32 (and int8 with ``int8``), into the bundle
     (recorded by sha256 in its config, where predict uses it) or to ``out``; returns ``(kind, path)`` per
     file written."""
-    from .bundle import ONNX, ONNX_INT8, load_bundle
+    from .bundle import load_bundle
     from .errors import require_train_extra
     from .output import ensure_folder
     from .text import printable

@@ -283,11 +283,7 @@ class Gate(FeatureHead):
         validation X-rays, clean and perturbed; for ``heads fit`` on a bundle with an int8 ONNX model, also
         that model's own feature limit."""
         if data.cached:  # features of every film are cached: a few perturbed validation films pass the backbone
-            pick = np.sort(
-                np.random.default_rng(data.seed).choice(
-                    len(data.train_samples), min(TRAIN_IMAGES, len(data.train_samples)), replace=False
-                )
-            )
+            pick = _seeded_pick(len(data.train_samples), TRAIN_IMAGES, data.seed)
             train_images, val_images = data.images("train", pick), data.images("val")
             perturbed = perturbed_sample(val_images, data.seed, PERTURBED_IMAGES_CACHED)
             calibration = np.concatenate([val_images, perturbed])
@@ -528,8 +524,7 @@ def gate_report(samples: list, scores: np.ndarray, limit: float) -> dict:
 
 def gate_images(train_images: np.ndarray, val_images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The gate's training sample and its calibration set (validation X-rays, clean and perturbed)."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(train_images), min(TRAIN_IMAGES, len(train_images)), replace=False))
+    pick = _seeded_pick(len(train_images), TRAIN_IMAGES, seed)
     return np.asarray(train_images[pick]), np.concatenate([val_images, perturbed_sample(val_images, seed)])
 
 
@@ -537,6 +532,10 @@ def perturbed_sample(images: np.ndarray, seed: int, count: int = PERTURBED_IMAGE
     """``count`` of ``images`` (seeded) under every acquisition perturbation."""
     from .shift import perturb
 
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(images), min(count, len(images)), replace=False))
+    sample = _seeded_pick(len(images), count, seed)
     return np.concatenate(list(perturb(np.asarray(images[sample]), seed).values()))
+
+
+def _seeded_pick(n: int, count: int, seed: int) -> np.ndarray:
+    """``min(count, n)`` distinct indices below ``n``, sorted, drawn with ``seed``."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(count, n), replace=False))
