@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -18,7 +19,15 @@ FULLRES = DATA / "fullres_sample"
 VAL_FULLRES = DATA / "val_fullres"
 
 
-os.environ.setdefault("PNEUMOSCAN_CACHE", tempfile.mkdtemp(prefix="pneumoscan-cache-"))  # never ~/.cache in tests
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the test process exits (CI machines share one disk across runs)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+if "PNEUMOSCAN_CACHE" not in os.environ:  # never ~/.cache in tests
+    os.environ["PNEUMOSCAN_CACHE"] = str(scratch_dir("pneumoscan-cache-"))
 
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "example
 def _real_224() -> Path:
     """One real X-ray as the shared 224 px set stores them (224x224 RGB JPEG, aspect squashed), made from
     an example image shipped in the package: tests need no dataset to have it."""
+    from conftest import scratch_dir
+
     from pneumoscan.images import prepare
 
-    path = Path(tempfile.mkdtemp(prefix="pneumoscan-corpus-")) / "person1946_bacteria_4874.jpeg"
+    path = scratch_dir("pneumoscan-corpus-") / "person1946_bacteria_4874.jpeg"
     grey = prepare(EXAMPLES / "PNEUMONIA" / path.name, 224)
     Image.fromarray(grey).convert("RGB").save(path, "JPEG", quality=95)
     return path
