@@ -132,6 +132,37 @@ def test_a_broken_gate_file_is_refused(tmp_path):
         Gate.load(tmp_path / "h.safetensors")
 
 
+def test_a_gate_of_the_earlier_format_reads_its_own_statistics(tmp_path):
+    """Statistics are only appended: a gate fitted on the first 69 (format 2, as older bundles carry it)
+    loads, scores images on those and keeps its format when written again; 88 numbers under format 2 are
+    refused."""
+    from safetensors.numpy import load, save
+
+    films = np.stack(_films())
+    features = _features(np.random.default_rng(4), len(films))
+    gate = Gate.fit(features[:200], features[200:], films[:200], films[200:], keep=0.99)
+    arrays = load(gate.to_bytes())
+    (tmp_path / "new.safetensors").write_bytes(gate.to_bytes())
+    (tmp_path / "mixed.safetensors").write_bytes(save(arrays, metadata={"format": "pneumoscan-gate/2"}))
+    with pytest.raises(ConfigError, match="wrong shapes"):
+        Gate.load(tmp_path / "mixed.safetensors")
+    # the leading block of a lower-triangular whitening is the whitening of the leading statistics
+    for key, d in (("statistics_mean", 69), ("warn_low", 69), ("warn_high", 69)):
+        arrays[key] = arrays[key][:d]
+    arrays["statistics_whiten"] = np.ascontiguousarray(arrays["statistics_whiten"][:69, :69])
+    (tmp_path / "old.safetensors").write_bytes(save(arrays, metadata={"format": "pneumoscan-gate/2"}))
+    old = Gate.load(tmp_path / "old.safetensors")
+    assert old.format == "pneumoscan-gate/2" and gate.format == "pneumoscan-gate/3"
+    new = Gate.load(tmp_path / "new.safetensors").statistics
+    expected = Mahalanobis(new.mean[:69], new.whiten[:69, :69])
+    probe = films[200:210]
+    assert np.allclose(old.statistics.score(old._statistics(probe)),
+                       expected.score(image_statistics(probe)[:, :69]), rtol=1e-4)  # fmt: skip
+    assert all(np.isfinite(v.score) for v in old.check(probe, features[200:210]))
+    (tmp_path / "again.safetensors").write_bytes(old.to_bytes())
+    assert Gate.load(tmp_path / "again.safetensors").format == "pneumoscan-gate/2"
+
+
 @pytest.mark.data
 def test_trained_bundles_carry_a_verified_gate(trained_bundle):
     assert "gate.safetensors" in trained_bundle.config["files"]
@@ -253,6 +284,23 @@ def test_generated_kinds_are_refused_with_a_margin_on_every_engine(engines):
             if n.startswith("inverted"):
                 assert "inverted" in r.error, r.error
     assert all(v == verdicts["onnx"] for v in verdicts.values())
+
+
+@pytest.mark.data
+def test_every_films_half_is_refused_with_a_margin(engines):
+    """Both halves (40% and 50% of the width) of every val film, the kind of crop that came closest to the
+    limit: each refused at least 1.2 times over it (the gate of 69 statistics let one through at 1.09)."""
+    import ood
+
+    crops = []
+    for film in _val_films():
+        h, w = film.shape
+        for cut in (int(w * 0.4), w // 2):
+            rows = film[int(h * 0.05) : int(h * 0.95)]
+            crops += [np.ascontiguousarray(rows[:, :cut]), np.ascontiguousarray(rows[:, w - cut :])]
+    results = engines["onnx"].predict([io.BytesIO(ood.enc(c)) for c in crops])
+    low = [(i, r.gate_score) for i, r in enumerate(results) if r.ok or r.gate_score < 1.2 * r.gate_limit]
+    assert not low, low
 
 
 @pytest.mark.data

@@ -66,6 +66,24 @@ def test_verify_catches_an_edited_graph_that_loads(exported_bundle, tmp_path, na
     assert done.returncode == 1 and "FAIL" in done.stdout and name in done.stderr, (done.stdout, done.stderr)
 
 
+@pytest.mark.backbones
+def test_verify_checks_a_head_only_member_against_its_own_head(tmp_path):
+    """The default ensemble passes; its DINOv2 member ships only an int8 graph whose head was fitted on that
+    graph's features: its logits must be its head's on them (exactly), so a graph edited to shift every
+    logit by 0.5, which quantisation would hide against float32, is caught."""
+    from pneumoscan.bundle import default_bundle_path
+    from pneumoscan.verify import verify_bundle
+
+    done = _cli("verify")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "dinov2:onnx-int8" in done.stdout and "FAIL" not in done.stdout, done.stdout
+    copy = shutil.copytree(default_bundle_path() / "members" / "dinov2", tmp_path / "dinov2")
+    _shift_logit(copy, "model.onnx", 0.5)
+    (check,) = verify_bundle(copy)
+    assert check.engine == "onnx-int8" and not check.ok and check.mean_logit == pytest.approx(0.5, abs=1e-3)
+    assert check.max_features <= check.tolerance["features"]
+
+
 def test_verify_without_torch_is_one_line(exported_bundle, tmp_path):
     """Where PyTorch is not installed (the base install), verify says so in one line, exit 2."""
     fake = tmp_path / "site" / "torch"

@@ -250,6 +250,13 @@ BUNDLED_MODELS = {
 }
 
 
+def dense_head_logits(head: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """The dense head's logits on pooled features (numpy; dropout off): ``head`` as
+    :meth:`Bundle.head_weights` gives it."""
+    hidden = np.maximum(features @ head["w1"].T + head["b1"], 0)
+    return (hidden @ head["w2"].T + head["b2"])[:, 0]
+
+
 def resolve_model(path: str | Path | None) -> Path:
     """The folder ``--model`` means: the packaged default for None; an existing path as given; else a
     bundled model's name (:data:`BUNDLED_MODELS`); else the path as given (its loader says what is wrong)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
-from .bundle import Bundle, save_bundle
+from .bundle import Bundle, dense_head_logits, save_bundle
 from .data import stratified_subset, summarize, training_splits
 from .distill import Teacher, balanced_class_weights, distillation_loss, soft_rows
 from .feature_head import FitData
@@ -117,9 +117,9 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, dropout: float, teacher,
 
 
 def head_logits(state: dict, x: np.ndarray) -> np.ndarray:
-    """The dense head's logits on features (numpy; eval mode, so dropout is off)."""
-    h = np.maximum(x @ state["0.weight"].T + state["0.bias"], 0)
-    return (h @ state["3.weight"].T + state["3.bias"])[:, 0]
+    """The dense head's logits on features, from its state dict (numpy; eval mode, so dropout is off)."""
+    head = {"w1": state["0.weight"], "b1": state["0.bias"], "w2": state["3.weight"], "b2": state["3.bias"]}
+    return dense_head_logits(head, x)
 
 
 def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:

@@ -6,7 +6,8 @@ patient), clean and under the acquisition perturbations of :mod:`pneumoscan.shif
 contrast, blur, noise, resolution, JPEG quality), so that another scanner passes and a photograph does not:
 
 - **Image statistics** (:func:`image_statistics`): histogram shape, edge energy at four scales, the
-  coarse layout of the film (a 6 x 6 grid of brightness), flat and sharp areas; computed in numpy on the
+  coarse layout of the film (a 7 x 7 grid of brightness), flat and sharp areas, the brightness across the
+  film in 14 bands, and how much it changes across against down; computed in numpy on the
   grey 224-pixel image the model reads, so every engine (PyTorch, ONNX fp32, ONNX int8) sees the same
   numbers. Score: the mean squared Mahalanobis distance from training X-rays (clean and perturbed).
   This part refuses what the network's features barely see: flat fields, gradients, vignettes, text,
@@ -43,12 +44,15 @@ KEEP = 0.9985  # share of validation X-rays (clean and perturbed) under each par
 WARN_QUANTILES = (0.001, 0.999)  # statistics beyond these quantiles of validation X-rays are warned about
 LIMIT = 1.0  # every score is divided by its limit
 REFUSAL = "does not look like a chest X-ray"
-FORMAT = "pneumoscan-gate/2"
+FORMAT = "pneumoscan-gate/3"
+# Statistics are only ever appended: a gate of an earlier format reads the first ones, as it was fitted.
+STATISTICS_BY_FORMAT = {"pneumoscan-gate/2": 69, FORMAT: 88}
 TRAIN_IMAGES = 1500  # training images whose features define the gate's distribution
 PERTURBED_IMAGES = 96  # per acquisition perturbation: training ones fit the statistics, validation ones set limits
 PERTURBED_IMAGES_CACHED = 32  # validation images per perturbation where features were cached (each a backbone pass)
 
 GRID = 7  # the layout: mean brightness over a GRID x GRID grid of the image (of 8-pixel blocks)
+PROFILE = 14  # the column profile: mean brightness of PROFILE vertical bands (finer across than the layout)
 SCALES = (1, 2, 4, 8)  # edge energy after averaging over blocks of these sides (each twice the last)
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 STATISTICS = (
@@ -64,6 +68,9 @@ STATISTICS = (
     "sharp share",
     "curvature at 4 px",
     "curvature at 8 px",
+    *(f"column band {c}" for c in range(PROFILE)),  # pneumoscan-gate/3 on
+    "left-right difference",
+    *(f"edge anisotropy at {s} px" for s in SCALES),
 )
 LAYOUT = slice(STATISTICS.index("layout 0,0"), STATISTICS.index("layout 0,0") + GRID * GRID)
 # (statistic, side, warning) for statistics beyond every validation X-ray; colour is the loader's.
@@ -109,10 +116,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     for _ in SCALES[1:]:
         pyramid.append(_halve(pyramid[-1]))
         squares = _halve(squares)
-    edges = [
-        np.log(np.abs(np.diff(y, axis=1)).mean((1, 2)) + np.abs(np.diff(y, axis=2)).mean((1, 2)) + 1e-4)
-        for y in pyramid
-    ]
+    edges = [np.log(_edge(y, 1) + _edge(y, 2) + 1e-4) for y in pyramid]
     coarse = pyramid[-1]
     side = coarse.shape[1] // GRID, coarse.shape[2] // GRID
     grid = coarse[:, : side[0] * GRID, : side[1] * GRID].reshape(n, GRID, side[0], GRID, side[1]).mean((2, 4))
@@ -123,7 +127,20 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     curvature = [np.log(_curvature(y) / (std + 0.02) + 1e-4) for y in pyramid[2:]]
     columns = [*quantiles.T, mean, std, entropy, np.sqrt(black), np.sqrt(white), *edges, *layout.T]
     columns += [np.sqrt(flat), np.sqrt(sharp), *curvature]
+    # across the film: two lung fields either side of the spine; a crop of one lung or a framed screen differs
+    x = x[:, :, : x.shape[2] // PROFILE * PROFILE]
+    bands = x.mean(1).reshape(n, PROFILE, -1).mean(2)
+    halves = x[:, :, : x.shape[2] // 2].mean((1, 2)) - x[:, :, x.shape[2] // 2 :].mean((1, 2))
+    columns += [*((bands - mean[:, None]) / (std[:, None] + 0.02)).T, np.abs(halves) / (std + 0.02)]
+    # change across against change down: set by a film's ribs, spine and outline; a crop stretched to a
+    # square, text and pages differ
+    columns += [np.log((_edge(y, 2) + 1e-4) / (_edge(y, 1) + 1e-4)) for y in pyramid]
     return np.column_stack(columns).astype(np.float64)
+
+
+def _edge(y: np.ndarray, axis: int) -> np.ndarray:
+    """Mean absolute difference of neighbouring pixels along ``axis`` (1: down, 2: across)."""
+    return np.abs(np.diff(y, axis=axis)).mean((1, 2))
 
 
 def _curvature(y: np.ndarray) -> np.ndarray:
@@ -356,7 +373,7 @@ class Gate(FeatureHead):
     def check(self, images: np.ndarray, features: np.ndarray, engine: str = "onnx") -> list[Verdict]:
         """The verdict on each prepared uint8 image ``(N, S, S)`` given its pooled ``features`` from
         ``engine`` (a :class:`pneumoscan.inference` engine name: torch, onnx, onnx-int8)."""
-        stats = image_statistics(images)
+        stats = self._statistics(images)
         feature_limit = self.int8_limit if engine == "onnx-int8" and self.int8_limit else self.feature_limit
         ratio, turns = self._orientation(stats)
         parts = np.stack(
@@ -417,7 +434,11 @@ class Gate(FeatureHead):
         """Whether the image, turned back, has the statistics of a chest X-ray (then the turn is named)."""
         k, inverted = turn
         turned = np.rot90(255 - image if inverted else image, -k)[None]
-        return bool(self.statistics.score(image_statistics(turned))[0] <= self.statistics_limit)
+        return bool(self.statistics.score(self._statistics(turned))[0] <= self.statistics_limit)
+
+    def _statistics(self, images: np.ndarray) -> np.ndarray:
+        """The image statistics this gate was fitted on (a gate of an earlier format, the first ones)."""
+        return image_statistics(images)[:, : len(self.statistics.mean)]
 
     def warnings(self, stats: np.ndarray) -> list[str]:
         """Named statistics of one image beyond every validation X-ray, as short warnings."""
@@ -447,7 +468,13 @@ class Gate(FeatureHead):
             "warn_low": self.warn_low,
             "warn_high": self.warn_high,
         }
-        return save({k: np.asarray(v, np.float32) for k, v in arrays.items()}, metadata={"format": FORMAT})
+        arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}  # save writes raw buffers
+        return save(arrays, metadata={"format": self.format})
+
+    @property
+    def format(self) -> str:
+        """The gate format of its statistics (one fitted by an earlier version keeps its own)."""
+        return next(f for f, d in STATISTICS_BY_FORMAT.items() if d == len(self.statistics.mean))
 
     @classmethod
     def load(cls, path: Path, n_features: int | None = None) -> Gate:
@@ -460,12 +487,12 @@ class Gate(FeatureHead):
                 a = {key: f.get_tensor(key).astype(np.float64) for key in f.keys()}
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"{path}: not a readable gate ({type(exc).__name__})") from None
-        if version != FORMAT:
+        if version not in STATISTICS_BY_FORMAT:
             raise ConfigError(
-                f"{path}: gate format {version!r}, expected {FORMAT!r} (fit it again: pneumoscan heads fit)"
+                f"{path}: gate format {str(version)[:60]!r}, expected {FORMAT!r} (fit it again: pneumoscan heads fit)"
             )
         try:
-            gate = cls._from_arrays(a)
+            gate = cls._from_arrays(a, STATISTICS_BY_FORMAT[version])
         except (KeyError, ValueError, IndexError):
             raise ConfigError(f"{path}: gate arrays have the wrong shapes or values") from None
         if n_features is not None and gate.features.mean.shape[0] != n_features:
@@ -473,8 +500,8 @@ class Gate(FeatureHead):
         return gate
 
     @classmethod
-    def _from_arrays(cls, a: dict[str, np.ndarray]) -> Gate:
-        d, g = len(STATISTICS), GRID * GRID
+    def _from_arrays(cls, a: dict[str, np.ndarray], d: int) -> Gate:
+        g = GRID * GRID
         mean, components, scale = a["mean"], a["components"], a["scale"]
         limits, residual = a["limits"], a["residual_scale"]
         shapes = [
