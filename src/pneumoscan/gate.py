@@ -116,7 +116,8 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     for _ in SCALES[1:]:
         pyramid.append(_halve(pyramid[-1]))
         squares = _halve(squares)
-    edges = [np.log(_edge(y, 1) + _edge(y, 2) + 1e-4) for y in pyramid]
+    down, across = ([_edge(y, axis) for y in pyramid] for axis in (1, 2))
+    edges = [np.log(d + a + 1e-4) for d, a in zip(down, across)]
     coarse = pyramid[-1]
     side = coarse.shape[1] // GRID, coarse.shape[2] // GRID
     grid = coarse[:, : side[0] * GRID, : side[1] * GRID].reshape(n, GRID, side[0], GRID, side[1]).mean((2, 4))
@@ -134,7 +135,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     columns += [*((bands - mean[:, None]) / (std[:, None] + 0.02)).T, np.abs(halves) / (std + 0.02)]
     # change across against change down: set by a film's ribs, spine and outline; a crop stretched to a
     # square, text and pages differ
-    columns += [np.log((_edge(y, 2) + 1e-4) / (_edge(y, 1) + 1e-4)) for y in pyramid]
+    columns += [np.log((a + 1e-4) / (d + 1e-4)) for d, a in zip(down, across)]
     return np.column_stack(columns).astype(np.float64)
 
 

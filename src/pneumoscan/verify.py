@@ -104,15 +104,15 @@ def _verify_single(bundle) -> list[EngineCheck]:
         engine = OnnxEngine(path, bundle)
         logits, features = (np.asarray(a, np.float64) for a in engine.run(images))
         if head is not None:  # the head was fitted on this int8 graph's features
-            reference, name, tolerance = dense_head_logits(head, features), "onnx-int8", TOLERANCE["head-only"]
+            reference, tolerance = dense_head_logits(head, features), TOLERANCE["head-only"]
         else:
-            reference, name, tolerance = torch_logits, engine.name, TOLERANCE.get(engine.name, TOLERANCE["onnx-int8"])
+            reference, tolerance = torch_logits, TOLERANCE.get(engine.name, TOLERANCE["onnx-int8"])
         difference = logits - reference
         scale = np.maximum(np.linalg.norm(torch_features, axis=1), 1e-12)
         labels = [bundle.probabilities(x) >= bundle.threshold for x in (logits, reference)]
         checks.append(
             EngineCheck(
-                engine=name,
+                engine=engine.name,
                 path=path,
                 images=len(files),
                 max_logit=float(np.abs(difference).max()),
