@@ -362,6 +362,16 @@ class Classifier:
         return self.bundle.threshold
 
     @property
+    def has_gate(self) -> bool:
+        """Whether this model has an input gate (for an ensemble, its primary member's)."""
+        return self.gate is not None
+
+    @property
+    def has_subtype(self) -> bool:
+        """Whether PNEUMONIA results say bacterial or viral (for an ensemble, its primary member's head)."""
+        return self.subtype is not None
+
+    @property
     def image_size(self) -> int:
         return self.bundle.image_size
 

@@ -98,12 +98,21 @@ class Health(BaseModel):
     engine: str
 
 
+class Capabilities(BaseModel):
+    """What the loaded model does beyond NORMAL or PNEUMONIA, asked of the loaded classifier (an ensemble's
+    gate and subtype head are its primary member's, not files of its own config)."""
+
+    input_gate: bool = Field(description="images that do not look like chest X-rays are refused (422)")
+    subtype: bool = Field(description="PNEUMONIA results also say bacterial or viral")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
     engine: str
     operating_point: str = Field(description="where the threshold and temperature come from")
     generalisation_note: str = Field(description="what the validation and test numbers predict for a new hospital")
+    capabilities: Capabilities
     config: dict
     metrics: dict
     model_card: str = Field(description="the model card, generated from the checked config and metrics")
@@ -392,6 +401,7 @@ def create_app(
             engine=clf.engine.name,
             operating_point=clf.bundle.operating_point_source,
             generalisation_note=GENERALISATION_NOTE,
+            capabilities=Capabilities(input_gate=clf.has_gate, subtype=clf.has_subtype),
             config=clf.bundle.config,
             metrics=clf.bundle.metrics,
             model_card=card,
@@ -478,7 +488,7 @@ def serve(
     cors_origins: list[str] | None = DECLARED,
 ) -> None:
     """``pneumoscan serve``: the service on ``host``:``port`` until stopped (each option as the CLI's)."""
-    sock = listen(host, port)  # before loading the model: a busy port fails at once
+    # the model is loaded and checked before the port is bound: a refused bundle leaves no socket behind
     app = create_app(
         model,
         engine=engine,
@@ -488,6 +498,7 @@ def serve(
         body_timeout=body_timeout,
         body_deadline=body_deadline,
     )
+    sock = listen(host, port)
     print(f"pneumoscan serving {printable(app.state.classifier.bundle.name)} on http://{host}:{port}/")
     server = make_server(
         app, sock, header_timeout=header_timeout, max_connections=max_connections, max_per_client=max_per_client
