@@ -3,6 +3,7 @@ import io
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import VAL_FULLRES
@@ -434,3 +435,125 @@ def test_a_trickled_body_is_cut_at_the_overall_deadline(app):
         assert _health_from(port, "127.0.0.1", 1) == 1
     finally:
         stop()
+
+
+@pytest.mark.parametrize("name", ["fast", None])  # a single bundle and the default (an ensemble today)
+def test_model_capabilities_come_from_the_loaded_model(name):
+    """GET /v1/model says what the loaded model does, asked of the classifier, not of config.files (an
+    ensemble's config has no files: its gate and subtype head are its primary member's)."""
+    clf = Classifier.load(name)
+    assert clf.has_gate and clf.has_subtype  # both bundled models have the gate and the subtype head
+    client = TestClient(create_app(classifier=clf))
+    info = client.get("/v1/model").json()
+    assert info["capabilities"] == {"input_gate": True, "subtype": True}
+    plot = io.BytesIO()
+    Image.new("RGB", (400, 300), (255, 255, 255)).save(plot, "PNG")
+    assert _post(client, "plot.png", plot.getvalue()).status_code == 422  # the gate the page must announce
+
+
+def test_a_refused_bundle_exits_2_with_one_line_before_binding(tmp_path):
+    """serve loads and checks the model before it binds the port: an oversized MODEL_CARD.md is one line
+    on stderr, exit 2, no 'unclosed socket' warning, and the port was never taken."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pneumoscan.bundle import load_bundle
+    from pneumoscan.bundle_schema import MAX_FILE_BYTES
+
+    bundle = shutil.copytree(load_bundle("fast").path, tmp_path / "big-card")
+    (bundle / "MODEL_CARD.md").write_bytes(b"x" * (MAX_FILE_BYTES["MODEL_CARD.md"] + 1))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).parent / "pneumoscan"  # the console script, as a user runs it
+    run = subprocess.run(
+        [str(script), "serve", "--model", str(bundle), "--port", str(port)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and "MODEL_CARD.md" in lines[0], run.stderr
+    assert "socket" not in run.stderr and run.stdout == ""
+
+
+def _browser(p):
+    return p.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+    )
+
+
+def _gradient_png() -> bytes:
+    """A grey ramp: a PNG that is not a chest X-ray (the gate refuses it)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 255, 400, dtype=np.uint8), (300, 1))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _release(route) -> None:
+    """Let a held request go on to the server, unless the page has cancelled it meanwhile."""
+    from playwright.sync_api import Error
+
+    try:
+        route.continue_()
+    except Error as exc:
+        assert "already handled" in str(exc)
+
+
+@pytest.fixture(scope="module", params=["fast", None], ids=["fast", "default"])
+def bundled_server(request):
+    """A live server on a bundled model: the single `fast` bundle and the default (an ensemble today)."""
+    port, stop = run_server(create_app(classifier=Classifier.load(request.param)))
+    yield f"http://127.0.0.1:{port}"
+    stop()
+
+
+@pytest.mark.browser
+@pytest.mark.data
+def test_page_states_the_gate_and_subtype_and_drops_a_stale_result(bundled_server, tmp_path):
+    """The page's notes follow GET /v1/model's capabilities; a real pneumonia film then a PNG that is not an
+    X-ray leaves no label or probability of the film on the page, also when the film's answer (slow, with its
+    Grad-CAM) arrives after the refusal, and nothing of it shows while the second upload is read."""
+    from playwright.sync_api import sync_playwright
+
+    xray = VAL_FULLRES / "PNEUMONIA" / "person1946_bacteria_4874.jpeg"
+    plot = {"name": "plot.png", "mimeType": "image/png", "buffer": _gradient_png()}
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(bundled_server)
+        page.wait_for_selector("#gate-note")
+        assert page.inner_text("#gate-note").startswith("Input gate on")
+        assert "bacterial or viral" in page.inner_text("#subtype-note")
+        # one after the other; the plot's answer is held back to look at the page while it is read
+        page.set_input_files("#file", str(xray))
+        page.wait_for_selector("#result:not([hidden])", timeout=60000)
+        assert page.inner_text("#label") == "PNEUMONIA" and "P(pneumonia) = " in page.inner_text("#probability")
+        held = []
+        page.route("**/v1/predict*", lambda route: held.append(route))
+        page.set_input_files("#file", files=[plot])
+        page.wait_for_function("() => !document.getElementById('busy').hidden")
+        assert not page.is_visible("#label") and not page.is_visible("#probability")
+        page.wait_for_timeout(200)
+        _release(held.pop())
+        page.wait_for_selector("#error:not([hidden])", timeout=60000)
+        assert "chest X-ray" in page.inner_text("#error")
+        assert not page.is_visible("#result") and page.inner_text("#label") == ""
+        # overlapping: the film's answer comes after the plot's refusal
+        page.set_input_files("#file", str(xray))
+        page.wait_for_timeout(200)
+        page.unroute("**/v1/predict*")
+        page.set_input_files("#file", files=[plot])
+        page.wait_for_selector("#error:not([hidden])", timeout=60000)
+        _release(held.pop())  # (a page may have cancelled it)
+        page.wait_for_timeout(3000)  # the film's answer has come back by now, and was dropped
+        assert not page.is_visible("#result") and not page.is_visible("#label")
+        assert page.inner_text("#label") == "" and page.inner_text("#probability") == ""
+        assert "plot.png" in page.inner_text("#error")
+        page.screenshot(path=str(tmp_path / "refusal.png"), full_page=True)
+        browser.close()
+    keep = Path("/tmp/page-shots")
+    if keep.is_dir():  # for a person to look at
+        (keep / f"refusal-{Path(bundled_server).name}.png").write_bytes((tmp_path / "refusal.png").read_bytes())

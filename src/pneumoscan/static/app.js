@@ -63,15 +63,17 @@ async function loadModel() {
     box.append(summary);
     box.append(metricsTable(metrics));
     box.append(el("p", info.generalisation_note, { class: "small", id: "generalisation" }));
-    const files = config.files || {};
-    box.append(el("p", "gate.safetensors" in files
+    // what the loaded model can do, as the server asks it of the model (an ensemble's gate and subtype
+    // head are its primary member's: its own config lists no such files)
+    const can = info.capabilities || {};
+    box.append(el("p", can.input_gate
       ? "Input gate on: images that do not look like paediatric chest X-rays (photographs, other scans, " +
         "documents, screenshots, rotated films) are refused. It does not catch chest X-rays from other " +
         "populations (adults, lateral views), which look like what it was fitted on."
       : "No input gate: every image gets a label, chest X-ray or not.", { class: "small", id: "gate-note" }));
-    if ("subtype.safetensors" in files) {
+    if (can.subtype) {
       box.append(el("p", "PNEUMONIA results also say bacterial or viral: a second head on the same features, " +
-        "less accurate than the first (see the model card).", { class: "small" }));
+        "less accurate than the first (see the model card).", { class: "small", id: "subtype-note" }));
     }
   } catch (err) {
     $("model").textContent = `Model information could not be loaded: ${err.message}`;
@@ -101,30 +103,59 @@ function fieldsTable(data, fields) {
   return table;
 }
 
+// Each upload has a number; only the latest one's answer is shown. A slow answer to an earlier upload
+// (an X-ray with its Grad-CAM) arriving after a later refusal is dropped, never drawn under it.
+let latest = 0;
+let inFlight = null;
+
+function clearResult() {
+  $("result").hidden = true;
+  $("xray").removeAttribute("src");
+  $("overlay").removeAttribute("src");
+  ["label", "probability", "threshold", "filename"].forEach((id) => { $(id).textContent = ""; });
+  $("label").className = "label";
+  $("fill").style.width = "0";
+  $("record").replaceChildren();
+}
+
 async function classify(file) {
+  const ticket = ++latest;
+  if (inFlight) inFlight.abort();
+  const controller = new AbortController();
+  inFlight = controller;
+  clearResult();
   $("error").hidden = true;
+  $("error").textContent = "";
   $("busy").hidden = false;
   const body = new FormData();
   body.append("file", file);
   try {
-    const response = await fetch("/v1/predict?cam=true", { method: "POST", body });
+    const response = await fetch("/v1/predict?cam=true", { method: "POST", body, signal: controller.signal });
     let data = {};
     try { data = await response.json(); } catch (_) { /* not JSON */ }
+    if (ticket !== latest) return;
     if (!response.ok) {
       const detail = typeof data.detail === "string" ? data.detail : `the server answered ${response.status}`;
       throw new Error(detail);
     }
-    show(data, await recordFields);
+    const fields = await recordFields;
+    if (ticket !== latest) return;
+    show(data, fields);
   } catch (err) {
-    $("result").hidden = true;
+    if (ticket !== latest) return;
+    clearResult();
     showError(`Could not classify ${file.name}: ${err.message}` +
       (err.message.includes("chest X-ray") ? ". This page labels paediatric chest X-rays only." : ""));
   } finally {
-    $("busy").hidden = true;
+    if (ticket === latest) {
+      $("busy").hidden = true;
+      inFlight = null;
+    }
   }
 }
 
 function show(data, fields) {
+  if (typeof data.label !== "string" || typeof data.probability !== "number") throw new Error("no label in the answer");
   $("xray").src = `data:image/png;base64,${data.image}`;
   $("overlay").src = `data:image/png;base64,${data.cam}`;
   $("overlay").hidden = !$("cam-toggle").checked;
@@ -144,7 +175,10 @@ $("cam-toggle").addEventListener("change", (e) => {
   $("overlay").hidden = !e.target.checked;
   $("xray").hidden = e.target.checked;
 });
-$("file").addEventListener("change", (e) => { if (e.target.files[0]) classify(e.target.files[0]); });
+$("file").addEventListener("change", (e) => {
+  if (e.target.files[0]) classify(e.target.files[0]);
+  e.target.value = "";  // choosing the same file again is a new upload too
+});
 const drop = $("drop");
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
