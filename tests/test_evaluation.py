@@ -1,6 +1,8 @@
 import csv
+import html
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +184,85 @@ def test_cross_fitted_local_calibration(trained_bundle, small_data, tmp_path):
     (row,) = list(csv.DictReader(open(tmp_path / "reads.csv")))
     assert row["weights_sha256"] == trained_bundle.config["weights_sha256"] and row["split"] == "test"
     assert float(row["auc"]) == pytest.approx(json.loads((out / "metrics.json").read_text())["auc"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def examples_evaluated(tmp_path_factory):
+    """The bundled `fast` model on the 16 bundled examples (8 bacterial, no viral pneumonia): its subtype
+    sensitivity, precision and F1 are undefined."""
+    from pneumoscan.demo import EXAMPLES
+    from pneumoscan.evaluation import evaluate
+
+    out = tmp_path_factory.mktemp("examples-eval")
+    return out, evaluate(EXAMPLES, None, ["fast"], out, n_resamples=200, progress=False)
+
+
+def test_undefined_metrics_never_read_as_zero(examples_evaluated):
+    from pneumoscan.evaluation import metrics_table
+
+    out, summary = examples_evaluated
+    report = json.loads((out / "metrics.json").read_text())
+    subtype = report["subtype"]
+    assert subtype["n_viral"] == 0
+    assert subtype["precision"] is None and subtype["f1"] is None and subtype["ci95"]["precision"] is None
+    table = metrics_table(report)
+    assert "sensitivity  undefined (no positive case)" in table and "0.000 (0.000-0.000)" not in table
+    page = (out / "report.html").read_text()
+    assert "0.000 <small>(0.000" not in page
+    assert page.count("undefined <small>(no positive case)</small>") == 3  # the subtype's sensitivity, precision, F1
+    # a reference that does not report a metric: a dash, not "undefined"
+    mobilenet = page.split("Reference MobileNetV2 (seed, 150 px)</th>")[1].split("</tr>")[0]
+    assert "undefined" not in mobilenet and "&mdash;" in mobilenet
+    cal = report["calibration"]
+    line = (
+        f"temperature T = {cal['temperature']:.3f}, fitted to minimise log loss on the model's own validation "
+        "(or site calibration) data, not on these images; on these images, without T (T = 1) and with it: "
+        f"ECE {cal['ece_before']:.3f} and {cal['ece_after']:.3f}, log loss {cal['loss_before']:.3f} and "
+        f"{cal['loss_after']:.3f}"
+    )
+    assert line in table and html.escape(line) in page and " before, " not in page + table
+
+
+def test_undefined_reasons():
+    from pneumoscan.metrics import binary_metrics, undefined_reason
+
+    none_called = binary_metrics([0, 0, 1], [0.1, 0.2, 0.3], 0.5)  # no positive call
+    assert none_called["precision"] is None and undefined_reason(none_called, "precision") == "none predicted positive"
+    assert none_called["sensitivity"] == 0 and undefined_reason(none_called, "sensitivity") is None
+    no_negative = binary_metrics([1, 1], [0.1, 0.9], 0.5)
+    assert undefined_reason(no_negative, "specificity") == "no negative case"
+    assert undefined_reason(no_negative, "auc") == "one class only"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [1280, 800])
+def test_report_fits_the_window_without_scrolling_sideways(examples_evaluated, width, tmp_path):
+    """At 1280 and 800 px the page does not scroll sideways and sensitivity and specificity are in view."""
+    from playwright.sync_api import sync_playwright
+
+    out, _ = examples_evaluated
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto((out / "report.html").as_uri())
+        assert page.evaluate("() => document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        for header in ("sensitivity", "specificity"):
+            cell = page.locator("#metrics th", has_text=header).first
+            box = cell.bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, (header, box)
+            column = page.evaluate(
+                "h => [...document.querySelectorAll('#metrics th')].findIndex(t => t.textContent === h)", header
+            )
+            overflow = page.evaluate(
+                "i => [...document.querySelectorAll('#metrics tr')].slice(1).map(r => r.children[i])"
+                ".filter(c => c.getBoundingClientRect().right > window.innerWidth || c.scrollWidth > c.clientWidth)"
+                ".length",
+                column,
+            )
+            assert overflow == 0, header
+        page.locator("#metrics").scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "report.png"))
+        browser.close()
+    keep = Path("/tmp/page-shots")
+    if keep.is_dir():
+        (keep / f"report-{width}.png").write_bytes((tmp_path / "report.png").read_bytes())

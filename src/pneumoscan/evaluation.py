@@ -371,6 +371,17 @@ def _grid(result: ModelResult, images: np.ndarray, indices, path: Path):
     return R.plot_image_grid(images[indices], titles, colours, path)
 
 
+def calibration_line(cal: dict) -> str:
+    """What the temperature is and where it came from, then ECE and log loss on these images without it and
+    with it, in that order: the comparison as it is, never read as a fit made on these images."""
+    return (
+        f"temperature T = {cal['temperature']:.3f}, fitted to minimise log loss on the model's own "
+        "validation (or site calibration) data, not on these images; on these images, without T (T = 1) and with it: "
+        f"ECE {number(cal['ece_before'])} and {number(cal['ece_after'])}, "
+        f"log loss {number(cal['loss_before'])} and {number(cal['loss_after'])}"
+    )
+
+
 def metrics_table(report: dict) -> str:
     """A readable terminal table: each headline metric at the operating threshold, and at 0.5 where that
     is another threshold."""
@@ -388,9 +399,7 @@ def metrics_table(report: dict) -> str:
     (tn, fp), (fn, tp) = t["confusion_matrix"]
     cal = t["calibration"]
     lines.append(f"confusion at {t['threshold']:.3f}: TN {tn}  FP {fp}  FN {fn}  TP {tp}")
-    lines.append(
-        f"ECE {number(cal['ece_before'])} before, {number(cal['ece_after'])} after temperature {cal['temperature']:.3f}"
-    )
+    lines.append(calibration_line(cal))
     for name, head in HEADS.items():
         if head_report := report.get(name):
             lines += head.report_lines(head_report, report["n"])

@@ -30,20 +30,110 @@ class Explanation:
     label: str
     model: str | None = None  # which network the map explains, where not the whole model (an ensemble's primary)
 
-    def overlay(self, alpha: float = 0.45) -> Image.Image:
-        """The heatmap in the 'jet' colours blended over the X-ray, as an RGB image."""
-        from matplotlib import colormaps
+    def blend(self) -> Image.Image:
+        """The heatmap in the 'jet' colours over the X-ray, at the X-ray's size: each pixel's opacity comes
+        from its map value (:func:`cam_alpha`), so where the map is low the film shows through untinted."""
+        return Image.fromarray(_blend(self.image, self.heatmap), "RGB")
 
-        colours = colormaps["jet"](self.heatmap)[..., :3]
-        grey = np.repeat(self.image[..., None] / 255.0, 3, axis=2)
-        weight = alpha * self.heatmap[..., None]  # cool regions keep the X-ray visible
-        return Image.fromarray(np.uint8(255 * ((1 - weight) * grey + weight * colours)), "RGB")
+    def overlay(self) -> Image.Image:
+        """The figure people see: :meth:`blend` with a band above it naming the predicted label and the
+        probability of PNEUMONIA (and, for an ensemble, which network the map explains), and a colour bar on
+        the right showing how each map value is drawn, transparent at the bottom."""
+        return annotated(self.blend(), self.label, self.probability, self.model)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.overlay().save(path)
         return path
+
+
+CAM_CLEAR = 0.2  # map values up to this are not drawn at all: the film shows through
+CAM_OPAQUE = 0.65  # the opacity of the map's peak; the film is never hidden
+
+
+def cam_alpha(heatmap: np.ndarray) -> np.ndarray:
+    """Opacity of the colour drawn for each map value in [0, 1]: 0 up to :data:`CAM_CLEAR`, rising
+    linearly to :data:`CAM_OPAQUE` at the peak."""
+    ramp = np.clip((np.asarray(heatmap, np.float32) - CAM_CLEAR) / (1 - CAM_CLEAR), 0, 1)
+    return CAM_OPAQUE * ramp
+
+
+def _blend(grey: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    from matplotlib import colormaps
+
+    colours = colormaps["jet"](heatmap)[..., :3]
+    film = np.repeat(np.asarray(grey, np.float32)[..., None] / 255.0, 3, axis=2)
+    weight = cam_alpha(heatmap)[..., None]
+    return np.uint8(np.round(255 * ((1 - weight) * film + weight * colours)))
+
+
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib, a dependency) at ``size`` px; Pillow's own font otherwise."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def _fit(draw, text: str, font, width: float) -> str:
+    """``text``, cut short with an ellipsis where it is wider than ``width`` px."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+LABEL_COLOURS = {"PNEUMONIA": (176, 32, 32), "NORMAL": (24, 96, 48)}
+
+
+def annotated(blend: Image.Image, label: str, probability: float, model: str | None = None) -> Image.Image:
+    """``blend`` with the label, probability and colour bar drawn around it (never over the film)."""
+    from PIL import ImageDraw
+
+    width, height = blend.size
+    unit = max(12, round(0.034 * max(width, height)))  # the text size, in proportion to the film
+    small = max(10, round(unit * 0.8))
+    band = round(unit * 1.5 + small * 1.35 + unit * 0.5)
+    big, little = _font(unit), _font(small)
+    pad = round(unit * 0.4)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    bar_w = round(unit * 1.1)
+    side = 3 * pad + round(
+        max(
+            bar_w + pad + max(measure.textlength(t, font=little) for t in ("high", "clear", "low")),
+            measure.textlength("Grad-CAM", font=little),
+        )
+    )
+    canvas = Image.new("RGB", (width + side, max(height + band, band + unit * 8)), "white")
+    canvas.paste(blend, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    head = f"{label}   P(pneumonia) = {probability:.3f}"
+    draw.text(
+        (pad, pad), _fit(draw, head, big, width + side - 2 * pad), font=big, fill=LABEL_COLOURS.get(label, "black")
+    )
+    what = f"Grad-CAM for {label}" + (f", of the {model}" if model else "")  # which class, which network
+    text = _fit(draw, what, little, width + side - 2 * pad)
+    draw.text((pad, pad + round(unit * 1.35)), text, font=little, fill=(60, 66, 80))
+    # the colour bar: each value drawn as it is on a mid-grey film, so its clear bottom reads as such
+    top, bottom = band + unit, band + min(height, unit * 14) - unit
+    bar_x = width + pad * 2
+    values = np.linspace(1, 0, max(bottom - top, 2), dtype=np.float32)[:, None].repeat(bar_w, axis=1)
+    checks = np.where((np.arange(bar_w)[None, :] // 4 + np.arange(values.shape[0])[:, None] // 4) % 2, 150, 105)
+    canvas.paste(Image.fromarray(_blend(checks, values), "RGB"), (bar_x, top))
+    draw.rectangle((bar_x - 1, top - 1, bar_x + bar_w, top + values.shape[0]), outline=(60, 66, 80))
+    label_x = bar_x + bar_w + pad
+    for value, text in ((1.0, "high"), (CAM_CLEAR, "clear"), (0.0, "low")):
+        y = top + round((1 - value) * (values.shape[0] - 1))
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + pad // 2 + 1, y), fill=(60, 66, 80))
+        draw.text((label_x, y), text, font=little, fill=(60, 66, 80), anchor="lm")
+    draw.text((bar_x, top - round(unit * 0.25)), "Grad-CAM", font=little, fill=(60, 66, 80), anchor="ld")
+    return canvas
 
 
 class ClosedFormError(ValueError):

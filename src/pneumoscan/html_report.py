@@ -6,7 +6,9 @@ import base64
 import html
 from pathlib import Path
 
-from .metrics import CI_METRICS
+from .evaluation import calibration_line
+from .metrics import CI_METRICS, HEADLINE, undefined_reason
+from .text import UNDEFINED
 from .text import number as _fmt
 
 _CSS = """
@@ -16,8 +18,9 @@ main{max-width:1100px;margin:0 auto;padding:16px}
 h1{font-size:1.5rem;margin:.4em 0}
 h2{font-size:1.15rem;margin-top:1.6em;border-bottom:1px solid #d8dce3;padding-bottom:.2em}
 .notice{background:#fff4d6;border:1px solid #e8c66a;border-radius:6px;padding:.6em .9em}
-.wrap{overflow-x:auto}table{border-collapse:collapse;background:#fff;min-width:100%;font-size:.92rem}
-th,td{border:1px solid #dde1e7;padding:.35em .55em;text-align:left;white-space:nowrap}
+.wrap{max-width:100%}table{border-collapse:collapse;background:#fff;width:100%;font-size:.9rem;margin:.4em 0}
+th,td{border:1px solid #dde1e7;padding:.3em .45em;text-align:left}td.num,tr:first-child th{white-space:nowrap}
+td small{display:block;white-space:nowrap;color:#4a5263}
 th{background:#eef1f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:14px}
@@ -25,10 +28,19 @@ figure{margin:0;background:#fff;border:1px solid #dde1e7;border-radius:6px;paddi
 figure.wide{grid-column:1/-1}img{width:100%;height:auto}figcaption{font-size:.9rem;color:#4a5263;margin-top:4px}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;background:#fff;padding:.6em}
 dl{border:1px solid #dde1e7}
-dt{font-weight:600}
+dt{font-weight:600}dd{margin:0;overflow-wrap:anywhere;min-width:0}
+.foot{font-size:.85rem;color:#4a5263}
+@media (max-width:900px){main{padding:8px}table{font-size:.82rem}th,td{padding:.25em .3em}}
 """
 
 _KEYS = (*CI_METRICS, "ece")
+# two tables, so that each fits a 800 px window without scrolling sideways: the headline metrics, then the rest
+_TABLES = (("metrics", HEADLINE), ("metrics-more", tuple(k for k in _KEYS if k not in HEADLINE)))
+_UNDEFINED_NOTE = (
+    '<p class="foot">"undefined": the metric has no value on these images (AUC with one class present, '
+    "sensitivity, precision or F1 without a positive case, precision without a positive call, specificity without "
+    "a negative case); it is not zero. &mdash;: not reported for that reference.</p>"
+)
 _WIDE = ("random", "false", "Training")  # figures shown full width
 
 
@@ -38,31 +50,49 @@ def _img(path: Path) -> str:
 
 def _cell(report: dict, key: str) -> str:
     value = report.get(key)
+    if value is None:  # undefined, with why where the confusion matrix says; never an interval beside it
+        reason = undefined_reason(report, key)
+        return f'<td class="num">{UNDEFINED}' + (f" <small>({html.escape(reason)})</small>" if reason else "") + "</td>"
     ci = (report.get("ci95") or {}).get(key)
     text = _fmt(value) + (f" <small>({ci[0]:.3f}&ndash;{ci[1]:.3f})</small>" if ci else "")
     return f'<td class="num">{text}</td>'
 
 
-def _metrics_table(results, references: dict) -> str:
-    head = "".join(f"<th>{k.upper() if k in ('auc', 'ece') else k}</th>" for k in _KEYS)
+def _reference_cell(reference: dict, key: str) -> str:
+    value = reference.get(key)
+    if value is None:  # the reference did not report it: a dash, not "undefined"
+        return '<td class="num" title="not reported">&mdash;</td>'
+    return f'<td class="num">{_fmt(value)}</td>'
+
+
+def _rows(results, references: dict) -> list[tuple[str, dict, object]]:
+    """(label, report, how its cells are written) for each row of the metrics tables."""
     rows = []
     for r in results:
         rep = r.report
-        parts = [(f"{r.name}, threshold {rep['threshold']:.3f}", rep)]
+        rows.append((f"{r.name}, threshold {rep['threshold']:.3f}", rep))
         if abs(rep["threshold"] - 0.5) > 5e-7:  # a second row only where 0.5 is another threshold
-            parts.append((f"{r.name}, threshold 0.5", rep["at_0.5"]))
+            rows.append((f"{r.name}, threshold 0.5", rep["at_0.5"]))
         if "cross_fit" in rep:
             cf = rep["cross_fit"]
-            parts.append((f"{r.name}, cross-fitted local calibration ({cf['folds']} folds, {cf['rule']})", cf))
+            rows.append((f"{r.name}, cross-fitted local calibration ({cf['folds']} folds, {cf['rule']})", cf))
         if "subtype" in rep:
             st = rep["subtype"]
-            parts.append((f"{r.name}: bacterial or viral, {st['n']} true pneumonia (viral positive)", st))
-        for label, part in parts:
-            rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(_cell(part, k) for k in _KEYS)}</tr>")
-    for name, ref in references.items():
-        cells = "".join(f'<td class="num">{_fmt(ref.get(k))}</td>' for k in _KEYS)
-        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    return f'<div class="wrap"><table id="metrics"><tr><th>model</th>{head}</tr>{"".join(rows)}</table></div>'
+            rows.append((f"{r.name}: bacterial or viral, {st['n']} true pneumonia (viral positive)", st))
+    return [(label, part, _cell) for label, part in rows] + [(k, v, _reference_cell) for k, v in references.items()]
+
+
+def _metrics_table(results, references: dict) -> str:
+    rows = _rows(results, references)
+    tables = []
+    for table_id, keys in _TABLES:
+        head = "".join(f"<th>{k.upper() if k in ('auc', 'ece') else k}</th>" for k in keys)
+        body = "".join(
+            f"<tr><th>{html.escape(label)}</th>{''.join(cell(part, k) for k in keys)}</tr>"
+            for label, part, cell in rows
+        )
+        tables.append(f'<table id="{table_id}"><tr><th>model</th>{head}</tr>{body}</table>')
+    return f'<div class="wrap">{"".join(tables)}</div>{_UNDEFINED_NOTE}'
 
 
 def _model_section(r) -> str:
@@ -81,7 +111,7 @@ def _model_section(r) -> str:
     (tn, fp), (fn, tp) = r.report["confusion_matrix"]
     items["confusion at threshold"] = f"TN {tn}, FP {fp}, FN {fn}, TP {tp}"
     cal = r.report["calibration"]
-    items["calibration"] = f"ECE {_fmt(cal['ece_before'])} before, {_fmt(cal['ece_after'])} after temperature scaling"
+    items["calibration"] = calibration_line(cal)
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     return f"<h3>{html.escape(r.name)}</h3><dl>{rows}</dl>"
 

@@ -2,7 +2,7 @@
 
 Labels are 0 (NORMAL) and 1 (PNEUMONIA, the positive class); scores are probabilities of
 PNEUMONIA. Where a metric is undefined (AUC on a single class, precision with no positive
-call) it is ``None`` in results, never a crash and never a made-up number.
+call, precision and F1 with no positive case) it is ``None`` in results, never a crash and never a made-up number.
 """
 
 from __future__ import annotations
@@ -91,14 +91,33 @@ def _rates(tn, fp, fn, tp) -> dict[str, float]:
     with np.errstate(invalid="ignore", divide="ignore"):
         total = tn + fp + fn + tp
         sensitivity = tp / (tp + fn)
-        precision = tp / (tp + fp)
+        no_positives = (tp + fn) == 0  # precision and F1 say nothing without a positive case: undefined
+        precision = np.where(no_positives, np.nan, tp / (tp + fp))
         return {
             "accuracy": (tp + tn) / total,
             "sensitivity": sensitivity,
             "specificity": tn / (tn + fp),
             "precision": precision,
-            "f1": 2 * tp / (2 * tp + fp + fn),
+            "f1": np.where(no_positives, np.nan, 2 * tp / (2 * tp + fp + fn)),
         }
+
+
+def undefined_reason(report: dict, key: str) -> str | None:
+    """Why ``report[key]`` is undefined (``None``), from its confusion matrix, in a few words for people;
+    None where the metric has a value or the reason is not known."""
+    if report.get(key) is not None or "confusion_matrix" not in report:
+        return None
+    (tn, fp), (fn, tp) = report["confusion_matrix"]
+    positives, negatives, called = tp + fn, tn + fp, tp + fp
+    if key == "auc":
+        return "one class only"
+    if key == "specificity":
+        return "no negative case" if not negatives else None
+    if key in ("sensitivity", "precision", "f1"):
+        if key == "precision" and not called:
+            return "none predicted positive"
+        return "no positive case" if not positives else None
+    return None
 
 
 def binary_metrics(y, p, threshold: float | np.ndarray = 0.5) -> dict:

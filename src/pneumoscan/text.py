@@ -53,12 +53,20 @@ def markdown_text(value: object) -> str:
     return re.sub(r"([\\`*_\[\]#!|~])", r"\\\1", text)
 
 
+UNDEFINED = "undefined"
+
+
 def number(value, digits: int = 3) -> str:
-    """A metric for people: ``n/a`` where it is undefined."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    """A metric for people: ``undefined`` where it is (never a number that could read as zero)."""
+    return UNDEFINED if value is None else f"{value:.{digits}f}"
 
 
 def with_ci(report: dict, key: str) -> str:
     """A metric with its 95% interval, as ``0.972 (0.958-0.983)``."""
+    from .metrics import undefined_reason
+
+    if report.get(key) is None:  # never an interval next to a metric that has no value
+        reason = undefined_reason(report, key)
+        return UNDEFINED + (f" ({reason})" if reason else "")
     ci = (report.get("ci95") or {}).get(key)
     return number(report.get(key)) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
