@@ -8,7 +8,7 @@ from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle, resolve_model
 from pneumoscan.data import list_images
 from pneumoscan.ensemble import Ensemble
-from pneumoscan.images import load_image, prepare, resize_square
+from pneumoscan.images import load_image, prepare
 from pneumoscan.model_card import model_card
 
 
@@ -63,7 +63,7 @@ def test_bundled_model_separates_the_official_val_images(clf):
 def test_draft_jpeg_decoding_changes_probabilities_by_less_than_0_01(clf):
     files = list_images(FULLRES)
     assert len(files) == 48
-    full = np.stack([resize_square(load_image(f), clf.image_size) for f in files])
+    full = np.stack([clf.bundle.preprocessing.apply(load_image(f)) for f in files])
     drafted = np.stack([prepare(f, clf.image_size) for f in files])
     assert not np.array_equal(full, drafted)  # the draft path really decoded at reduced scale
     diff = np.abs(clf.probabilities(clf.logits(full)) - clf.probabilities(clf.logits(drafted)))

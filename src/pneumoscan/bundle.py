@@ -53,6 +53,7 @@ from .bundle_schema import (
 )
 from .errors import ConfigError, require_train_extra
 from .feature_heads import HEADS
+from .images import Preprocessing
 from .fileio import MAX_JSON_BYTES, MAX_JSON_DEPTH, atomic_write, parse_json_object, read_json_object, write_json
 from .labels import CLASSES
 from .metrics import sigmoid
@@ -85,6 +86,11 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How every input becomes this model's input (config.json "preprocessing")."""
+        return Preprocessing.of_config(self.config)
 
     @property
     def weights_sha256(self) -> str:
@@ -245,8 +251,8 @@ class Bundle:
 # Models that ship inside the package, by name (--model NAME): the folder under src/pneumoscan/ that
 # holds each. A name is looked up only when no file or folder of that name exists (a path wins).
 BUNDLED_MODELS = {
-    "default": "default_model",  # the most accurate model: an ensemble of EfficientNet-Lite0 and DINOv2
-    "fast": "default_model/members/fast",  # the fastest: the ensemble's EfficientNet-Lite0 member alone
+    "default": "default_model",  # the fine-tuned EfficientNet-Lite0 (224 px)
+    "fast": "default_model",  # the same model, by the name earlier releases gave it
 }
 
 

@@ -76,7 +76,7 @@ def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resample
     from .evaluation import score
 
     source = clf.bundle
-    images, samples, errors = load_images(load_split(data, split), clf.image_size, progress, "loading")
+    images, samples, errors = load_images(load_split(data, split), clf.bundle.preprocessing, progress, "loading")
     y = np.array([s.label for s in samples])
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ImageError
-from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
+from .images import IMAGE_SUFFIXES, Preprocessing, load_image, prepare, read_bytes
 from .labels import CLASSES
 from .options import DataCheckOptions
 from .settings import DECLARED, checked_path, declared, option
@@ -279,7 +279,7 @@ def check_dataset(root: str | Path, progress: bool = DECLARED) -> DataCheck:
 # --- loading for training and evaluation ------------------------------------------------------------
 
 
-def load_images(samples: list[Sample], size: int, progress: bool = True, desc: str = "loading", keep: bool = True):
+def load_images(samples: list[Sample], size: int | Preprocessing, progress: bool = True, desc: str = "loading", keep: bool = True):
     """Decode and resize every sample once, in parallel: ``(images (N,S,S) uint8, kept samples, errors)``.
 
     Unreadable images are left out and reported, never fatal. ``keep=False`` only checks that each

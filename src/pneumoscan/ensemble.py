@@ -83,6 +83,11 @@ class Ensemble(Bundle):
         return self.members[0]
 
     @property
+    def preprocessing(self):
+        """The primary's: members see the same prepared images (their preprocessing must agree)."""
+        return self.primary.preprocessing
+
+    @property
     def weights_sha256(self) -> str:
         """One digest for the members' weights, in order: sha256 of their weights digests, one per line."""
         return hashlib.sha256("\n".join(m.weights_sha256 for m in self.members).encode()).hexdigest()
@@ -183,12 +188,23 @@ def load_member(folder: Path, digest: str, image_size: int) -> Bundle:
     return member
 
 
+def check_same_preprocessing(members: list[Bundle]) -> None:
+    """Members read one prepared image: each must make it as the primary does."""
+    for member in members[1:]:
+        if member.preprocessing != members[0].preprocessing:
+            raise ConfigError(
+                f"{member.path / CONFIG}: preprocessing {member.preprocessing.record()} differs from the primary's "
+                f"{members[0].preprocessing.record()}; all members read the same prepared image"
+            )
+
+
 def load_ensemble(path: Path, config: dict) -> Ensemble:
     """Open and verify an ensemble bundle (called by :func:`bundle.load_bundle` for its format)."""
     validate_ensemble_config(config, str(path))
     folder = path / MEMBERS
     _real_folder(folder)
     members = [load_member(folder / m["name"], m["config_sha256"], config["image_size"]) for m in config["members"]]
+    check_same_preprocessing(members)
     present = {entry.name for entry in os.scandir(folder)}
     for extra in sorted(present - {m["name"] for m in config["members"]})[:5]:
         warnings.warn(
@@ -322,6 +338,7 @@ def make_ensemble(
             raise ConfigError(
                 f"{bundle.path / CONFIG}: image_size {bundle.image_size} differs from the primary's {size}"
             )
+    check_same_preprocessing(bundles)
     validation = held_out_of_every_member(bundles, data)
     out = checked_path(out, "--out")
     if out.exists() and any(out.iterdir()):

@@ -88,12 +88,13 @@ def evaluate(
     is_split = bool(split) and (Path(data) / split).is_dir()  # else a flat NORMAL/PNEUMONIA folder was given
     split_name = split if is_split else Path(data).name
     classifiers = [Classifier.load(model, engine=engine) for model in models]  # bad bundles stop before any work
-    images_by_size: dict[int, tuple] = {}
+    images_by_size: dict = {}  # by preprocessing: models that prepare alike share the images
     results = []
     for index, clf in enumerate(classifiers):
-        if clf.image_size not in images_by_size:
-            images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split_name}")
-        images, samples, errors = images_by_size[clf.image_size]
+        spec = clf.bundle.preprocessing
+        if spec not in images_by_size:
+            images_by_size[spec] = load_images(all_samples, spec, progress, f"loading {split_name}")
+        images, samples, errors = images_by_size[spec]
         if not samples:
             raise ConfigError(f"{data}: none of the {len(all_samples)} images could be read (first: {errors[0]})")
         logits, features = clf.outputs(images)

@@ -152,7 +152,7 @@ def training_images(bundle: Bundle, root: str | Path | None, count: int = 256, s
     if not root or not Path(root).is_dir():
         raise ConfigError("int8 calibration needs training images: pass --calibration-data ROOT (with ROOT/train)")
     samples = stratified_subset(load_split(root, "train"), count // 2, seed)
-    return load_images(samples, bundle.image_size, progress=False)[0]
+    return load_images(samples, bundle.preprocessing, progress=False)[0]
 
 
 def _head_nodes(model_path: Path) -> list[str]:

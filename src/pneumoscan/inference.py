@@ -493,7 +493,7 @@ class Classifier:
 
     def _prepare_one(self, source: ImageSource):
         try:
-            return prepare_with_chroma(source, self.image_size), None
+            return prepare_with_chroma(source, self.bundle.preprocessing), None
         except ImageError as exc:
             return None, exc
         except Exception as exc:  # noqa: BLE001 - one input's failure never costs the others their result
@@ -524,7 +524,7 @@ class Classifier:
         (:func:`pneumoscan.explain.grad_cam`)."""
         from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
-        args = (source, self.image_size, self.threshold, self.bundle.temperature, positive)
+        args = (source, self.bundle.preprocessing, self.threshold, self.bundle.temperature, positive)
         with self._explain_lock:  # Grad-CAM by autograd hooks the shared network: one explanation at a time
             if self._cam_onnx is None:
                 self._cam_onnx = self._onnx_explainer() or False

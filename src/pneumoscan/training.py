@@ -41,7 +41,7 @@ from .errors import ConfigError
 from .feature_head import FitData
 from .feature_heads import fit_heads_on
 from .fileio import read_json_object, write_json
-from .images import NORMALIZATION
+from .images import NORMALIZATION, Preprocessing
 from .models import create_model, predict_logits, predict_outputs
 from .recipe import TrainConfig
 from .text import printable
@@ -507,6 +507,7 @@ def bundle_config(cfg: TrainConfig, hidden: int, threshold: float, rule: str, te
         "dropout": cfg.dropout,
         "hidden": hidden,
         "normalization": NORMALIZATION,
+        "preprocessing": Preprocessing(cfg.image_size).record(),  # what load_images made of every image
         "threshold": threshold,
         "threshold_rule": rule,
         "temperature": temperature,
