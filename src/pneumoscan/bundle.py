@@ -53,8 +53,8 @@ from .bundle_schema import (
 )
 from .errors import ConfigError, require_train_extra
 from .feature_heads import HEADS
-from .images import Preprocessing
 from .fileio import MAX_JSON_BYTES, MAX_JSON_DEPTH, atomic_write, parse_json_object, read_json_object, write_json
+from .images import Preprocessing
 from .labels import CLASSES
 from .metrics import sigmoid
 

@@ -279,7 +279,9 @@ def check_dataset(root: str | Path, progress: bool = DECLARED) -> DataCheck:
 # --- loading for training and evaluation ------------------------------------------------------------
 
 
-def load_images(samples: list[Sample], size: int | Preprocessing, progress: bool = True, desc: str = "loading", keep: bool = True):
+def load_images(
+    samples: list[Sample], size: int | Preprocessing, progress: bool = True, desc: str = "loading", keep: bool = True
+):
     """Decode and resize every sample once, in parallel: ``(images (N,S,S) uint8, kept samples, errors)``.
 
     Unreadable images are left out and reported, never fatal. ``keep=False`` only checks that each

@@ -144,7 +144,12 @@ def class_activation_map(net, x, positive: bool) -> tuple[np.ndarray, float]:
 
 
 def grad_cam(
-    net, source: ImageSource, size: int | Preprocessing, threshold: float, temperature: float = 1.0, positive: bool | None = None
+    net,
+    source: ImageSource,
+    size: int | Preprocessing,
+    threshold: float,
+    temperature: float = 1.0,
+    positive: bool | None = None,
 ) -> Explanation:
     """Explain one input with the PyTorch network ``net`` (autograd): the heatmap of ``positive``
     (PNEUMONIA) or not, by default of the predicted class."""
