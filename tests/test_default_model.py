@@ -8,7 +8,7 @@ from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle, resolve_model
 from pneumoscan.data import list_images
 from pneumoscan.ensemble import Ensemble
-from pneumoscan.images import load_image, prepare
+from pneumoscan.images import Preprocessing, load_image, prepare
 from pneumoscan.model_card import model_card
 
 
@@ -19,34 +19,28 @@ def clf():
 
 @pytest.mark.data
 def test_bundle_is_small_complete_and_verified():
-    """The default is the ensemble of the fast EfficientNet-Lite0 and the head-only DINOv2 member, inside the
-    repository's budgets, with its test read recorded and the rule that chose it in its notes."""
+    """The default is the fine-tuned EfficientNet-Lite0 (also named ``fast``), inside the repository's budgets,
+    with its test reads recorded, its preprocessing stated, and the card regenerated from it."""
     path = default_bundle_path()
-    sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()]
-    assert max(sizes) <= 50 * 2**20 and sum(sizes) <= 100 * 2**20  # per file; all bundled models together
+    sizes = [f.stat().st_size for f in path.parent.rglob("*") if f.is_file() and "default_model" in f.parts]
+    assert max(sizes) <= 50 * 2**20 and sum(sizes) <= 60 * 2**20  # per file; all bundled models together
     bundle = load_bundle()
-    assert isinstance(bundle, Ensemble) and bundle.member_names == ["fast", "dinov2"]
-    fast, dinov2 = bundle.members
-    assert resolve_model("fast").resolve() == fast.path.resolve()
-    assert fast.backbone == "efficientnet_lite0" and dinov2.backbone == "dinov2_vits14" and dinov2.head_only
-    assert set(fast.config["files"]) == {"model.onnx", "model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
-    assert dinov2.onnx_path() is not None  # the int8 backbone and the head: predicts without PyTorch
-    for b in (bundle, fast, dinov2):
-        assert {"validation", "test"} <= set(b.metrics)
-        assert b.metrics["test"]["n"] == 624 and b.metrics["test"]["ci95"]["auc"]
-        assert b.threshold == 0.5 and b.config["threshold_rule"] == "balanced"
-        assert b.metrics["test"]["threshold"] == 0.5 and b.metrics["validation"]["threshold"] == 0.5
-    assert "read 7" in bundle.config["notes"] and "unless worse" in bundle.config["notes"]
+    assert not isinstance(bundle, Ensemble) and bundle.backbone == "efficientnet_lite0"
+    assert resolve_model("fast").resolve() == resolve_model("default").resolve() == path.resolve()
+    assert set(bundle.config["files"]) == {"model.onnx", "model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
+    assert bundle.version and bundle.preprocessing == Preprocessing(224, "bilinear", 75)
+    assert {"validation", "test"} <= set(bundle.metrics)
+    assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
+    assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"
+    assert bundle.metrics["test"]["threshold"] == 0.5 and bundle.metrics["validation"]["threshold"] == 0.5
     from conftest import D224
 
-    train, val = bundle.training_splits(D224)  # the primary's recipe's own patient split, as recorded
-    for b in (fast, dinov2):  # the ensemble's temperature was fitted on the patients neither member saw
-        assert b.config["training"]["train"]["images"] == len(train) == 4691
-        assert b.metrics["validation"]["n"] == len(val) == bundle.metrics["validation"]["n"] == 525
-    for b in (bundle, fast, dinov2):
-        card = (b.path / "MODEL_CARD.md").read_text()
-        assert "not a medical device" in card and "| test (624 images" in card
-        assert card == model_card(b)  # regenerated whenever the card's template changes
+    train, val = bundle.training_splits(D224)  # the recipe's own patient split, as recorded
+    assert bundle.config["training"]["train"]["images"] == len(train) == 4691
+    assert bundle.metrics["validation"]["n"] == len(val) == 525
+    card = (bundle.path / "MODEL_CARD.md").read_text()
+    assert "not a medical device" in card and "| test (624 images" in card
+    assert card == model_card(bundle)  # regenerated whenever the card's template changes
 
 
 @pytest.mark.data

@@ -18,25 +18,6 @@ from pneumoscan.images import prepare
 pytestmark = [pytest.mark.backbones, pytest.mark.data]
 
 
-@pytest.fixture(scope="module")
-def head_only_bundle(tmp_path_factory):
-    """DINOv2 frozen features + logistic head on 20 + 20 real training X-rays (30% patients held out)."""
-    from pneumoscan.recipe import TrainConfig
-    from pneumoscan.training import train
-
-    data = link_dataset(tmp_path_factory.mktemp("dino-data"), {"train": 20})
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path_factory.mktemp("dino-run")),
-        backbone="dinov2_vits14",
-        frozen_features=True,
-        head="logistic",
-        val_fraction=0.3,
-    )
-    cfg.progress = False
-    return train(cfg), data
-
-
 def _validation_images(bundle, data):
     from pneumoscan.data import load_images
 

@@ -84,6 +84,11 @@ class Bundle:
         return self.config.get("name", self.path.name)
 
     @property
+    def version(self) -> str:
+        """The bundle's version as recorded ("" where its author recorded none)."""
+        return str(self.config.get("version", ""))
+
+    @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
 

@@ -183,6 +183,11 @@ def export_bundle(
 
     require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
     bundle = load_bundle(model)
+    if not out and bundle.path.resolve().is_relative_to(Path(__file__).parent.resolve()):
+        raise ConfigError(
+            f"{bundle.name} is a model shipped inside the package, whose files are not rewritten: "
+            "pass --out FILE.onnx, or --model BUNDLE for a bundle of your own"
+        )
     if out and Path(out).resolve().parent == bundle.path.resolve():
         if Path(out).name != ONNX:  # a file of its own name in the bundle would never be used
             raise ConfigError(

@@ -17,6 +17,17 @@ GENERALISATION_NOTE = (
 )
 
 
+
+def preprocessing_line(bundle) -> str:
+    """How a film becomes the input, in words (images.Preprocessing)."""
+    p = bundle.preprocessing
+    if p.jpeg_quality is None:
+        return f"a film of another size is resized ({p.resample}) to it"
+    return (
+        f"a film of another size is resized ({p.resample}) to it, then JPEG-encoded at quality {p.jpeg_quality} "
+        "and decoded, as the Kermany 224 px training copies were made"
+    )
+
 def _calibration_advice(site: dict | None) -> str:
     if site:
         return "Threshold and temperature were refitted on labelled local images (see Model)."
@@ -93,7 +104,8 @@ Grad-CAM explains the primary member (for the class the ensemble predicts).
 |---|---|---|---|---|---|
 {members}
 
-- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member.
+- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member;
+  {preprocessing_line(bundle)}.
 - Weights digest of the ensemble (sha256 of the members' weights digests, one per line): `{bundle.weights_sha256}`.
 - Input gate: {"the primary member's" if "gate.safetensors" in files else "none: every image gets a label"}.
 - Bacterial/viral head: {"the primary member's" if "subtype.safetensors" in files else "none"}.
@@ -174,7 +186,7 @@ def model_card(bundle) -> str:
 ## Model
 - Backbone: `{c["backbone"]}` ({pretrained_line(c)}), {head_line(c)}, one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
-  ImageNet mean/std.
+  ImageNet mean/std; {preprocessing_line(bundle)}.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
   temperature {c["temperature"]:.4f}: {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.{_head_only_line(c)}{teacher_line(c)}
