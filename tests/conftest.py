@@ -35,7 +35,8 @@ DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  #
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
-DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle", "head_only_bundle"}  # built from $PNEUMOSCAN_DATA's images
+# built from $PNEUMOSCAN_DATA's images
+DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle", "head_only_bundle"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

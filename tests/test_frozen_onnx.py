@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import link_dataset, real_images
+from conftest import real_images
 
 from pneumoscan import metrics as M
 from pneumoscan.backbones import REGISTRY
