@@ -18,7 +18,7 @@ from pneumoscan.inference import Prediction
 from pneumoscan.output import CSV_COLUMNS, FIELDS, TABLE, record, write_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
-SHIPPED = resolve_model("fast")  # a single network (the default is an ensemble of two)
+SHIPPED = resolve_model("default")
 PNEUMONIA = sorted((EXAMPLES / "PNEUMONIA").glob("*.jpeg"))
 
 

@@ -376,13 +376,17 @@ def make_ensemble(
 
 
 def bundled_models_table() -> str:
-    """Two lines per bundled model name (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
+    """Two lines per bundled model (one for a second name of the same folder) (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
     it is, its size and the accuracy its metrics record (test where recorded, else validation)."""
     from .bundle import BUNDLED_MODELS, resolve_model
     from .text import number, printable
 
-    rows = []
+    rows, seen = [], {}
     for name in BUNDLED_MODELS:
+        if BUNDLED_MODELS[name] in seen:
+            rows.append(f"{name:<8} the same model as {seen[BUNDLED_MODELS[name]]} (the name earlier releases gave it)")
+            continue
+        seen[BUNDLED_MODELS[name]] = name
         try:
             bundle = load_bundle(resolve_model(name))
         except ConfigError as exc:

@@ -17,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from .errors import ConfigError
-from .images import Preprocessing
+
+if TYPE_CHECKING:  # the interface stays below the image layer
+    from .images import Preprocessing
 
 MAX_HEAD_BYTES = 64 * 2**20  # the largest head file a bundle may hold, unless a head says otherwise
 ERROR = "error"  # the result field through which a head refuses an input (the input gate)
