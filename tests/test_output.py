@@ -59,11 +59,11 @@ def test_a_flat_folder_is_not_called_a_split_and_0_5_is_one_row(evaluated):
 
 def test_two_models_with_one_name_are_told_apart(tmp_path, capsys):
     copy = shutil.copytree(SHIPPED, tmp_path / "copy")
-    code, out, _ = _run(
+    code, out, err = _run(
         capsys, "evaluate", "--data", EXAMPLES, "--model", SHIPPED, "--model", copy, "--out", tmp_path / "ev",
         "--bootstrap", "50", "--quiet",
     )  # fmt: skip
-    assert code == 0
+    assert code == 0 and "predicting" not in err and "scoring" not in err  # --quiet: no bars, no steps
     names = re.findall(r"^(A: .*|B: .*) on examples:", out, re.MULTILINE)
     assert len(names) == 2 and names[0] != names[1] and str(copy) in names[1]
     assert re.search(r"AUC difference A - B \(A: .* minus B: .*\): 0\.0000", out)
@@ -189,3 +189,13 @@ def test_a_results_file_of_the_older_format_still_resumes(tmp_path, capsys):
     assert len(lines) == 3 and json.loads(lines[2])["path"] == str(PNEUMONIA[1])
     assert not (tmp_path / "old.jsonl.pneumoscan.json").exists()
 
+
+def test_evaluate_shows_a_bar_over_the_images_it_predicts(tmp_path, capsys):
+    """The prediction phase (the longest: about 105 s for the default on the test split) has its own bar,
+    per image (--quiet silences it: test_two_models_with_one_name_are_told_apart)."""
+    code, _, err = _run(
+        capsys, "evaluate", "--data", EXAMPLES, "--model", SHIPPED, "--out", tmp_path / "ev", "--bootstrap", "20"
+    )
+    assert code == 0, err
+    assert re.search(r"predicting: 100%[^\r\n]*\b16/16\b", err), err[-2000:]
+    assert re.search(r"figures: 100%[^\r\n]*\b(\d+)/\1\b", err) and "scoring: metrics with 95% intervals" in err
