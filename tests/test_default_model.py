@@ -103,3 +103,40 @@ def test_re_encodings_of_one_image_agree_within_0_01(clf):
     assert all(r.ok for r in results)
     spread = max(probabilities.values()) - min(probabilities.values())
     assert spread < 0.01, probabilities
+
+
+def test_every_bundled_model_has_a_version_that_traces():
+    """/v1/model and the DICOM SR name each model by version: none is "" or "unversioned"."""
+    from pneumoscan.bundle import BUNDLED_MODELS
+    from pneumoscan.dicom_sr import ModelInfo
+
+    bundles = [load_bundle(resolve_model(name)) for name in BUNDLED_MODELS]
+    bundles += [m for b in bundles if isinstance(b, Ensemble) for m in b.members]
+    for bundle in bundles:
+        version = bundle.config.get("version", "")
+        assert isinstance(version, str) and version.strip(), bundle.path
+        assert ModelInfo.of(bundle).version == version != "unversioned"
+
+
+def test_the_card_says_what_it_was_trained_on_and_whether_the_temperature_was_fitted(tmp_path):
+    """A run on a user's own folder is not called the official train split; temperature 1 is "not fitted"."""
+    import json
+    import shutil
+
+    fast = resolve_model("fast")
+    assert "Trained on the official train split (4691 images" in model_card(load_bundle(fast))
+    copy = shutil.copytree(fast, tmp_path / "mine")
+    config = json.loads((copy / "config.json").read_text())
+    config["training"].update(
+        data="/home/me/xrays",
+        train={"images": 160, "n_normal": 80, "n_pneumonia": 80, "patients": 150},
+        validation={"images": 40, "n_normal": 20, "n_pneumonia": 20, "patients": 38},
+    )
+    config["temperature"] = 1.0
+    (copy / "config.json").write_text(json.dumps(config))
+    bundle = load_bundle(copy)
+    card = model_card(bundle)
+    assert "Trained on the folder /home/me/xrays (160 images: 80 NORMAL" in card
+    assert "official train split" not in card and "Guangzhou" not in card
+    assert "temperature 1 (not fitted)" in card and "temperature fitted" not in card
+    assert "temperature 1 (not fitted)" in bundle.operating_point_source

@@ -123,8 +123,12 @@ class Bundle:
             if site
             else "validation data (patients held out of training), never on test"
         )
+        unfitted = self.temperature == 1.0  # the fallback where nothing could be fitted (or nothing was)
         if self.config.get("threshold_rule") == "balanced":
-            return f"temperature fitted on {where}; threshold 0.5 by rule (balanced: logit 0)"
+            temperature = "temperature 1 (not fitted)" if unfitted else f"temperature fitted on {where}"
+            return f"{temperature}; threshold 0.5 by rule (balanced: logit 0)"
+        if unfitted:
+            return f"threshold fitted on {where}; temperature 1 (not fitted)"
         return f"threshold and temperature fitted on {where}"
 
     def probabilities(self, logits):

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +347,7 @@ def make_ensemble(
     primary = bundles[0]
     config = {
         "name": name or "ensemble: " + " + ".join(b.name for b in bundles),
+        "version": time.strftime("%Y.%m.%d"),
         "image_size": size,
         "threshold": 0.5,
         "threshold_rule": "balanced",

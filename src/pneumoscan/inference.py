@@ -373,9 +373,19 @@ class Classifier:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""
         return self.outputs(images, batch_size)[0]
 
-    def outputs(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Logits ``(N,)`` and pooled features ``(N, F)`` for prepared uint8 images ``(N, S, S)``."""
-        parts = [self.engine.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    def outputs(
+        self, images: np.ndarray, batch_size: int = PREDICT_BATCH, progress: bool = False, desc: str = "predicting"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N,)`` and pooled features ``(N, F)`` for prepared uint8 images ``(N, S, S)``; ``progress``
+        shows a bar over the images on stderr."""
+        from tqdm import tqdm
+
+        parts = []
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                parts.append(self.engine.run(chunk))
+                bar.update(len(chunk))
         if not parts:
             return np.zeros(0), np.zeros((0, 0), np.float32)
         return np.concatenate([p[0] for p in parts]).astype(np.float64), np.concatenate([p[1] for p in parts])
