@@ -28,7 +28,7 @@ from pneumoscan.inference import OnnxEngine
 
 def draft_table(clf: Classifier, files: list[Path]) -> None:
     start = time.perf_counter()
-    full = np.stack([images.resize_square(images.load_image(f), clf.image_size) for f in files])
+    full = np.stack([clf.bundle.preprocessing.apply(images.load_image(f)) for f in files])
     full_rate = len(files) / (time.perf_counter() - start)
     p_full = clf.probabilities(clf.logits(full))
     print(f"Draft JPEG decoding, {len(files)} full-resolution files (full decode: {full_rate:.0f} img/s)")

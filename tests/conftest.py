@@ -35,7 +35,8 @@ DICOM_TOOLS = {"Orthanc": "orthanc", "storescu": "dcmtk", "echoscu": "dcmtk"}  #
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
-DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle"}  # built from $PNEUMOSCAN_DATA's images
+# built from $PNEUMOSCAN_DATA's images
+DATA_FIXTURES = {"small_data", "trained_bundle", "exported_bundle", "head_only_bundle"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
@@ -122,3 +123,23 @@ def exported_bundle(trained_bundle, tmp_path_factory):
     fp32 = export_onnx(bundle)
     quantize_int8(bundle, fp32, training_images(bundle, None, 64))
     return bundle
+
+
+@pytest.fixture(scope="session")
+def head_only_bundle(tmp_path_factory):
+    """DINOv2 frozen features + logistic head on 20 + 20 real training X-rays (30% patients held out): a head-only
+    bundle (the head stored, the int8 ONNX features graph shipped). Needs the backbones extra."""
+    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.training import train
+
+    data = link_dataset(tmp_path_factory.mktemp("dino-data"), {"train": 20})
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path_factory.mktemp("dino-run")),
+        backbone="dinov2_vits14",
+        frozen_features=True,
+        head="logistic",
+        val_fraction=0.3,
+    )
+    cfg.progress = False
+    return train(cfg), data

@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,26 +22,46 @@ TRAINING_STACK = {"torch", "torchvision", "timm", "lightning", "torchmetrics", "
 pytestmark = pytest.mark.install
 
 
+def readme_first_command() -> str:
+    """The README's first command line (install, then the demo), as a user copies it."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return next(line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
 @pytest.fixture(scope="module")
-def base_venv(tmp_path_factory) -> Path:
-    """A fresh venv with the package as a user installs it from a checkout: its tracked files, no extras."""
-    root = tmp_path_factory.mktemp("base-install")
-    source = root / "source"
+def checkout(tmp_path_factory) -> Path:
+    """A fresh copy of the checkout as a user clones it: its tracked files, no build leftovers."""
+    source = tmp_path_factory.mktemp("base-install") / "pneumoscan"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):  # the checkout's own files, not its build leftovers
+    for name in filter(None, tracked.decode().split("\0")):
         if (REPO / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    done = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(source)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return venv
+    return source
+
+
+@pytest.fixture(scope="module")
+def first_command(checkout) -> subprocess.CompletedProcess:
+    """The README's first line run exactly as written, in the fresh checkout, with the shell a user has."""
+    command = readme_first_command()
+    assert command.startswith("python3 -m venv .venv") and command.endswith("pneumoscan demo"), command
+    return subprocess.run(["bash", "-c", command], cwd=checkout, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def base_venv(checkout, first_command) -> Path:
+    """The virtual environment the README's first line made: the base install, no extras."""
+    assert first_command.returncode == 0, first_command.stderr[-2000:]
+    return checkout / ".venv"
+
+
+def test_the_readmes_first_line_installs_and_writes_the_demo_report(checkout, first_command):
+    assert first_command.returncode == 0, first_command.stderr[-2000:]
+    assert "unexpected" not in first_command.stderr
+    report = checkout / "pneumoscan-demo" / "report.html"  # the documented default --out
+    assert report.is_file() and report.stat().st_size > 100_000
+    assert len(list((checkout / "pneumoscan-demo" / "gradcam").glob("*.png"))) == 16
 
 
 def pneumoscan(venv: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:

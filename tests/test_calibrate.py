@@ -169,3 +169,24 @@ def test_a_failed_calibration_leaves_no_empty_folder(tmp_path):
     kept.mkdir()  # a folder the user made is theirs: left as it was
     assert main(["calibrate", "--data", str(one_class), "--out", str(kept), "--quiet"]) == 2
     assert kept.is_dir() and not any(kept.iterdir())
+
+
+def test_a_calibrated_bundle_has_its_own_name_and_version_and_records_its_source(tmp_path):
+    """A comparison of a model and its calibrated copy tells them apart by name, not only by path."""
+    import time
+
+    from pneumoscan.bundle import resolve_model
+    from pneumoscan.text import markdown_text
+
+    source = load_bundle(resolve_model("fast"))
+    bundle, _ = calibrate_bundle(EXAMPLES, tmp_path / "m", model="fast", n_resamples=20, progress=False)
+    reloaded = load_bundle(tmp_path / "m")
+    assert reloaded.name == f"{source.name}-calibrated-examples" == bundle.name
+    assert reloaded.config["version"] == f"{time.strftime('%Y.%m.%d')} (from {source.config['version']})"
+    site = reloaded.config["calibration"]
+    assert site["source"] == source.name and site["source_version"] == source.config["version"]
+    assert site["source_weights_sha256"] == source.weights_sha256 and site["source_path"] == str(source.path)
+    card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert f"its source, {markdown_text(source.name)} version {source.config['version']}" in card
+    again, _ = calibrate_bundle(EXAMPLES, tmp_path / "m2", model=tmp_path / "m", n_resamples=20, progress=False)
+    assert again.name == reloaded.name  # recalibrated: still named after the original, not -calibrated- twice

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 from conftest import D224, link_dataset, real_images
@@ -109,3 +110,34 @@ def test_acquisition_jitter_changes_real_xrays_within_bounds_and_is_seeded():
         return np.stack([aug(image).numpy() for _ in range(8)])
 
     assert np.array_equal(augmented(0), augmented(0)) and not np.array_equal(augmented(0), augmented(1))
+
+
+@pytest.mark.data
+def test_data_check_explains_crossing_patients_and_names_real_leaks(tmp_path, capsys):
+    """A patient number in two splits is explained (Kermany restarts its numbers per split); the same film in
+    two splits, byte-identical or re-encoded, is called a leak."""
+    from PIL import Image
+
+    from pneumoscan.cli import main
+
+    films = (
+        sorted((D224 / "train" / "PNEUMONIA").glob("*.jpeg"))[:2] + sorted((D224 / "train" / "NORMAL").glob("*"))[:2]
+    )
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            (tmp_path / split / label).mkdir(parents=True)
+    shutil.copyfile(films[0], tmp_path / "train" / "PNEUMONIA" / "person1_bacteria_1.jpeg")
+    shutil.copyfile(films[1], tmp_path / "test" / "PNEUMONIA" / "person1_virus_7.jpeg")  # another film
+    shutil.copyfile(films[2], tmp_path / "train" / "NORMAL" / "IM-0001-0001.jpeg")
+    shutil.copyfile(films[3], tmp_path / "test" / "NORMAL" / "IM-0002-0001.jpeg")
+    assert main(["data", "check", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "patients in more than one split: 1" in out
+    assert "person1 of test is not person1 of train: expected there" in out and "which leaks" in out
+    assert "none of them has the same image" in out and "leak:" not in out
+    with Image.open(films[0]) as film:  # the train film again, re-encoded and smaller: not byte-identical
+        film.resize((200, 200)).save(tmp_path / "test" / "PNEUMONIA" / "person1_bacteria_2.jpeg", quality=70)
+    assert main(["data", "check", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "near-identical images across splits (same picture, other bytes): 1 (a leak" in out
+    assert "leak: 1 of them have the same image in two splits" in out and "person1" in out.split("leak:")[1]

@@ -8,7 +8,7 @@ from pneumoscan import Classifier
 from pneumoscan.bundle import default_bundle_path, load_bundle, resolve_model
 from pneumoscan.data import list_images
 from pneumoscan.ensemble import Ensemble
-from pneumoscan.images import load_image, prepare, resize_square
+from pneumoscan.images import Preprocessing, load_image, prepare
 from pneumoscan.model_card import model_card
 
 
@@ -19,34 +19,28 @@ def clf():
 
 @pytest.mark.data
 def test_bundle_is_small_complete_and_verified():
-    """The default is the ensemble of the fast EfficientNet-Lite0 and the head-only DINOv2 member, inside the
-    repository's budgets, with its test read recorded and the rule that chose it in its notes."""
+    """The default is the fine-tuned EfficientNet-Lite0 (also named ``fast``), inside the repository's budgets,
+    with its test reads recorded, its preprocessing stated, and the card regenerated from it."""
     path = default_bundle_path()
-    sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()]
-    assert max(sizes) <= 50 * 2**20 and sum(sizes) <= 100 * 2**20  # per file; all bundled models together
+    sizes = [f.stat().st_size for f in path.parent.rglob("*") if f.is_file() and "default_model" in f.parts]
+    assert max(sizes) <= 50 * 2**20 and sum(sizes) <= 60 * 2**20  # per file; all bundled models together
     bundle = load_bundle()
-    assert isinstance(bundle, Ensemble) and bundle.member_names == ["fast", "dinov2"]
-    fast, dinov2 = bundle.members
-    assert resolve_model("fast").resolve() == fast.path.resolve()
-    assert fast.backbone == "efficientnet_lite0" and dinov2.backbone == "dinov2_vits14" and dinov2.head_only
-    assert set(fast.config["files"]) == {"model.onnx", "model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
-    assert dinov2.onnx_path() is not None  # the int8 backbone and the head: predicts without PyTorch
-    for b in (bundle, fast, dinov2):
-        assert {"validation", "test"} <= set(b.metrics)
-        assert b.metrics["test"]["n"] == 624 and b.metrics["test"]["ci95"]["auc"]
-        assert b.threshold == 0.5 and b.config["threshold_rule"] == "balanced"
-        assert b.metrics["test"]["threshold"] == 0.5 and b.metrics["validation"]["threshold"] == 0.5
-    assert "read 7" in bundle.config["notes"] and "unless worse" in bundle.config["notes"]
+    assert not isinstance(bundle, Ensemble) and bundle.backbone == "efficientnet_lite0"
+    assert resolve_model("fast").resolve() == resolve_model("default").resolve() == path.resolve()
+    assert set(bundle.config["files"]) == {"model.onnx", "model.int8.onnx", "gate.safetensors", "subtype.safetensors"}
+    assert bundle.version and bundle.preprocessing == Preprocessing(224, "bilinear", 75)
+    assert {"validation", "test"} <= set(bundle.metrics)
+    assert bundle.metrics["test"]["n"] == 624 and bundle.metrics["test"]["ci95"]["auc"]
+    assert bundle.threshold == 0.5 and bundle.config["threshold_rule"] == "balanced"
+    assert bundle.metrics["test"]["threshold"] == 0.5 and bundle.metrics["validation"]["threshold"] == 0.5
     from conftest import D224
 
-    train, val = bundle.training_splits(D224)  # the primary's recipe's own patient split, as recorded
-    for b in (fast, dinov2):  # the ensemble's temperature was fitted on the patients neither member saw
-        assert b.config["training"]["train"]["images"] == len(train) == 4691
-        assert b.metrics["validation"]["n"] == len(val) == bundle.metrics["validation"]["n"] == 525
-    for b in (bundle, fast, dinov2):
-        card = (b.path / "MODEL_CARD.md").read_text()
-        assert "not a medical device" in card and "| test (624 images" in card
-        assert card == model_card(b)  # regenerated whenever the card's template changes
+    train, val = bundle.training_splits(D224)  # the recipe's own patient split, as recorded
+    assert bundle.config["training"]["train"]["images"] == len(train) == 4691
+    assert bundle.metrics["validation"]["n"] == len(val) == 525
+    card = (bundle.path / "MODEL_CARD.md").read_text()
+    assert "not a medical device" in card and "| test (624 images" in card
+    assert card == model_card(bundle)  # regenerated whenever the card's template changes
 
 
 @pytest.mark.data
@@ -63,7 +57,7 @@ def test_bundled_model_separates_the_official_val_images(clf):
 def test_draft_jpeg_decoding_changes_probabilities_by_less_than_0_01(clf):
     files = list_images(FULLRES)
     assert len(files) == 48
-    full = np.stack([resize_square(load_image(f), clf.image_size) for f in files])
+    full = np.stack([clf.bundle.preprocessing.apply(load_image(f)) for f in files])
     drafted = np.stack([prepare(f, clf.image_size) for f in files])
     assert not np.array_equal(full, drafted)  # the draft path really decoded at reduced scale
     diff = np.abs(clf.probabilities(clf.logits(full)) - clf.probabilities(clf.logits(drafted)))
@@ -109,3 +103,40 @@ def test_re_encodings_of_one_image_agree_within_0_01(clf):
     assert all(r.ok for r in results)
     spread = max(probabilities.values()) - min(probabilities.values())
     assert spread < 0.01, probabilities
+
+
+def test_every_bundled_model_has_a_version_that_traces():
+    """/v1/model and the DICOM SR name each model by version: none is "" or "unversioned"."""
+    from pneumoscan.bundle import BUNDLED_MODELS
+    from pneumoscan.dicom_sr import ModelInfo
+
+    bundles = [load_bundle(resolve_model(name)) for name in BUNDLED_MODELS]
+    bundles += [m for b in bundles if isinstance(b, Ensemble) for m in b.members]
+    for bundle in bundles:
+        version = bundle.config.get("version", "")
+        assert isinstance(version, str) and version.strip(), bundle.path
+        assert ModelInfo.of(bundle).version == version != "unversioned"
+
+
+def test_the_card_says_what_it_was_trained_on_and_whether_the_temperature_was_fitted(tmp_path):
+    """A run on a user's own folder is not called the official train split; temperature 1 is "not fitted"."""
+    import json
+    import shutil
+
+    fast = resolve_model("fast")
+    assert "Trained on the official train split (4691 images" in model_card(load_bundle(fast))
+    copy = shutil.copytree(fast, tmp_path / "mine")
+    config = json.loads((copy / "config.json").read_text())
+    config["training"].update(
+        data="/home/me/xrays",
+        train={"images": 160, "n_normal": 80, "n_pneumonia": 80, "patients": 150},
+        validation={"images": 40, "n_normal": 20, "n_pneumonia": 20, "patients": 38},
+    )
+    config["temperature"] = 1.0
+    (copy / "config.json").write_text(json.dumps(config))
+    bundle = load_bundle(copy)
+    card = model_card(bundle)
+    assert "Trained on the folder /home/me/xrays (160 images: 80 NORMAL" in card
+    assert "official train split" not in card and "Guangzhou" not in card
+    assert "temperature 1 (not fitted)" in card and "temperature fitted" not in card
+    assert "temperature 1 (not fitted)" in bundle.operating_point_source

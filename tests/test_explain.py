@@ -18,9 +18,9 @@ IMAGES = sorted(EXAMPLES.glob("*/*.jpeg"))
 
 @pytest.fixture(scope="module")
 def onnx_clf():
-    # the bundled fast model (the default ensemble's primary member, which its Grad-CAM explains) on ONNX
-    # Runtime, what the base install runs; the ensemble's explanations: tests/test_ensemble.py
-    return Classifier.load("fast")
+    # the bundled default model on ONNX
+    # Runtime, what the base install runs; an ensemble's explanations: tests/test_ensemble.py
+    return Classifier.load("default")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_explanations_match_on_full_resolution_films(onnx_clf):
 
     films = sorted(VAL_FULLRES.rglob("*.jpeg"))[:2]
     assert len(films) == 2
-    autograd = Classifier.load("fast", engine="torch")
+    autograd = Classifier.load("default", engine="torch")
     for film in films:
         ours, reference = onnx_clf.explain(film), autograd.explain(film)
         assert ours.label == reference.label and ours.probability == pytest.approx(reference.probability, abs=1e-4)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import link_dataset, real_images
+from conftest import real_images
 
 from pneumoscan import metrics as M
 from pneumoscan.backbones import REGISTRY
@@ -16,25 +16,6 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.images import prepare
 
 pytestmark = [pytest.mark.backbones, pytest.mark.data]
-
-
-@pytest.fixture(scope="module")
-def head_only_bundle(tmp_path_factory):
-    """DINOv2 frozen features + logistic head on 20 + 20 real training X-rays (30% patients held out)."""
-    from pneumoscan.recipe import TrainConfig
-    from pneumoscan.training import train
-
-    data = link_dataset(tmp_path_factory.mktemp("dino-data"), {"train": 20})
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path_factory.mktemp("dino-run")),
-        backbone="dinov2_vits14",
-        frozen_features=True,
-        head="logistic",
-        val_fraction=0.3,
-    )
-    cfg.progress = False
-    return train(cfg), data
 
 
 def _validation_images(bundle, data):

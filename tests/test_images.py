@@ -134,10 +134,10 @@ def test_draft_decoding_changes_little():
     """Reduced-scale JPEG decoding on full-resolution files: pixels close to a full decode."""
     from conftest import FULLRES
 
-    from pneumoscan.images import resize_square
+    from pneumoscan.images import Preprocessing
 
     for path in sorted((FULLRES / "NORMAL").iterdir())[:4]:
-        full = resize_square(load_image(path), 224)
+        full = Preprocessing(224).apply(load_image(path))
         drafted = prepare(path, 224)
         assert np.abs(full.astype(float) - drafted.astype(float)).mean() < 2.0
 

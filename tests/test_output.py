@@ -18,7 +18,7 @@ from pneumoscan.inference import Prediction
 from pneumoscan.output import CSV_COLUMNS, FIELDS, TABLE, record, write_predictions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
-SHIPPED = resolve_model("fast")  # a single network (the default is an ensemble of two)
+SHIPPED = resolve_model("default")
 PNEUMONIA = sorted((EXAMPLES / "PNEUMONIA").glob("*.jpeg"))
 
 
@@ -59,11 +59,11 @@ def test_a_flat_folder_is_not_called_a_split_and_0_5_is_one_row(evaluated):
 
 def test_two_models_with_one_name_are_told_apart(tmp_path, capsys):
     copy = shutil.copytree(SHIPPED, tmp_path / "copy")
-    code, out, _ = _run(
+    code, out, err = _run(
         capsys, "evaluate", "--data", EXAMPLES, "--model", SHIPPED, "--model", copy, "--out", tmp_path / "ev",
         "--bootstrap", "50", "--quiet",
     )  # fmt: skip
-    assert code == 0
+    assert code == 0 and "predicting" not in err and "scoring" not in err  # --quiet: no bars, no steps
     names = re.findall(r"^(A: .*|B: .*) on examples:", out, re.MULTILINE)
     assert len(names) == 2 and names[0] != names[1] and str(copy) in names[1]
     assert re.search(r"AUC difference A - B \(A: .* minus B: .*\): 0\.0000", out)
@@ -131,3 +131,71 @@ def test_grid_titles_keep_both_ends_of_a_long_name():
     assert short_name("IM-0001-0001.jpeg") == "IM-0001-0001.jpeg"
     long = short_name("person1946_bacteria_4874_and_more_words.jpeg")
     assert len(long) == 26 and long.startswith("person1946") and long.endswith("words.jpeg") and "…" in long
+
+
+# --- results files: plain CSV / JSON lines, the settings beside them ------------------------------------------
+
+
+def test_results_files_open_as_what_they_say_they_are(tmp_path, capsys):
+    """pandas reads predict's CSV and JSON lines as they are, one row per input, from a file or stdout."""
+    import pandas as pd
+
+    for suffix in ("csv", "jsonl"):
+        out = tmp_path / f"r.{suffix}"
+        code, _, err = _run(capsys, "predict", EXAMPLES, "--model", SHIPPED, "--output", out)
+        assert code == 0, err
+        frame = pd.read_csv(out) if suffix == "csv" else pd.read_json(out, lines=True)
+        assert len(frame) == 16 and frame["path"].str.endswith(".jpeg").all(), frame.head()
+        assert set(frame["label"]) <= {"NORMAL", "PNEUMONIA"} and frame["probability"].between(0, 1).all()
+        if suffix == "csv":
+            assert tuple(frame.columns) == CSV_COLUMNS
+        sidecar = json.loads((tmp_path / f"r.{suffix}.pneumoscan.json").read_text())
+        assert sidecar["format"] == "pneumoscan-results/2" and sidecar["gate"] == "on"
+        assert sidecar["weights_sha256"] == json.loads((SHIPPED / "config.json").read_text())["weights_sha256"]
+        code, stdout, _ = _run(capsys, "predict", EXAMPLES, "--model", SHIPPED, "--format", suffix)
+        frame = pd.read_csv(io.StringIO(stdout)) if suffix == "csv" else pd.read_json(io.StringIO(stdout), lines=True)
+        assert code == 0 and len(frame) == 16 and frame["path"].str.endswith(".jpeg").all()
+
+
+def test_resume_reads_the_sidecar_and_refuses_without_it(tmp_path, capsys):
+    out, sidecar = tmp_path / "r.csv", tmp_path / "r.csv.pneumoscan.json"
+    code, _, err = _run(capsys, "predict", *PNEUMONIA[:2], "--model", SHIPPED, "--output", out)
+    assert code == 0, err
+    before = out.read_bytes()
+    code, _, err = _run(capsys, "predict", *PNEUMONIA[:2], "--model", SHIPPED, "--output", out, "--resume", "--no-gate")
+    assert code == 2 and "gate on" in err and len(err.strip().splitlines()) == 1 and out.read_bytes() == before
+    code, stdout, err = _run(capsys, "predict", *PNEUMONIA[:3], "--model", SHIPPED, "--output", out, "--resume")
+    assert code == 0 and "1 classified" in stdout and "2 already in the file" in stdout, stdout + err
+    assert len(list(csv.DictReader(open(out, newline="")))) == 3
+    after = out.read_bytes()
+    sidecar.unlink()  # now nothing says pneumoscan wrote it, with which model
+    code, _, err = _run(capsys, "predict", *PNEUMONIA, "--model", SHIPPED, "--output", out, "--resume")
+    assert code == 2 and "not a results file written by pneumoscan" in err and "r.csv.pneumoscan.json" in err
+    assert len(err.strip().splitlines()) == 1 and out.read_bytes() == after and not sidecar.exists()
+
+
+def test_a_results_file_of_the_older_format_still_resumes(tmp_path, capsys):
+    """pneumoscan-results/1 kept the settings on the first line; such a file is resumed in its own format."""
+    from pneumoscan.inference import Classifier
+    from pneumoscan.output import LEGACY_FORMAT, results_settings
+
+    settings = {**results_settings(Classifier.load(SHIPPED), True), "format": LEGACY_FORMAT}
+    out = tmp_path / "old.jsonl"
+    done = {"path": str(PNEUMONIA[0]), "probability": 0.9, "label": "PNEUMONIA", "threshold": 0.5}
+    out.write_text(json.dumps({"pneumoscan": settings}) + "\n" + json.dumps(done) + "\n")
+    code, stdout, err = _run(capsys, "predict", *PNEUMONIA[:2], "--model", SHIPPED, "--output", out, "--resume")
+    assert code == 0 and "1 classified" in stdout and "1 already in the file" in stdout, stdout + err
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["path"] == str(PNEUMONIA[1])
+    assert not (tmp_path / "old.jsonl.pneumoscan.json").exists()
+
+
+def test_evaluate_shows_a_bar_over_the_images_it_predicts(tmp_path, capsys):
+    """The prediction phase (the longest: about 105 s for the default on the test split) has its own bar,
+    per image (--quiet silences it: test_two_models_with_one_name_are_told_apart)."""
+    code, _, err = _run(
+        capsys, "evaluate", "--data", EXAMPLES, "--model", SHIPPED, "--out", tmp_path / "ev", "--bootstrap", "20"
+    )
+    assert code == 0, err
+    assert re.search(r"predicting: 100%[^\r\n]*\b16/16\b", err), err[-2000:]
+    assert re.search(r"figures: 100%[^\r\n]*\b(\d+)/\1\b", err) and "scoring: metrics with 95% intervals" in err

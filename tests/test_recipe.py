@@ -13,7 +13,7 @@ from pneumoscan.errors import ConfigError
 from pneumoscan.recipe import RECIPES, TrainConfig
 from pneumoscan.settings import given
 
-SHIPPED_CONFIG = resolve_model("fast") / "config.json"  # the recipe's model: the default ensemble's primary
+SHIPPED_CONFIG = resolve_model("default") / "config.json"  # the recipe's model
 NOT_THE_RECIPE = {"data", "out", "recipe", "devices", "num_nodes", "accelerator", "precision", "workers", "cache"}
 
 

@@ -651,7 +651,7 @@ def test_resume_refuses_another_model_threshold_engine_or_gate(trained_bundle, t
     first = _predict(trained_bundle.path, REAL, "--output", out, "--engine", "torch")
     assert first.returncode == 0, first.stderr
     before = out.read_bytes()
-    head = json.loads(before.splitlines()[0])["pneumoscan"]
+    head = json.loads((tmp_path / "r.jsonl.pneumoscan.json").read_text())
     assert head["weights_sha256"] == trained_bundle.config["weights_sha256"] and head["gate"] == "on"
     other = shutil.copytree(trained_bundle.path, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
@@ -681,7 +681,6 @@ def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trai
     again = _predict(trained_bundle.path, folder / "." / "=a.jpeg", ".", "--output", "r.csv", "--resume", cwd=folder)
     assert again.returncode == 0 and "2 classified" in again.stdout, again.stdout + again.stderr
     with open(folder / "r.csv", newline="") as f:
-        f.readline()
         paths = [row["path"] for row in csv.DictReader(f)]
     assert sorted(paths) == sorted(["'=a.jpeg", "''=a.jpeg", "b.jpeg"]), paths  # each once, escaped apart
 
@@ -714,8 +713,8 @@ def test_resume_reads_the_file_a_line_at_a_time(tmp_path):
 
     path = tmp_path / "big.jsonl"
     row = {"path": "", "error": "x" * 200}
+    (tmp_path / "big.jsonl.pneumoscan.json").write_text(json.dumps(_settings()))
     with open(path, "w") as f:
-        f.write(json.dumps({"pneumoscan": _settings()}) + "\n")
         for i in range(200_000):
             f.write(json.dumps({**row, "path": f"/data/{i:07d}.jpeg"}) + "\n")
     assert path.stat().st_size > 40 * 2**20
@@ -730,8 +729,8 @@ def test_resume_reads_the_file_a_line_at_a_time(tmp_path):
 @pytest.mark.parametrize(
     "name,body,fragment",
     [
-        ("deep.jsonl", "[" * 200_000 + "\n", "line 3 is not a result written by pneumoscan (nested too deeply)"),
-        ("wide.csv", "'" + "x" * 300_000 + ",1\n", "line 4 is not a result written by pneumoscan (field larger"),
+        ("deep.jsonl", "[" * 200_000 + "\n", "line 2 is not a result written by pneumoscan (nested too deeply)"),
+        ("wide.csv", "'" + "x" * 300_000 + ",1\n", "line 3 is not a result written by pneumoscan (field larger"),
         ("long.jsonl", '{"path": "' + "x" * (2**20 + 10) + '"}\n', "a line is over 1024 KB"),
     ],
 )

@@ -133,7 +133,7 @@ def test_a_bundle_without_onnx_says_to_export_it_where_torch_is(tmp_path):
 
     from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
 
-    source = load_bundle("fast")
+    source = load_bundle("default")
     config = {**source.config, "files": {k: v for k, v in source.config["files"].items() if not k.endswith(".onnx")}}
     write_bundle(tmp_path / "m", config, source.metrics, weights=source.path / WEIGHTS,
                  files={name: source.path / name for name in config["files"]})  # fmt: skip

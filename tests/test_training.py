@@ -244,3 +244,20 @@ def test_two_nodes_under_torchrun_train_one_bundle(small_data, tmp_path):
     assert len(rows) == 1 and np.isfinite(float(rows[0]["val_auc"]))
     assert not (outs[1] / "model").exists() and not (outs[1] / "config.json").exists()
     assert not (outs[1] / "checkpoints").exists()
+
+
+def test_every_phase_after_the_epochs_is_named_with_a_bar_over_its_images(small_data, tmp_path, capfd):
+    """After the last epoch (minutes on the full train split: validation logits, the gate's features of the
+    training images, the subtype head, the bundle) each phase says what it does, and loops over images
+    show a bar that reaches its count."""
+    import re
+
+    train(TrainConfig(data=str(small_data), out=str(tmp_path), epochs=1, fine_tune_epochs=0, limit=24, seed=1))
+    err = capfd.readouterr().err
+    after = err[err.index("after training: temperature and threshold") :]
+    for step in ("training curves", "the feature heads (gate, subtype)", "writing the bundle to"):
+        assert f"after training: {step}" in after, after[-3000:]
+    assert re.search(r"predicting: 100%[^\r\n]*\b(\d+)/\1\b", after), after[-3000:]
+    bars = re.findall(r"features: 100%[^\r\n]*\b(\d+)/\1\b", after)
+    assert bars and max(map(int, bars)) >= 24, after[-3000:]  # the gate reads the training images' features
+    assert re.search(r"fitting heads: 100%[^\r\n]*\b2/2\b", after)

@@ -67,17 +67,18 @@ def test_verify_catches_an_edited_graph_that_loads(exported_bundle, tmp_path, na
 
 
 @pytest.mark.backbones
-def test_verify_checks_a_head_only_member_against_its_own_head(tmp_path):
-    """The default ensemble passes; its DINOv2 member ships only an int8 graph whose head was fitted on that
-    graph's features: its logits must be its head's on them (exactly), so a graph edited to shift every
-    logit by 0.5, which quantisation would hide against float32, is caught."""
-    from pneumoscan.bundle import default_bundle_path
+@pytest.mark.backbones
+def test_verify_checks_a_head_only_bundle_against_its_own_head(head_only_bundle, tmp_path):
+    """The bundled default passes; a head-only bundle (a frozen DINOv2) ships only an int8 graph whose head was
+    fitted on that graph's features: its logits must be its head's on them (exactly), so a graph edited to shift
+    every logit by 0.5, which quantisation would hide against float32, is caught."""
     from pneumoscan.verify import TOLERANCE, verify_bundle
 
     done = _cli("verify")
-    assert done.returncode == 0, (done.stdout, done.stderr)
-    assert "dinov2:onnx" in done.stdout and "FAIL" not in done.stdout, done.stdout
-    copy = shutil.copytree(default_bundle_path() / "members" / "dinov2", tmp_path / "dinov2")
+    assert done.returncode == 0 and "FAIL" not in done.stdout, (done.stdout, done.stderr)
+    bundle, _ = head_only_bundle
+    assert all(c.ok for c in verify_bundle(bundle.path))
+    copy = shutil.copytree(bundle.path, tmp_path / "dinov2")
     _shift_logit(copy, "model.onnx", 0.5)
     (check,) = verify_bundle(copy)
     assert check.tolerance == TOLERANCE["head-only"] and not check.ok

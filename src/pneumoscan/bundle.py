@@ -54,6 +54,7 @@ from .bundle_schema import (
 from .errors import ConfigError, require_train_extra
 from .feature_heads import HEADS
 from .fileio import MAX_JSON_BYTES, MAX_JSON_DEPTH, atomic_write, parse_json_object, read_json_object, write_json
+from .images import Preprocessing
 from .labels import CLASSES
 from .metrics import sigmoid
 
@@ -83,8 +84,18 @@ class Bundle:
         return self.config.get("name", self.path.name)
 
     @property
+    def version(self) -> str:
+        """The bundle's version as recorded ("" where its author recorded none)."""
+        return str(self.config.get("version", ""))
+
+    @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How every input becomes this model's input (config.json "preprocessing")."""
+        return Preprocessing.of_config(self.config)
 
     @property
     def weights_sha256(self) -> str:
@@ -112,8 +123,12 @@ class Bundle:
             if site
             else "validation data (patients held out of training), never on test"
         )
+        unfitted = self.temperature == 1.0  # the fallback where nothing could be fitted (or nothing was)
         if self.config.get("threshold_rule") == "balanced":
-            return f"temperature fitted on {where}; threshold 0.5 by rule (balanced: logit 0)"
+            temperature = "temperature 1 (not fitted)" if unfitted else f"temperature fitted on {where}"
+            return f"{temperature}; threshold 0.5 by rule (balanced: logit 0)"
+        if unfitted:
+            return f"threshold fitted on {where}; temperature 1 (not fitted)"
         return f"threshold and temperature fitted on {where}"
 
     def probabilities(self, logits):
@@ -245,8 +260,8 @@ class Bundle:
 # Models that ship inside the package, by name (--model NAME): the folder under src/pneumoscan/ that
 # holds each. A name is looked up only when no file or folder of that name exists (a path wins).
 BUNDLED_MODELS = {
-    "default": "default_model",  # the most accurate model: an ensemble of EfficientNet-Lite0 and DINOv2
-    "fast": "default_model/members/fast",  # the fastest: the ensemble's EfficientNet-Lite0 member alone
+    "default": "default_model",  # the fine-tuned EfficientNet-Lite0 (224 px)
+    "fast": "default_model",  # the same model, by the name earlier releases gave it
 }
 
 

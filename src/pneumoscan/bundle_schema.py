@@ -14,6 +14,7 @@ from .backbones import BACKBONES, HEAD
 from .errors import ConfigError
 from .feature_heads import HEADS, head_files
 from .fileio import MAX_JSON_BYTES
+from .images import RESAMPLING
 from .labels import CLASSES
 from .metrics import CI_METRICS
 
@@ -70,6 +71,7 @@ _SCHEMA = {
     "calibration": (dict, False),
     "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
     "weights_scope": (str, False),  # "network" (default) or "head": the backbone comes from the registry
+    "preprocessing": (dict, False),  # how a film becomes the input (images.Preprocessing); absent: resize only
 }
 WEIGHTS_SCOPES = ("network", "head")
 _CALIBRATION_SCHEMA = {
@@ -147,7 +149,24 @@ def validate_config(config: dict, where: str) -> None:
         raise ConfigError(f"{where}: config.json 'weights_scope' must be one of {', '.join(WEIGHTS_SCOPES)}")
     if config.get("weights_scope") == "head" and not _SHA256.fullmatch(pretrained.get("sha256", "")):
         raise ConfigError(f"{where}: a head-only bundle must pin its backbone's weights ('pretrained.sha256')")
+    validate_preprocessing(config.get("preprocessing"), where)
     validate_operating_config(config, where)
+
+
+def validate_preprocessing(recorded: dict | None, where: str) -> None:
+    """config.json "preprocessing": exactly a known resampling kernel and a JPEG quality of 1-95, or null."""
+    if recorded is None:
+        return
+    quality = recorded.get("jpeg_quality")
+    if (
+        set(recorded) != {"resample", "jpeg_quality"}
+        or recorded.get("resample") not in RESAMPLING
+        or not (quality is None or (type(quality) is int and 1 <= quality <= 95))
+    ):
+        raise ConfigError(
+            f"{where}: config.json 'preprocessing' must be {{\"resample\": one of {', '.join(RESAMPLING)}, "
+            '"jpeg_quality": an integer 1-95 or null}'
+        )
 
 
 def validate_operating_config(config: dict, where: str) -> None:

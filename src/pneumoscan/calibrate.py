@@ -11,6 +11,8 @@ records are in-sample and say so. Evaluate on other images before trusting the n
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +74,24 @@ def calibrate_bundle(
         raise
 
 
+def calibrated_identity(source: Bundle, data: str | Path, split: str | None, when: float | None = None) -> dict:
+    """The name and version of a bundle calibrated from ``source`` on ``data``: the source's name with
+    ``-calibrated-<site>`` (the data folder's name; with a split, ``<folder>-<split>``) and the date, so a
+    calibrated bundle never passes for its source. Within the bundle limit of 200 characters each."""
+    folder = Path(data).resolve().name or "site"
+    site = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{folder}-{split}" if split else folder).strip("-") or "site"
+    base = re.sub(r"-calibrated-.*$", "", source.name)  # a recalibrated bundle names its original source
+    name = f"{base[:120]}-calibrated-{site[:60]}"
+    version = time.strftime("%Y.%m.%d", time.localtime(when))
+    source_version = str(source.config.get("version", "")).strip()
+    return {"name": name, "version": f"{version} (from {source_version[:60]})" if source_version else version}
+
+
 def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resamples, seed, progress):
     from .evaluation import score
 
     source = clf.bundle
-    images, samples, errors = load_images(load_split(data, split), clf.image_size, progress, "loading")
+    images, samples, errors = load_images(load_split(data, split), clf.bundle.preprocessing, progress, "loading")
     y = np.array([s.label for s in samples])
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
@@ -86,11 +101,15 @@ def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resample
     )
     config = {
         **source.config,
+        **calibrated_identity(source, data, split),
         "threshold": fitted.threshold,
         "temperature": fitted.temperature,
         "threshold_rule": fitted.rule,
         "calibration": {
             "source": source.name,
+            "source_version": str(source.config.get("version", "")),
+            "source_path": str(source.path),
+            "source_weights_sha256": source.weights_sha256,
             "source_threshold": source.threshold,
             "source_temperature": source.temperature,
             "data": str(Path(data) / split if split else data),

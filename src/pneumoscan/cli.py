@@ -21,6 +21,7 @@ from .options import (
     COMMANDS,
     CalibrateOptions,
     DataCheckOptions,
+    DemoOptions,
     EnsembleOptions,
     EvaluateOptions,
     ExportOptions,
@@ -87,7 +88,7 @@ def _run_demo(args) -> int:
     from .demo import run_demo
     from .output import ensure_folder
 
-    return run_demo(ensure_folder(args.out))
+    return run_demo(ensure_folder(_options(DemoOptions, args).out))
 
 
 @command("train", help='train a classifier on a chest_xray folder (needs pip install "pneumoscan[train]")')

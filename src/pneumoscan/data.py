@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ImageError
-from .images import IMAGE_SUFFIXES, load_image, prepare, read_bytes
+from .images import IMAGE_SUFFIXES, Preprocessing, load_image, prepare, read_bytes
 from .labels import CLASSES
 from .options import DataCheckOptions
 from .settings import DECLARED, checked_path, declared, option
@@ -206,6 +206,9 @@ def summarize(samples: list[Sample]) -> dict:
 # --- checking a dataset -----------------------------------------------------------------------------
 
 
+LEAK = " (a leak: the same film in two splits)"
+
+
 @dataclass
 class DataCheck:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -213,6 +216,7 @@ class DataCheck:
     duplicate_groups: list[list[str]] = field(default_factory=list)
     crossing_patients: dict[str, list[str]] = field(default_factory=dict)
     subtypes: dict[str, dict[str, int]] = field(default_factory=dict)  # PNEUMONIA files per split
+    near_identical_groups: list[list[str]] = field(default_factory=list)  # same picture, other bytes, 2+ splits
 
     def lines(self) -> list[str]:
         out = [f"{'split':<8}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}"]
@@ -223,11 +227,68 @@ class DataCheck:
         out.append(f"unreadable files: {len(self.unreadable)}")
         out += [f"  {line}" for line in self.unreadable]
         crossing = [g for g in self.duplicate_groups if len({_split_of(p) for p in g}) > 1]
-        out.append(f"byte-identical groups: {len(self.duplicate_groups)} ({len(crossing)} across splits)")
+        across = f"{len(crossing)} across splits{LEAK if crossing else ''}"
+        out.append(f"byte-identical groups: {len(self.duplicate_groups)} ({across})")
         out += [f"  {' = '.join(g)}" for g in self.duplicate_groups]
+        near = len(self.near_identical_groups)
+        out.append(f"near-identical images across splits (same picture, other bytes): {near}{LEAK if near else ''}")
+        out += [f"  {' = '.join(g)}" for g in self.near_identical_groups]
         out.append(f"patients in more than one split: {len(self.crossing_patients)}")
+        if self.crossing_patients:
+            out += self.crossing_explanation(crossing)
         out += [f"  {p}: {', '.join(s)}" for p, s in sorted(self.crossing_patients.items())]
         return out
+
+    def crossing_explanation(self, crossing_duplicates: list[list[str]]) -> list[str]:
+        """What "patients in more than one split" means here, and which of it is a real leak: the same image
+        (byte-identical or near-identical) in two splits."""
+        copies = crossing_duplicates + self.near_identical_groups
+        leaked = sorted({patient_id(Path(p).name) for g in copies for p in g} & set(self.crossing_patients))
+        lines = [
+            "  note: patients are told apart by file name (personN_..., IM-NNNN-...), and the Kermany data restarts",
+            "  these numbers in each split, so person1 of test is not person1 of train: expected there. In your own",
+            "  data it would mean a patient in two splits, which leaks.",
+        ]
+        if leaked:
+            lines.append(
+                f"  leak: {len(leaked)} of them have the same image in two splits (byte- or near-identical, "
+                f"listed above): {', '.join(leaked[:10])}{' ...' if len(leaked) > 10 else ''}"
+            )
+        else:
+            lines.append("  none of them has the same image (byte- or near-identical) in two splits")
+        return lines
+
+
+def picture_hash(image) -> bytes:
+    """A difference hash of a decoded image (brighter or darker than its right neighbour, on a 16x16 grid):
+    equal for the same picture re-encoded or resized, different for different films."""
+    grid = np.asarray(image.convert("L").resize((17, 16), resample=3), dtype=np.int16)  # 3: bicubic
+    return np.packbits(grid[:, 1:] > grid[:, :-1]).tobytes()
+
+
+NEAR_BITS = 8  # of 256: re-encoded or resized copies of a film differ in at most 6, distinct films in 11 or more
+
+
+def near_identical_across_splits(pictures: list[tuple[bytes, str]], limit: int = NEAR_BITS) -> list[list[str]]:
+    """Pairs of files (relative paths) in different splits whose picture hashes differ in at most ``limit``
+    bits: the same film with other bytes. ``pictures``: one (hash, path) per distinct file content."""
+    by_split = defaultdict(list)
+    for digest, relative in pictures:
+        by_split[_split_of(relative)].append((digest, relative))
+    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint16)
+    pairs = []
+    names = sorted(by_split)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a = np.array([np.frombuffer(h, np.uint8) for h, _ in by_split[first]])
+            b = np.array([np.frombuffer(h, np.uint8) for h, _ in by_split[second]])
+            if not len(a) or not len(b):
+                continue
+            for start in range(0, len(a), 256):
+                distance = popcount[a[start : start + 256, None, :] ^ b[None, :, :]].sum(-1)
+                for row, col in zip(*np.nonzero(distance <= limit)):
+                    pairs.append(sorted([by_split[first][start + row][1], by_split[second][col][1]]))
+    return sorted(pairs)
 
 
 def _split_of(relative: str) -> str:
@@ -253,22 +314,25 @@ def check_dataset(root: str | Path, progress: bool = DECLARED) -> DataCheck:
             data = read_bytes(path, str(path))  # the loader's own checks: regular files, size limit
             source = io.BytesIO(data)  # read once: decoded and hashed from the same bytes
             source.name = str(path)
-            load_image(source)
-            return hashlib.md5(data).hexdigest(), None
+            picture = picture_hash(load_image(source))
+            return (hashlib.md5(data).hexdigest(), picture), None
         except ImageError as exc:
             return None, str(exc)
 
-    digests = defaultdict(list)
+    digests, pictures = defaultdict(list), {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = pool.map(inspect, everything)
-        for (_split, sample), (digest, error) in tqdm(
+        for (_split, sample), (keys, error) in tqdm(
             zip(everything, results), total=len(everything), desc="checking", disable=not progress, unit="img"
         ):
             if error:
                 report.unreadable.append(error)
             else:
-                digests[digest].append(str(sample.path.relative_to(root)))
+                relative = str(sample.path.relative_to(root))
+                digests[keys[0]].append(relative)
+                pictures.setdefault(keys[0], (keys[1], relative))  # one file per distinct bytes
     report.duplicate_groups = sorted(g for g in digests.values() if len(g) > 1)
+    report.near_identical_groups = near_identical_across_splits(list(pictures.values()))
     seen = defaultdict(set)
     for split, sample in everything:
         seen[sample.patient].add(split)
@@ -279,7 +343,9 @@ def check_dataset(root: str | Path, progress: bool = DECLARED) -> DataCheck:
 # --- loading for training and evaluation ------------------------------------------------------------
 
 
-def load_images(samples: list[Sample], size: int, progress: bool = True, desc: str = "loading", keep: bool = True):
+def load_images(
+    samples: list[Sample], size: int | Preprocessing, progress: bool = True, desc: str = "loading", keep: bool = True
+):
     """Decode and resize every sample once, in parallel: ``(images (N,S,S) uint8, kept samples, errors)``.
 
     Unreadable images are left out and reported, never fatal. ``keep=False`` only checks that each

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ class Ensemble(Bundle):
     def primary(self) -> Bundle:
         """The member whose features feed the gate and the subtype head, and whose Grad-CAM is shown."""
         return self.members[0]
+
+    @property
+    def preprocessing(self):
+        """The primary's: members see the same prepared images (their preprocessing must agree)."""
+        return self.primary.preprocessing
 
     @property
     def weights_sha256(self) -> str:
@@ -183,12 +189,23 @@ def load_member(folder: Path, digest: str, image_size: int) -> Bundle:
     return member
 
 
+def check_same_preprocessing(members: list[Bundle]) -> None:
+    """Members read one prepared image: each must make it as the primary does."""
+    for member in members[1:]:
+        if member.preprocessing != members[0].preprocessing:
+            raise ConfigError(
+                f"{member.path / CONFIG}: preprocessing {member.preprocessing.record()} differs from the primary's "
+                f"{members[0].preprocessing.record()}; all members read the same prepared image"
+            )
+
+
 def load_ensemble(path: Path, config: dict) -> Ensemble:
     """Open and verify an ensemble bundle (called by :func:`bundle.load_bundle` for its format)."""
     validate_ensemble_config(config, str(path))
     folder = path / MEMBERS
     _real_folder(folder)
     members = [load_member(folder / m["name"], m["config_sha256"], config["image_size"]) for m in config["members"]]
+    check_same_preprocessing(members)
     present = {entry.name for entry in os.scandir(folder)}
     for extra in sorted(present - {m["name"] for m in config["members"]})[:5]:
         warnings.warn(
@@ -322,6 +339,7 @@ def make_ensemble(
             raise ConfigError(
                 f"{bundle.path / CONFIG}: image_size {bundle.image_size} differs from the primary's {size}"
             )
+    check_same_preprocessing(bundles)
     validation = held_out_of_every_member(bundles, data)
     out = checked_path(out, "--out")
     if out.exists() and any(out.iterdir()):
@@ -329,6 +347,7 @@ def make_ensemble(
     primary = bundles[0]
     config = {
         "name": name or "ensemble: " + " + ".join(b.name for b in bundles),
+        "version": time.strftime("%Y.%m.%d"),
         "image_size": size,
         "threshold": 0.5,
         "threshold_rule": "balanced",
@@ -359,13 +378,17 @@ def make_ensemble(
 
 
 def bundled_models_table() -> str:
-    """Two lines per bundled model name (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
+    """Two lines per bundled model (one for a second name of the same folder) (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
     it is, its size and the accuracy its metrics record (test where recorded, else validation)."""
     from .bundle import BUNDLED_MODELS, resolve_model
     from .text import number, printable
 
-    rows = []
+    rows, seen = [], {}
     for name in BUNDLED_MODELS:
+        if BUNDLED_MODELS[name] in seen:
+            rows.append(f"{name:<8} the same model as {seen[BUNDLED_MODELS[name]]} (the name earlier releases gave it)")
+            continue
+        seen[BUNDLED_MODELS[name]] = name
         try:
             bundle = load_bundle(resolve_model(name))
         except ConfigError as exc:

@@ -7,6 +7,7 @@ so a metric can always be traced to the images it came from.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -88,16 +89,19 @@ def evaluate(
     is_split = bool(split) and (Path(data) / split).is_dir()  # else a flat NORMAL/PNEUMONIA folder was given
     split_name = split if is_split else Path(data).name
     classifiers = [Classifier.load(model, engine=engine) for model in models]  # bad bundles stop before any work
-    images_by_size: dict[int, tuple] = {}
+    images_by_size: dict = {}  # by preprocessing: models that prepare alike share the images
     results = []
     for index, clf in enumerate(classifiers):
-        if clf.image_size not in images_by_size:
-            images_by_size[clf.image_size] = load_images(all_samples, clf.image_size, progress, f"loading {split_name}")
-        images, samples, errors = images_by_size[clf.image_size]
+        spec = clf.bundle.preprocessing
+        if spec not in images_by_size:
+            images_by_size[spec] = load_images(all_samples, spec, progress, f"loading {split_name}")
+        images, samples, errors = images_by_size[spec]
         if not samples:
             raise ConfigError(f"{data}: none of the {len(all_samples)} images could be read (first: {errors[0]})")
-        logits, features = clf.outputs(images)
         name = _display_name(classifiers, index)
+        which = "" if len(models) == 1 else f" {name[0]}"
+        logits, features = clf.outputs(images, progress=progress, desc=f"predicting{which}")
+        _step(progress, f"scoring{which}: metrics with 95% intervals ({n_resamples} bootstrap resamples of patients)")
         folder = out if len(models) == 1 else ensure_folder(out / f"model_{chr(97 + index)}")
         report = score(
             samples, logits, clf.bundle, engine=clf.engine.name, split=split_name, n_resamples=n_resamples, seed=seed
@@ -118,7 +122,7 @@ def evaluate(
                 seed=seed,
             )
         result = ModelResult(name, clf, samples, logits, report)
-        result.figures = make_figures(result, images, folder, seed, split_name)
+        result.figures = make_figures(result, images, folder, seed, split_name, progress)
         for name, head in clf.heads.items():
             if name in report:
                 result.figures.update(head.figures(report[name], folder))
@@ -243,6 +247,12 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
         writer.writerow({k: csv_cell(v) for k, v in row.items()})
 
 
+def _step(progress: bool, text: str) -> None:
+    """A named phase without a bar of its own, on stderr where progress is shown."""
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _display_name(classifiers: list[Classifier], index: int) -> str:
     """How a model is named in reports: its bundle's name; when two are compared, "A: name" and
     "B: name", with the bundle folder where both bundles carry the same name."""
@@ -338,25 +348,31 @@ def compare(a: ModelResult, b: ModelResult, n_resamples: int, seed: int) -> dict
     return {"a": a.name, "b": b.name, "n": len(common), "method": "DeLong (paired)", **result}
 
 
-def make_figures(result: ModelResult, images: np.ndarray, folder: Path, seed: int, split: str) -> dict[str, Path]:
+def make_figures(
+    result: ModelResult, images: np.ndarray, folder: Path, seed: int, split: str, progress: bool = False
+) -> dict[str, Path]:
+    """The report's figures (a bar over them on stderr with ``progress``: they take tens of seconds)."""
+    from tqdm import tqdm
+
     y = np.array([s.label for s in result.samples])
     p, t = result.probabilities, result.classifier.threshold
     p_raw = M.sigmoid(result.logits)
-    figures = {}
+    plots = {}
     if len(set(y.tolist())) == 2:  # curves need both classes
-        figures["ROC curve"] = R.plot_roc(y, p, t, folder / "roc.png")
-        figures["Precision-recall"] = R.plot_precision_recall(y, p, t, folder / "precision_recall.png")
-        figures["Reliability diagram"] = R.plot_reliability(y, p_raw, p, folder / "reliability.png")
-    figures["Confusion matrix"] = R.plot_confusion(M.confusion_matrix(y, p, t), folder / "confusion_matrix.png")
-    figures["Predicted probability by true class"] = R.plot_probability_distribution(
+        plots["ROC curve"] = lambda: R.plot_roc(y, p, t, folder / "roc.png")
+        plots["Precision-recall"] = lambda: R.plot_precision_recall(y, p, t, folder / "precision_recall.png")
+        plots["Reliability diagram"] = lambda: R.plot_reliability(y, p_raw, p, folder / "reliability.png")
+    plots["Confusion matrix"] = lambda: R.plot_confusion(M.confusion_matrix(y, p, t), folder / "confusion_matrix.png")
+    plots["Predicted probability by true class"] = lambda: R.plot_probability_distribution(
         y, p, t, folder / "probabilities.png"
     )
     pick = sorted(random.Random(seed).sample(range(len(y)), min(16, len(y))))
-    figures[f"{len(pick)} random {split} images"] = _grid(result, images, pick, folder / "random_predictions.png")
+    plots[f"{len(pick)} random {split} images"] = lambda: _grid(result, images, pick, folder / "random_predictions.png")
     wrong_fp = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= t][:8]
     wrong_fn = [i for i in np.argsort(p) if y[i] == 1 and p[i] < t][:8]
-    figures["Most confident false positives"] = _grid(result, images, wrong_fp, folder / "false_positives.png")
-    figures["Most confident false negatives"] = _grid(result, images, wrong_fn, folder / "false_negatives.png")
+    plots["Most confident false positives"] = lambda: _grid(result, images, wrong_fp, folder / "false_positives.png")
+    plots["Most confident false negatives"] = lambda: _grid(result, images, wrong_fn, folder / "false_negatives.png")
+    figures = {name: plot() for name, plot in tqdm(plots.items(), desc="figures", unit="fig", disable=not progress)}
     curves = result.classifier.bundle.path / "training_curves.png"
     if curves.is_file():
         figures["Training curves"] = curves

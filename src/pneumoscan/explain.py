@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageSource, load_image, resize_square
+from .images import ImageSource, Preprocessing, load_image, preprocessing_of
 
 DISPLAY_MAX_SIDE = 1024
 
@@ -185,7 +185,7 @@ def onnx_grad_cam(
     session,
     head: dict[str, np.ndarray],
     source: ImageSource,
-    size: int,
+    size: int | Preprocessing,
     threshold: float,
     temperature: float = 1.0,
     positive: bool | None = None,
@@ -196,8 +196,9 @@ def onnx_grad_cam(
     from .bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT
     from .metrics import sigmoid
 
-    image = load_image(source)
-    x = resize_square(image, size)[None, None]
+    preprocessing = preprocessing_of(size)
+    image = load_image(source, draft_size=preprocessing.size)
+    x = preprocessing.apply(image)[None, None]
     logit, features, feature_map = session.run([ONNX_OUTPUT, ONNX_FEATURES, ONNX_FEATURE_MAP], {ONNX_INPUT: x})
     probability = float(sigmoid(float(logit[0]), temperature))
     positive = probability >= threshold if positive is None else positive
@@ -233,7 +234,12 @@ def class_activation_map(net, x, positive: bool) -> tuple[np.ndarray, float]:
 
 
 def grad_cam(
-    net, source: ImageSource, size: int, threshold: float, temperature: float = 1.0, positive: bool | None = None
+    net,
+    source: ImageSource,
+    size: int | Preprocessing,
+    threshold: float,
+    temperature: float = 1.0,
+    positive: bool | None = None,
 ) -> Explanation:
     """Explain one input with the PyTorch network ``net`` (autograd): the heatmap of ``positive``
     (PNEUMONIA) or not, by default of the predicted class."""
@@ -241,8 +247,9 @@ def grad_cam(
 
     from .metrics import sigmoid
 
-    image = load_image(source)
-    x = torch.from_numpy(resize_square(image, size))[None, None]
+    preprocessing = preprocessing_of(size)
+    image = load_image(source, draft_size=preprocessing.size)
+    x = torch.from_numpy(preprocessing.apply(image))[None, None]
     with torch.inference_mode():
         logit = float(net(x)[0])
     probability = float(sigmoid(logit, temperature))

@@ -152,7 +152,7 @@ def training_images(bundle: Bundle, root: str | Path | None, count: int = 256, s
     if not root or not Path(root).is_dir():
         raise ConfigError("int8 calibration needs training images: pass --calibration-data ROOT (with ROOT/train)")
     samples = stratified_subset(load_split(root, "train"), count // 2, seed)
-    return load_images(samples, bundle.image_size, progress=False)[0]
+    return load_images(samples, bundle.preprocessing, progress=False)[0]
 
 
 def _head_nodes(model_path: Path) -> list[str]:
@@ -183,6 +183,11 @@ def export_bundle(
 
     require_train_extra("pneumoscan export", ("torch", "timm", "torchvision"))
     bundle = load_bundle(model)
+    if not out and bundle.path.resolve().is_relative_to(Path(__file__).parent.resolve()):
+        raise ConfigError(
+            f"{bundle.name} is a model shipped inside the package, whose files are not rewritten: "
+            "pass --out FILE.onnx, or --model BUNDLE for a bundle of your own"
+        )
     if out and Path(out).resolve().parent == bundle.path.resolve():
         if Path(out).name != ONNX:  # a file of its own name in the bundle would never be used
             raise ConfigError(

@@ -17,11 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the interface stays below the image layer
+    from .images import Preprocessing
 
 MAX_HEAD_BYTES = 64 * 2**20  # the largest head file a bundle may hold, unless a head says otherwise
 ERROR = "error"  # the result field through which a head refuses an input (the input gate)
@@ -54,7 +57,7 @@ class FitData:
     ``train_features`` / ``val_features``; images not held in memory are decoded on demand."""
 
     seed: int
-    image_size: int
+    preprocessing: int | Preprocessing  # how the images are prepared (a size: the canonical preprocessing)
     train_samples: list
     val_samples: list
     features_of: Callable[[np.ndarray], np.ndarray]
@@ -81,7 +84,7 @@ class FitData:
 
         samples = self.samples(split)
         chosen = samples if rows is None else [samples[i] for i in rows]
-        return load_images(chosen, self.image_size, progress=False)[0]
+        return load_images(chosen, self.preprocessing, progress=False)[0]
 
     def features(self, split: str, rows=None) -> np.ndarray:
         """Pooled features of ``split``'s images, all or ``rows`` of them (cached, or computed)."""

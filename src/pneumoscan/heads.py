@@ -37,13 +37,13 @@ def fit_heads(
 
     bundle = load_bundle(model)
     train, val = bundle.training_splits(data)
-    train_images, train, _ = load_images(train, bundle.image_size, progress, "loading train")
-    val_images, val, _ = load_images(val, bundle.image_size, progress, "loading validation")
+    train_images, train, _ = load_images(train, bundle.preprocessing, progress, "loading train")
+    val_images, val, _ = load_images(val, bundle.preprocessing, progress, "loading validation")
     seed = bundle.config.get("training", {}).get("recipe", {}).get("seed", 0)
     net = bundle.load_net()
     fitting = FitData(
         seed,
-        bundle.image_size,
+        bundle.preprocessing,
         train,
         val,
         lambda images: predict_outputs(net, images)[1],

@@ -3,8 +3,10 @@
 Every input becomes an 8-bit grey PIL image: chest X-rays carry no colour, and the model
 replicates the grey channel to the three channels its ImageNet backbone expects. Pixel
 normalisation lives inside the model (see ``models.py``), so the only preprocessing outside
-it is :func:`prepare`: load, then resize to a square of the model's size. The PyTorch and
-ONNX paths both start from that uint8 array.
+it is :func:`prepare`: load, then make the film what the training images were
+(:class:`Preprocessing`: squashed to the model's square, then the JPEG round trip the Kermany
+224 px copies went through). The PyTorch and ONNX paths, the gate and the heads all start from
+that uint8 array.
 """
 
 from __future__ import annotations
@@ -92,22 +94,62 @@ def load_image(
         raise ImageError(name, _describe(exc)) from exc
 
 
-def resize_square(image: Image.Image, size: int) -> np.ndarray:
-    """Resize (squashing the aspect ratio, as the Kermany images were) to ``size`` x ``size`` uint8."""
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(image, dtype=np.uint8)
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR}  # the kernels a bundle may name
+KERMANY_JPEG_QUALITY = 75  # the Kermany 224 px copies: Pillow bilinear to 224 x 224, then JPEG quality 75
 
 
-def prepare(source: ImageSource, size: int) -> np.ndarray:
-    """Load and resize one input: the model's input as a ``(size, size)`` uint8 array."""
-    return resize_square(load_image(source, draft_size=size), size)
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a film becomes the model's input, as a bundle records it (``config.json`` "preprocessing"): squashed
+    to ``size`` x ``size`` with ``resample`` (the aspect ratio is not kept, as in the Kermany copies), then, for a
+    film that had to be resized, one JPEG round trip at ``jpeg_quality``, the step the training copies went
+    through. An input already at the model's size is taken as such a copy and used as it is. ``jpeg_quality``
+    None: no round trip (bundles written before this was recorded)."""
+
+    size: int
+    resample: str = "bilinear"
+    jpeg_quality: int | None = KERMANY_JPEG_QUALITY
+
+    def apply(self, image: Image.Image) -> np.ndarray:
+        """The model's input from a loaded grey image: a ``(size, size)`` uint8 array."""
+        if image.size == (self.size, self.size):
+            return np.array(image, dtype=np.uint8)
+        image = image.resize((self.size, self.size), RESAMPLING[self.resample])
+        if self.jpeg_quality is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=self.jpeg_quality)
+            image = Image.open(buffer)
+            image.load()
+        return np.array(image, dtype=np.uint8)
+
+    def record(self) -> dict:
+        """What config.json stores (image_size is recorded beside it)."""
+        return {"resample": self.resample, "jpeg_quality": self.jpeg_quality}
+
+    @classmethod
+    def of_config(cls, config: dict) -> Preprocessing:
+        """A bundle's preprocessing: its record, or for a bundle without one, resizing alone (as it was made)."""
+        recorded = config.get("preprocessing")
+        if recorded is None:
+            return cls(int(config["image_size"]), jpeg_quality=None)
+        return cls(int(config["image_size"]), recorded["resample"], recorded["jpeg_quality"])
 
 
-def prepare_with_chroma(source: ImageSource, size: int) -> tuple[np.ndarray, float]:
+def preprocessing_of(spec: int | Preprocessing) -> Preprocessing:
+    """A size alone means the canonical preprocessing at that size (what training writes into new bundles)."""
+    return spec if isinstance(spec, Preprocessing) else Preprocessing(int(spec))
+
+
+def prepare(source: ImageSource, spec: int | Preprocessing) -> np.ndarray:
+    """Load one input and make it the model's input: a ``(size, size)`` uint8 array (:class:`Preprocessing`)."""
+    return prepare_with_chroma(source, spec)[0]
+
+
+def prepare_with_chroma(source: ImageSource, spec: int | Preprocessing) -> tuple[np.ndarray, float]:
     """:func:`prepare`, and how colourful the input was before it became grey (0 for grey inputs)."""
-    image = load_image(source, draft_size=size)
-    return resize_square(image, size), float(image.info.get(CHROMA, 0.0))
+    preprocessing = preprocessing_of(spec)
+    image = load_image(source, draft_size=preprocessing.size)
+    return preprocessing.apply(image), float(image.info.get(CHROMA, 0.0))
 
 
 def read_bytes(source, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:

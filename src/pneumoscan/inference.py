@@ -383,9 +383,19 @@ class Classifier:
         """Logits for prepared uint8 images of shape ``(N, S, S)``."""
         return self.outputs(images, batch_size)[0]
 
-    def outputs(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Logits ``(N,)`` and pooled features ``(N, F)`` for prepared uint8 images ``(N, S, S)``."""
-        parts = [self.engine.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    def outputs(
+        self, images: np.ndarray, batch_size: int = PREDICT_BATCH, progress: bool = False, desc: str = "predicting"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(N,)`` and pooled features ``(N, F)`` for prepared uint8 images ``(N, S, S)``; ``progress``
+        shows a bar over the images on stderr."""
+        from tqdm import tqdm
+
+        parts = []
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                parts.append(self.engine.run(chunk))
+                bar.update(len(chunk))
         if not parts:
             return np.zeros(0), np.zeros((0, 0), np.float32)
         return np.concatenate([p[0] for p in parts]).astype(np.float64), np.concatenate([p[1] for p in parts])
@@ -503,7 +513,7 @@ class Classifier:
 
     def _prepare_one(self, source: ImageSource):
         try:
-            return prepare_with_chroma(source, self.image_size), None
+            return prepare_with_chroma(source, self.bundle.preprocessing), None
         except ImageError as exc:
             return None, exc
         except Exception as exc:  # noqa: BLE001 - one input's failure never costs the others their result
@@ -534,7 +544,7 @@ class Classifier:
         (:func:`pneumoscan.explain.grad_cam`)."""
         from .explain import ClosedFormError, grad_cam, onnx_grad_cam
 
-        args = (source, self.image_size, self.threshold, self.bundle.temperature, positive)
+        args = (source, self.bundle.preprocessing, self.threshold, self.bundle.temperature, positive)
         with self._explain_lock:  # Grad-CAM by autograd hooks the shared network: one explanation at a time
             if self._cam_onnx is None:
                 self._cam_onnx = self._onnx_explainer() or False

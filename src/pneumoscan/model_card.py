@@ -17,6 +17,17 @@ GENERALISATION_NOTE = (
 )
 
 
+
+def preprocessing_line(bundle) -> str:
+    """How a film becomes the input, in words (images.Preprocessing)."""
+    p = bundle.preprocessing
+    if p.jpeg_quality is None:
+        return f"a film of another size is resized ({p.resample}) to it"
+    return (
+        f"a film of another size is resized ({p.resample}) to it, then JPEG-encoded at quality {p.jpeg_quality} "
+        "and decoded, as the Kermany 224 px training copies were made"
+    )
+
 def _calibration_advice(site: dict | None) -> str:
     if site:
         return "Threshold and temperature were refitted on labelled local images (see Model)."
@@ -93,7 +104,8 @@ Grad-CAM explains the primary member (for the class the ensemble predicts).
 |---|---|---|---|---|---|
 {members}
 
-- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member.
+- Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), prepared once for every member;
+  {preprocessing_line(bundle)}.
 - Weights digest of the ensemble (sha256 of the members' weights digests, one per line): `{bundle.weights_sha256}`.
 - Input gate: {"the primary member's" if "gate.safetensors" in files else "none: every image gets a label"}.
 - Bacterial/viral head: {"the primary member's" if "subtype.safetensors" in files else "none"}.
@@ -122,7 +134,7 @@ def model_card(bundle) -> str:
     training = c.get("training", {})
     site = c.get("calibration")
     fitted_on = md(bundle.operating_point_source) + (
-        f"\n  (its source, {md(site['source'])}, had {site['source_threshold']:.4f} "
+        f"\n  (its source, {md(site['source'])}{_source_version(site)}, had {site['source_threshold']:.4f} "
         f"and {site['source_temperature']:.4f})"
         if site
         else ""
@@ -159,7 +171,6 @@ def model_card(bundle) -> str:
         if "gate.safetensors" in c.get("files", {})
         else "\n## Input gate\nNone: this bundle labels every image, chest X-ray or not.\n"
     )
-    tr = training.get("train", {})
     cal = (metrics.get("test") or {}).get("calibration")
     calibration = (
         f"On test, temperature scaling changed ECE from {_fmt(cal['ece_before'])} to {_fmt(cal['ece_after'])} "
@@ -174,7 +185,7 @@ def model_card(bundle) -> str:
 ## Model
 - Backbone: `{c["backbone"]}` ({pretrained_line(c)}), {head_line(c)}, one logit.
 - Input: {c["image_size"]}x{c["image_size"]} grey image (aspect ratio squashed), replicated to 3 channels,
-  ImageNet mean/std.
+  ImageNet mean/std; {preprocessing_line(bundle)}.
 - Operating threshold {c["threshold"]:.4f} ({md(c.get("threshold_rule", "youden"))}) and
   temperature {c["temperature"]:.4f}: {fitted_on}.
 - Weights sha256: `{c["weights_sha256"]}`.{_head_only_line(c)}{teacher_line(c)}
@@ -184,12 +195,7 @@ Research on, and screening support for, pneumonia on paediatric anterior-posteri
 clinician reading every image. {_calibration_advice(site)}
 
 ## Training data
-Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
-Cell 172(5):1122-1131; data on Mendeley Data (licence CC BY 4.0), the same as Kaggle's "Chest X-Ray Images (Pneumonia)".
-Paediatric patients aged 1 to 5 at Guangzhou Women and Children's Medical Center, anterior-posterior views.
-Trained on the official train split ({md(tr.get("images", "?"))} images: {md(tr.get("n_normal", "?"))} NORMAL,
-{md(tr.get("n_pneumonia", "?"))} PNEUMONIA, {md(tr.get("patients", "?"))} patients), with validation patients held out
-of train ({md(training.get("validation", {}).get("images", "?"))} images).
+{training_data_section(training)}
 
 ## Metrics (threshold {c["threshold"]:.3f}; 95% intervals by patient bootstrap)
 | split | AUC | accuracy | sensitivity | specificity | loss | ECE |
@@ -202,6 +208,44 @@ of train ({md(training.get("validation", {}).get("images", "?"))} images).
 {subtype}{gate}
 {_notes(c)}
 {FAILURE_MODES}"""
+
+
+OFFICIAL_TRAIN = {"n_normal": 1341, "n_pneumonia": 3875}  # the Kermany train split (Kaggle and Mendeley v2/v3)
+KERMANY = """Kermany et al. 2018, "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep Learning",
+Cell 172(5):1122-1131; data on Mendeley Data (licence CC BY 4.0), the same as Kaggle's "Chest X-Ray Images (Pneumonia)".
+Paediatric patients aged 1 to 5 at Guangzhou Women and Children's Medical Center, anterior-posterior views."""
+
+
+def is_official_train(training: dict) -> bool:
+    """Whether the images trained on (train plus the validation patients carved from it) are, by their class
+    counts, the whole official Kermany train split."""
+    parts = [training.get("train", {}), training.get("validation", {})]
+    counts = {k: sum(p.get(k, 0) for p in parts if isinstance(p.get(k, 0), int)) for k in OFFICIAL_TRAIN}
+    return counts == OFFICIAL_TRAIN
+
+
+def training_data_section(training: dict) -> str:
+    """What the network was trained on, as the bundle records it: the official split only when its counts are
+    the official split's; otherwise the folder and its counts, claiming nothing about the patients."""
+    tr, val = training.get("train", {}), training.get("validation", {})
+    counts = (
+        f"{md(tr.get('images', '?'))} images: {md(tr.get('n_normal', '?'))} NORMAL,\n{md(tr.get('n_pneumonia', '?'))} "
+        f"PNEUMONIA, {md(tr.get('patients', '?'))} patients), with validation patients held out\nof train "
+        f"({md(val.get('images', '?'))} images)."
+    )
+    if is_official_train(training):
+        return f"{KERMANY}\nTrained on the official train split ({counts}"
+    folder = md(str(training.get("data") or "an unrecorded folder"))
+    return (
+        f"Trained on the folder {folder} ({counts} Not the official Kermany train split (its "
+        f"{sum(OFFICIAL_TRAIN.values())} images): where these images come from, which patients and how they were "
+        "labelled is not recorded here, so the population statements below hold only as far as they describe it."
+    )
+
+
+def _source_version(site: dict) -> str:
+    version = str(site.get("source_version") or "")
+    return f" version {md(version)}" if version else ""
 
 
 def _notes(config: dict) -> str:

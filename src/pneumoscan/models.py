@@ -97,21 +97,27 @@ class WithFeatures(nn.Module):
         return self.net.head(features).squeeze(1), features, feature_map
 
 
-def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Logits for uint8 images ``(N,S,S)`` through a network in eval mode (no augmentation)."""
-    return predict_outputs(net, images, batch_size)[0]
+    return predict_outputs(net, images, batch_size, progress)[0]
 
 
-def predict_outputs(net: PneumoniaNet, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``(N,)`` and pooled features ``(N, F)`` for uint8 images ``(N,S,S)``, in eval mode."""
+def predict_outputs(
+    net: PneumoniaNet, images: np.ndarray, batch_size: int = 64, progress: bool = False, desc: str = "predicting"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N,)`` and pooled features ``(N, F)`` for uint8 images ``(N,S,S)``, in eval mode; ``progress``
+    shows a bar over the images on stderr."""
+    from tqdm import tqdm
+
     net = net.eval()
     logits, features = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1)
             f = net.features(batch)
             logits.append(net.head(f).squeeze(1).float().numpy())
             features.append(f.float().numpy())
+            bar.update(len(batch))
     if not logits:
         return np.zeros(0, np.float32), np.zeros((0, net.head[0].in_features), np.float32)
     return np.concatenate(logits), np.concatenate(features)

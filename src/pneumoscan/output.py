@@ -23,6 +23,7 @@ from typing import TextIO
 from .errors import ConfigError, ImageError
 from .feature_head import ResultField
 from .feature_heads import result_fields
+from .fileio import atomic_write, read_json_object
 from .settings import checked_path
 from .text import csv_cell, csv_value, printable
 
@@ -170,18 +171,21 @@ def output_format(path: Path) -> str:
     raise ConfigError(f"{printable(path)}: --output must end in .jsonl or .csv")
 
 
-RESULTS_FORMAT = "pneumoscan-results/1"  # the first line of every results file predict --output writes
-CSV_MARKER = "# " + RESULTS_FORMAT  # a CSV results file's first cell (pandas: read_csv(..., comment="#"))
+RESULTS_FORMAT = "pneumoscan-results/2"  # the settings beside a results file (its sidecar)
+LEGACY_FORMAT = "pneumoscan-results/1"  # older files: the settings on their first line (still resumed)
+LEGACY_CSV_MARKER = "# " + LEGACY_FORMAT  # such a CSV file's first cell
+SIDECAR_SUFFIX = ".pneumoscan.json"  # F.csv -> F.csv.pneumoscan.json
 SAME_FOR_RESUME = ("weights_sha256", "engine", "threshold", "temperature", "gate")  # what a resume must match
 MAX_RESULT_LINE = 2**20  # longer lines are no result of ours
 
 
 def results_settings(clf, gate: bool) -> dict:
-    """What a results file records about the run that made it: the model (name and weights digest), the
-    engine, the operating point, the gate setting, and the folder relative paths are relative to."""
+    """What a results file's sidecar records about the run that made it: the model (name, version and weights
+    digest), the engine, the operating point, the gate setting, and the folder relative paths are relative to."""
     return {
         "format": RESULTS_FORMAT,
         "model": clf.bundle.name,
+        "version": str(clf.bundle.config.get("version", "")),
         "weights_sha256": clf.bundle.weights_sha256,
         "engine": clf.engine.name,
         "threshold": clf.threshold,
@@ -191,18 +195,28 @@ def results_settings(clf, gate: bool) -> dict:
     }
 
 
+def sidecar_of(path: str | Path) -> Path:
+    """Where the settings of the results file ``path`` are kept: beside it, ``F.csv.pneumoscan.json``."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
 class ResultsFile:
     """``predict --output FILE``: a results file opened for appending, locked against other writers.
 
-    The first line records the run's settings (:func:`results_settings`). With ``resume``, a file is
-    changed only after its first line shows that pneumoscan wrote it with the same model, engine,
-    threshold, temperature and gate setting; it is read a line at a time (memory follows the inputs,
-    not the file), inputs are matched by resolved path, and only then is a last line torn by a kill cut
-    off. Anything else is a :class:`ConfigError` and leaves the file as it was."""
+    The file holds results only (CSV: a header row, then one row per input; JSON lines: one object per
+    input), so any reader opens it as it is. The run's settings (:func:`results_settings`) go beside it,
+    in ``FILE.pneumoscan.json`` (:func:`sidecar_of`), written atomically before the first row. With
+    ``resume``, a file is changed only after its sidecar (or, for a file of ``pneumoscan-results/1``, its
+    first line) shows that pneumoscan wrote it with the same model, engine, threshold, temperature and
+    gate setting; it is read a line at a time (memory follows the inputs, not the file), inputs are
+    matched by resolved path, and only then is a last line torn by a kill cut off. Anything else is a
+    :class:`ConfigError` and leaves the file as it was."""
 
     def __init__(self, path: str | Path, settings: dict, names: list[str], resume: bool = False):
         self.path = checked_path(path, "--output")
         self.fmt = output_format(self.path)
+        self.sidecar = sidecar_of(self.path)
         ensure_folder(self.path.parent)
         self._file = self._open_locked()
         try:
@@ -210,16 +224,18 @@ class ResultsFile:
             if size and not resume:
                 raise ConfigError(f"{printable(self.path)}: exists; add --resume to continue it, or remove it")
             keys = [_resolved(name, os.getcwd(), self.fmt) for name in names]
-            found, end = self._read(settings, set(keys)) if size else (set(), 0)
+            found, end, legacy = self._read(settings, set(keys)) if size else (set(), 0, False)
             self.done = [key in found for key in keys]  # every spelling of a file already in it
+            if not end and not legacy:
+                self._write_sidecar(settings)  # before the first row (and before a torn header is cut)
             if end < size:  # a last line torn by a kill: cut, now that the file is known to be ours
                 self._file.truncate(end)
             self._file.seek(end)
             self.stream = io.TextIOWrapper(
                 self._file, encoding="utf-8", errors="surrogateescape", newline="", line_buffering=True
             )
-            if not size:
-                self._write_head(settings)
+            if not end and self.fmt == "csv":
+                csv.writer(self.stream).writerow(CSV_COLUMNS)
         except BaseException:
             self._file.close()
             raise
@@ -242,13 +258,29 @@ class ResultsFile:
             raise
         return f
 
-    def _write_head(self, settings: dict) -> None:
-        if self.fmt == "jsonl":
-            self.stream.write(json.dumps({"pneumoscan": settings}) + "\n")
-        else:
-            writer = csv.writer(self.stream)
-            writer.writerow([CSV_MARKER, json.dumps(settings)])
-            writer.writerow(CSV_COLUMNS)
+    def _write_sidecar(self, settings: dict) -> None:
+        """The settings beside the file, atomically; a sidecar that is not pneumoscan's is never replaced."""
+        if os.path.lexists(self.sidecar):
+            self._sidecar_settings()  # ours (any settings: the results file is empty), or a ConfigError
+        record = {**settings, "format": RESULTS_FORMAT, "results": self.path.name}
+        if self.fmt == "csv":
+            record["columns"] = list(CSV_COLUMNS)
+        try:
+            atomic_write(self.sidecar, (json.dumps(record, indent=2) + "\n").encode())
+        except OSError as exc:
+            raise ConfigError(f"{printable(self.sidecar)}: cannot be written ({exc.strerror or exc})") from None
+
+    def _sidecar_settings(self) -> dict:
+        """The settings in the sidecar, or a ConfigError naming it."""
+        if self.sidecar.is_symlink() or not self.sidecar.is_file():
+            raise ConfigError(f"{printable(self.sidecar)}: not a regular file; left unchanged")
+        recorded = read_json_object(self.sidecar, "results settings")
+        if recorded.get("format") != RESULTS_FORMAT:
+            raise ConfigError(
+                f"{printable(self.sidecar)}: not pneumoscan's results settings (format "
+                f"{printable(str(recorded.get('format'))[:40])}, expected {RESULTS_FORMAT}); left unchanged"
+            )
+        return recorded
 
     def _lines(self, position: list[int]):
         """The file's whole lines, as text; ``position``: the offset after the last one read, and its number."""
@@ -262,12 +294,13 @@ class ResultsFile:
             position[1] += 1
             yield raw.decode("utf-8", "surrogateescape")
 
-    def _read(self, settings: dict, wanted: set[str]) -> tuple[set[str], int]:
-        """The keys of ``wanted`` the file holds, and the offset after its last whole line."""
+    def _read(self, settings: dict, wanted: set[str]) -> tuple[set[str], int, bool]:
+        """The keys of ``wanted`` the file holds, the offset after its last whole line, and whether it is a
+        file of ``pneumoscan-results/1`` (settings on its first line)."""
         self._file.seek(0)
         position = [0, 0]  # the offset after the last whole line read, and its number
         lines = self._lines(position)
-        recorded = self._recorded(next(lines, ""))
+        recorded, legacy = self._recorded(lines)
         changed = [k for k in SAME_FOR_RESUME if recorded.get(k) != settings.get(k)]
         if changed:
             was = ", ".join(f"{k} {printable(recorded.get(k))}" for k in changed)
@@ -277,51 +310,66 @@ class ResultsFile:
                 "options, or write another file"
             )
         base = str(recorded.get("cwd") or os.getcwd())
-        found: set[str] = set()
         try:
-            if self.fmt == "jsonl":
-                for line in lines:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-                        raise ValueError("no path")
-                    key = _resolved(row["path"], base, "jsonl")
-                    if key in wanted:
-                        found.add(key)
-            else:
-                rows = csv.reader(lines)
-                if tuple(next(rows, ())) != CSV_COLUMNS:
-                    raise ValueError("the column header differs")
-                for row in rows:
-                    key = _resolved(csv_value(row[0]), base, "csv") if row else None
-                    if key in wanted:
-                        found.add(key)
+            found = self._keys(lines, base, wanted, header_required=legacy)
         except (ValueError, RecursionError, csv.Error) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
             raise ConfigError(
                 f"{printable(self.path)}: line {position[1]} is not a result written by pneumoscan ({reason}); "
                 "left unchanged"
             ) from None
-        return found, position[0]
+        return found, position[0], legacy
 
-    def _recorded(self, first: str) -> dict:
-        """The settings on the file's first line, or a ConfigError: pneumoscan did not write this file."""
-        try:
-            if self.fmt == "jsonl":
-                recorded = json.loads(first)["pneumoscan"] if first.startswith('{"pneumoscan"') else None
-            else:
-                cells = next(csv.reader([first]), [])
-                recorded = json.loads(cells[1]) if len(cells) == 2 and cells[0] == CSV_MARKER else None
-        except (ValueError, KeyError, TypeError, RecursionError, csv.Error):
-            recorded = None
-        if not isinstance(recorded, dict) or recorded.get("format") != RESULTS_FORMAT:
+    def _keys(self, lines, base: str, wanted: set[str], header_required: bool) -> set[str]:
+        """The keys of ``wanted`` among the results in ``lines`` (ValueError at the first that is not one)."""
+        found: set[str] = set()
+        if self.fmt == "jsonl":
+            for line in lines:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                    raise ValueError("no path")
+                key = _resolved(row["path"], base, "jsonl")
+                if key in wanted:
+                    found.add(key)
+            return found
+        rows = csv.reader(lines)
+        header = next(rows, None)
+        if (header is not None or header_required) and tuple(header or ()) != CSV_COLUMNS:
+            raise ValueError("the column header differs")
+        for row in rows:
+            key = _resolved(csv_value(row[0]), base, "csv") if row else None
+            if key in wanted:
+                found.add(key)
+        return found
+
+    def _recorded(self, lines) -> tuple[dict, bool]:
+        """The settings the file was written with: its sidecar's, or (a ``pneumoscan-results/1`` file) its
+        first line's, with True; a ConfigError when neither is pneumoscan's."""
+        if os.path.lexists(self.sidecar):
+            return self._sidecar_settings(), False
+        recorded = _legacy_settings(next(lines, ""), self.fmt)
+        if recorded is None:
             raise ConfigError(
-                f"{printable(self.path)}: not a results file written by pneumoscan predict --output (its first line "
-                "is not pneumoscan's); left unchanged"
+                f"{printable(self.path)}: not a results file written by pneumoscan predict --output (no "
+                f"{printable(self.sidecar.name)} beside it); left unchanged"
             )
-        return recorded
+        return recorded, True
 
     def close(self) -> None:
         self.stream.close()  # also releases the lock
+
+
+def _legacy_settings(first: str, fmt: str) -> dict | None:
+    """The settings on the first line of a ``pneumoscan-results/1`` file, or None."""
+    try:
+        if fmt == "jsonl":
+            recorded = json.loads(first)["pneumoscan"] if first.startswith('{"pneumoscan"') else None
+        else:
+            cells = next(csv.reader([first]), [])
+            recorded = json.loads(cells[1]) if len(cells) == 2 and cells[0] == LEGACY_CSV_MARKER else None
+    except (ValueError, KeyError, TypeError, RecursionError, csv.Error):
+        return None
+    return recorded if isinstance(recorded, dict) and recorded.get("format") == LEGACY_FORMAT else None
 
 
 def _resolved(name: str, base: str, fmt: str) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,9 @@ from .data import (
 from .distill import Teacher, aligned, balanced_class_weights, distillation_loss
 from .errors import ConfigError
 from .feature_head import FitData
-from .feature_heads import fit_heads_on
+from .feature_heads import HEADS, fit_heads_on
 from .fileio import read_json_object, write_json
-from .images import NORMALIZATION
+from .images import NORMALIZATION, Preprocessing
 from .models import create_model, predict_logits, predict_outputs
 from .recipe import TrainConfig
 from .text import printable
@@ -475,12 +476,18 @@ def check_same_teacher(path: Path, teacher: Teacher | None) -> None:
         raise ConfigError(f"{teacher.bundle.path}: not the teacher this run started with (config.json digest differs)")
 
 
-def _training_images(data: TrainingData, size: int) -> tuple[np.ndarray, list]:
+def _training_images(data: TrainingData, size: int, progress: bool = False) -> tuple[np.ndarray, list]:
     """Training images in memory (decoded again, unaugmented, when training streamed them from disk)."""
     if data.in_memory:
         return data.train_set.images.numpy(), data.train_samples
-    images, samples, _ = load_images(data.train_samples, size, progress=False)
+    images, samples, _ = load_images(data.train_samples, size, progress, "decoding train for the heads")
     return images, samples
+
+
+def _step(show: bool, text: str) -> None:
+    """A named phase after the epochs, on stderr where progress is shown (each loop over images has a bar)."""
+    if show:
+        print(text, file=sys.stderr, flush=True)
 
 
 def operating_point(cfg: TrainConfig, val_samples: list, logits: np.ndarray) -> tuple[float, float, str, dict]:
@@ -507,6 +514,7 @@ def bundle_config(cfg: TrainConfig, hidden: int, threshold: float, rule: str, te
         "dropout": cfg.dropout,
         "hidden": hidden,
         "normalization": NORMALIZATION,
+        "preprocessing": Preprocessing(cfg.image_size).record(),  # what load_images made of every image
         "threshold": threshold,
         "threshold_rule": rule,
         "temperature": temperature,
@@ -521,9 +529,12 @@ def finish_run(
     from .figures import plot_training_curves
 
     net = net.cpu()  # trained on whatever accelerator; fitted, saved and exported from the CPU
-    logits = predict_logits(net, data.val_set.images.numpy())
+    show = cfg.progress
+    _step(show, "after training: temperature and threshold on the validation images")
+    logits = predict_logits(net, data.val_set.images.numpy(), progress=show)
     temperature, threshold, rule, validation = operating_point(cfg, data.val_samples, logits)
 
+    _step(show, "after training: training curves")
     run.save_history()
     curves = plot_training_curves(run.history, run.out / "curves.png")
     speeds = {phase: [r["train_images_per_s"] for r in run.history if r["phase"] == phase] for phase in run.seconds}
@@ -541,21 +552,23 @@ def finish_run(
         **({"teacher": teacher.record()} if teacher else {}),
     }
     config = bundle_config(cfg, net.hidden, threshold, rule, temperature, training)
-    train_images, train_samples = _training_images(data, cfg.image_size)
+    _step(show, f"after training: the feature heads ({', '.join(HEADS)}) on this network's features")
+    train_images, train_samples = _training_images(data, cfg.image_size, show)
     val_images = data.val_set.images.numpy()
     fitting = FitData(
         cfg.seed,
         cfg.image_size,
         train_samples,
         data.val_samples,
-        lambda images: predict_outputs(net, images)[1],
+        lambda images: predict_outputs(net, images, progress=show, desc="features")[1],
         train_images=train_images,
         val_images=val_images,
     )
-    extras, reports, _ = fit_heads_on(fitting)  # the feature heads (feature_heads.HEADS) on this network
+    extras, reports, _ = fit_heads_on(fitting, progress=show)  # the feature heads (feature_heads.HEADS)
     validation.update(reports)
     if curves:
         extras["training_curves.png"] = curves.read_bytes()
+    _step(show, f"after training: writing the bundle to {printable(run.out / 'model')}")
     bundle = save_bundle(run.out / "model", net, config, {"validation": validation}, extras=extras)
     print(
         json.dumps(

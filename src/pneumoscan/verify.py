@@ -94,7 +94,7 @@ def _verify_single(bundle) -> list[EngineCheck]:
     files = reference_images()
     if not files:
         raise ConfigError(f"{EXAMPLES}: no reference images in this install")
-    images = np.stack([prepare(f, bundle.image_size) for f in files])
+    images = np.stack([prepare(f, bundle.preprocessing) for f in files])
     torch_logits, torch_features = (np.asarray(a, np.float64) for a in TorchEngine(bundle).run(images))
     head = bundle.head_weights() if bundle.head_only else None
     if bundle.head_only and head is None:
