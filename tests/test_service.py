@@ -437,7 +437,7 @@ def test_a_trickled_body_is_cut_at_the_overall_deadline(app):
         stop()
 
 
-@pytest.mark.parametrize("name", ["fast", None])  # a single bundle and the default (an ensemble today)
+@pytest.mark.parametrize("name", ["fast", None])  # the name "fast" and the default (one bundle since the ensemble went)
 def test_model_capabilities_come_from_the_loaded_model(name):
     """GET /v1/model says what the loaded model does, asked of the classifier, not of config.files (an
     ensemble's config has no files: its gate and subtype head are its primary member's)."""
