@@ -96,7 +96,17 @@ def main() -> None:
                     ]
                 )
                 print(" | ".join(map(str, rows[-1])), flush=True)
-    headers = ["model", "engine", "preprocessing", "mean |dp|", "largest", "flips", "far flips", "original lower", "must"]
+    headers = [
+        "model",
+        "engine",
+        "preprocessing",
+        "mean |dp|",
+        "largest",
+        "flips",
+        "far flips",
+        "original lower",
+        "must",
+    ]
     print()
     print(f"must: mean <= {MUST['mean']}, largest <= {MUST['largest']}, at most {MUST['flips']} flip, no far flip")
     print(table(headers, rows))

@@ -60,8 +60,8 @@ def fullres_path(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = round(224 * f), round(224 * f * aspect)
     big = Image.fromarray(x).resize((w, h), Image.Resampling.BICUBIC)
     # sub-pixel offset: crop up to one source pixel (f film pixels) at each edge
-    l, t, r, b = (int(rng.integers(0, max(1, round(f)))) for _ in range(4))
-    big = big.crop((l, t, w - r, h - b))
+    left, top, right, bottom = (int(rng.integers(0, max(1, round(f)))) for _ in range(4))
+    big = big.crop((left, top, w - right, h - bottom))
     a = np.asarray(big, dtype=np.float32)
     sigma = rng.uniform(0.0, 4.0)
     if sigma > 0.3:
@@ -82,7 +82,9 @@ def jpeg(x: np.ndarray, q: int) -> np.ndarray:
 
 def subpixel_shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dx, dy = rng.uniform(-0.5, 0.5, 2)
-    im = Image.fromarray(x).transform(x.shape[::-1], Image.Transform.AFFINE, (1, 0, dx, 0, 1, dy), Image.Resampling.BILINEAR)
+    im = Image.fromarray(x).transform(
+        x.shape[::-1], Image.Transform.AFFINE, (1, 0, dx, 0, 1, dy), Image.Resampling.BILINEAR
+    )
     return np.array(im)
 
 
@@ -111,7 +113,11 @@ class Perturbed(torch.utils.data.Dataset):
             x, t = np.ascontiguousarray(x[:, ::-1]), self.tf[i]
         a = self.args
         x = perturb(x, rng, a.p_fullres, a.p_jpeg, a.p_shift)
-        return torch.from_numpy(np.ascontiguousarray(x))[None], torch.tensor(self.labels[i], dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+        return (
+            torch.from_numpy(np.ascontiguousarray(x))[None],
+            torch.tensor(self.labels[i], dtype=torch.float32),
+            torch.tensor(t, dtype=torch.float32),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -134,8 +140,13 @@ def val_report(y, logits, temperature) -> dict:
 def proxy_skew(p_clean, p_pert, threshold=0.5) -> dict:
     d = np.abs(p_pert - p_clean)
     flip = (p_pert >= threshold) != (p_clean >= threshold)
-    return {"mean_abs_dp": float(d.mean()), "p99_abs_dp": float(np.quantile(d, 0.99)), "max_abs_dp": float(d.max()),
-            "flips": int(flip.sum()), "far_flips": int((flip & (np.abs(p_clean - threshold) > 0.05)).sum())}
+    return {
+        "mean_abs_dp": float(d.mean()),
+        "p99_abs_dp": float(np.quantile(d, 0.99)),
+        "max_abs_dp": float(d.max()),
+        "flips": int(flip.sum()),
+        "far_flips": int((flip & (np.abs(p_clean - threshold) > 0.05)).sum()),
+    }
 
 
 def evaluate(net, val_x, y, fixed_pert, temperature=None) -> dict:
@@ -143,8 +154,10 @@ def evaluate(net, val_x, y, fixed_pert, temperature=None) -> dict:
     zp = torch_logits(net, fixed_pert)
     if temperature is None:
         temperature = M.fit_operating_point(y, z, "balanced")[0]
-    return {"validation": val_report(y, z, temperature),
-            "proxy_skew_fullres_path": proxy_skew(M.sigmoid(z, temperature), M.sigmoid(zp, temperature))}
+    return {
+        "validation": val_report(y, z, temperature),
+        "proxy_skew_fullres_path": proxy_skew(M.sigmoid(z, temperature), M.sigmoid(zp, temperature)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -180,9 +193,14 @@ def train(args) -> None:
     n_pos = y_train.sum()
     w_pos, w_neg = len(y_train) / (2 * n_pos), len(y_train) / (2 * (len(y_train) - n_pos))
     loader = torch.utils.data.DataLoader(
-        Perturbed(x_train, y_train, teacher, teacher_flip, args), batch_size=args.batch, shuffle=True,
-        num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed))
+        Perturbed(x_train, y_train, teacher, teacher_flip, args),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     budget = args.minutes * 60
     total, step, warm = None, 0, 20
     started = time.perf_counter()
@@ -193,8 +211,15 @@ def train(args) -> None:
             if total is None and step == warm:
                 per_step = (time.perf_counter() - started) / warm
                 total = max(warm + 1, int(budget / per_step))
-                print(f"{per_step:.2f}s/step -> {total} steps ({total * args.batch / len(y_train):.2f} epochs)", flush=True)
-            lr = args.lr * (step + 1) / warm if step < warm else args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+                print(
+                    f"{per_step:.2f}s/step -> {total} steps ({total * args.batch / len(y_train):.2f} epochs)",
+                    flush=True,
+                )
+            lr = (
+                args.lr * (step + 1) / warm
+                if step < warm
+                else args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.no_grad():
@@ -209,7 +234,13 @@ def train(args) -> None:
             opt.step()
             step += 1
             if step % 10 == 0:
-                row = {"step": step, "lr": lr, "bce": float(bce), "cons": float(cons), "s": round(time.perf_counter() - started, 1)}
+                row = {
+                    "step": step,
+                    "lr": lr,
+                    "bce": float(bce),
+                    "cons": float(cons),
+                    "s": round(time.perf_counter() - started, 1),
+                }
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 if step % 50 == 0:
@@ -223,8 +254,14 @@ def train(args) -> None:
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(out / "student.safetensors"))
     after = evaluate(net, x_val, y_val, fixed_pert)
     print("after", json.dumps(after), flush=True)
-    record = {"args": vars(args), "steps": step, "images_seen": step * args.batch, "train_wall_s": round(wall, 1),
-              "before": before, "after": after}
+    record = {
+        "args": vars(args),
+        "steps": step,
+        "images_seen": step * args.batch,
+        "train_wall_s": round(wall, 1),
+        "before": before,
+        "after": after,
+    }
     (out / "eval.json").write_text(json.dumps(record, indent=1))
 
 
@@ -247,7 +284,11 @@ def write(args) -> None:
     validation["ece_uncalibrated"] = M.expected_calibration_error(y, p_raw)
     validation["at_0.5"] = M.binary_metrics(y, p, 0.5)
     record = json.loads((out / "eval.json").read_text())
-    config = {k: v for k, v in bundle.config.items() if k not in ("files", "weights_sha256", "format", "pneumoscan_version", "class_names")}
+    config = {
+        k: v
+        for k, v in bundle.config.items()
+        if k not in ("files", "weights_sha256", "format", "pneumoscan_version", "class_names")
+    }
     config["training"] = copy.deepcopy(config["training"])
     config["training"]["stability_finetune"] = {
         "from_weights_sha256": bundle.weights_sha256,
@@ -257,14 +298,27 @@ def write(args) -> None:
         "images_seen": record["images_seen"],
         "train_wall_s": record["train_wall_s"],
     }
-    config.update(temperature=temperature, threshold=threshold, threshold_rule=rule,
-                  version=time.strftime("%Y.%m.%d") + "-stab",
-                  notes=bundle.config.get("notes", "") + " Stability fine-tune (experiments/stability_finetune.py): "
-                  "self-distilled from the shipped weights on its own training patients under full-resolution-path, "
-                  "JPEG and sub-pixel perturbations; temperature refitted on the validation patients.")
+    config.update(
+        temperature=temperature,
+        threshold=threshold,
+        threshold_rule=rule,
+        version=time.strftime("%Y.%m.%d") + "-stab",
+        notes=bundle.config.get("notes", "") + " Stability fine-tune (experiments/stability_finetune.py): "
+        "self-distilled from the shipped weights on its own training patients under full-resolution-path, "
+        "JPEG and sub-pixel perturbations; temperature refitted on the validation patients.",
+    )
     save_bundle(out / "model", net, config, {"validation": validation})
-    print(json.dumps({"temperature": temperature, "threshold": threshold, "auc": validation["auc"],
-                      "accuracy": validation["accuracy"], "loss": validation["loss"]}))
+    print(
+        json.dumps(
+            {
+                "temperature": temperature,
+                "threshold": threshold,
+                "auc": validation["auc"],
+                "accuracy": validation["accuracy"],
+                "loss": validation["loss"],
+            }
+        )
+    )
 
 
 def main() -> None:

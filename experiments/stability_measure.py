@@ -20,8 +20,14 @@ from pneumoscan.inference import Classifier
 
 def pairs(root: Path | None = None) -> list[tuple[Path, Path]]:
     root = Path(root or shared_data_root())
-    out = [(f, root / "chest_xray_224/train" / f.parent.name / f.name) for f in sorted((root / "fullres_sample").rglob("*.jpeg"))]
-    out += [(f, root / "chest_xray_224/val" / f.parent.name / f.name) for f in sorted((root / "val_fullres").rglob("*.jpeg"))]
+    out = [
+        (f, root / "chest_xray_224/train" / f.parent.name / f.name)
+        for f in sorted((root / "fullres_sample").rglob("*.jpeg"))
+    ]
+    out += [
+        (f, root / "chest_xray_224/val" / f.parent.name / f.name)
+        for f in sorted((root / "val_fullres").rglob("*.jpeg"))
+    ]
     assert all(c.exists() for _, c in out)
     return out
 
@@ -42,7 +48,9 @@ def skew(bundle: str, engine: str) -> dict:
         "max_abs_dp": float(d.max()),
         "flips": int(flip.sum()),
         "far_flips": int(far.sum()),
-        "flipped": [(str(ps[i][0].name), round(float(copy[i]), 4), round(float(full[i]), 4)) for i in np.flatnonzero(flip)],
+        "flipped": [
+            (str(ps[i][0].name), round(float(copy[i]), 4), round(float(full[i]), 4)) for i in np.flatnonzero(flip)
+        ],
         "worst": [(str(ps[i][0].name), round(float(copy[i]), 4), round(float(full[i]), 4)) for i in np.argsort(-d)[:3]],
     }
 

@@ -14,7 +14,7 @@ from corpus import REAL
 
 from pneumoscan import Classifier
 from pneumoscan.bundle import CONFIG, WEIGHTS, default_bundle_path, load_bundle, resolve_model
-from pneumoscan.ensemble import Ensemble, make_ensemble, write_ensemble
+from pneumoscan.ensemble import Ensemble, make_ensemble, member_name, write_ensemble
 from pneumoscan.errors import ConfigError
 from pneumoscan.images import prepare
 from pneumoscan.metrics import sigmoid
@@ -330,3 +330,10 @@ def test_ensemble_and_models_options_are_explained_and_errors_are_one_line(tmp_p
     )  # fmt: skip
     assert done.returncode == 2 and "member name '../up'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
+def test_member_names_come_from_the_run_folder_of_a_trained_bundle(tmp_path):
+    """``pneumoscan ensemble runs/a/model runs/b/model`` names its members a and b, as the docs show."""
+    assert member_name(tmp_path / "runs" / "Mine 2" / "model") == "mine-2"
+    assert member_name(tmp_path / "received-bundle") == "received-bundle"
+    assert member_name(tmp_path / "runs" / "quick" / "model") != member_name(tmp_path / "runs" / "mine" / "model")

@@ -259,8 +259,12 @@ def _copy_member(member: Bundle, target: Path) -> Bundle:
 
 
 def member_name(path: str | Path) -> str:
-    """A member name from a bundle's folder name: lower case, other characters as '-', at most 32."""
-    name = re.sub(r"[^a-z0-9_-]", "-", Path(path).resolve().name.lower())[:32].strip("-")
+    """A member name from a bundle's folder name (the run's folder for a bundle ``train`` wrote, RUN/model):
+    lower case, other characters as '-', at most 32."""
+    folder = Path(path).resolve()
+    if folder.name == "model" and folder.parent != folder:
+        folder = folder.parent
+    name = re.sub(r"[^a-z0-9_-]", "-", folder.name.lower())[:32].strip("-")
     return name or "member"
 
 
@@ -378,8 +382,9 @@ def make_ensemble(
 
 
 def bundled_models_table() -> str:
-    """Two lines per bundled model (one for a second name of the same folder) (:data:`bundle.BUNDLED_MODELS`): its name and bundle name, then what
-    it is, its size and the accuracy its metrics record (test where recorded, else validation)."""
+    """Two lines per bundled model of :data:`bundle.BUNDLED_MODELS` (one for a second name of the same folder):
+    its name and bundle name, then what it is, its size and the accuracy its metrics record (test where
+    recorded, else validation)."""
     from .bundle import BUNDLED_MODELS, resolve_model
     from .text import number, printable
 

@@ -17,7 +17,6 @@ GENERALISATION_NOTE = (
 )
 
 
-
 def preprocessing_line(bundle) -> str:
     """How a film becomes the input, in words (images.Preprocessing)."""
     p = bundle.preprocessing
@@ -27,6 +26,7 @@ def preprocessing_line(bundle) -> str:
         f"a film of another size is resized ({p.resample}) to it, then JPEG-encoded at quality {p.jpeg_quality} "
         "and decoded, as the Kermany 224 px training copies were made"
     )
+
 
 def _calibration_advice(site: dict | None) -> str:
     if site:

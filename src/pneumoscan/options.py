@@ -350,7 +350,9 @@ class EnsembleOptions:
         None, "dataset root with train/ (default: the training data the primary member records)", path=True
     )
     names: str | None = option(
-        None, "comma-separated member names, 1-32 of a-z 0-9 _ - each (default: from the folder names)"
+        None,
+        "comma-separated member names, 1-32 of a-z 0-9 _ - each (default: from the folder names; "
+        "the run's folder for RUN/model)",
     )
     name: str | None = option(None, "the ensemble's display name")
     engine: str = engine_option()

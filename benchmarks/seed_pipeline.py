@@ -1,0 +1,149 @@
+"""`pneumoscan predict` against the seed notebook's pipeline re-created in eager PyTorch, whole process each.
+
+    python benchmarks/seed_pipeline.py [--rounds 3]
+
+The seed: a fresh Python process (``--seed-worker``, this file) that imports torch and torchvision, builds
+torchvision's MobileNetV2 with the seed's Keras transfer-learning head (global average pool, Dense 128 relu,
+dropout, Dense 1 sigmoid), eval mode and ``torch.no_grad``, reads each JPEG with PIL, converts it to RGB,
+resizes it to 150x150, scales it to [0, 1], runs batches of 32 and writes one probability per file to a CSV
+file. The weights are random (``weights=None``: nothing downloads); the time does not depend on their
+values. The candidate: ``pneumoscan predict TEST --format csv --output FILE`` with the bundled default model.
+
+Both read the 624 official test JPEGs (224 px copies) for speed only: no labels, no metrics. Each is timed
+as a whole process, imports included, with peak RSS (VmHWM) as in harness.py and CPU seconds (user + system
+of the waited child). One unmeasured run of each warms the page cache (and pneumoscan's ONNX cache); then
+the two alternate for --rounds rounds. Medians; the ratio is the seed's wall time over each row's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import interleaved, medians, run_child, table
+
+SEED_SIZE = 150
+SEED_BATCH = 32
+MUST_RATIO = 1.5
+_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def seed_worker(folder: Path, output: Path) -> None:
+    """The seed notebook's inference re-created in eager PyTorch: one probability per image into OUTPUT."""
+    import numpy as np
+    import torch
+    import torchvision
+    from PIL import Image
+
+    model = torchvision.models.mobilenet_v2(weights=None)  # random weights: same speed, nothing to download
+    # Keras: base model -> GlobalAveragePooling2D -> Dense(128, relu) -> Dropout -> Dense(1, sigmoid).
+    # torchvision's forward already pools and flattens the features before `classifier`.
+    model.classifier = torch.nn.Sequential(
+        torch.nn.Linear(model.last_channel, 128),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(128, 1),
+        torch.nn.Sigmoid(),
+    )
+    model.eval()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _SUFFIXES)
+    with torch.no_grad(), open(output, "w") as out:
+        out.write("path,probability\n")
+        for start in range(0, len(files), SEED_BATCH):
+            chunk = files[start : start + SEED_BATCH]
+            arrays = []
+            for path in chunk:
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB").resize((SEED_SIZE, SEED_SIZE))
+                arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            probs = model(batch)[:, 0].tolist()
+            out.writelines(f"{path},{p:.6f}\n" for path, p in zip(chunk, probs))
+
+
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rows(csv: Path) -> int:
+    with open(csv) as f:
+        return sum(1 for line in f if line.strip()) - 1  # less the header
+
+
+def measure(module: str, args: list[str], output: Path, expected: int, env: dict | None = None) -> tuple:
+    """(wall s, peak RSS MB, CPU s) of one whole process that must write EXPECTED rows to OUTPUT."""
+    output.unlink(missing_ok=True)
+    cpu = _cpu_children()
+    wall, rss = run_child(module, args, env=env)
+    cpu = _cpu_children() - cpu
+    rows = _rows(output)
+    if rows != expected:
+        raise SystemExit(f"{module} wrote {rows} rows to {output}, expected {expected}")
+    return wall, rss, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--seed-worker", nargs=2, metavar=("FOLDER", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.seed_worker:
+        seed_worker(Path(args.seed_worker[0]), Path(args.seed_worker[1]))
+        return
+
+    from pneumoscan.data import list_images, shared_data_root
+
+    folder = shared_data_root().resolve() / "chest_xray_224" / "test"
+    n = len(list_images(folder))
+    here = Path(__file__).resolve().parent
+    seed_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")])))
+    tmp = Path(tempfile.mkdtemp(prefix="seed_pipeline_"))
+    seed_out, cand_out = tmp / "seed.csv", tmp / "pneumoscan.csv"
+    seed_name = f"seed: MobileNetV2 {SEED_SIZE} px, PyTorch eager, batch {SEED_BATCH}"
+    cand_name = "pneumoscan predict (default model)"
+    cases = {
+        seed_name: lambda: measure("seed_pipeline", ["--seed-worker", folder, seed_out], seed_out, n, seed_env),
+        cand_name: lambda: measure(
+            "pneumoscan.cli", ["predict", folder, "--format", "csv", "--output", cand_out], cand_out, n
+        ),
+    }
+    load_before = os.getloadavg()
+    for run in cases.values():
+        run()  # warm the page cache and pneumoscan's ONNX cache; not counted
+    results = interleaved(cases, args.rounds)
+    load_after = os.getloadavg()
+    shutil.rmtree(tmp)  # the CSV files and pneumoscan's manifest beside its output
+
+    walls = {name: [r[0] for r in rs] for name, rs in results.items()}
+    wall = medians(walls)
+    rss = medians({name: [r[1] for r in rs] for name, rs in results.items()})
+    cpu = medians({name: [r[2] for r in rs] for name, rs in results.items()})
+    ref = wall[seed_name]
+    rows = [
+        [name, f"{wall[name]:.2f}", f"{n / wall[name]:.0f}", f"{1000 * wall[name] / n:.1f}", f"{cpu[name]:.2f}",
+         f"{rss[name]:.0f}", f"{ref / wall[name]:.2f}x"]
+        for name in cases
+    ]  # fmt: skip
+    ratio = ref / wall[cand_name]
+    per_round = [s / c for s, c in zip(walls[seed_name], walls[cand_name])]
+    print(
+        f"Whole process over {n} test images (224 px JPEG), medians of {args.rounds} interleaved rounds, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after\n"
+    )
+    header = ["pipeline", "wall s", "images/s", "wall ms/image", "CPU s", "peak RSS MB", "seed wall / wall"]
+    print(table(header, rows))
+    print(f"\nper-round ratio (seed wall / pneumoscan wall): {', '.join(f'{r:.2f}' for r in per_round)}")
+    verdict = "met" if ratio >= MUST_RATIO else "NOT met"
+    print(f"must: pneumoscan at least {MUST_RATIO}x the seed: {verdict} ({ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
