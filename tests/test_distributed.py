@@ -43,7 +43,7 @@ def test_cli_ray_writes_the_rows_of_predict_output(trained_bundle, small_data, t
         cli + ["--output", str(tmp_path / "ray.jsonl"), "--ray", "local"], capture_output=True, text=True, timeout=600
     )
     assert single.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-2000:]
-    rows = [[json.loads(x) for x in (tmp_path / n).read_text().splitlines()[1:]] for n in ("one.jsonl", "ray.jsonl")]
+    rows = [[json.loads(x) for x in (tmp_path / n).read_text().splitlines()] for n in ("one.jsonl", "ray.jsonl")]
     assert len(rows[0]) == 40 and [r["path"] for r in rows[0]] == [r["path"] for r in rows[1]]
     for a, b in zip(*rows):
         assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-6)
