@@ -383,3 +383,22 @@ def test_an_entry_whose_name_is_not_utf8_is_named_and_skipped(tmp_path, capsys):
     _with_raw_name(only_bad, "chest_xray/val/NORMAL/café.jpeg", b"chest_xray/val/NORMAL/caf\xff\xfe.jpeg")
     assert main(["data", "prepare", str(only_bad), "--out", str(tmp_path / "none"), "--quiet"]) == 2
     assert "no images" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+@pytest.mark.data
+def test_a_new_name_never_takes_the_file_of_an_entry_named_so(tmp_path):
+    a, b, f = real_images("test", "PNEUMONIA", 3)
+    digest = hashlib.sha256(a.read_bytes()).hexdigest()
+    members = {
+        "test/PNEUMONIA/x.JPEG": b.read_bytes(),  # taken first (sorted by name), x.jpeg with --size
+        "test/PNEUMONIA/x.jpeg": a.read_bytes(),  # would become x~<12 hex>.jpeg ...
+        f"test/PNEUMONIA/x~{digest[:12]}.jpeg": f.read_bytes(),  # ... the name of another image
+    }
+    root = tmp_path / "out"
+    report = prepare_dataset(_deflated(tmp_path / "planted.zip", members), root, size=64, progress=False)
+    kept = root / "test" / "PNEUMONIA"
+    assert _files(kept) == sorted(["x.jpeg", f"x~{digest[:12]}.jpeg", f"x~{digest}.jpeg"])
+    for name, source in (("x.jpeg", b), (f"x~{digest[:12]}.jpeg", f), (f"x~{digest}.jpeg", a)):
+        written = np.asarray(load_image(kept / name)).astype(int)
+        assert np.abs(written - prepare(source, 64).astype(int)).mean() < 2
+    assert report.errors == [] and len(report.renamed) == 1

@@ -239,6 +239,9 @@ def _folder_entries(root: Path, max_bytes: int, report: PrepareReport) -> Iterat
             if stat.S_ISLNK(info.st_mode):
                 report.errors.append(f"{path}: a link, not a file (refused)")
                 continue
+            if info.st_size > max_bytes:
+                report.errors.append(f"{path}: {_mb(info.st_size)}, over the {_mb(max_bytes)} limit (refused)")
+                continue
             found.append((len(path.relative_to(root).parts), str(path), where, info.st_size))
     for _depth, path, where, size in sorted(found):
         yield Entry(path, *where, size=size, packed=None, read=lambda p=path: read_bytes(p, p, max_bytes))
@@ -262,10 +265,32 @@ def _file_name(entry: Entry, size: int | None) -> str:
     return entry.name if size is None else str(Path(entry.name).with_suffix(".jpeg"))
 
 
-def _renamed(name: str, digest: str) -> str:
-    """The name of a different image whose name another one has taken: ``stem~<12 hex of its sha256>.ext``."""
-    path = Path(name)
-    return f"{path.stem}~{digest[:12]}{path.suffix}"
+class _Names:
+    """The files of one run by (split, class, name without case): those its entries are named for, and those given
+    since to different images of a name already taken, so that no two images are ever given one file."""
+
+    def __init__(self, keys: set[tuple[str, str, str]]):
+        self._taken = keys
+        self._lock = threading.Lock()
+
+    def claim(self, entry: Entry, name: str) -> bool:
+        key = (entry.split, entry.label, name.casefold())
+        with self._lock:
+            if key in self._taken:
+                return False
+            self._taken.add(key)
+            return True
+
+
+def _renamed(job: Job, entry: Entry, size: int | None, digest: str, names: _Names) -> Path:
+    """Where a different image goes whose name another one has taken: ``stem~<12 hex of its sha256>.ext``, or
+    with the whole digest where an entry of the archive is already named so."""
+    name = Path(_file_name(entry, size))
+    for digits in (12, 64):
+        renamed = f"{name.stem}~{digest[:digits]}{name.suffix}"
+        if names.claim(entry, renamed):
+            return job.target.with_name(renamed)
+    raise ImageError(entry.origin, "a different image has its name, and so do the names it could be given instead")
 
 
 def _convert(data: bytes, entry: Entry, size: int | None) -> bytes:
@@ -386,22 +411,24 @@ def prepare_dataset(
     _check_earlier_run(out, size)
     report = PrepareReport()
     with ExitStack() as stack:  # the archive stays open while its entries are written
-        jobs = _plan(_entries(source, max_bytes, report, stack), source, out, size, report)
+        jobs, names = _plan(_entries(source, max_bytes, report, stack), source, out, size, report)
         _check_totals(jobs, source, max_total_gb)
         made = _start_output(out, size)
         budget = _Budget(source, max_total_gb)
         try:
-            _write_all(jobs, size, progress, budget, report)
+            _write_all(jobs, size, progress, budget, names, report)
         except ConfigError:
             _undo(out, budget.files, *made)
             raise
     return report
 
 
-def _plan(entries: Iterator[Entry], source: Path, out: Path, size: int | None, report: PrepareReport) -> list[Job]:
-    """The files to write, each with the entries that would become it. Names are compared without regard to
-    case (``c.JPEG`` and ``c.jpeg`` are one file with ``--size``, and on a case-insensitive disk). A file found
-    in place that only one entry gives is counted as done without reading it."""
+def _plan(
+    entries: Iterator[Entry], source: Path, out: Path, size: int | None, report: PrepareReport
+) -> tuple[list[Job], _Names]:
+    """The files to write, each with the entries that would become it, and the names they take. Names are
+    compared without regard to case (``c.JPEG`` and ``c.jpeg`` are one file with ``--size``, and on a
+    case-insensitive disk). A file found in place that only one entry gives is counted as done unread."""
     jobs: dict[tuple[str, str, str], Job] = {}
     for entry in entries:
         if reason := unsafe_name(entry.name):
@@ -418,7 +445,7 @@ def _plan(entries: Iterator[Entry], source: Path, out: Path, size: int | None, r
             report.already += 1
         else:
             todo.append(job)
-    return todo
+    return todo, _Names(set(jobs))
 
 
 def _check_totals(jobs: list[Job], source: Path, limit_gb: float) -> None:
@@ -452,7 +479,7 @@ def _undo(out: Path, files: list[Path], made_out: bool, made_marker: bool) -> No
             folder.rmdir()  # only when empty
 
 
-def _write_job(job: Job, size: int | None, budget: _Budget) -> list[tuple[Entry, str, str | None]]:
+def _write_job(job: Job, size: int | None, budget: _Budget, names: _Names) -> list[tuple[Entry, str, str | None]]:
     """Each entry of one job as (entry, what happened, a line to report): the first image gets the job's file,
     each different image after it its own name with its digest; a byte-identical copy is a duplicate."""
     outcomes: list[tuple[Entry, str, str | None]] = []
@@ -467,7 +494,7 @@ def _write_job(job: Job, size: int | None, budget: _Budget) -> list[tuple[Entry,
                 outcomes.append((entry, "duplicate", None))
                 continue
             seen.add(digest)
-            target = job.target.with_name(_renamed(_file_name(entry, size), digest)) if taken else job.target
+            target = _renamed(job, entry, size, digest, names) if taken else job.target
             if _done(target):
                 outcomes.append((entry, "already", None))
             else:
@@ -484,13 +511,18 @@ def _rename_line(entry: Entry, job: Job, target: Path) -> str:
     return f"{entry.origin}: written as {target.name}, {taken_by} being a different image"
 
 
-def _write_all(jobs: list[Job], size: int | None, progress: bool, budget: _Budget, report: PrepareReport) -> None:
+def _write_all(
+    jobs: list[Job], size: int | None, progress: bool, budget: _Budget, names: _Names, report: PrepareReport
+) -> None:
     from tqdm import tqdm
+
+    def one(job: Job) -> list[tuple[Entry, str, str | None]]:
+        return _write_job(job, size, budget, names)
 
     with tqdm(total=sum(len(j.entries) for j in jobs), desc="preparing", unit="img", disable=not progress) as bar:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             for start in range(0, len(jobs), _CHUNK):
-                for outcomes in pool.map(lambda job: _write_job(job, size, budget), jobs[start : start + _CHUNK]):
+                for outcomes in pool.map(one, jobs[start : start + _CHUNK]):
                     for entry, what, line in outcomes:
                         _record(report, entry, what, line)
                     bar.update(len(outcomes))
