@@ -141,13 +141,16 @@ def _run_data_prepare(args) -> int:
     """Unpack the Kermany chest X-ray download (the Kaggle chest-xray-pneumonia zip, or Mendeley's ChestXRay2017.zip),
     or its unpacked folder, into the layout the other commands read. Run it again to finish an interrupted run:
     files already in place are skipped. Archive entries that are links, over the size limit, badly named or not
-    images are refused and listed (exit 1); nothing is written outside ROOT."""
+    images are refused and listed (exit 1); nothing is written outside ROOT. Entries must decode as the format their
+    names say; two different images that would become one file both stay (the later as stem~HASH.ext), and the
+    report lists them. An archive that unpacks to more than --max-total-gb, or is compressed like no set of images,
+    is refused whole (exit 2) and nothing is left behind."""
     from .data_prepare import prepare_dataset
 
     report = prepare_dataset(**settings.given(PrepareOptions, args))
     for line in report.errors:
         print(f"pneumoscan: {printable(line)}", file=sys.stderr)
-    print("\n".join(report.lines()))
+    print("\n".join(map(printable, report.lines())))
     print(f"dataset in {printable(args.out)}; check it with: pneumoscan data check {printable(args.out)}")
     return 1 if report.errors else 0
 

@@ -112,6 +112,16 @@ class PrepareOptions:
         at_most=1024,
         metavar="N",
     )
+    max_total_gb: float = option(
+        8.0,
+        "refuse the whole archive, leaving nothing behind, when its images unpack to more than this many GB (of "
+        "2^30 bytes), or the files written would come to more: checked from the sizes its entries declare before "
+        "anything is written, then counted as bytes are read and written (the 5,856 Kermany films are about 1.2 GB; "
+        "the Kaggle zip holds them twice). An entry unpacking to over 100 times its compressed size is refused, and "
+        "so is an archive whose images do to over 10 times (real films: 1.0 to 1.1)",
+        above=0,
+        metavar="GB",
+    )
     progress: bool = quiet_option("no progress bar")
 
 
