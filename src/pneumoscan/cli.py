@@ -315,7 +315,9 @@ def _run_heads_fit(args) -> int:
     return 0
 
 
-@command("verify", help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays")
+@command(
+    "verify", help="check a bundle's ONNX models against graphs rebuilt from its weights and against PyTorch on X-rays"
+)
 def _run_verify(args) -> int:
     """A bundle is as trusted as code: its digests prove only which files its author recorded. This rebuilds every
     ONNX model in the bundle (fp32, int8) from the weights and compares the graphs, then runs PyTorch on the weights

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Calibration-dependent int8 parameters, against a rebuild calibrated on the reference X-rays. An activation's
-# range may be up to RANGE times as wide as the rebuild's (a coarser step) and must cover at least COVER of it
-# (a narrower range clips): the default's int8 model, calibrated on 256 training images, measures 0.80 and 2.3
-# at worst. A bias must dequantise to the rebuild's within half a step of each, at a step at most RANGE times
-# the rebuild's.
+# range may be up to ``range`` times as wide as the rebuild's (a coarser step) and must cover at least ``cover``
+# of it (a narrower range clips); a quantised constant (int8 weight, int32 bias) must dequantise to the
+# rebuild's within half a step of each (``steps`` half-steps), at a step at most ``range`` times the rebuild's.
+# The shipped int8 model, calibrated on 256 training images, measures cover 0.98, width 1.46, step ratio 1.29
+# and 1.00 half-steps at worst.
 CALIBRATION = {"range": 3.0, "cover": 0.5, "steps": 1.001}
 
 
