@@ -318,11 +318,14 @@ def _run_heads_fit(args) -> int:
     return 0
 
 
-@command("verify", help="check a bundle's ONNX models against its weights (PyTorch) on reference X-rays")
+@command(
+    "verify", help="check a bundle's ONNX models against graphs rebuilt from its weights and against PyTorch on X-rays"
+)
 def _run_verify(args) -> int:
-    """A bundle is as trusted as code: its digests prove only which files its author recorded. This runs PyTorch on the
-    weights and ONNX Runtime on every ONNX model in the bundle (fp32, int8) over the bundled reference X-rays and
-    checks that logits and features agree within a tolerance. Exit 0: all agree; 1: a model disagrees (do not use
+    """A bundle is as trusted as code: its digests prove only which files its author recorded. This rebuilds every
+    ONNX model in the bundle (fp32, int8) from the weights and compares the graphs, then runs PyTorch on the weights
+    and ONNX Runtime on each model over the bundled reference X-rays and probe images made from a fresh seed, and
+    checks that logits and features agree within a tolerance. Exit 0: all agree; 1: a model differs (do not use
     the bundle); 2: it cannot be checked."""
     from .verify import verify_bundle, verify_table
 
@@ -333,7 +336,8 @@ def _run_verify(args) -> int:
     print(verify_table(checks))
     failed = [c for c in checks if not c.ok]
     for c in failed:
-        print(f"pneumoscan: {printable(c.path)}: does not compute what the weights compute", file=sys.stderr)
+        reasons = printable("; ".join(c.problems))
+        print(f"pneumoscan: {printable(c.path)}: does not compute what the weights compute: {reasons}", file=sys.stderr)
     return 1 if failed else 0
 
 
