@@ -45,8 +45,8 @@ TOLERANCE = {
 }
 NOT_PROVEN = {
     "onnx-int8": "its activation ranges come from the images it was calibrated on, which a rebuild does not "
-    "have: each covers at least {cover} of the range the reference X-rays need and is at most {range:g} times as wide; "
-    "not proven",
+    "have; each is only held to cover at least {cover} of the range the reference X-rays need and to be at most "
+    "{range:g} times as wide",
     "weights": "the weights themselves: verify proves the graphs compute what model.safetensors computes, not "
     "that it is a good model (evaluate it on your own labelled images)",
 }
