@@ -36,8 +36,9 @@ def adaptation_section(config: dict) -> str:
     dropped = ", ".join(md(str(d)) for d in a.get("dropped", [])) or "none"
     return (
         f"\n## Adaptation\nBatch-norm statistics of the stem re-estimated on {a['films']} unlabelled films of the "
-        f"folder {md(a['data'])} (sha256 of their sorted digests `{md(a['films_sha256'])}`) on {md(a['date'])}, aligned to "
-        f"training films; every weight is its source's: {md(a['source'])} version {md(a['source_version'])}, "
+        f"folder {md(a['data'])} (sha256 of their sorted digests `{md(a['films_sha256'])}`) on {md(a['date'])}, "
+        f"aligned to training films; every weight is its source's: {md(a['source'])} "
+        f"version {md(a['source_version'])}, "
         f"weights sha256 `{md(a['source_weights_sha256'])}`. Heads dropped: {dropped} (their outputs could not be "
         "checked on the site's films). The threshold and temperature are the source's, fitted before adaptation: "
         "they are not validated on this network; refit them with `pneumoscan calibrate` on labelled local films and "
