@@ -141,3 +141,34 @@ def test_data_check_explains_crossing_patients_and_names_real_leaks(tmp_path, ca
     out = capsys.readouterr().out
     assert "near-identical images across splits (same picture, other bytes): 1 (a leak" in out
     assert "leak: 1 of them have the same image in two splits" in out and "person1" in out.split("leak:")[1]
+
+
+def test_aspect_jitter_rescales_width_against_height_and_is_off_by_default():
+    """A real film's lung content stretched across and squeezed down by the factor drawn; recorded recipes
+    (no "aspect" entry) keep it off."""
+    import numpy as np
+    import torch
+
+    from pneumoscan.data import AspectJitter, Augmentation
+    from pneumoscan.images import prepare
+    from pneumoscan.recipe import TrainConfig
+
+    square = np.zeros((1, 224, 224), np.uint8)
+    square[0, 72:152, 72:152] = 200  # an 80 x 80 block
+    for factor in (0.7, 1.4):
+        out = AspectJitter.rescaled(torch.from_numpy(square), factor)[0].numpy() > 100
+        width, height = out.any(0).sum(), out.any(1).sum()
+        assert abs(width / height - factor) < 0.05, (factor, width, height)
+        assert abs(width * height - 80 * 80) < 0.06 * 80 * 80  # area kept
+    film = torch.from_numpy(prepare(real_images("train", "PNEUMONIA", 1)[0], 224))[None]
+    torch.manual_seed(0)
+    jitter = AspectJitter(0.4)
+    drawn = [jitter(film) for _ in range(4)]
+    assert all(d.shape == film.shape and d.dtype == torch.uint8 for d in drawn)
+    assert not any(torch.equal(d, film) for d in drawn)
+    assert Augmentation().aspect == 0
+    assert not any(isinstance(s, AspectJitter) for s in Augmentation().build().transforms)
+    assert any(isinstance(s, AspectJitter) for s in Augmentation(aspect=0.4).build().transforms)
+    assert TrainConfig.from_recipe("shipped").augmentation.aspect == 0
+    assert "aspect" not in TrainConfig.from_recipe("shipped").recorded()["augmentation"]  # as recorded before it
+    assert TrainConfig.from_recipe("default", augmentation={"aspect": 0.4}).recorded()["augmentation"]["aspect"] == 0.4

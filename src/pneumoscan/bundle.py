@@ -118,6 +118,12 @@ class Bundle:
     def operating_point_source(self) -> str:
         """Where the threshold and temperature come from, in words."""
         site = self.config.get("calibration")
+        if self.config.get("adaptation") and not site:
+            return f"{self._fitted_source()}, for the network before adaptation: not validated on this one"
+        return self._fitted_source()
+
+    def _fitted_source(self) -> str:
+        site = self.config.get("calibration")
         where = (
             f"{site['images']} labelled images of {site['data']} (pneumoscan calibrate)"
             if site

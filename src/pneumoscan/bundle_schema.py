@@ -69,6 +69,7 @@ _SCHEMA = {
     "pneumoscan_version": (str, False),
     "notes": (str, False),
     "calibration": (dict, False),
+    "adaptation": (dict, False),  # the site's films its batch-norm statistics were re-estimated on (adapt.py)
     "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
     "weights_scope": (str, False),  # "network" (default) or "head": the backbone comes from the registry
     "preprocessing": (dict, False),  # how a film becomes the input (images.Preprocessing); absent: resize only
@@ -81,6 +82,15 @@ _CALIBRATION_SCHEMA = {
     "data": str,
     "images": int,
     "patients": int,
+}
+_ADAPTATION_SCHEMA = {
+    "data": str,
+    "films": int,
+    "films_sha256": str,
+    "date": str,
+    "source": str,
+    "source_version": str,
+    "source_weights_sha256": str,
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -191,6 +201,13 @@ def validate_operating_config(config: dict, where: str) -> None:
         for key, types in _CALIBRATION_SCHEMA.items():
             if not isinstance(site.get(key), types) or isinstance(site.get(key), bool):
                 raise ConfigError(f"{where}: config.json 'calibration.{key}' is missing or has the wrong type")
+    adapted = config.get("adaptation")
+    if adapted is not None:
+        for key, types in _ADAPTATION_SCHEMA.items():
+            if not isinstance(adapted.get(key), types) or isinstance(adapted.get(key), bool):
+                raise ConfigError(f"{where}: config.json 'adaptation.{key}' is missing or has the wrong type")
+            if types is str and len(adapted[key]) > 200:
+                raise ConfigError(f"{where}: config.json 'adaptation.{key}' is too long")
 
 
 _METRIC_NUMBERS = (*CI_METRICS, "ece", "threshold")

@@ -74,14 +74,16 @@ def calibrate_bundle(
         raise
 
 
-def calibrated_identity(source: Bundle, data: str | Path, split: str | None, when: float | None = None) -> dict:
-    """The name and version of a bundle calibrated from ``source`` on ``data``: the source's name with
-    ``-calibrated-<site>`` (the data folder's name; with a split, ``<folder>-<split>``) and the date, so a
-    calibrated bundle never passes for its source. Within the bundle limit of 200 characters each."""
+def calibrated_identity(
+    source: Bundle, data: str | Path, split: str | None, when: float | None = None, kind: str = "calibrated"
+) -> dict:
+    """The name and version of a bundle calibrated (or, with ``kind``, adapted) from ``source`` on ``data``: the
+    source's name with ``-calibrated-<site>`` (the data folder's name; with a split, ``<folder>-<split>``) and
+    the date, so such a bundle never passes for its source. Within the bundle limit of 200 characters each."""
     folder = Path(data).resolve().name or "site"
     site = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{folder}-{split}" if split else folder).strip("-") or "site"
-    base = re.sub(r"-calibrated-.*$", "", source.name)  # a recalibrated bundle names its original source
-    name = f"{base[:120]}-calibrated-{site[:60]}"
+    base = re.sub(f"-{kind}-.*$", "", source.name)  # a recalibrated bundle names its original source
+    name = f"{base[:120]}-{kind}-{site[:60]}"
     version = time.strftime("%Y.%m.%d", time.localtime(when))
     source_version = str(source.config.get("version", "")).strip()
     return {"name": name, "version": f"{version} (from {source_version[:60]})" if source_version else version}

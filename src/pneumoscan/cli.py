@@ -19,6 +19,7 @@ from . import settings
 from .errors import PneumoscanError
 from .options import (
     COMMANDS,
+    AdaptOptions,
     CalibrateOptions,
     DataCheckOptions,
     DemoOptions,
@@ -277,6 +278,32 @@ def _run_calibrate(args) -> int:
         print(warning, file=sys.stderr)
     print(f"calibrated bundle written to {printable(bundle.path)} (metrics above are in-sample)")
     return 1 if report["unreadable"] else 0
+
+
+@command("adapt", help="re-estimate a bundle's batch-norm statistics on a site's unlabelled films (new bundle)")
+def _run_adapt(args) -> int:
+    """Adapt a bundle to a site's scanner without labels (AdaBN): the films under --data, prepared as predict
+    prepares them and accepted by the bundle's input gate, re-estimate the network's batch-norm statistics
+    (aligned to the training hospital's films, --source-data); every weight is unchanged. The new bundle, with
+    fp32 and int8 ONNX models, works like any other (predict, serve, listen, verify). Its threshold and
+    temperature are the source's, no longer validated: calibrate it on labelled local films before relying on
+    it. The bacterial/viral head is dropped. See docs/adapt.md."""
+    from .adapt import adapt_bundle, gate_warnings
+
+    given = settings.given(AdaptOptions, args)
+    bundle, record = adapt_bundle(given.pop("data"), given.pop("out"), **given)
+    print(
+        f"adapted on {record['films']} films of {printable(record['data'])} ({record['refused_by_gate']} refused by "
+        f"the input gate, {record['unreadable']} unreadable); called PNEUMONIA: "
+        f"{record['pneumonia_share_source']:.0%} by the source, {record['pneumonia_share_adapted']:.0%} adapted"
+    )
+    for warning in gate_warnings(record):
+        print(f"pneumoscan: warning: {printable(warning)}", file=sys.stderr)
+    print(
+        f"adapted bundle written to {printable(bundle.path)}; its threshold and temperature are not validated on "
+        "it: pneumoscan calibrate on labelled local films"
+    )
+    return 0
 
 
 @command("export", help='export a bundle to ONNX (fp32, or int8 with --int8; needs pip install "pneumoscan[train]")')

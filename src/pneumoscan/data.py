@@ -408,6 +408,15 @@ class Augmentation:
         at_least=0,
         at_most=1,
     )
+    aspect: float = option(
+        0.0,
+        "aspect jitter A: the content's width against its height rescaled by a factor drawn log-uniformly from "
+        "[1/(1+A), 1+A], so that how much a film was squashed to a square tells nothing (full-resolution films "
+        "span width/height 0.93-1.82: A 0.4 covers that spread; 0: off)",
+        at_least=0,
+        at_most=1,
+        flag="--aspect-jitter",
+    )
 
     def build(self):
         from torchvision.transforms import v2
@@ -421,6 +430,8 @@ class Augmentation:
                 interpolation=v2.InterpolationMode.BILINEAR,
             )
         ]
+        if self.aspect:
+            steps.append(AspectJitter(self.aspect))
         if self.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if self.brightness or self.contrast:
@@ -428,6 +439,36 @@ class Augmentation:
         if self.acquisition:
             steps.append(AcquisitionJitter(self.acquisition))
         return v2.Compose(steps)
+
+
+@dataclass(frozen=True)
+class AspectJitter:
+    """The content's width against its height rescaled about the centre by a factor ``f`` drawn log-uniformly
+    from ``[1/(1+a), 1+a]`` (width times sqrt(f), height divided by it: the area is kept), bilinear, black
+    outside as for the other geometric changes. Takes and returns a uint8 tensor ``(1, S, S)``; draws from
+    torch's generator only."""
+
+    a: float
+
+    def __call__(self, image):
+        import math
+
+        import torch
+
+        factor = math.exp((2 * float(torch.rand(())) - 1) * math.log1p(self.a))
+        return self.rescaled(image, factor)
+
+    @staticmethod
+    def rescaled(image, factor: float):
+        """``image`` with its content's width/height multiplied by ``factor``."""
+        import torch
+        import torch.nn.functional as F
+
+        root = factor**0.5
+        theta = torch.tensor([[[1 / root, 0.0, 0.0], [0.0, root, 0.0]]])  # output -> input coordinates
+        grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+        out = F.grid_sample(image.float()[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return torch.clamp(torch.round(out[0]), 0, 255).to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -538,6 +579,7 @@ __all__ = [
     "load_images",
     "Augmentation",
     "AcquisitionJitter",
+    "AspectJitter",
     "ImageDataset",
     "summarize",
 ]

@@ -28,6 +28,24 @@ def preprocessing_line(bundle) -> str:
     )
 
 
+def adaptation_section(config: dict) -> str:
+    """What an adapted bundle (pneumoscan adapt) was adapted on, and what that leaves unvalidated."""
+    a = config.get("adaptation")
+    if not a:
+        return ""
+    dropped = ", ".join(md(str(d)) for d in a.get("dropped", [])) or "none"
+    return (
+        f"\n## Adaptation\nBatch-norm statistics of the stem re-estimated on {a['films']} unlabelled films of the "
+        f"folder {md(a['data'])} (sha256 of their sorted digests `{md(a['films_sha256'])}`) on {md(a['date'])}, "
+        f"aligned to training films; every weight is its source's: {md(a['source'])} "
+        f"version {md(a['source_version'])}, "
+        f"weights sha256 `{md(a['source_weights_sha256'])}`. Heads dropped: {dropped} (their outputs could not be "
+        "checked on the site's films). The threshold and temperature are the source's, fitted before adaptation: "
+        "they are not validated on this network; refit them with `pneumoscan calibrate` on labelled local films and "
+        "evaluate on others before use. The source's metrics do not describe these weights and are not carried.\n"
+    )
+
+
 def _calibration_advice(site: dict | None) -> str:
     if site:
         return "Threshold and temperature were refitted on labelled local images (see Model)."
@@ -205,7 +223,7 @@ clinician reading every image. {_calibration_advice(site)}
 {GENERALISATION_NOTE}
 
 {calibration}
-{subtype}{gate}
+{subtype}{gate}{adaptation_section(c)}
 {_notes(c)}
 {FAILURE_MODES}"""
 

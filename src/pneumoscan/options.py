@@ -174,6 +174,25 @@ class CalibrateOptions:
 
 
 @dataclass
+class AdaptOptions:
+    data: str = option(
+        help="folder of the site's own films (searched recursively; no labels read), at least 50 that the input "
+        "gate accepts, a consecutive series rather than a selection",
+        path=True,
+    )
+    out: str = option(help="folder for the adapted bundle (not the source bundle)", path=True)
+    model: str | None = model_option()
+    source_data: str | None = option(
+        None,
+        "the bundle's training data (a root with train/): a seeded sample of 200 of its films, labels unread, is "
+        "what the site's films are aligned to (default: the training data the bundle records)",
+        path=True,
+        metavar="ROOT",
+    )
+    progress: bool = quiet_option("no progress bars")
+
+
+@dataclass
 class PredictOptions:
     paths: list[str] = option(
         help="image files, folders (searched recursively) or glob patterns", positional=True, nargs="+", metavar="PATH"
@@ -390,6 +409,7 @@ COMMANDS = {
     "data prepare": PrepareOptions,
     "evaluate": EvaluateOptions,
     "calibrate": CalibrateOptions,
+    "adapt": AdaptOptions,
     "predict": PredictOptions,
     "export": ExportOptions,
     "serve": ServeOptions,

@@ -26,6 +26,10 @@ CACHE_MODES = ("auto", "memory", "disk")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
+# Augmentation entries added after recipes were first recorded, with the value that means off: recorded only
+# when on, so the recipes recorded before them (which lack them) are still the recipes they name.
+OFF_UNLESS_RECORDED = {"aspect": 0.0}
+
 # Named presets: the settings each changes from TrainConfig's defaults (augmentation settings under
 # "augmentation"). Flags given beside --recipe override the preset's values. The defaults themselves are
 # the "default" recipe: 3 epochs on a frozen backbone, then 4 fine-tuning the last 6 blocks.
@@ -170,7 +174,12 @@ class TrainConfig:
 
     def recorded(self) -> dict:
         """The settings that define the run, as written to config.json (not how it is watched or resumed)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("progress", "resume")}
+        recorded = {k: v for k, v in asdict(self).items() if k not in ("progress", "resume")}
+        augmentation = recorded["augmentation"]
+        for name, off in OFF_UNLESS_RECORDED.items():  # added later: a recipe recorded before reads as off
+            if augmentation.get(name) == off:
+                del augmentation[name]
+        return recorded
 
     def check(self) -> None:
         if not self.data:
