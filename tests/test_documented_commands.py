@@ -86,6 +86,9 @@ def folder(tmp_path_factory, small_data, trained_bundle) -> Path:
         (here / "local" / label).mkdir(parents=True)
         for film in real_images("train", label, 20, offset=1):
             shutil.copy(film, here / "local" / label / film.name)
+    (here / "site-films").mkdir()  # a site's unlabelled films, as many as adapt needs
+    for film in real_images("train", "NORMAL", 30, offset=2) + real_images("train", "PNEUMONIA", 30, offset=2):
+        shutil.copy(film, here / "site-films" / film.name)
     shutil.copytree(default_bundle_path(), here / "received-bundle")
     shutil.copytree(default_bundle_path(), here / "A")
     shutil.copytree(trained_bundle.path, here / "B")

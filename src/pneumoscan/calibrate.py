@@ -41,6 +41,25 @@ def small_set_warning(report: dict) -> str | None:
     )
 
 
+def require_signal(data, y: np.ndarray, logits: np.ndarray) -> None:
+    """Refuse a calibration set whose labels the model's scores do not follow: swapped class folders, the same
+    films in both, or too few to tell (the 95% DeLong interval of the AUC reaches 0.5 or lies below it).
+    A temperature and threshold fitted there would call every film one class."""
+    interval = M.auc_interval(y, logits)
+    if interval is None:
+        raise ConfigError(f"{data}: calibration needs at least 2 readable images of each class")
+    auc, low, high = interval
+    if low > 0.5:
+        return
+    if high < 0.5:
+        why = "below chance: are the NORMAL and PNEUMONIA folders swapped?"
+    else:
+        why = "not above chance: the labels carry no signal the model follows (the same films in both classes?)"
+    raise ConfigError(
+        f"{data}: refused: the model's AUC on these labels is {auc:.3f} (95% CI {low:.3f}-{high:.3f}), {why}"
+    )
+
+
 @declared(CalibrateOptions, "data", "out", "model", "split", "rule", "target_sensitivity", "n_resamples", "progress")
 def calibrate_bundle(
     data: str | Path,
@@ -98,6 +117,7 @@ def _calibrate(clf, data, out: Path, split, rule, target_sensitivity, n_resample
     if len(set(y.tolist())) < 2:
         raise ConfigError(f"{data}: calibration needs readable images of both classes")
     logits = clf.logits(images)
+    require_signal(data, y, logits)
     fitted = M.operating_point(
         y, logits, rule, target_sensitivity, prior_temperature=source.temperature, spread=TEMPERATURE_SPREAD
     )

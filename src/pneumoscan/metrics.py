@@ -327,11 +327,35 @@ def fit_operating_point(
     return fitted.temperature, fitted.threshold, fitted.rule
 
 
+def _delong_components(x: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The AUC of positives' scores ``x`` over negatives' ``z`` and its DeLong structural components: per
+    positive, the share of negatives below it; per negative, the share of positives above it (ties half)."""
+    from scipy.stats import rankdata
+
+    m, n = len(x), len(z)
+    rank_all = rankdata(np.r_[x, z])
+    rank_x, rank_z = rankdata(x), rankdata(z)
+    auc = (rank_all[:m].sum() - m * (m + 1) / 2) / (m * n)
+    return float(auc), (rank_all[:m] - rank_x) / n, 1 - (rank_all[m:] - rank_z) / m
+
+
+def auc_interval(y, p) -> tuple[float, float, float] | None:
+    """The AUC and its 95% DeLong interval (clipped to [0, 1]); None with fewer than 2 images of a class."""
+    y, p = _arrays(y, p)
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return None
+    auc, v10, v01 = _delong_components(p[pos], p[neg])
+    se = math.sqrt(max(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n, 0.0))
+    return auc, max(auc - 1.96 * se, 0.0), min(auc + 1.96 * se, 1.0)
+
+
 def delong_test(y, p_a, p_b) -> dict:
     """Paired comparison of two AUCs on the same images (DeLong et al. 1988, fast midrank form).
 
     Returns both AUCs, their difference (a - b) with its 95% interval, and the two-sided p-value."""
-    from scipy.stats import norm, rankdata
+    from scipy.stats import norm
 
     y, p_a = _arrays(y, p_a)
     _, p_b = _arrays(y, p_b)
@@ -339,15 +363,7 @@ def delong_test(y, p_a, p_b) -> dict:
     m, n = int(pos.sum()), int(neg.sum())
     if m < 2 or n < 2:
         return {"auc_a": roc_auc(y, p_a), "auc_b": roc_auc(y, p_b), "difference": None, "ci95": None, "p_value": None}
-    v10, v01, aucs = [], [], []
-    for scores in (p_a, p_b):
-        x, z = scores[pos], scores[neg]
-        rank_all = rankdata(np.r_[x, z])
-        rank_x, rank_z = rankdata(x), rankdata(z)
-        auc = (rank_all[:m].sum() - m * (m + 1) / 2) / (m * n)
-        v10.append((rank_all[:m] - rank_x) / n)  # per positive: share of negatives below it
-        v01.append(1 - (rank_all[m:] - rank_z) / m)  # per negative: share of positives above it
-        aucs.append(auc)
+    aucs, v10, v01 = zip(*(_delong_components(scores[pos], scores[neg]) for scores in (p_a, p_b)))
     s10, s01 = np.cov(np.array(v10)), np.cov(np.array(v01))
     var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
     diff = aucs[0] - aucs[1]
