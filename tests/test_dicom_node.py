@@ -223,6 +223,52 @@ def test_an_unknown_sop_class_is_rejected_at_association(pacs):
             assoc.release()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"Modality": "CT"},
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"},  # CT Image Storage
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1", "Modality": "DX", "PresentationIntentType": "FOR PROCESSING"},
+        {"Modality": "DX", "PresentationIntentType": "for processing "},
+        {"Modality": ""},
+    ],
+    ids=["ct-modality", "ct-sop-class", "dx-for-processing", "dx-for-processing-lower-case", "no-modality"],
+)
+def test_a_dataset_that_is_no_cr_or_dx_for_presentation_is_refused_whatever_context_carried_it(
+    classifier, tmp_path, change, monkeypatch
+):
+    """A CT or DX-for-processing dataset sent on an accepted CR context: refused by its own header (0xA900), no row."""
+    from pynetdicom import AE, _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # a file goes as its bytes, on its meta's context
+
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    node.start()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(chest_dicom(NORMAL_FILM)))
+        for keyword, value in change.items():
+            setattr(ds, keyword, value)
+        good = pydicom.dcmread(io.BytesIO(chest_dicom(PNEUMONIA_FILM)))
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", ds.file_meta.TransferSyntaxUID)  # CR Image Storage
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert assoc.is_established
+        try:
+            ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # the context it is sent on
+            sent = tmp_path / "sent.dcm"
+            ds.save_as(sent)
+            status = assoc.send_c_store(sent)
+            good.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+            assert assoc.send_c_store(good).Status == 0x0000  # the association goes on
+        finally:
+            assoc.release()
+        assert status.Status == 0xA900
+        assert row_for(node, good.SOPInstanceUID)["label"] == "PNEUMONIA"
+        assert [r["sop_instance_uid"] for r in rows(node)] == [good.SOPInstanceUID]  # nothing of the refused one
+    finally:
+        node.stop()
+
+
 def test_a_decompression_bomb_is_refused_with_a_report_and_the_node_keeps_serving(pacs, tmp_path):
     orthanc, node, _ = pacs
     bomb, good = tmp_path / "bomb.dcm", tmp_path / "good.dcm"

@@ -12,7 +12,8 @@ frame limits apply), classified with the input gate on, written as one JSON line
 answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to a ``StowTarget``); with
 ``send_cam``, also the Grad-CAM overlay.
 
-Only CR and DX (for presentation) images are accepted, checked at association; calling AE titles can be
+Only CR and DX (for presentation) images are accepted, checked at association and again on each dataset's own
+header (SOP class, modality, presentation intent), whatever context carried it; calling AE titles can be
 restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
 that image's error row: the node keeps serving.
 """
@@ -62,6 +63,8 @@ COMPRESSED = (  # offered only where the installed pydicom handlers decode them
 RESULTS_FILE = "results.jsonl"
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM AE: 16 printable characters, no backslash
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+STATUS_NOT_THIS_SOP_CLASS = 0xA900  # the dataset does not match the SOP class: not a CR or DX image for presentation
+ACCEPTED_MODALITIES = ("CR", "DX")
 STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or success with a warning
 
 
@@ -445,6 +448,9 @@ class DicomNode:
         except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
             LOG.exception("C-STORE could not be read")
             return STATUS_CANNOT_UNDERSTAND
+        if refusal := content_refusal(data):
+            LOG.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, refusal)
+            return STATUS_NOT_THIS_SOP_CLASS
         item = Received(data, event.assoc.requestor.ae_title, held=len(data))
         if not self._budget.take(item.held, self.limits.queue_wait):
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
@@ -564,6 +570,27 @@ def _summary(record: dict) -> str:
     elif "send_error" in record:
         what += f" -> not sent: {record['send_error']}"
     return f"{record['path']}: {what}"
+
+
+def content_refusal(data: bytes) -> str | None:
+    """Why a stored dataset is not a CR or DX image for presentation by its own header (SOP Class UID, Modality,
+    Presentation Intent Type), whatever presentation context carried it; None when it is one."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        sop, modality = str(ds.get("SOPClassUID", "")), str(ds.get("Modality", "")).strip().upper()
+        intent = str(ds.get("PresentationIntentType", "")).strip().upper()
+    except Exception as exc:  # noqa: BLE001 - an unparsable header is the sender's problem
+        return f"not a readable DICOM header ({str(exc)[:100]})"
+    if sop not in ACCEPTED_SOP_CLASSES:
+        name = getattr(UID(sop), "name", "") or sop or "none"
+        return f"its SOP class is {name[:64]}, not CR or DX image storage for presentation"
+    if modality not in ACCEPTED_MODALITIES:
+        return f"its modality is {modality[:16] or 'missing'}, not CR or DX"
+    if intent == "FOR PROCESSING":
+        return "a DX image for processing, not for presentation"
+    return None
 
 
 def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequence[str] | None = None) -> list:
