@@ -1,5 +1,6 @@
 import os
 import shutil
+import unittest.mock
 
 import pytest
 from conftest import D224, link_dataset, real_images
@@ -172,3 +173,24 @@ def test_aspect_jitter_rescales_width_against_height_and_is_off_by_default():
     assert TrainConfig.from_recipe("shipped").augmentation.aspect == 0
     assert "aspect" not in TrainConfig.from_recipe("shipped").recorded()["augmentation"]  # as recorded before it
     assert TrainConfig.from_recipe("default", augmentation={"aspect": 0.4}).recorded()["augmentation"]["aspect"] == 0.4
+
+
+def test_a_class_subfolder_that_cannot_be_listed_is_refused_not_skipped(tmp_path):
+    """Evaluation, calibration, training and data check all list through load_split: a folder it cannot list
+    would drop its images from every count without a word, so it is refused, named, with the reason."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / label).mkdir()
+        shutil.copy(real_images("train", label, 1)[0], tmp_path / label)
+    os.symlink("knot", tmp_path / "PNEUMONIA" / "knot")  # a folder link to itself: it cannot be listed
+    (tmp_path / "PNEUMONIA" / "more").mkdir()
+    os.symlink(tmp_path / "PNEUMONIA" / "more" / "loop", tmp_path / "PNEUMONIA" / "more" / "loop")
+    assert len(load_split(tmp_path)) == 2  # links are not followed: nothing is missing
+    real = os.scandir
+
+    def refuse_more(path):
+        if str(path).endswith("more"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    with unittest.mock.patch("os.scandir", refuse_more), pytest.raises(ConfigError, match="more: folder cannot be"):
+        load_split(tmp_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import link_dataset
+from conftest import link_dataset, real_images
 
 from pneumoscan.cli import _COMMANDS
 
@@ -88,7 +88,17 @@ def required_arguments(name: str, data: Path, model: Path, tmp: Path, archive: P
         "predict": [EXAMPLES / "PNEUMONIA"],
         "heads fit": [shutil.copytree(model, tmp / "bundle"), "--data", data],
         "ensemble": [model, "--out", tmp / "ens"],  # one member is enough; its validation patients fit the temperature
+        "adapt": ["--data", site_films(tmp), "--out", tmp / "adapted"],  # the bundled model's training data as recorded
     }[name]
+
+
+def site_films(tmp: Path) -> Path:
+    """60 real unlabelled films, as many as adapt needs, in one folder."""
+    site = tmp / "site-films"
+    site.mkdir()
+    for film in real_images("train", "NORMAL", 30, offset=5) + real_images("train", "PNEUMONIA", 30, offset=5):
+        shutil.copy(film, site / film.name)
+    return site
 
 
 @pytest.mark.parametrize("name", [n for n in BATCH if n != "train"])  # train: the `trained` fixture

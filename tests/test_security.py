@@ -773,8 +773,39 @@ def test_glob_files_agrees_with_glob_on_a_small_tree(tmp_path, monkeypatch):
         shutil.copyfile(REAL, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     for pattern in ("**/*.jpeg", "*/*/*", "a/**", "./a/**/w.dcm", f"{tmp_path}/**/*.png", "?/*.png", "**/**/*.jpeg"):
-        expected = sorted({Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+        matches = glob.glob(pattern, recursive=True)  # files and folders; a last ** stands for the files below
+        expected = sorted({Path(p) for p in matches if not (pattern.endswith("**") and os.path.isdir(p))})
         assert glob_files(pattern) == expected, pattern
+
+
+def test_a_glob_reports_what_the_folder_given_directly_reports(tmp_path, monkeypatch):
+    """FIFOs, looping links and folders that cannot be listed are failed inputs, named with the reason, whether
+    the folder or a pattern names them; the real films still get their answers (a FIFO is never opened)."""
+    scans = tmp_path / "scans"
+    (scans / "ok").mkdir(parents=True)
+    shutil.copyfile(REAL, scans / "film.jpeg")
+    shutil.copyfile(REAL, scans / "ok" / "inner.jpeg")
+    os.mkfifo(scans / "pipe.jpeg")
+    os.symlink("loop.jpeg", scans / "loop.jpeg")  # a link to itself
+    os.symlink("tangle", scans / "tangle")  # a folder link to itself: it cannot be listed
+    monkeypatch.chdir(tmp_path)
+
+    def outcome(*args):
+        done = _cli("predict", *args, "--no-gate", "--format", "jsonl", cwd=tmp_path)
+        rows = {json.loads(line)["path"]: json.loads(line) for line in done.stdout.decode().splitlines()}
+        return done.returncode, {Path(p).name: ("label" in r, r.get("error", "")) for p, r in rows.items()}
+
+    code, direct = outcome("scans")
+    assert code == 1 and direct["film.jpeg"][0] and direct["inner.jpeg"][0], direct
+    assert not direct["pipe.jpeg"][0] and not direct["loop.jpeg"][0]
+    for pattern in ("scans/*", f"{scans}/*", "scans/**/*.jpeg"):
+        code, globbed = outcome(pattern)
+        assert code == 1 and globbed["film.jpeg"][0] and globbed["inner.jpeg"][0], (pattern, globbed)
+        assert {"pipe.jpeg", "loop.jpeg"} <= set(globbed) and not globbed["pipe.jpeg"][0], (pattern, globbed)
+    _, direct_errors = outcome("scans")
+    _, glob_errors = outcome("scans/*")
+    failed = lambda rows: {k: v for k, v in rows.items() if not v[0]}  # noqa: E731
+    assert failed(direct_errors).items() <= failed(glob_errors).items()  # a pattern also names what it matched
 
 
 @pytest.mark.parametrize(

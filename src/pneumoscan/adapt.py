@@ -203,9 +203,12 @@ def check_enough(screened: Screened, data: Path) -> None:
 def reference_films(source: Bundle, source_data: str | Path | None) -> tuple[np.ndarray, str]:
     """Prepared films of the training hospital (no labels read): a seeded sample of :data:`REFERENCE_FILMS` from
     ``source_data``'s train split, by default the training data the bundle records; and where they came from."""
-    from .data import load_images, load_split
+    from .data import load_images, load_split, shared_data_root
 
     root = source_data or source.config.get("training", {}).get("data")
+    if not source_data and root and not Path(root).is_dir():  # recorded relative to where it was trained
+        moved = shared_data_root() / Path(root).name
+        root = moved if (moved / "train").is_dir() else root
     if not root or not (Path(root) / "train").is_dir():
         raise ConfigError(
             "adaptation aligns the site's films to the training hospital's: pass --source-data ROOT (the "

@@ -23,6 +23,7 @@ from .labels import CLASSES
 from .options import DataCheckOptions
 from .settings import DECLARED, checked_path, declared, option
 from .subtype import SUBTYPES, subtype_of
+from .text import printable
 
 SPLITS = ("train", "val", "test")
 DATA_ENV = "PNEUMOSCAN_DATA"
@@ -87,11 +88,16 @@ def load_split(root: str | Path, split: str | None = None) -> list[Sample]:
     if not all((folder / c).is_dir() for c in CLASSES):
         where = f"{root}/{split}" if split else str(root)
         raise ConfigError(f"{where}: expected class folders {' and '.join(CLASSES)} (Kaggle chest_xray layout)")
+    problems: list[tuple[str, str]] = []
     samples = [
         Sample(p, label, patient_id(p.name), subtype_of(p.name) if label == 1 else None)
         for label, c in enumerate(CLASSES)
-        for p in list_images(folder / c)
+        for p in list_images(folder / c, problems)
     ]
+    if problems:  # its images would be missing from every count, metric and fit without a word
+        where, why = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{printable(where)}: {why}{more}: its images would be left out (refused)")
     if not samples:
         raise ConfigError(f"{folder}: no images (.jpeg, .jpg, .png, .dcm) in {' or '.join(CLASSES)}")
     return samples

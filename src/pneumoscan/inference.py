@@ -254,33 +254,46 @@ def _cached_engine(bundle: Bundle):
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path | Prediction]:
     """Files, folders (recursive) and glob patterns to image files, in argument order; an argument
-    that matches nothing becomes a :class:`Prediction` carrying its error, in its place."""
-    from .data import list_images
-
+    that matches nothing becomes a :class:`Prediction` carrying its error, in its place. A pattern's
+    matches are expanded as if each were given itself (a folder walked, any other entry read and, where it
+    is no image file, reported), so a glob reports what the folder given directly reports."""
     items: list[Path | Prediction] = []
     for arg in map(str, paths):
-        path = Path(arg)
         if not arg.strip():
             items.append(Prediction(arg, error="empty path"))
-        elif path.is_dir():
+        elif glob.has_magic(arg) and not os.path.lexists(arg):
             problems: list[tuple[str, str]] = []
-            found = list_images(path, problems)
+            matched = glob_files(arg, problems)
             items += [Prediction(where, error=why) for where, why in problems]
-            items += found or [Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)")]
-        elif os.path.lexists(path):
-            items.append(path)
-        elif glob.has_magic(arg):
-            matched = glob_files(arg)
-            items += matched or [Prediction(arg, error="pattern matched no files")]
+            expanded = [item for match in matched for item in _expand_one(match, str(match))]
+            items += list(dict.fromkeys(expanded)) or (
+                [] if problems else [Prediction(arg, error="pattern matched no files")]
+            )
         else:
-            items.append(Prediction(arg, error="no such file or folder"))
+            items += _expand_one(Path(arg), arg)
     return items
 
 
-def glob_files(pattern: str) -> list[Path]:
-    """The files a glob pattern matches, sorted (``**``: any number of folders, hidden ones excepted, as in
-    :func:`glob.glob`). The search keeps its own stack: a tree of any depth, no recursion limit; ``**``
-    does not follow links to folders (no loops)."""
+def _expand_one(path: Path, arg: str) -> list[Path | Prediction]:
+    from .data import list_images
+
+    if path.is_dir():
+        problems: list[tuple[str, str]] = []
+        found = list_images(path, problems)
+        errors = [Prediction(where, error=why) for where, why in problems]
+        return errors + (
+            found or ([] if errors else [Prediction(arg, error="folder holds no images (.jpeg, .jpg, .png, .dcm)")])
+        )
+    if os.path.lexists(path):
+        return [path]  # a FIFO, device or looping link too: the loader names what it is
+    return [Prediction(arg, error="no such file or folder")]
+
+
+def glob_files(pattern: str, problems: list[tuple[str, str]] | None = None) -> list[Path]:
+    """What a glob pattern matches, sorted: files, folders and anything else that is there (``**``: any number
+    of folders, hidden ones excepted, as in :func:`glob.glob`). The search keeps its own stack: a tree of any
+    depth, no recursion limit; ``**`` does not follow links to folders (no loops). Folders on the way that exist
+    but cannot be listed are named, with the reason, in ``problems``."""
     start = os.sep if pattern.startswith(os.sep) else ""
     parts = [part for part in pattern.split(os.sep) if part]
     found: set[str] = set()
@@ -292,7 +305,7 @@ def glob_files(pattern: str) -> list[Path]:
             continue
         seen.add((prefix, index))
         if index == len(parts):
-            if prefix and os.path.isfile(prefix):
+            if prefix and os.path.lexists(prefix) and not (parts[-1] == "**" and os.path.isdir(prefix)):
                 found.add(prefix)
             continue
         part = parts[index]
@@ -301,7 +314,7 @@ def glob_files(pattern: str) -> list[Path]:
             continue
         if part == "**":
             pending.append((prefix, index + 1))  # no folder at all
-        for entry in _entries(prefix or os.curdir):
+        for entry in _entries(prefix or os.curdir, problems):
             if entry.name.startswith(".") and not part.startswith("."):
                 continue
             if part == "**":
@@ -314,11 +327,15 @@ def glob_files(pattern: str) -> list[Path]:
     return sorted(Path(p) for p in found)
 
 
-def _entries(folder: str) -> list[os.DirEntry]:
+def _entries(folder: str, problems: list[tuple[str, str]] | None = None) -> list[os.DirEntry]:
     try:
         with os.scandir(folder) as entries:
             return list(entries)
-    except OSError:  # a folder that cannot be listed matches nothing, as in glob.glob
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to match, as in glob.glob
+        return []
+    except OSError as exc:  # there, but it cannot be listed: said, never silently empty
+        if problems is not None:
+            problems.append((folder, f"folder cannot be listed ({exc.strerror or exc})"))
         return []
 
 
