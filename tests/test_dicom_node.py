@@ -478,3 +478,69 @@ def test_every_listen_option_is_explained():
         o for a in options for o in a.option_strings
     }
     assert all(a.help for a in options)
+
+
+EXAMPLE_CR = Path(__file__).parents[1] / "src" / "pneumoscan" / "examples" / "dicom" / "person1946_bacteria_4875.dcm"
+
+
+@pytest.mark.parametrize(
+    ("changes", "context"),
+    [
+        ({"Modality": "CT"}, "1.2.840.10008.5.1.4.1.1.1"),  # says CT, on a CR context
+        ({"Modality": "DX", "PresentationIntentType": "FOR PROCESSING"}, "1.2.840.10008.5.1.4.1.1.1"),
+        (
+            {
+                "Modality": "DX",
+                "PresentationIntentType": "FOR PROCESSING",
+                "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1",
+            },
+            "1.2.840.10008.5.1.4.1.1.1.1",  # DX for processing content on the DX for presentation context
+        ),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "1.2.840.10008.5.1.4.1.1.1"),  # CT Image Storage UID
+    ],
+)
+def test_a_dataset_that_is_not_a_radiograph_for_presentation_is_rejected_whatever_its_context(
+    classifier, tmp_path, caplog, changes, context
+):
+    """The dataset's own Modality, SOP Class UID and Presentation Intent Type are judged, not the context it came
+    on: a failure status, a log line, no row; a real CR image on the same association is still classified."""
+    from pynetdicom import AE
+
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    node.start()
+    try:
+        ae = AE(ae_title=SENDER)
+        for sop in {context, "1.2.840.10008.5.1.4.1.1.1"}:
+            ae.add_requested_context(sop, "1.2.840.10008.1.2.4.50")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert assoc.is_established
+        wrong = pydicom.dcmread(EXAMPLE_CR)
+        for keyword, value in changes.items():
+            setattr(wrong, keyword, value)
+        wrong.file_meta.MediaStorageSOPClassUID = wrong.SOPClassUID
+        wrong.SOPInstanceUID = pydicom.uid.generate_uid()
+        with caplog.at_level("WARNING", logger="pneumoscan.dicom"):
+            status = send_on_context(assoc, wrong, context)
+        good = pydicom.dcmread(EXAMPLE_CR)
+        good_status = assoc.send_c_store(good)
+        assoc.release()
+        assert status.Status >= 0xA000 and status.Status not in (0xB000, 0xB006, 0xB007), hex(status.Status)
+        assert any("rejected" in r.getMessage() and SENDER in r.getMessage() for r in caplog.records)
+        assert good_status.Status == 0x0000
+        wait_rows(node, 1)
+        time.sleep(0.5)
+        assert [r["sop_instance_uid"] for r in rows(node)] == [good.SOPInstanceUID]
+    finally:
+        node.stop()
+
+
+def send_on_context(assoc, dataset, abstract_syntax: str):
+    """C-STORE ``dataset`` on the accepted context for ``abstract_syntax``, whatever SOP class it claims (as a
+    careless or hostile sender can)."""
+    (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == abstract_syntax]
+    choose = assoc._get_valid_context
+    assoc._get_valid_context = lambda *args, **kwargs: context
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        assoc._get_valid_context = choose

@@ -402,7 +402,8 @@ def _run_listen(args) -> int:
     c = node.counts
     print(
         f"{c['received']} received, {c['classified']} classified, {c['refused']} refused, {c['failed']} failed, "
-        f"{c['sent']} reports sent, {c['send_failed']} not sent; results in {printable(node.results_path)}",
+        f"{c['rejected']} rejected, {c['sent']} reports sent, {c['send_failed']} not sent; "
+        f"results in {printable(node.results_path)}",
         file=sys.stderr,
     )
     return 0

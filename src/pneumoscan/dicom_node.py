@@ -12,7 +12,8 @@ frame limits apply), classified with the input gate on, written as one JSON line
 answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to a ``StowTarget``); with
 ``send_cam``, also the Grad-CAM overlay.
 
-Only CR and DX (for presentation) images are accepted, checked at association; calling AE titles can be
+Only CR and DX (for presentation) images are accepted, checked at association and again on each dataset's
+own header (SOP class, modality, presentation intent); calling AE titles can be
 restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
 that image's error row: the node keeps serving.
 """
@@ -62,6 +63,8 @@ COMPRESSED = (  # offered only where the installed pydicom handlers decode them
 RESULTS_FILE = "results.jsonl"
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM AE: 16 printable characters, no backslash
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+STATUS_NOT_THIS_SOP_CLASS = 0xA900  # C-STORE failure: the dataset does not match the SOP class
+ACCEPTED_MODALITIES = ("CR", "DX")
 STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or success with a warning
 
 
@@ -168,6 +171,21 @@ class _NamedBytes(io.BytesIO):
     def __init__(self, data: bytes, name: str):
         super().__init__(data)
         self.name = name
+
+
+def why_not_a_radiograph(header) -> str | None:
+    """Why a received dataset is not one this node classifies (its own SOP class, modality and presentation
+    intent, whatever presentation context carried it), or None when it is a CR or DX image for presentation."""
+    sop = str(header.get("SOPClassUID", "") or "")
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    intent = str(header.get("PresentationIntentType", "") or "").strip().upper()
+    if sop not in ACCEPTED_SOP_CLASSES:
+        return f"SOP class {sop or '(none)'} is not CR or DX for presentation"
+    if modality not in ACCEPTED_MODALITIES:
+        return f"modality {modality or '(none)'} is not CR or DX"
+    if intent and intent != "FOR PRESENTATION":
+        return f"presentation intent {intent} (only FOR PRESENTATION is classified)"
+    return None
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -299,7 +317,15 @@ class DicomNode:
         self.queue: queue.Queue[Received | None] = queue.Queue(limits.queue_size)
         self._budget = _ByteBudget(limits.queued_bytes)
         self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
-        self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
+        self.counts = {
+            "received": 0,
+            "classified": 0,
+            "refused": 0,
+            "failed": 0,
+            "rejected": 0,
+            "sent": 0,
+            "send_failed": 0,
+        }
         self._server = self._ae = self._worker = None
         self._senders: list[tuple[threading.Thread, Sender | StowSender]] = []
         self._results = None
@@ -445,6 +471,11 @@ class DicomNode:
         except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
             LOG.exception("C-STORE could not be read")
             return STATUS_CANNOT_UNDERSTAND
+        refusal = self._refusal(data)
+        if refusal:
+            LOG.warning("C-STORE from %s rejected: %s", event.assoc.requestor.ae_title, refusal)
+            self._count("rejected")
+            return STATUS_NOT_THIS_SOP_CLASS
         item = Received(data, event.assoc.requestor.ae_title, held=len(data))
         if not self._budget.take(item.held, self.limits.queue_wait):
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
@@ -457,6 +488,17 @@ class DicomNode:
             return STATUS_OUT_OF_RESOURCES
         self._count("received")
         return STATUS_SUCCESS
+
+    @staticmethod
+    def _refusal(data: bytes) -> str | None:
+        """Why a received dataset is rejected with a failure status (no row), or None to accept it."""
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable header is the sender's error
+            return f"not a readable DICOM dataset ({str(exc)[:150]})"
+        return why_not_a_radiograph(header)
 
     # -- classification ----------------------------------------------------------------------------------------
     def _work(self) -> None:
