@@ -544,3 +544,41 @@ def send_on_context(assoc, dataset, abstract_syntax: str):
         return assoc.send_c_store(dataset)
     finally:
         assoc._get_valid_context = choose
+
+
+def test_one_peer_cannot_hold_every_association_and_idle_ones_are_ended(classifier, tmp_path):
+    """A peer opening as many associations as it can gets its share (half of the slots), and keeping them with
+    C-ECHOs does not keep them past the idle timeout; a second peer gets an association all along."""
+    from pynetdicom import AE
+
+    limits = NodeLimits(max_associations=4, network_timeout=2.0)
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=["HOG", SENDER], limits=limits)
+    node.start()
+    held = []
+    try:
+        hog = AE(ae_title="HOG")
+        hog.add_requested_context("1.2.840.10008.1.1")
+        for _ in range(limits.max_associations + 2):
+            assoc = hog.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+            if assoc.is_established:
+                held.append(assoc)
+        other = AE(ae_title=SENDER)
+        other.add_requested_context("1.2.840.10008.1.1")
+        second = other.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert second.is_established, "one peer holds every association"
+        assert len(held) == limits.peer_share == 2, len(held)
+        assert second.send_c_echo().Status == 0x0000
+        second.release()
+        started = time.monotonic()
+        while any(a.is_established for a in held) and time.monotonic() - started < 10:
+            for a in held:
+                if a.is_established:
+                    a.send_c_echo()  # keeps it busy, but never stores
+            time.sleep(0.3)
+        assert not any(a.is_established for a in held), "C-ECHOs kept the associations past the idle timeout"
+        assert time.monotonic() - started < 2.0 + 3
+    finally:
+        for a in held:
+            if a.is_established:
+                a.abort()
+        node.stop()

@@ -384,7 +384,12 @@ def _run_listen(args) -> int:
         check_ae_title(title)
     if not o.allow:
         print("pneumoscan: warning: any calling AE title may store images here; restrict with --allow", file=sys.stderr)
-    limits = dataclasses.replace(NodeLimits(), max_associations=o.max_associations)
+    limits = dataclasses.replace(
+        NodeLimits(),
+        max_associations=o.max_associations,
+        peer_associations=o.peer_associations,
+        network_timeout=o.idle_timeout,
+    )
     clf = Classifier.load(o.model, engine=o.engine, int8=o.int8)
     node = DicomNode(
         clf,

@@ -13,9 +13,9 @@ answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to
 ``send_cam``, also the Grad-CAM overlay.
 
 Only CR and DX (for presentation) images are accepted, checked at association and again on each dataset's
-own header (SOP class, modality, presentation intent); calling AE titles can be
-restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
-that image's error row: the node keeps serving.
+own header (SOP class, modality, presentation intent); calling AE titles can be restricted; associations are
+limited in number (in all, and per peer) and time (one without a C-STORE is ended), PDUs and datasets in size.
+A failure on one image is that image's error row: the node keeps serving.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ class NodeLimits:
     max_associations: int = ListenOptions.max_associations  # concurrent; more are rejected (local limit exceeded)
     acse_timeout: float = 30.0  # seconds to negotiate or release an association
     dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
-    network_timeout: float = 60.0  # seconds an idle association is kept
+    network_timeout: float = 60.0  # seconds an association is kept without a C-STORE (C-ECHOs do not count)
+    peer_associations: int = 0  # concurrent associations one peer (calling AE title + address) may hold; 0: half
     max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
     max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
     queue_size: int = 32  # received images held for classification; a full queue answers out of resources
@@ -134,6 +135,12 @@ class NodeLimits:
     batch_size: int = 16  # images classified together when several wait
     send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
     drain_timeout: float = 30.0  # on stop: seconds for open associations to finish before they are aborted
+
+
+    @property
+    def peer_share(self) -> int:
+        """How many of the association slots one peer may hold: ``peer_associations``, or half (at least 1)."""
+        return self.peer_associations or max(1, self.max_associations // 2)
 
 
 @dataclass
@@ -331,6 +338,8 @@ class DicomNode:
         self._results = None
         self._lock = threading.Lock()  # counts and the results file, shared by the worker and the senders
         self._stopped = threading.Event()
+        self._peer_lock = threading.Lock()  # one association request judged against its peer's share at a time
+        self._reaper: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -355,6 +364,7 @@ class DicomNode:
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REQUESTED, self._on_requested),
         ]
         self._results = open(self.results_path, "a", encoding="utf-8", buffering=1)
         self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
@@ -364,12 +374,14 @@ class DicomNode:
             thread = threading.Thread(target=self._send_loop, args=(sender,), name=f"pneumoscan-send-{n}", daemon=True)
             thread.start()
             self._senders.append((thread, sender))
+        self._ae = ae
+        self._reaper = threading.Thread(target=self._end_idle_associations, name="pneumoscan-idle", daemon=True)
+        self._reaper.start()
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
             self._finish_threads()
             raise ConfigError(f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc})") from None
-        self._ae = ae
         self.port = self._server.server_address[1]
         LOG.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
@@ -388,6 +400,8 @@ class DicomNode:
 
     def _finish_threads(self) -> None:
         """Classify what is queued, answer what is classified, then close the associations and the file."""
+        self._stopped.set()
+        self._reaper.join()
         self.queue.put(None)
         self._worker.join()
         for _ in self._senders:
@@ -415,7 +429,7 @@ class DicomNode:
         limit, or a dataset over ``max_dataset_bytes``, closes the connection at once (the association ends)."""
         sock = event.assoc.dul.socket
         read, limit = sock.recv, max(self.limits.max_pdu, 2**20) + 6  # an A-ASSOCIATE-RQ may exceed the max PDU
-        state = event.assoc._pneumoscan = {"dataset": 0, "over": False}
+        state = event.assoc._pneumoscan = {"dataset": 0, "over": False, "active": time.monotonic(), "storing": 0}
 
         def bounded_recv(nr_bytes: int) -> bytearray:
             if nr_bytes > limit or state["over"]:
@@ -436,6 +450,7 @@ class DicomNode:
         for item in items:
             value = item.presentation_data_value
             if value and not value[0] & 1:  # dataset fragment (not command)
+                state["active"] = time.monotonic()  # a C-STORE arriving: the association is in use
                 state["dataset"] += len(value) - 1
                 if state["dataset"] > self.limits.max_dataset_bytes:
                     state["over"] = True
@@ -446,6 +461,44 @@ class DicomNode:
                     )
                 if value[0] & 2:
                     state["dataset"] = 0
+
+    def _on_requested(self, event) -> None:
+        """One peer (calling AE title and address) holds at most ``peer_share`` associations: one more is rejected
+        (transient, local limit exceeded), so that no single sender can keep every slot."""
+        assoc = event.assoc
+        peer = (str(assoc.requestor.primitive.calling_ae_title).strip(), assoc.requestor.address)
+        with self._peer_lock:
+            held = sum(1 for a in self._ae.active_associations if a is not assoc and _peer_of(a) == peer)
+            if held >= self.limits.peer_share:
+                LOG.warning(
+                    "association from %s (%s) rejected: it already holds %d, its share of %d",
+                    *peer,
+                    held,
+                    self.limits.max_associations,
+                )
+                assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected transient, presentation: local limit exceeded
+                return
+            assoc._pneumoscan_peer = peer
+
+    def _end_idle_associations(self) -> None:
+        """End (A-ABORT) every association that has received no C-STORE for ``network_timeout`` seconds, however
+        often it sends C-ECHOs: an idle association must not keep a slot."""
+        period = min(1.0, self.limits.network_timeout / 4)
+        while not self._stopped.wait(period):
+            now = time.monotonic()
+            for assoc in self._ae.active_associations:
+                state = getattr(assoc, "_pneumoscan", None)
+                if not state or state["storing"] or not assoc.is_established:
+                    continue
+                if now - state["active"] > self.limits.network_timeout:
+                    LOG.warning(
+                        "association from %s (%s) ended: no C-STORE for %.0f s",
+                        assoc.requestor.ae_title,
+                        assoc.requestor.address,
+                        self.limits.network_timeout,
+                    )
+                    state["active"] = now  # aborted once; do not log it again while it closes
+                    assoc.abort(block=False)
 
     def _on_rejected(self, event) -> None:
         LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
@@ -464,6 +517,15 @@ class DicomNode:
         )
 
     def _on_store(self, event) -> int:
+        state = getattr(event.assoc, "_pneumoscan", None) or {"storing": 0}
+        state["storing"] += 1  # not idle while it waits for room in the queue
+        try:
+            return self._store(event)
+        finally:
+            state["storing"] -= 1
+            state["active"] = time.monotonic()
+
+    def _store(self, event) -> int:
         if self._stopped.is_set():
             return STATUS_OUT_OF_RESOURCES
         try:
@@ -595,6 +657,13 @@ class DicomNode:
             cam = build_cam_image(source, np.asarray(overlay), self.model)
             sender.send(cam)
             record["cam_instance_uid"] = str(cam.SOPInstanceUID)
+
+
+def _peer_of(assoc) -> tuple[str, str] | None:
+    """The (calling AE title, address) an association was counted against, while it is open."""
+    if assoc.is_aborted or assoc.is_released or assoc.is_rejected:
+        return None
+    return getattr(assoc, "_pneumoscan_peer", None)
 
 
 def _summary(record: dict) -> str:
