@@ -582,3 +582,106 @@ def test_one_peer_cannot_hold_every_association_and_idle_ones_are_ended(classifi
             if a.is_established:
                 a.abort()
         node.stop()
+
+
+def start_listen(out: Path, port: int, *options: str) -> subprocess.Popen:
+    """``pneumoscan listen`` as a process, once it answers C-ECHO."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "pneumoscan.cli", "listen", "--int8", "--port", str(port), "--out", str(out)]
+    node = subprocess.Popen([*args, "--allow", SENDER, *options], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    echo = ["echoscu", "-aet", SENDER, "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)]
+    while subprocess.run(echo, capture_output=True).returncode != 0:
+        if node.poll() is not None or time.monotonic() > deadline:
+            node.kill()
+            raise AssertionError(f"listen did not start: {node.communicate()[1][-1000:]}")
+        time.sleep(0.2)
+    return node
+
+
+class SilentDestination:
+    """A destination that accepts TCP connections and never answers a byte."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def spooled_films(tmp_path: Path, count: int) -> tuple[list[Path], set[str]]:
+    files = []
+    for n, film in enumerate(real_images("val", "NORMAL", count)):
+        files.append(tmp_path / f"{n}.dcm")
+        files[-1].write_bytes(chest_dicom(film))
+    return files, {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+def test_sigterm_with_a_destination_that_never_answers_writes_every_row_within_the_bound(tmp_path):
+    """Acknowledged images, a destination that accepts TCP and never answers: after SIGTERM the node exits within
+    its stop timeout (plus start-up slack) with one row per acknowledged image, each saying it was not sent."""
+    silent = SilentDestination()
+    out, port = tmp_path / "out", free_port()
+    options = ("--send-to", f"DEAD@127.0.0.1:{silent.port}", "--send-timeout", "3", "--stop-timeout", "8")
+    node = start_listen(out, port, *options)
+    try:
+        files, uids = spooled_films(tmp_path, 10)  # more than the 4 send associations: some never get a try
+        assert storescu(port, *files).returncode == 0
+        node.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = node.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if node.poll() is None:
+            node.kill()
+        silent.close()
+    assert node.returncode == 0, err[-1000:]
+    assert took < 8 + 4, f"exit took {took:.1f} s"
+    written = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["sop_instance_uid"] for r in written} == uids and len(written) == len(uids)
+    assert all(r["label"] == "NORMAL" and "send_error" in r and "sr_instance_uid" not in r for r in written)
+    assert not list((out / "spool").iterdir())
+
+
+def test_images_acknowledged_before_sigkill_are_answered_from_the_spool_at_the_next_start(tmp_path):
+    """SIGKILL after acknowledgement (the destination never answers, so no row is written yet): the next start
+    recovers each image from the spool and writes its row."""
+    silent = SilentDestination()
+    out, port = tmp_path / "out", free_port()
+    node = start_listen(out, port, "--send-to", f"DEAD@127.0.0.1:{silent.port}")
+    try:
+        files, uids = spooled_films(tmp_path, 3)
+        assert storescu(port, *files).returncode == 0
+        node.kill()
+        node.wait(30)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        silent.close()
+    results = out / "results.jsonl"
+    assert not results.exists() or not results.read_text().strip()  # acknowledged, not yet answered
+    again = start_listen(out, port)
+    try:
+        deadline = time.monotonic() + 60
+        while len(results.read_text().splitlines()) < len(uids):
+            assert time.monotonic() < deadline, "the spooled images were not answered"
+            time.sleep(0.2)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=60)
+    written = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["sop_instance_uid"] for r in written} == uids and len(written) == len(uids)
+    assert all(r["label"] == "NORMAL" and r["recovered"] and r["calling_ae"] == SENDER for r in written)
+    assert not list((out / "spool").iterdir())

@@ -370,7 +370,8 @@ def _run_listen(args) -> int:
     2000/RLE compressed, classifies each with the input gate on, appends one JSON line per image to
     OUT/results.jsonl and, with --send-to, answers with a DICOM structured report in the image's study. Research
     software, not a medical device: send its answers to a research destination, never into a clinical worklist.
-    Stops on SIGTERM or Ctrl-C after answering the images already received."""
+    Images are acknowledged only once spooled to OUT/spool/ (answered at the next start after a crash). Stops on
+    SIGTERM or Ctrl-C, with a results row for every acknowledged image within --stop-timeout."""
     o = _options(ListenOptions, args)
     import dataclasses
 
@@ -389,6 +390,8 @@ def _run_listen(args) -> int:
         max_associations=o.max_associations,
         peer_associations=o.peer_associations,
         network_timeout=o.idle_timeout,
+        send_timeout=o.send_timeout,
+        stop_timeout=o.stop_timeout,
     )
     clf = Classifier.load(o.model, engine=o.engine, int8=o.int8)
     node = DicomNode(
