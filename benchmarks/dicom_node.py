@@ -1,6 +1,7 @@
 """Throughput and latency of `pneumoscan listen`: store in by C-STORE, structured report back to a real PACS.
 
     python benchmarks/dicom_node.py [--images 400] [--senders 2] [--rate R] [--stow] [--fullres] [--int8]
+    python benchmarks/dicom_node.py --large 8 [--large-mb 95]
 
 A real Orthanc (Debian's package) on loopback ports receives the reports; K dcmtk `storescu` processes send
 real chest X-rays (CR, JPEG baseline: the 224 px training images, or with --fullres the full-resolution sample
@@ -9,6 +10,10 @@ then mostly time in the node's bounded queue), or with --rate R one sender (pyne
 Prints images/s from the first store to the last report sent, receipt-to-report-sent latency percentiles
 (each image's time from the node holding it to Orthanc acknowledging its report), the node's peak RSS, and,
 for reference, the same images classified in-process without the network (decode + model, batch 16).
+
+--large N: N storescu processes (each its own AE title) send one large uncompressed multi-frame CR dataset
+(about --large-mb MB, real film frames) each, all at once; prints the node's RSS before and at its peak, and
+the seconds until every one has its row (refused: over the decoding limit; the point is what receiving costs).
 """
 
 from __future__ import annotations
@@ -62,7 +67,12 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="the bundle's int8 ONNX model")
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument("--large", type=int, default=0, help="N concurrent senders of one large dataset each")
+    parser.add_argument("--large-mb", type=float, default=95)
     args = parser.parse_args()
+    if args.large:
+        large(args.large, args.large_mb, args.int8, args.max_seconds)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="pneumoscan-dicom-bench-"))
     port = free_port()
@@ -100,6 +110,51 @@ def main() -> None:
         held = orthanc.get("/statistics")["CountInstances"]
         orthanc.stop()
     report(args, files, rows, elapsed, rss, held, codes)
+
+
+def large(senders: int, megabytes: float, int8: bool, max_seconds: float) -> None:
+    """Peak RSS of the node while ``senders`` large C-STOREs arrive at once."""
+    work = Path(tempfile.mkdtemp(prefix="pneumoscan-dicom-large-"))
+    film = films(1, fullres=True)[0]
+    frame_mb = len(chest_dicom(film, jpeg=False)) / 1e6
+    frames = max(1, round(megabytes / frame_mb))
+    files = []
+    for n in range(senders):
+        files.append(work / "in" / f"{n}.dcm")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        files[-1].write_bytes(chest_dicom(film, jpeg=False, frames=frames))
+    port = free_port()
+    titles = [f"BENCH{n}" for n in range(senders)]
+    command = [sys.executable, "-m", "pneumoscan.cli", "listen", "--port", str(port), "--out", str(work / "out")]
+    command += [a for t in titles for a in ("--allow", t)] + ["--int8"] * int8
+    command += ["--max-associations", str(max(8, senders))]
+    node = subprocess.Popen(command, stderr=open(work / "listen.log", "w"))
+    try:
+        echo = [ECHOSCU, "-aet", titles[0], "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)]
+        while subprocess.run(echo, capture_output=True).returncode != 0:
+            if node.poll() is not None:
+                raise SystemExit(f"listen exited; see {work / 'listen.log'}")
+            time.sleep(0.2)
+        before = process_memory_mb(node.pid)["rss"]
+        start = time.monotonic()
+        sending = [
+            subprocess.Popen(
+                [STORESCU, "-aet", title, "-aec", "PNEUMOSCAN", "-xy", "127.0.0.1", str(port), str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for title, path in zip(titles, files)
+        ]
+        codes = [s.wait(max_seconds) for s in sending]
+        rows = wait_rows(work / "out" / "results.jsonl", codes.count(0), max_seconds)
+        elapsed = time.monotonic() - start
+        peak = process_memory_mb(node.pid)["peak"]
+    finally:
+        node.terminate()
+        node.wait(60)
+    size = sum(f.stat().st_size for f in files) / len(files) / 1e6
+    print(f"\n{senders} concurrent C-STOREs of {size:.0f} MB ({frames} frames); senders' exit codes {codes}")
+    print(f"node RSS before {before:.0f} MB, peak {peak:.0f} MB; {len(rows)} rows in {elapsed:.1f} s")
 
 
 def send_all(work: Path, port: int, senders: int, max_seconds: float) -> list[int]:

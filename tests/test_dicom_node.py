@@ -524,3 +524,210 @@ def test_every_listen_option_is_explained():
         o for a in options for o in a.option_strings
     }
     assert all(a.help for a in options)
+
+
+EXAMPLE_CR = Path(__file__).parents[1] / "src" / "pneumoscan" / "examples" / "dicom" / "person1946_bacteria_4875.dcm"
+
+
+@pytest.mark.parametrize(
+    ("changes", "context"),
+    [
+        ({"Modality": "CT"}, "1.2.840.10008.5.1.4.1.1.1"),  # says CT, on a CR context
+        ({"Modality": "DX", "PresentationIntentType": "FOR PROCESSING"}, "1.2.840.10008.5.1.4.1.1.1"),
+        (
+            {
+                "Modality": "DX",
+                "PresentationIntentType": "FOR PROCESSING",
+                "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1",
+            },
+            "1.2.840.10008.5.1.4.1.1.1.1",  # DX for processing content on the DX for presentation context
+        ),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, "1.2.840.10008.5.1.4.1.1.1"),  # CT Image Storage UID
+    ],
+)
+def test_a_dataset_that_is_not_a_radiograph_for_presentation_is_rejected_whatever_its_context(
+    classifier, tmp_path, caplog, changes, context
+):
+    """The dataset's own Modality, SOP Class UID and Presentation Intent Type are judged, not the context it came
+    on: a failure status, a log line, no row; a real CR image on the same association is still classified."""
+    from pynetdicom import AE
+
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    node.start()
+    try:
+        ae = AE(ae_title=SENDER)
+        for sop in {context, "1.2.840.10008.5.1.4.1.1.1"}:
+            ae.add_requested_context(sop, "1.2.840.10008.1.2.4.50")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert assoc.is_established
+        wrong = pydicom.dcmread(EXAMPLE_CR)
+        for keyword, value in changes.items():
+            setattr(wrong, keyword, value)
+        wrong.file_meta.MediaStorageSOPClassUID = wrong.SOPClassUID
+        wrong.SOPInstanceUID = pydicom.uid.generate_uid()
+        with caplog.at_level("WARNING", logger="pneumoscan.dicom"):
+            status = send_on_context(assoc, wrong, context)
+        good = pydicom.dcmread(EXAMPLE_CR)
+        good_status = assoc.send_c_store(good)
+        assoc.release()
+        assert status.Status >= 0xA000 and status.Status not in (0xB000, 0xB006, 0xB007), hex(status.Status)
+        assert any("rejected" in r.getMessage() and SENDER in r.getMessage() for r in caplog.records)
+        assert good_status.Status == 0x0000
+        wait_rows(node, 1)
+        time.sleep(0.5)
+        assert [r["sop_instance_uid"] for r in rows(node)] == [good.SOPInstanceUID]
+    finally:
+        node.stop()
+
+
+def send_on_context(assoc, dataset, abstract_syntax: str):
+    """C-STORE ``dataset`` on the accepted context for ``abstract_syntax``, whatever SOP class it claims (as a
+    careless or hostile sender can)."""
+    (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == abstract_syntax]
+    choose = assoc._get_valid_context
+    assoc._get_valid_context = lambda *args, **kwargs: context
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        assoc._get_valid_context = choose
+
+
+def test_one_peer_cannot_hold_every_association_and_idle_ones_are_ended(classifier, tmp_path):
+    """A peer opening as many associations as it can gets its share (half of the slots), and keeping them with
+    C-ECHOs does not keep them past the idle timeout; a second peer gets an association all along."""
+    from pynetdicom import AE
+
+    limits = NodeLimits(max_associations=4, network_timeout=2.0)
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=["HOG", SENDER], limits=limits)
+    node.start()
+    held = []
+    try:
+        hog = AE(ae_title="HOG")
+        hog.add_requested_context("1.2.840.10008.1.1")
+        for _ in range(limits.max_associations + 2):
+            assoc = hog.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+            if assoc.is_established:
+                held.append(assoc)
+        other = AE(ae_title=SENDER)
+        other.add_requested_context("1.2.840.10008.1.1")
+        second = other.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert second.is_established, "one peer holds every association"
+        assert len(held) == limits.peer_share == 2, len(held)
+        assert second.send_c_echo().Status == 0x0000
+        second.release()
+        started = time.monotonic()
+        while any(a.is_established for a in held) and time.monotonic() - started < 10:
+            for a in held:
+                if a.is_established:
+                    a.send_c_echo()  # keeps it busy, but never stores
+            time.sleep(0.3)
+        assert not any(a.is_established for a in held), "C-ECHOs kept the associations past the idle timeout"
+        assert time.monotonic() - started < 2.0 + 3
+    finally:
+        for a in held:
+            if a.is_established:
+                a.abort()
+        node.stop()
+
+
+def start_listen(out: Path, port: int, *options: str) -> subprocess.Popen:
+    """``pneumoscan listen`` as a process, once it answers C-ECHO."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "pneumoscan.cli", "listen", "--int8", "--port", str(port), "--out", str(out)]
+    node = subprocess.Popen([*args, "--allow", SENDER, *options], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    echo = ["echoscu", "-aet", SENDER, "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)]
+    while subprocess.run(echo, capture_output=True).returncode != 0:
+        if node.poll() is not None or time.monotonic() > deadline:
+            node.kill()
+            raise AssertionError(f"listen did not start: {node.communicate()[1][-1000:]}")
+        time.sleep(0.2)
+    return node
+
+
+class SilentDestination:
+    """A destination that accepts TCP connections and never answers a byte."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def spooled_films(tmp_path: Path, count: int) -> tuple[list[Path], set[str]]:
+    files = []
+    for n, film in enumerate(real_images("val", "NORMAL", count)):
+        files.append(tmp_path / f"{n}.dcm")
+        files[-1].write_bytes(chest_dicom(film))
+    return files, {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+def test_sigterm_with_a_destination_that_never_answers_writes_every_row_within_the_bound(tmp_path):
+    """Acknowledged images, a destination that accepts TCP and never answers: after SIGTERM the node exits within
+    its stop timeout (plus start-up slack) with one row per acknowledged image, each saying it was not sent."""
+    silent = SilentDestination()
+    out, port = tmp_path / "out", free_port()
+    options = ("--send-to", f"DEAD@127.0.0.1:{silent.port}", "--send-timeout", "3", "--stop-timeout", "8")
+    node = start_listen(out, port, *options)
+    try:
+        files, uids = spooled_films(tmp_path, 10)  # more than the 4 send associations: some never get a try
+        assert storescu(port, *files).returncode == 0
+        node.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = node.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if node.poll() is None:
+            node.kill()
+        silent.close()
+    assert node.returncode == 0, err[-1000:]
+    assert took < 8 + 4, f"exit took {took:.1f} s"
+    written = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["sop_instance_uid"] for r in written} == uids and len(written) == len(uids)
+    assert all(r["label"] == "NORMAL" and "send_error" in r and "sr_instance_uid" not in r for r in written)
+    assert not list((out / "spool").iterdir())
+
+
+def test_images_acknowledged_before_sigkill_are_answered_from_the_spool_at_the_next_start(tmp_path):
+    """SIGKILL after acknowledgement (the destination never answers, so no row is written yet): the next start
+    recovers each image from the spool and writes its row."""
+    silent = SilentDestination()
+    out, port = tmp_path / "out", free_port()
+    node = start_listen(out, port, "--send-to", f"DEAD@127.0.0.1:{silent.port}")
+    try:
+        files, uids = spooled_films(tmp_path, 3)
+        assert storescu(port, *files).returncode == 0
+        node.kill()
+        node.wait(30)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        silent.close()
+    results = out / "results.jsonl"
+    assert not results.exists() or not results.read_text().strip()  # acknowledged, not yet answered
+    again = start_listen(out, port)
+    try:
+        deadline = time.monotonic() + 60
+        while len(results.read_text().splitlines()) < len(uids):
+            assert time.monotonic() < deadline, "the spooled images were not answered"
+            time.sleep(0.2)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=60)
+    written = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["sop_instance_uid"] for r in written} == uids and len(written) == len(uids)
+    assert all(r["label"] == "NORMAL" and r["recovered"] and r["calling_ae"] == SENDER for r in written)
+    assert not list((out / "spool").iterdir())

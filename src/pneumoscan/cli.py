@@ -404,7 +404,8 @@ def _run_listen(args) -> int:
     2000/RLE compressed, classifies each with the input gate on, appends one JSON line per image to
     OUT/results.jsonl and, with --send-to, answers with a DICOM structured report in the image's study. Research
     software, not a medical device: send its answers to a research destination, never into a clinical worklist.
-    Stops on SIGTERM or Ctrl-C after answering the images already received."""
+    Images are acknowledged only once spooled to OUT/spool/ (answered at the next start after a crash). Stops on
+    SIGTERM or Ctrl-C, with a results row for every acknowledged image within --stop-timeout."""
     o = _options(ListenOptions, args)
     import dataclasses
 
@@ -418,7 +419,14 @@ def _run_listen(args) -> int:
         check_ae_title(title)
     if not o.allow:
         print("pneumoscan: warning: any calling AE title may store images here; restrict with --allow", file=sys.stderr)
-    limits = dataclasses.replace(NodeLimits(), max_associations=o.max_associations)
+    limits = dataclasses.replace(
+        NodeLimits(),
+        max_associations=o.max_associations,
+        peer_associations=o.peer_associations,
+        network_timeout=o.idle_timeout,
+        send_timeout=o.send_timeout,
+        stop_timeout=o.stop_timeout,
+    )
     clf = Classifier.load(o.model, engine=o.engine, int8=o.int8)
     node = DicomNode(
         clf,
@@ -436,7 +444,8 @@ def _run_listen(args) -> int:
     c = node.counts
     print(
         f"{c['received']} received, {c['classified']} classified, {c['refused']} refused, {c['failed']} failed, "
-        f"{c['sent']} reports sent, {c['send_failed']} not sent; results in {printable(node.results_path)}",
+        f"{c['rejected']} rejected, {c['sent']} reports sent, {c['send_failed']} not sent; "
+        f"results in {printable(node.results_path)}",
         file=sys.stderr,
     )
     return 0

@@ -5,24 +5,26 @@
     >>> node = DicomNode(Classifier.load(), "results", send_to=Peer.parse("ORTHANC@127.0.0.1:4242"))
     >>> node.start(); ...; node.stop()
 
-Each received image is acknowledged as soon as it is held, queued (the queue is bounded: a full queue answers
-"out of resources" rather than growing), decoded by the one image loader (``images.py``: its pixel, memory and
-frame limits apply), classified with the input gate on, written as one JSON line to ``OUT/results.jsonl``
-(the ``predict --format jsonl`` record plus the study, series and SOP instance UIDs) and, with ``send_to``,
-answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE (or DICOMweb STOW-RS to a ``StowTarget``); with
-``send_cam``, also the Grad-CAM overlay.
+Each received image is acknowledged once it is written and fsynced to ``OUT/spool/`` (recovered at the next
+start) and queued (the queue is bounded: a full queue answers "out of resources" rather than growing), decoded
+by the one image loader (``images.py``: its pixel, memory and frame limits apply), classified with the input gate
+on, written as one JSON line to ``OUT/results.jsonl`` (the ``predict --format jsonl`` record plus the study,
+series and SOP instance UIDs) and, with ``send_to``, answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE
+(or DICOMweb STOW-RS to a ``StowTarget``); with ``send_cam``, also the Grad-CAM overlay.
 
-Only CR and DX (for presentation) images are accepted, checked at association and again on each dataset's own
-header (SOP class, modality, presentation intent), whatever context carried it; calling AE titles can be
-restricted; associations are limited in number and time, PDUs and datasets in size. A failure on one image is
-that image's error row: the node keeps serving.
+Only CR and DX (for presentation) images are accepted, checked at association and again on each dataset's
+own header (SOP class, modality, presentation intent); calling AE titles can be restricted; associations are
+limited in number (in all, and per peer) and time (one without a C-STORE is ended), PDUs and datasets in size.
+A failure on one image is that image's error row: the node keeps serving.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import os
 import queue
 import re
 import signal
@@ -61,9 +63,10 @@ COMPRESSED = (  # offered only where the installed pydicom handlers decode them
     "1.2.840.10008.1.2.5",  # RLE lossless
 )
 RESULTS_FILE = "results.jsonl"
+SPOOL_FOLDER = "spool"  # under --out: every acknowledged image until its results row is written
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # DICOM AE: 16 printable characters, no backslash
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
-STATUS_NOT_THIS_SOP_CLASS = 0xA900  # the dataset does not match the SOP class: not a CR or DX image for presentation
+STATUS_NOT_THIS_SOP_CLASS = 0xA900  # C-STORE failure: the dataset does not match the SOP class
 ACCEPTED_MODALITIES = ("CR", "DX")
 STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success, or success with a warning
 
@@ -125,7 +128,8 @@ class NodeLimits:
     max_associations: int = ListenOptions.max_associations  # concurrent; more are rejected (local limit exceeded)
     acse_timeout: float = 30.0  # seconds to negotiate or release an association
     dimse_timeout: float = 60.0  # seconds to wait for a DIMSE message
-    network_timeout: float = 60.0  # seconds an idle association is kept
+    network_timeout: float = 60.0  # seconds an association is kept without a C-STORE (C-ECHOs do not count)
+    peer_associations: int = 0  # concurrent associations one peer (calling AE title + address) may hold; 0: half
     max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
     max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
     queue_size: int = 32  # received images held for classification; a full queue answers out of resources
@@ -133,7 +137,17 @@ class NodeLimits:
     queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
     batch_size: int = 16  # images classified together when several wait
     send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
-    drain_timeout: float = 30.0  # on stop: seconds for open associations to finish before they are aborted
+    drain_timeout: float = 5.0  # on stop: seconds for open associations to close before they are aborted
+    send_timeout: float = 10.0  # each step with --send-to: TCP connect, association, each DIMSE message, STOW-RS
+    stop_timeout: float = 30.0  # on stop: every acknowledged image has its results row within this many seconds
+
+    @property
+    def peer_share(self) -> int:
+        """How many of the association slots one peer may hold: ``peer_associations``, or half (at least 1)."""
+        return self.peer_associations or max(1, self.max_associations // 2)
+
+
+_KEYS = itertools.count()
 
 
 @dataclass
@@ -141,6 +155,10 @@ class Received:
     data: bytes
     calling_ae: str
     held: int = 0  # bytes counted against the node's byte budget until released
+    spool: Path | None = None  # its spooled copy, removed once its results row is written
+    recovered: bool = False  # read back from the spool at start (the node had stopped before answering it)
+    record: dict | None = None  # its results row, once classified
+    key: int = field(default_factory=lambda: next(_KEYS))
     received: float = field(default_factory=time.monotonic)
     received_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
 
@@ -173,6 +191,21 @@ class _NamedBytes(io.BytesIO):
         self.name = name
 
 
+def why_not_a_radiograph(header) -> str | None:
+    """Why a received dataset is not one this node classifies (its own SOP class, modality and presentation
+    intent, whatever presentation context carried it), or None when it is a CR or DX image for presentation."""
+    sop = str(header.get("SOPClassUID", "") or "")
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    intent = str(header.get("PresentationIntentType", "") or "").strip().upper()
+    if sop not in ACCEPTED_SOP_CLASSES:
+        return f"SOP class {sop or '(none)'} is not CR or DX for presentation"
+    if modality not in ACCEPTED_MODALITIES:
+        return f"modality {modality or '(none)'} is not CR or DX"
+    if intent and intent != "FOR PRESENTATION":
+        return f"presentation intent {intent} (only FOR PRESENTATION is classified)"
+    return None
+
+
 def accepted_transfer_syntaxes() -> list[str]:
     """Uncompressed syntaxes, and the compressed ones the installed pixel handlers can decode."""
     from pydicom.pixels import get_decoder
@@ -196,20 +229,39 @@ class Sender:
 
         self.peer = peer
         self.ae = AE(ae_title=ae_title)
-        self.ae.acse_timeout, self.ae.dimse_timeout = limits.acse_timeout, limits.dimse_timeout
-        self.ae.network_timeout = limits.network_timeout
+        self.ae.connection_timeout = self.ae.acse_timeout = limits.send_timeout
+        self.ae.dimse_timeout = self.ae.network_timeout = limits.send_timeout
         self.ae.maximum_pdu_size = limits.max_pdu
         for sop in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
             self.ae.add_requested_context(sop, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        self.assoc = None
+        self.assoc = self._opening = None
         self.lock = threading.Lock()
+
+    def _associate(self):
+        from pynetdicom import evt
+
+        def opened(event) -> None:
+            self._opening = event.assoc
+
+        handlers = [(evt.EVT_CONN_OPEN, opened)]
+        try:
+            return self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title, evt_handlers=handlers)
+        finally:
+            self._opening = None
+
+    def abandon(self) -> None:
+        """Close the connection of whatever is in flight (from another thread): the node is stopping."""
+        for assoc in (self._opening, self.assoc):
+            socket = getattr(getattr(assoc, "dul", None), "socket", None)
+            if socket is not None:
+                socket.close()
 
     def send(self, dataset) -> None:
         """C-STORE one dataset; raises ``OSError`` with the reason when the destination does not take it."""
         with self.lock:
             for _attempt in (1, 2):
                 if self.assoc is None or not self.assoc.is_established:
-                    self.assoc = self.ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+                    self.assoc = self._associate()
                     if not self.assoc.is_established:
                         self.assoc = None
                         raise OSError(f"{self.peer}: association refused or not answered")
@@ -235,7 +287,7 @@ class StowSender:
     """STOW-RS: each instance POSTed alone as ``multipart/related; type="application/dicom"``."""
 
     def __init__(self, target: StowTarget, limits: NodeLimits):
-        self.target, self.timeout = target, limits.dimse_timeout
+        self.target, self.timeout = target, limits.send_timeout
 
     def send(self, dataset) -> None:
         """Store one dataset; raises ``OSError`` with the reason when the service does not take it."""
@@ -268,6 +320,9 @@ class StowSender:
     def close(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass  # urllib's timeout bounds each request
+
 
 def make_sender(send_to: Peer | StowTarget, ae_title: str, limits: NodeLimits) -> Sender | StowSender:
     return StowSender(send_to, limits) if isinstance(send_to, StowTarget) else Sender(send_to, ae_title, limits)
@@ -299,15 +354,28 @@ class DicomNode:
         self.send_to, self.send_cam = send_to, send_cam
         self.model = ModelInfo.of(classifier.bundle)
         self.results_path = ensure_folder(out) / RESULTS_FILE
+        self.spool = ensure_folder(Path(out) / SPOOL_FOLDER)
+        self._pending: dict[int, Received] = {}  # acknowledged, no results row yet
         self.queue: queue.Queue[Received | None] = queue.Queue(limits.queue_size)
         self._budget = _ByteBudget(limits.queued_bytes)
         self.outbox: queue.Queue[tuple | None] = queue.Queue(limits.queue_size)  # classified, to be answered
-        self.counts = {"received": 0, "classified": 0, "refused": 0, "failed": 0, "sent": 0, "send_failed": 0}
+        self.counts = {
+            "received": 0,
+            "classified": 0,
+            "refused": 0,
+            "failed": 0,
+            "rejected": 0,
+            "sent": 0,
+            "send_failed": 0,
+        }
         self._server = self._ae = self._worker = None
+        self._spooled = itertools.count()
         self._senders: list[tuple[threading.Thread, Sender | StowSender]] = []
         self._results = None
         self._lock = threading.Lock()  # counts and the results file, shared by the worker and the senders
         self._stopped = threading.Event()
+        self._peer_lock = threading.Lock()  # one association request judged against its peer's share at a time
+        self._reaper: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -332,6 +400,7 @@ class DicomNode:
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REQUESTED, self._on_requested),
         ]
         self._results = open(self.results_path, "a", encoding="utf-8", buffering=1)
         self._worker = threading.Thread(target=self._work, name="pneumoscan-classify", daemon=True)
@@ -341,38 +410,75 @@ class DicomNode:
             thread = threading.Thread(target=self._send_loop, args=(sender,), name=f"pneumoscan-send-{n}", daemon=True)
             thread.start()
             self._senders.append((thread, sender))
+        self._recover_spool()
+        self._ae = ae
+        self._reaper = threading.Thread(target=self._end_idle_associations, name="pneumoscan-idle", daemon=True)
+        self._reaper.start()
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
             self._finish_threads()
             raise ConfigError(f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc})") from None
-        self._ae = ae
         self.port = self._server.server_address[1]
         LOG.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:
-        """Stop accepting, let open associations finish (up to ``drain_timeout``), classify and answer every
-        image already received, then close."""
+        """Stop accepting, give open associations ``drain_timeout`` to close, then classify and answer every image
+        already acknowledged; within ``stop_timeout`` every one has its results row (not sent, and why, where the
+        destination did not answer in time)."""
         if self._server is None or self._stopped.is_set():
             return
         self._stopped.set()
-        self._server.shutdown()  # no new associations; open ones go on
-        deadline = time.monotonic() + self.limits.drain_timeout
-        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < deadline:
+        deadline = time.monotonic() + self.limits.stop_timeout
+        self._server.shutdown()  # no new associations; open ones are refused new stores
+        grace = time.monotonic() + min(self.limits.drain_timeout, self.limits.stop_timeout / 3)
+        while any(a.is_established for a in self._ae.active_associations) and time.monotonic() < grace:
             time.sleep(0.05)
         self._ae.shutdown()  # aborts what is still open after the grace period
-        self._finish_threads()
+        self._finish_threads(deadline)
 
-    def _finish_threads(self) -> None:
-        """Classify what is queued, answer what is classified, then close the associations and the file."""
-        self.queue.put(None)
-        self._worker.join()
-        for _ in self._senders:
-            self.outbox.put(None)
+    def _finish_threads(self, deadline: float | None = None) -> None:
+        """Classify what is queued and answer what is classified until ``deadline``; then every acknowledged image
+        still without a row gets one saying why, and the file is closed. Threads still waiting on the destination
+        are left behind (they are daemons and write nothing more)."""
+        deadline = deadline or time.monotonic() + self.limits.stop_timeout
+        self._stopped.set()
+        self._reaper.join()
+        ends = [(self.queue, self._worker)] + [(self.outbox, thread) for thread, _ in self._senders]
+        for box, thread in ends:
+            try:
+                box.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                break
+            if box is self.queue:
+                thread.join(max(0.0, deadline - time.monotonic()))
         for thread, sender in self._senders:
-            thread.join()
-            sender.close()
-        self._results.close()
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                sender.abandon()  # its threads must not keep the process from exiting
+            else:
+                sender.close()
+        self._answer_the_rest()
+        with self._lock:
+            self._results.close()
+
+    def _answer_the_rest(self) -> None:
+        """A row for every acknowledged image still without one when the node must stop."""
+        with self._lock:
+            left = list(self._pending.values())
+        for item in left:
+            if item.record is not None:
+                record = dict(item.record)
+                record["send_error"] = (
+                    f"not sent: the node stopped after {self.limits.stop_timeout:.0f} s with the destination "
+                    "not answering"
+                )
+                self._count("send_failed")
+                self._finish(item, record)
+            else:
+                failure = Prediction(item.calling_ae, error="not classified before the node stopped")
+                record = failure.to_dict() | {"spooled": str(item.spool), "calling_ae": item.calling_ae}
+                self._finish(item, record, keep_spool=True)  # classified at the next start
 
     def serve_forever(self) -> None:
         """Start, then serve until SIGTERM or SIGINT; images in flight are finished before returning."""
@@ -392,7 +498,7 @@ class DicomNode:
         limit, or a dataset over ``max_dataset_bytes``, closes the connection at once (the association ends)."""
         sock = event.assoc.dul.socket
         read, limit = sock.recv, max(self.limits.max_pdu, 2**20) + 6  # an A-ASSOCIATE-RQ may exceed the max PDU
-        state = event.assoc._pneumoscan = {"dataset": 0, "over": False}
+        state = event.assoc._pneumoscan = {"dataset": 0, "over": False, "active": time.monotonic(), "storing": 0}
 
         def bounded_recv(nr_bytes: int) -> bytearray:
             if nr_bytes > limit or state["over"]:
@@ -413,6 +519,7 @@ class DicomNode:
         for item in items:
             value = item.presentation_data_value
             if value and not value[0] & 1:  # dataset fragment (not command)
+                state["active"] = time.monotonic()  # a C-STORE arriving: the association is in use
                 state["dataset"] += len(value) - 1
                 if state["dataset"] > self.limits.max_dataset_bytes:
                     state["over"] = True
@@ -423,6 +530,44 @@ class DicomNode:
                     )
                 if value[0] & 2:
                     state["dataset"] = 0
+
+    def _on_requested(self, event) -> None:
+        """One peer (calling AE title and address) holds at most ``peer_share`` associations: one more is rejected
+        (transient, local limit exceeded), so that no single sender can keep every slot."""
+        assoc = event.assoc
+        peer = (str(assoc.requestor.primitive.calling_ae_title).strip(), assoc.requestor.address)
+        with self._peer_lock:
+            held = sum(1 for a in self._ae.active_associations if a is not assoc and _peer_of(a) == peer)
+            if held >= self.limits.peer_share:
+                LOG.warning(
+                    "association from %s (%s) rejected: it already holds %d, its share of %d",
+                    *peer,
+                    held,
+                    self.limits.max_associations,
+                )
+                assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected transient, presentation: local limit exceeded
+                return
+            assoc._pneumoscan_peer = peer
+
+    def _end_idle_associations(self) -> None:
+        """End (A-ABORT) every association that has received no C-STORE for ``network_timeout`` seconds, however
+        often it sends C-ECHOs: an idle association must not keep a slot."""
+        period = min(1.0, self.limits.network_timeout / 4)
+        while not self._stopped.wait(period):
+            now = time.monotonic()
+            for assoc in self._ae.active_associations:
+                state = getattr(assoc, "_pneumoscan", None)
+                if not state or state["storing"] or not assoc.is_established:
+                    continue
+                if now - state["active"] > self.limits.network_timeout:
+                    LOG.warning(
+                        "association from %s (%s) ended: no C-STORE for %.0f s",
+                        assoc.requestor.ae_title,
+                        assoc.requestor.address,
+                        self.limits.network_timeout,
+                    )
+                    state["active"] = now  # aborted once; do not log it again while it closes
+                    assoc.abort(block=False)
 
     def _on_rejected(self, event) -> None:
         LOG.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
@@ -441,6 +586,15 @@ class DicomNode:
         )
 
     def _on_store(self, event) -> int:
+        state = getattr(event.assoc, "_pneumoscan", None) or {"storing": 0}
+        state["storing"] += 1  # not idle while it waits for room in the queue
+        try:
+            return self._store(event)
+        finally:
+            state["storing"] -= 1
+            state["active"] = time.monotonic()
+
+    def _store(self, event) -> int:
         if self._stopped.is_set():
             return STATUS_OUT_OF_RESOURCES
         try:
@@ -448,21 +602,75 @@ class DicomNode:
         except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
             LOG.exception("C-STORE could not be read")
             return STATUS_CANNOT_UNDERSTAND
-        if refusal := content_refusal(data):
-            LOG.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, refusal)
+        refusal = self._refusal(data)
+        if refusal:
+            LOG.warning("C-STORE from %s rejected: %s", event.assoc.requestor.ae_title, refusal)
+            self._count("rejected")
             return STATUS_NOT_THIS_SOP_CLASS
         item = Received(data, event.assoc.requestor.ae_title, held=len(data))
         if not self._budget.take(item.held, self.limits.queue_wait):
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
             return STATUS_OUT_OF_RESOURCES
         try:
+            item.spool = self._write_spool(data, item.calling_ae)
+        except OSError as exc:
+            self._release(item)
+            LOG.warning("cannot spool a C-STORE from %s (%s): answered out of resources", item.calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        with self._lock:
+            self._pending[item.key] = item
+        try:
             self.queue.put(item, timeout=self.limits.queue_wait)
         except queue.Full:
+            with self._lock:
+                self._pending.pop(item.key, None)
+            item.spool.unlink(missing_ok=True)
             self._release(item)
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
             return STATUS_OUT_OF_RESOURCES
         self._count("received")
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS  # acknowledged only now: the image is on disk and will have its row
+
+    # -- the spool ---------------------------------------------------------------------------------------------
+    def _write_spool(self, data: bytes, calling_ae: str) -> Path:
+        """Write one received image to the spool and fsync it (file and folder) before it is acknowledged."""
+        name = f"{time.time_ns()}-{next(self._spooled)}-{calling_ae.encode().hex()}.dcm"
+        part = self.spool / (name + ".part")
+        with open(part, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(part, self.spool / name)
+        _fsync_folder(self.spool)
+        return self.spool / name
+
+    def _recover_spool(self) -> None:
+        """Queue every image a previous run acknowledged but did not answer (it stopped, or was killed)."""
+        for part in self.spool.glob("*.part"):
+            part.unlink(missing_ok=True)  # never acknowledged
+        found = sorted(self.spool.glob("*.dcm"))
+        if found:
+            LOG.warning("recovering %d acknowledged image(s) from %s", len(found), self.spool)
+        for path in found:
+            data = path.read_bytes()
+            item = Received(data, _spooled_sender(path), held=len(data), spool=path, recovered=True)
+            item.received_at = _spooled_time(path) or item.received_at
+            self._budget.take(item.held, None)
+            with self._lock:
+                self._pending[item.key] = item
+            self.queue.put(item)
+            self._count("received")
+
+    @staticmethod
+    def _refusal(data: bytes) -> str | None:
+        """Why a received dataset is rejected with a failure status (no row), or None to accept it."""
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable header is the sender's error
+            return f"not a readable DICOM dataset ({str(exc)[:150]})"
+        return why_not_a_radiograph(header)
 
     # -- classification ----------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -491,7 +699,7 @@ class DicomNode:
     def _answer_batch(self, batch: list[Received]) -> None:
         answers = answer_images(self.classifier, [i.data for i in batch], names=[i.calling_ae for i in batch])
         for item, (source, result) in zip(batch, answers):
-            record = self._record(item, source, result)
+            record = item.record = self._record(item, source, result)
             if self._senders and source is not None:
                 if not (self.send_cam and result.ok):
                     self._release(item)  # the pixels are no longer needed: the outbox holds none it will not use
@@ -504,6 +712,8 @@ class DicomNode:
         (a PACS answers each store after committing it, so several associations keep several stores in flight)."""
         while (job := self.outbox.get()) is not None:
             item, source, result, record = job
+            if item.key not in self._pending:
+                continue  # the node stopped and answered it already
             try:
                 self._send(sender, source, result, item, record)
             except Exception as exc:  # noqa: BLE001 - one image's failure is its own row
@@ -521,11 +731,20 @@ class DicomNode:
             self._budget.give(item.held)
         item.held, item.data = 0, b""
 
-    def _finish(self, item: Received, record: dict) -> None:
+    def _finish(self, item: Received, record: dict, keep_spool: bool = False) -> None:
+        """Write the image's one results row (fsynced), then drop its spooled copy; a second call is a no-op."""
         self._release(item)
         record["seconds"] = round(time.monotonic() - item.received, 4)
+        if item.recovered:
+            record["recovered"] = True
         with self._lock:
+            if self._pending.pop(item.key, None) is None:
+                return
             self._results.write(json.dumps(record) + "\n")
+            self._results.flush()
+            os.fsync(self._results.fileno())
+        if item.spool is not None and not keep_spool:
+            item.spool.unlink(missing_ok=True)
         LOG.info("%s", _summary(record))
 
     def _record(self, item: Received, source, result: Prediction) -> dict:
@@ -561,6 +780,37 @@ class DicomNode:
             record["cam_instance_uid"] = str(cam.SOPInstanceUID)
 
 
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spooled_sender(path: Path) -> str:
+    """The calling AE title a spooled image's name records (``NS-N-HEX.dcm``)."""
+    try:
+        return bytes.fromhex(path.stem.rsplit("-", 1)[-1]).decode("ascii") or "spool"
+    except (ValueError, UnicodeDecodeError):
+        return "spool"
+
+
+def _spooled_time(path: Path) -> str | None:
+    try:
+        seconds = int(path.stem.split("-", 1)[0]) / 1e9
+    except ValueError:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _peer_of(assoc) -> tuple[str, str] | None:
+    """The (calling AE title, address) an association was counted against, while it is open."""
+    if assoc.is_aborted or assoc.is_released or assoc.is_rejected:
+        return None
+    return getattr(assoc, "_pneumoscan_peer", None)
+
+
 def _summary(record: dict) -> str:
     what = record.get("label") or f"refused: {record.get('error')}"
     if "probability" in record:
@@ -570,27 +820,6 @@ def _summary(record: dict) -> str:
     elif "send_error" in record:
         what += f" -> not sent: {record['send_error']}"
     return f"{record['path']}: {what}"
-
-
-def content_refusal(data: bytes) -> str | None:
-    """Why a stored dataset is not a CR or DX image for presentation by its own header (SOP Class UID, Modality,
-    Presentation Intent Type), whatever presentation context carried it; None when it is one."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        sop, modality = str(ds.get("SOPClassUID", "")), str(ds.get("Modality", "")).strip().upper()
-        intent = str(ds.get("PresentationIntentType", "")).strip().upper()
-    except Exception as exc:  # noqa: BLE001 - an unparsable header is the sender's problem
-        return f"not a readable DICOM header ({str(exc)[:100]})"
-    if sop not in ACCEPTED_SOP_CLASSES:
-        name = getattr(UID(sop), "name", "") or sop or "none"
-        return f"its SOP class is {name[:64]}, not CR or DX image storage for presentation"
-    if modality not in ACCEPTED_MODALITIES:
-        return f"its modality is {modality[:16] or 'missing'}, not CR or DX"
-    if intent == "FOR PROCESSING":
-        return "a DX image for processing, not for presentation"
-    return None
 
 
 def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequence[str] | None = None) -> list:

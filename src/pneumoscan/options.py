@@ -349,6 +349,31 @@ class ListenOptions:
         metavar="AETITLE",
     )
     max_associations: int = option(8, "concurrent associations at most; more are rejected", at_least=1, at_most=1000)
+    peer_associations: int = option(
+        0,
+        "concurrent associations one peer (calling AE title and address) may hold; more from it are rejected "
+        "(0: half of --max-associations, at least 1)",
+        at_least=0,
+        at_most=1000,
+    )
+    send_timeout: float = option(
+        10.0,
+        "with --send-to: seconds each step may take (TCP connect, association, each DIMSE message, a STOW-RS request)",
+        above=0,
+        at_most=600,
+    )
+    stop_timeout: float = option(
+        30.0,
+        "on SIGTERM: seconds within which every acknowledged image has its results row (sent, or not and why)",
+        above=0,
+        at_most=3600,
+    )
+    idle_timeout: float = option(
+        60.0,
+        "seconds an association may go without a C-STORE before it is ended (C-ECHOs do not count)",
+        above=0,
+        at_most=3600,
+    )
     engine: str = engine_option()
     int8: bool = option(False, "use the bundle's int8 ONNX model")
 
