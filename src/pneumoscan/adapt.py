@@ -126,7 +126,7 @@ def _adapt(source: Bundle, data: Path, out: Path, source_data, progress: bool) -
     net = aligned_network(clf.engine.net, reference, screened.images, progress)
     record = adaptation_record(source, data, screened, reference_from, len(reference))
     config = {
-        **{k: v for k, v in source.config.items() if k not in ("calibration", "files")},
+        **{k: v for k, v in source.config.items() if k not in ("calibration", "files", "int8")},
         **_identity(source, data),
         "adaptation": record,
     }

@@ -57,6 +57,7 @@ from .fileio import MAX_JSON_BYTES, MAX_JSON_DEPTH, atomic_write, parse_json_obj
 from .images import Preprocessing
 from .labels import CLASSES
 from .metrics import sigmoid
+from .quantization import int8_status
 
 __all__ = [  # re-exported: pneumoscan.bundle stays the one place to import a bundle's names from
     "ANSWER_FILES", "BUNDLED_MODELS", "CARD", "CONFIG", "CURVES", "ENSEMBLE_FORMAT", "EXTRA_FILES", "FORMAT", "GATE",
@@ -205,6 +206,10 @@ class Bundle:
         if head["b1"].shape != (hidden,) or head["w2"].shape != (1, hidden) or head["b2"].shape != (1,):
             return None
         return head
+
+    def int8_status(self) -> tuple[bool, str]:
+        """(whether it runs its int8 model by default, why in one line): see :mod:`pneumoscan.quantization`."""
+        return int8_status(self.config)
 
     @property
     def head_only(self) -> bool:
@@ -424,7 +429,10 @@ def write_bundle(
     }
     for name in set(recorded) & set(ONNX_FILES):  # their metadata follows the operating point
         if not _onnx_metadata_current(path / name, onnx_metadata(config)):
+            before = sha256_file(path / name)
             atomic_write(path / name, with_metadata(path / name, onnx_metadata(config)))
+            if config.get("int8", {}).get("sha256") == before:  # the same graph: its measurement still holds
+                config["int8"] = {**config["int8"], "sha256": sha256_file(path / name)}
     config["files"] = {name: sha256_file(path / name) for name in recorded}
     validate_config(config, str(path))
     metrics = metrics or {}

@@ -17,6 +17,7 @@ from .fileio import MAX_JSON_BYTES
 from .images import RESAMPLING
 from .labels import CLASSES
 from .metrics import CI_METRICS
+from .quantization import check_record
 
 FORMAT = "pneumoscan-bundle/1"
 ENSEMBLE_FORMAT = "pneumoscan-ensemble/1"  # an ensemble of single bundles (ensemble.py)
@@ -69,6 +70,7 @@ _SCHEMA = {
     "pneumoscan_version": (str, False),
     "notes": (str, False),
     "calibration": (dict, False),
+    "int8": (dict, False),  # the int8 model measured against fp32 on validation films (quantization.py)
     "adaptation": (dict, False),  # the site's films its batch-norm statistics were re-estimated on (adapt.py)
     "pretrained": (dict, False),  # where the backbone's pretrained weights came from (backbones.provenance)
     "weights_scope": (str, False),  # "network" (default) or "head": the backbone comes from the registry
@@ -159,6 +161,8 @@ def validate_config(config: dict, where: str) -> None:
         raise ConfigError(f"{where}: config.json 'weights_scope' must be one of {', '.join(WEIGHTS_SCOPES)}")
     if config.get("weights_scope") == "head" and not _SHA256.fullmatch(pretrained.get("sha256", "")):
         raise ConfigError(f"{where}: a head-only bundle must pin its backbone's weights ('pretrained.sha256')")
+    if "int8" in config:
+        check_record(config["int8"], where)
     validate_preprocessing(config.get("preprocessing"), where)
     validate_operating_config(config, where)
 

@@ -78,7 +78,7 @@ def calibrate_bundle(
     and write the recalibrated bundle to ``out``. Returns it with its in-sample report, whose ``warnings``
     say where a value was bounded or kept (a small or perfectly separated set: see
     :func:`metrics.operating_point`). A failed calibration leaves no folder it created."""
-    clf = Classifier.load(model)
+    clf = Classifier.load(model)  # the bundle's default engine: the operating point sits on what predict runs
     source = clf.bundle
     out = checked_path(out, "output folder")
     if out.resolve() == source.path.resolve():

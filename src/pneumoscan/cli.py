@@ -188,7 +188,7 @@ def _run_predict(args) -> int:
 
     if o.resume and not o.output:
         raise PneumoscanError("--resume goes with --output FILE")
-    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8, gate=o.gate)
+    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8, fp32=o.fp32, gate=o.gate)
     for folder in (o.cam, o.sr):
         if folder:
             ensure_folder(folder)
@@ -221,6 +221,7 @@ def _run_predict(args) -> int:
             model=o.model,
             engine=o.engine,
             int8=o.int8,
+            fp32=o.fp32,
             gate=o.gate,
             batch_size=o.batch_size,
         )
@@ -427,7 +428,7 @@ def _run_listen(args) -> int:
         send_timeout=o.send_timeout,
         stop_timeout=o.stop_timeout,
     )
-    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8)
+    clf = Classifier.load(o.model, engine=o.engine, int8=o.int8, fp32=o.fp32)
     node = DicomNode(
         clf,
         o.out,

@@ -131,7 +131,7 @@ class Teacher:
 
         with warnings.catch_warnings():  # "no input gate": the gate is off here anyway
             warnings.simplefilter("ignore")
-            classifier = Classifier(self.bundle, gate=False)
+            classifier = Classifier(self.bundle, int8=False, gate=False)
         cache.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(samples), desc=f"teacher {self.bundle.name}", unit="img", disable=not progress)
         for part in range(0, len(samples), CHECKPOINT):

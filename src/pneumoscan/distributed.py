@@ -23,10 +23,10 @@ from .settings import DECLARED, declared
 class _Predictor:
     """One Ray actor: loads the bundle once, then classifies batches of paths."""
 
-    def __init__(self, model: str | None, engine: str, int8: bool, gate: bool, batch_size: int):
+    def __init__(self, model: str | None, engine: str, int8: bool, fp32: bool, gate: bool, batch_size: int):
         from .inference import Classifier
 
-        self.classifier = Classifier.load(model, engine=engine, int8=int8, gate=gate)
+        self.classifier = Classifier.load(model, engine=engine, int8=int8, fp32=fp32, gate=gate)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -37,7 +37,7 @@ class _Predictor:
 RAY_CONNECT_SECONDS = 5.0  # an address that does not answer within this is an error, not a wait
 
 
-@declared(PredictOptions, "model", "engine", "int8", "gate", "batch_size")
+@declared(PredictOptions, "model", "engine", "int8", "fp32", "gate", "batch_size")
 def iter_predictions_ray(
     files: list[Path],
     *,
@@ -45,6 +45,7 @@ def iter_predictions_ray(
     model: str | None = DECLARED,
     engine: str = DECLARED,
     int8: bool = DECLARED,
+    fp32: bool = DECLARED,
     gate: bool = DECLARED,
     batch_size: int = DECLARED,
     actors: int | None = None,
@@ -53,7 +54,7 @@ def iter_predictions_ray(
     address (``HOST:PORT`` or ``ray://HOST:PORT``), ``auto`` (the running cluster) or ``local`` (start one
     on this machine). The cluster is joined here (:func:`connect`), before the first result is asked for."""
     ray = connect(address)
-    return _predictions(ray, files, model, engine, int8, gate, batch_size, actors)
+    return _predictions(ray, files, model, engine, int8, fp32, gate, batch_size, actors)
 
 
 def connect(address: str = "local"):
@@ -111,14 +112,14 @@ def check_reachable(address: str, seconds: float = RAY_CONNECT_SECONDS) -> None:
         raise ConfigError(f"--ray {address}: cannot connect ({reason})") from None
 
 
-def _predictions(ray, files, model, engine, int8, gate, batch_size, actors) -> Iterator[Prediction]:
+def _predictions(ray, files, model, engine, int8, fp32, gate, batch_size, actors) -> Iterator[Prediction]:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results come back in input order
     context.enable_progress_bars = False
     pool = actors or max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // 2)
     dataset = ray.data.from_items([{"path": str(f)} for f in files]).map_batches(
         _Predictor,
-        fn_constructor_args=(model, engine, int8, gate, batch_size),
+        fn_constructor_args=(model, engine, int8, fp32, gate, batch_size),
         batch_size=batch_size * 4,
         concurrency=pool,
         num_cpus=1,

@@ -112,6 +112,13 @@ class Ensemble(Bundle):
     def onnx_path(self, int8: bool = False) -> Path | None:
         return None  # each member has its own
 
+    def int8_status(self) -> tuple[bool, str]:
+        """Each member runs int8 by default where its own int8 model holds: (all of them do, why)."""
+        statuses = [(name, *m.int8_status()) for name, m in zip(self.member_names, self.members)]
+        if all(holds for _, holds, _ in statuses):
+            return True, "every member's int8 model agrees with its fp32 model"
+        return False, "; ".join(f"{name}: {why}" for name, holds, why in statuses if not holds)
+
     def head_weights(self):
         return None
 
@@ -411,5 +418,7 @@ def bundled_models_table() -> str:
         )
         rows.append(f"{name:<8} {printable(bundle.name)}")
         rows.append(f"{'':<8} {kind}, {bundle.parameter_count() / 1e6:.1f} M parameters; {accuracy}")
+        runs_int8, why = bundle.int8_status()
+        rows.append(f"{'':<8} engine: {'int8' if runs_int8 else 'fp32'} by default ({printable(why)})")
     rows.append("speed: docs/benchmarks.md; python benchmarks/predict_cli.py --model NAME measures it here")
     return "\n".join(rows)

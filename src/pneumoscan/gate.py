@@ -553,7 +553,12 @@ def gate_report(samples: list, scores: np.ndarray, limit: float) -> dict:
 def gate_images(train_images: np.ndarray, val_images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The gate's training sample and its calibration set (validation X-rays, clean and perturbed)."""
     pick = _seeded_pick(len(train_images), TRAIN_IMAGES, seed)
-    return np.asarray(train_images[pick]), np.concatenate([val_images, perturbed_sample(val_images, seed)])
+    return np.asarray(train_images[pick]), calibration_images(val_images, seed)
+
+
+def calibration_images(val_images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """What the gate's limits are set on: validation X-rays, clean and perturbed."""
+    return np.concatenate([val_images, perturbed_sample(val_images, seed)])
 
 
 def perturbed_sample(images: np.ndarray, seed: int, count: int = PERTURBED_IMAGES) -> np.ndarray:

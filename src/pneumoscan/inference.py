@@ -97,7 +97,8 @@ class TorchEngine:
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, path: Path, bundle: Bundle, threads: int | None = None):
+    def __init__(self, path: Path, bundle: Bundle, threads: int | None = None, name: str | None = None):
+        """``name``: the engine's name (onnx, onnx-int8); by default from the file's name."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -108,7 +109,7 @@ class OnnxEngine:
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:150]})") from None
         _check_onnx_contract(self.session, path, bundle)
-        self.name = "onnx-int8" if path.name.endswith(".int8.onnx") else "onnx"
+        self.name = name or ("onnx-int8" if path.name.endswith(".int8.onnx") else "onnx")
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.has_feature_map = ONNX_FEATURE_MAP in outputs and len(outputs[ONNX_FEATURE_MAP].shape) == 4
 
@@ -182,7 +183,7 @@ class EnsembleEngine:
     """The members' engines on the same prepared images: the mean of their temperature-scaled logits,
     and the primary member's pooled features (which the gate and the subtype head were fitted on)."""
 
-    def __init__(self, bundle, engine: str = "auto", int8: bool = False):
+    def __init__(self, bundle, engine: str = "auto", int8: bool | None = False):
         self.members = [member_engine(m, n, engine, int8) for n, m in zip(bundle.member_names, bundle.members)]
         self.temperatures = bundle.member_temperatures()
         self.name = "+".join(e.name for e in self.members)  # one engine name per member, in order
@@ -195,12 +196,15 @@ class EnsembleEngine:
         return logits, outputs[0][1]
 
 
-def member_engine(bundle: Bundle, name: str, engine: str, int8: bool):
-    """An ensemble member's engine for the ensemble's ``engine`` and ``int8`` choice. A member without an
+def member_engine(bundle: Bundle, name: str, engine: str, int8: bool | None):
+    """An ensemble member's engine for the ensemble's ``engine`` and ``int8`` choice (None: the member's
+    own, :meth:`Bundle.int8_status`). A member without an
     int8 model runs its fp32 model under ``int8``. A member with only an int8 model (a frozen-backbone member
     may ship its network as int8 ONNX alone, its weights holding the head only) runs its fp32 network where
     one can be had (a cached export of its weights under ``auto``), else its int8 model. Each substitution
     is a warning."""
+    if int8 is None:
+        int8 = engine != "torch" and bundle.int8_status()[0]
     has_fp32, has_int8 = bundle.onnx_path(False) is not None, bundle.onnx_path(True) is not None
     if engine != "torch" and int8 and not has_int8:
         warnings.warn(f"ensemble member {name} has no int8 model: it runs its fp32 model", stacklevel=3)
@@ -214,9 +218,18 @@ def member_engine(bundle: Bundle, name: str, engine: str, int8: bool):
     return make_engine(bundle, engine, int8)
 
 
-def make_engine(bundle: Bundle, engine="auto", int8: bool = False):
+def precision_choice(int8: bool = False, fp32: bool = False) -> bool | None:
+    """The ``int8`` of :func:`make_engine` from the ``--int8`` and ``--fp32`` flags."""
+    if int8 and fp32:
+        raise ConfigError("--int8 and --fp32 exclude each other: give one")
+    return True if int8 else False if fp32 else None
+
+
+def make_engine(bundle: Bundle, engine="auto", int8: bool | None = False):
     """``auto``: ONNX Runtime (the bundle's model, or a cached export of it), else PyTorch; an ensemble
-    gets its members' engines (:class:`EnsembleEngine`). An engine object is used as it is."""
+    gets its members' engines (:class:`EnsembleEngine`). An engine object is used as it is. ``int8``:
+    the int8 model (True), the fp32 one (False), or the bundle's default (None: int8 where its recorded
+    agreement with fp32 holds, :mod:`pneumoscan.quantization`)."""
     from .ensemble import Ensemble
 
     if not isinstance(engine, str):
@@ -227,6 +240,8 @@ def make_engine(bundle: Bundle, engine="auto", int8: bool = False):
         raise ConfigError("int8 is an ONNX model: --int8 goes with --engine onnx or auto, not torch")
     if isinstance(bundle, Ensemble):
         return EnsembleEngine(bundle, engine, int8)
+    if int8 is None:
+        int8 = engine != "torch" and bundle.int8_status()[0]
     if engine == "torch":
         return TorchEngine(bundle)
     onnx = bundle.onnx_path(int8)
@@ -342,8 +357,9 @@ def _entries(folder: str, problems: list[tuple[str, str]] | None = None) -> list
 class Classifier:
     """A trained model ready to predict and explain."""
 
-    def __init__(self, bundle: Bundle, engine="auto", int8: bool = False, gate: bool = True):
-        """``engine``: auto, onnx or torch (:data:`ENGINES`), or an engine object to share."""
+    def __init__(self, bundle: Bundle, engine="auto", int8: bool | None = None, gate: bool = True):
+        """``engine``: auto, onnx or torch (:data:`ENGINES`), or an engine object to share; ``int8``: the
+        int8 model (True), fp32 (False) or the bundle's default (None, :func:`make_engine`)."""
         self.bundle = bundle
         self.engine = make_engine(bundle, engine, int8)
         self.heads = bundle.load_heads()  # the feature heads the bundle has (feature_heads.HEADS), in order
@@ -361,18 +377,21 @@ class Classifier:
         self._explain_lock = threading.Lock()  # Grad-CAM hooks the shared network: one explanation at a time
 
     @classmethod
-    @declared(PredictOptions, "engine", "int8", "gate", path="model")
+    @declared(PredictOptions, "engine", "int8", "fp32", "gate", path="model")
     def load(
         cls,
         path: str | os.PathLike | None = DECLARED,
         *,
         engine: str = DECLARED,
         int8: bool = DECLARED,
+        fp32: bool = DECLARED,
         gate: bool = DECLARED,
     ) -> Classifier:
-        """Open a bundle (the packaged default when ``path`` is None). ``gate=False`` labels every image,
-        also those the bundle's input gate would refuse (each result still carries its gate score)."""
-        return cls(load_bundle(path), engine, int8, gate)
+        """Open a bundle (the packaged default when ``path`` is None). It runs its int8 model where that is
+        its default (:meth:`Bundle.int8_status`); ``int8`` or ``fp32`` asks for one. ``gate=False`` labels
+        every image, also those the bundle's input gate would refuse (each result still carries its gate
+        score)."""
+        return cls(load_bundle(path), engine, precision_choice(int8, fp32), gate)
 
     @property
     def threshold(self) -> float:

@@ -31,6 +31,18 @@ def model_option(help: str = MODEL_HELP, flag: str | None = None) -> Any:
     return option(None, help, path=True, flag=flag)
 
 
+def int8_option() -> Any:
+    return option(
+        False,
+        "run the bundle's int8 ONNX model even where it is not the default (by default a bundle runs int8 "
+        "where its int8 model was measured to answer as fp32 does; pneumoscan models says which)",
+    )
+
+
+def fp32_option() -> Any:
+    return option(False, "run the fp32 model where the bundle's default is its int8 model")
+
+
 def engine_option() -> Any:
     return option(
         "auto",
@@ -204,7 +216,8 @@ class PredictOptions:
         choices=FORMATS,
     )
     engine: str = engine_option()
-    int8: bool = option(False, "use the bundle's int8 ONNX model")
+    int8: bool = int8_option()
+    fp32: bool = fp32_option()
     gate: bool = option(
         True,
         "label every image, also those the input gate refuses as not a chest X-ray (each result says gate off "
@@ -273,7 +286,9 @@ class ExportOptions:
     calibration_data: str | None = option(
         None, "dataset root whose train split calibrates int8 (default: the bundle's training data)", path=True
     )
-    calibration_images: int = option(256, "training images used to calibrate int8", at_least=2, at_most=100_000)
+    calibration_images: int = option(
+        1024, "training images (from the training patients) used to calibrate int8", at_least=2, at_most=100_000
+    )
 
 
 @dataclass
@@ -282,6 +297,8 @@ class ServeOptions:
     host: str = host_option()
     port: int = port_option(8000)
     engine: str = engine_option()
+    int8: bool = int8_option()
+    fp32: bool = fp32_option()
     max_upload_mb: float = option(
         20.0, "largest accepted upload in MB (at most the loader's 100 MB file limit)", above=0, at_most=100
     )
@@ -375,7 +392,8 @@ class ListenOptions:
         at_most=3600,
     )
     engine: str = engine_option()
-    int8: bool = option(False, "use the bundle's int8 ONNX model")
+    int8: bool = int8_option()
+    fp32: bool = fp32_option()
 
 
 @dataclass

@@ -314,11 +314,13 @@ def protocol_class(
     return type("PneumoscanHTTP", (GuardedH11Protocol,), {**limits, "clients": Counter()})
 
 
-@declared(ServeOptions, "model", "engine", "workers", "cors_origins", "body_timeout", "body_deadline")
+@declared(ServeOptions, "model", "engine", "int8", "fp32", "workers", "cors_origins", "body_timeout", "body_deadline")
 def create_app(
     model: str | os.PathLike | None = DECLARED,
     *,
     engine: str = DECLARED,
+    int8: bool = DECLARED,
+    fp32: bool = DECLARED,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     workers: int | None = DECLARED,
     cors_origins: list[str] | None = DECLARED,
@@ -328,7 +330,7 @@ def create_app(
 ) -> FastAPI:
     """The application (options as :func:`serve`'s, the upload limit in bytes); ``classifier`` lets tests
     and embedders pass one already loaded."""
-    clf = classifier or Classifier.load(model, engine=engine)
+    clf = classifier or Classifier.load(model, engine=engine, int8=int8, fp32=fp32)
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="pneumoscan")
     app = FastAPI(
         title="pneumoscan",
@@ -478,6 +480,8 @@ def serve(
     port: int = DECLARED,
     *,
     engine: str = DECLARED,
+    int8: bool = DECLARED,
+    fp32: bool = DECLARED,
     max_upload_mb: float = DECLARED,
     body_timeout: float = DECLARED,
     body_deadline: float = DECLARED,
@@ -492,6 +496,8 @@ def serve(
     app = create_app(
         model,
         engine=engine,
+        int8=int8,
+        fp32=fp32,
         max_upload_bytes=int(max_upload_mb * 2**20),
         workers=workers,
         cors_origins=cors_origins,
