@@ -61,6 +61,8 @@ def evaluate(
     out: str | Path = DECLARED,
     *,
     engine: str = DECLARED,
+    int8: bool = DECLARED,
+    fp32: bool = DECLARED,
     n_resamples: int = DECLARED,
     seed: int = DECLARED,
     progress: bool = DECLARED,
@@ -88,7 +90,9 @@ def evaluate(
     all_samples = load_split(data, split)
     is_split = bool(split) and (Path(data) / split).is_dir()  # else a flat NORMAL/PNEUMONIA folder was given
     split_name = split if is_split else Path(data).name
-    classifiers = [Classifier.load(model, engine=engine) for model in models]  # bad bundles stop before any work
+    classifiers = [  # bad bundles stop before any work
+        Classifier.load(model, engine=engine, int8=int8, fp32=fp32) for model in models
+    ]
     images_by_size: dict = {}  # by preprocessing: models that prepare alike share the images
     results = []
     for index, clf in enumerate(classifiers):
@@ -237,7 +241,7 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
         "sensitivity": number(report["sensitivity"], 4),
         "specificity": number(report["specificity"], 4),
         "loss": number(report["loss"], 4),
-        "note": note,
+        "note": "; ".join(filter(None, [f"engine {report['engine']}" if report.get("engine") else "", note])),
     }
     new = not path.is_file() or path.stat().st_size == 0
     with open(path, "a", newline="", encoding="utf-8") as f:

@@ -146,6 +146,8 @@ class EvaluateOptions:
     )
     out: str = option("evaluation", "output folder", path=True)
     engine: str = engine_option()
+    int8: bool = int8_option()
+    fp32: bool = fp32_option()
     n_resamples: int = bootstrap_option()
     seed: int = seed_option("seed of the bootstrap and of the random image grid")
     cross_fit: int | None = option(
