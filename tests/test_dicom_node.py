@@ -383,6 +383,81 @@ def test_images_beyond_the_byte_budget_are_answered_out_of_resources(classifier,
         node.stop()
 
 
+class PeakRSS:
+    """This process's peak resident memory from now on, in MB: the kernel's high-water mark reset here (or, where
+    /proc/self/clear_refs is not writable, VmRSS sampled every 5 ms)."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.start = self.sampled = self._read("VmRSS")
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    @staticmethod
+    def _read(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no {key} in /proc/self/status")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.sampled = max(self.sampled, self._read("VmRSS"))
+
+    def growth(self) -> float:
+        self._stop.set()
+        self._sampler.join()
+        return (self._read("VmHWM") if self.exact else self.sampled) - self.start
+
+
+def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, tmp_path, monkeypatch):
+    """Four 43 MB C-STOREs (6 uncompressed frames of a real film) from four storescu processes at once, the model
+    held back: each is written to a file as it arrives and acknowledged from the spool, so the node's memory grows
+    by far less than one dataset (holding each in memory, as pynetdicom does by default, costs about twice its
+    size per association: 340 MB here). Then every one is classified from the spool."""
+    senders = [f"BIG{n}" for n in range(4)]
+    files = []
+    for n in range(len(senders)):
+        files.append(tmp_path / f"big{n}.dcm")
+        files[-1].write_bytes(chest_dicom(NORMAL_FILM, jpeg=False, frames=6))
+    size_mb = files[0].stat().st_size / 2**20
+    assert size_mb > 40
+    held = threading.Event()
+    monkeypatch.setattr(
+        classifier, "predict", lambda *a, **k: held.wait(60) and Classifier.predict(classifier, *a, **k)
+    )
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=senders)
+    node.start()
+    try:
+        peak = PeakRSS()
+        sending = [
+            subprocess.Popen(
+                [STORESCU, "-aet", title, "-aec", "PNEUMOSCAN", "-xy", "127.0.0.1", str(node.port), str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for title, path in zip(senders, files)
+        ]
+        assert [s.wait(60) for s in sending] == [0] * len(senders)
+        growth = peak.growth()
+        assert len(list(node.spool.glob("*.dcm"))) == len(senders)  # every one acknowledged, from the spool
+        assert growth < size_mb / 2, f"memory grew {growth:.0f} MB receiving 4 x {size_mb:.0f} MB"
+        held.set()
+        wait_rows(node, len(senders), timeout=60)
+        assert [r.get("label") for r in rows(node)] == ["NORMAL"] * len(senders), rows(node)
+        assert sorted(r["calling_ae"] for r in rows(node)) == senders
+    finally:
+        held.set()
+        node.stop()
+    assert not list(node.spool.iterdir())
+
+
 def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs):
     _, node, _ = pacs
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
