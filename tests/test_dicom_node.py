@@ -298,7 +298,15 @@ def test_a_multi_frame_image_over_the_decoding_limit_is_refused(pacs, tmp_path):
     assert finding_of(refusal) == "REFUSED"
 
 
-def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_serving(classifier, tmp_path):
+def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_serving(
+    classifier, tmp_path, monkeypatch
+):
+    """The association ends as the dataset passes the limit; the file it was being received into is removed."""
+    import tempfile
+
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))  # where pynetdicom receives datasets
     limits = NodeLimits(max_dataset_bytes=2 * 2**20)
     node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER], limits=limits)
     node.start()
@@ -311,6 +319,7 @@ def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_s
         uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
         assert row_for(node, uid)["label"] == "NORMAL"
         assert len(rows(node)) == 1  # nothing of the big one was classified
+        assert not list(incoming.iterdir())  # nor left on disk
     finally:
         node.stop()
 
@@ -421,6 +430,11 @@ def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, t
     held back: each is written to a file as it arrives and acknowledged from the spool, so the node's memory grows
     by far less than one dataset (holding each in memory, as pynetdicom does by default, costs about twice its
     size per association: 340 MB here). Then every one is classified from the spool."""
+    import tempfile
+
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))  # where pynetdicom receives datasets
     senders = [f"BIG{n}" for n in range(4)]
     files = []
     for n in range(len(senders)):
@@ -447,6 +461,7 @@ def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, t
         assert [s.wait(60) for s in sending] == [0] * len(senders)
         growth = peak.growth()
         assert len(list(node.spool.glob("*.dcm"))) == len(senders)  # every one acknowledged, from the spool
+        assert not list(incoming.iterdir())  # each received file was moved there
         assert growth < size_mb / 2, f"memory grew {growth:.0f} MB receiving 4 x {size_mb:.0f} MB"
         held.set()
         wait_rows(node, len(senders), timeout=60)
@@ -456,6 +471,32 @@ def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, t
         held.set()
         node.stop()
     assert not list(node.spool.iterdir())
+
+
+def test_receiving_to_files_is_on_while_a_node_serves_and_a_store_still_works_without_it(classifier, tmp_path):
+    """pynetdicom's receive-to-file setting is process-wide: a node turns it on while it serves and puts it back
+    when the last node stops; should something else turn it off meanwhile, stores are held in memory as before."""
+    from pynetdicom import _config
+
+    import pneumoscan.dicom_node as dicom_node
+
+    before = _config.STORE_RECV_CHUNKED_DATASET
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    node.start()
+    try:
+        assert _config.STORE_RECV_CHUNKED_DATASET is True
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        try:
+            small = tmp_path / "small.dcm"
+            small.write_bytes(chest_dicom(real_images("val", "NORMAL", 1)[0]))
+            assert storescu(node.port, small).returncode == 0
+            uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
+            assert row_for(node, uid)["label"] == "NORMAL"
+        finally:
+            _config.STORE_RECV_CHUNKED_DATASET = True
+    finally:
+        node.stop()
+    assert _config.STORE_RECV_CHUNKED_DATASET is (True if dicom_node._receiving_nodes else before)
 
 
 def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs):
