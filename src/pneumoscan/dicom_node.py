@@ -5,10 +5,12 @@
     >>> node = DicomNode(Classifier.load(), "results", send_to=Peer.parse("ORTHANC@127.0.0.1:4242"))
     >>> node.start(); ...; node.stop()
 
-Each received image is acknowledged once it is written and fsynced to ``OUT/spool/`` (recovered at the next
-start) and queued (the queue is bounded: a full queue answers "out of resources" rather than growing), decoded
-by the one image loader (``images.py``: its pixel, memory and frame limits apply), classified with the input gate
-on, written as one JSON line to ``OUT/results.jsonl`` (the ``predict --format jsonl`` record plus the study,
+Each dataset is written to a file as it arrives (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``: an association
+holds about one PDU in memory, whatever the dataset's size), moved into ``OUT/spool/`` and fsynced, and only then
+acknowledged (recovered at the next start) and queued (the queue is bounded, in images and bytes: a full queue
+answers "out of resources" rather than growing). The worker reads it from the spool only to decode it, with
+the one image loader (``images.py``: its pixel, memory and frame limits apply); it is classified with the input
+gate on, written as one JSON line to ``OUT/results.jsonl`` (the ``predict --format jsonl`` record plus the study,
 series and SOP instance UIDs) and, with ``send_to``, answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE
 (or DICOMweb STOW-RS to a ``StowTarget``); with ``send_cam``, also the Grad-CAM overlay.
 
@@ -134,7 +136,8 @@ class NodeLimits:
     max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
     max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
     queue_size: int = 32  # received images held for classification; a full queue answers out of resources
-    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together
+    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together (in the spool; so the worker
+    # never decodes more than this at once: each file is read only while it is decoded)
     queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
     batch_size: int = 16  # images classified together when several wait
     send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
