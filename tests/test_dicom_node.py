@@ -473,27 +473,48 @@ def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, t
     assert not list(node.spool.iterdir())
 
 
-def test_receiving_to_files_is_on_while_a_node_serves_and_a_store_still_works_without_it(classifier, tmp_path):
+def test_receiving_to_files_is_on_while_a_node_serves_and_a_store_still_works_without_it(
+    classifier, tmp_path, monkeypatch
+):
     """pynetdicom's receive-to-file setting is process-wide: a node turns it on while it serves and puts it back
-    when the last node stops; should something else turn it off meanwhile, stores are held in memory as before."""
+    when the last node stops. A received file on another file system than the spool is copied there, not moved;
+    should something else turn the setting off meanwhile, stores are held in memory as before."""
+    import errno
+    import tempfile
+
     from pynetdicom import _config
 
     import pneumoscan.dicom_node as dicom_node
 
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))
+    move = os.replace
+
+    def across_file_systems(src, dst):
+        if Path(src).parent == incoming:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        move(src, dst)
+
+    monkeypatch.setattr(dicom_node.os, "replace", across_file_systems)
+    films = [tmp_path / "copied.dcm", tmp_path / "in-memory.dcm"]
+    for path, film in zip(films, real_images("val", "NORMAL", 2)):
+        path.write_bytes(chest_dicom(film))
     before = _config.STORE_RECV_CHUNKED_DATASET
     node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
     node.start()
     try:
         assert _config.STORE_RECV_CHUNKED_DATASET is True
+        assert storescu(node.port, films[0]).returncode == 0
         _config.STORE_RECV_CHUNKED_DATASET = False
         try:
-            small = tmp_path / "small.dcm"
-            small.write_bytes(chest_dicom(real_images("val", "NORMAL", 1)[0]))
-            assert storescu(node.port, small).returncode == 0
-            uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
-            assert row_for(node, uid)["label"] == "NORMAL"
+            assert storescu(node.port, films[1]).returncode == 0
         finally:
             _config.STORE_RECV_CHUNKED_DATASET = True
+        for path in films:
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert row_for(node, uid)["label"] == "NORMAL"
+        assert not list(incoming.iterdir())  # the copied one removed by pynetdicom after the handler
     finally:
         node.stop()
     assert _config.STORE_RECV_CHUNKED_DATASET is (True if dicom_node._receiving_nodes else before)
