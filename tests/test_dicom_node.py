@@ -298,7 +298,15 @@ def test_a_multi_frame_image_over_the_decoding_limit_is_refused(pacs, tmp_path):
     assert finding_of(refusal) == "REFUSED"
 
 
-def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_serving(classifier, tmp_path):
+def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_serving(
+    classifier, tmp_path, monkeypatch
+):
+    """The association ends as the dataset passes the limit; the file it was being received into is removed."""
+    import tempfile
+
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))  # where pynetdicom receives datasets
     limits = NodeLimits(max_dataset_bytes=2 * 2**20)
     node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER], limits=limits)
     node.start()
@@ -311,6 +319,7 @@ def test_a_dataset_over_the_size_limit_ends_the_association_and_the_node_keeps_s
         uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
         assert row_for(node, uid)["label"] == "NORMAL"
         assert len(rows(node)) == 1  # nothing of the big one was classified
+        assert not list(incoming.iterdir())  # nor left on disk
     finally:
         node.stop()
 
@@ -381,6 +390,134 @@ def test_images_beyond_the_byte_budget_are_answered_out_of_resources(classifier,
     finally:
         stuck.set()
         node.stop()
+
+
+class PeakRSS:
+    """This process's peak resident memory from now on, in MB: the kernel's high-water mark reset here (or, where
+    /proc/self/clear_refs is not writable, VmRSS sampled every 5 ms)."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.start = self.sampled = self._read("VmRSS")
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    @staticmethod
+    def _read(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no {key} in /proc/self/status")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.sampled = max(self.sampled, self._read("VmRSS"))
+
+    def growth(self) -> float:
+        self._stop.set()
+        self._sampler.join()
+        return (self._read("VmHWM") if self.exact else self.sampled) - self.start
+
+
+def test_datasets_arriving_at_once_are_received_to_disk_not_memory(classifier, tmp_path, monkeypatch):
+    """Four 43 MB C-STOREs (6 uncompressed frames of a real film) from four storescu processes at once, the model
+    held back: each is written to a file as it arrives and acknowledged from the spool, so the node's memory grows
+    by far less than one dataset (holding each in memory, as pynetdicom does by default, costs about twice its
+    size per association: 340 MB here). Then every one is classified from the spool."""
+    import tempfile
+
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))  # where pynetdicom receives datasets
+    senders = [f"BIG{n}" for n in range(4)]
+    files = []
+    for n in range(len(senders)):
+        files.append(tmp_path / f"big{n}.dcm")
+        files[-1].write_bytes(chest_dicom(NORMAL_FILM, jpeg=False, frames=6))
+    size_mb = files[0].stat().st_size / 2**20
+    assert size_mb > 40
+    held = threading.Event()
+    monkeypatch.setattr(
+        classifier, "predict", lambda *a, **k: held.wait(60) and Classifier.predict(classifier, *a, **k)
+    )
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=senders)
+    node.start()
+    try:
+        peak = PeakRSS()
+        sending = [
+            subprocess.Popen(
+                [STORESCU, "-aet", title, "-aec", "PNEUMOSCAN", "-xy", "127.0.0.1", str(node.port), str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for title, path in zip(senders, files)
+        ]
+        assert [s.wait(60) for s in sending] == [0] * len(senders)
+        growth = peak.growth()
+        assert len(list(node.spool.glob("*.dcm"))) == len(senders)  # every one acknowledged, from the spool
+        assert not list(incoming.iterdir())  # each received file was moved there
+        assert growth < size_mb / 2, f"memory grew {growth:.0f} MB receiving 4 x {size_mb:.0f} MB"
+        held.set()
+        wait_rows(node, len(senders), timeout=60)
+        assert [r.get("label") for r in rows(node)] == ["NORMAL"] * len(senders), rows(node)
+        assert sorted(r["calling_ae"] for r in rows(node)) == senders
+    finally:
+        held.set()
+        node.stop()
+    assert not list(node.spool.iterdir())
+
+
+def test_receiving_to_files_is_on_while_a_node_serves_and_a_store_still_works_without_it(
+    classifier, tmp_path, monkeypatch
+):
+    """pynetdicom's receive-to-file setting is process-wide: a node turns it on while it serves and puts it back
+    when the last node stops. A received file on another file system than the spool is copied there, not moved;
+    should something else turn the setting off meanwhile, stores are held in memory as before."""
+    import errno
+    import tempfile
+
+    from pynetdicom import _config
+
+    import pneumoscan.dicom_node as dicom_node
+
+    incoming = tmp_path / "tmp"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))
+    move = os.replace
+
+    def across_file_systems(src, dst):
+        if Path(src).parent == incoming:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        move(src, dst)
+
+    monkeypatch.setattr(dicom_node.os, "replace", across_file_systems)
+    films = [tmp_path / "copied.dcm", tmp_path / "in-memory.dcm"]
+    for path, film in zip(films, real_images("val", "NORMAL", 2)):
+        path.write_bytes(chest_dicom(film))
+    before = _config.STORE_RECV_CHUNKED_DATASET
+    node = DicomNode(classifier, tmp_path / "out", port=free_port(), allow=[SENDER])
+    node.start()
+    try:
+        assert _config.STORE_RECV_CHUNKED_DATASET is True
+        assert storescu(node.port, films[0]).returncode == 0
+        _config.STORE_RECV_CHUNKED_DATASET = False
+        try:
+            assert storescu(node.port, films[1]).returncode == 0
+        finally:
+            _config.STORE_RECV_CHUNKED_DATASET = True
+        for path in films:
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert row_for(node, uid)["label"] == "NORMAL"
+        assert not list(incoming.iterdir())  # the copied one removed by pynetdicom after the handler
+    finally:
+        node.stop()
+    assert _config.STORE_RECV_CHUNKED_DATASET is (True if dicom_node._receiving_nodes else before)
 
 
 def test_an_oversized_pdu_closes_the_connection_and_the_node_keeps_serving(pacs):

@@ -5,10 +5,12 @@
     >>> node = DicomNode(Classifier.load(), "results", send_to=Peer.parse("ORTHANC@127.0.0.1:4242"))
     >>> node.start(); ...; node.stop()
 
-Each received image is acknowledged once it is written and fsynced to ``OUT/spool/`` (recovered at the next
-start) and queued (the queue is bounded: a full queue answers "out of resources" rather than growing), decoded
-by the one image loader (``images.py``: its pixel, memory and frame limits apply), classified with the input gate
-on, written as one JSON line to ``OUT/results.jsonl`` (the ``predict --format jsonl`` record plus the study,
+Each dataset is written to a file as it arrives (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``: an association
+holds about one PDU in memory, whatever the dataset's size), moved into ``OUT/spool/`` and fsynced, and only then
+acknowledged (recovered at the next start) and queued (the queue is bounded, in images and bytes: a full queue
+answers "out of resources" rather than growing). The worker reads it from the spool only to decode it, with
+the one image loader (``images.py``: its pixel, memory and frame limits apply); it is classified with the input
+gate on, written as one JSON line to ``OUT/results.jsonl`` (the ``predict --format jsonl`` record plus the study,
 series and SOP instance UIDs) and, with ``send_to``, answered by a DICOM SR (``dicom_sr.py``) sent by C-STORE
 (or DICOMweb STOW-RS to a ``StowTarget``); with ``send_cam``, also the Grad-CAM overlay.
 
@@ -27,6 +29,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import threading
 import time
@@ -133,7 +136,8 @@ class NodeLimits:
     max_pdu: int = 65536  # bytes per PDU we advertise; every PDU read is bounded at max(max_pdu, 1 MiB)
     max_dataset_bytes: int = MAX_FILE_BYTES  # one stored dataset; above it the connection is closed
     queue_size: int = 32  # received images held for classification; a full queue answers out of resources
-    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together
+    queued_bytes: int = 256 * 2**20  # and the bytes those images may take together (in the spool; so the worker
+    # never decodes more than this at once: each file is read only while it is decoded)
     queue_wait: float = 10.0  # seconds a C-STORE waits for room in the queue
     batch_size: int = 16  # images classified together when several wait
     send_associations: int = 4  # concurrent associations to --send-to, each with one report in flight
@@ -152,8 +156,10 @@ _KEYS = itertools.count()
 
 @dataclass
 class Received:
-    data: bytes
+    """One acknowledged image. Its bytes are on disk (``spool``); the worker reads them only while decoding."""
+
     calling_ae: str
+    size: int = 0  # bytes of the DICOM file
     held: int = 0  # bytes counted against the node's byte budget until released
     spool: Path | None = None  # its spooled copy, removed once its results row is written
     recovered: bool = False  # read back from the spool at start (the node had stopped before answering it)
@@ -164,7 +170,8 @@ class Received:
 
 
 class _ByteBudget:
-    """How many bytes of received images the node holds at once; a store waits for room, or is refused."""
+    """How many bytes of acknowledged images the node holds at once, not yet classified (or kept for a Grad-CAM):
+    in the spool, and of them whatever the worker is decoding; a store waits for room, or is refused."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
@@ -189,6 +196,54 @@ class _NamedBytes(io.BytesIO):
     def __init__(self, data: bytes, name: str):
         super().__init__(data)
         self.name = name
+
+
+class _SpooledImage:
+    """A spooled file that names itself, read only when the loader reads it (so a batch is not held in memory
+    while it waits to be decoded); each read opens the file again, from the position left by the last."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name, self._at = path, name, 0
+
+    def read(self, size: int = -1) -> bytes:
+        with open(self.path, "rb") as file:
+            file.seek(self._at)
+            data = file.read(size)
+        self._at += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._at = offset if whence == 0 else self._at + offset if whence == 1 else self.path.stat().st_size + offset
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+
+_RECEIVE_TO_FILES = threading.Lock()
+_receiving_nodes = 0
+_chunked_before = False
+
+
+def _receive_to_files(on: bool) -> None:
+    """While at least one node serves, pynetdicom writes each incoming C-STORE dataset to a temporary file (in
+    ``TMPDIR``) as its P-DATA arrives, instead of holding it in memory (``STORE_RECV_CHUNKED_DATASET``, a
+    process-wide setting: it changes nothing for associations this process requests, and an SCP's
+    ``event.dataset`` still works; ``event.encoded_dataset()`` does not). The setting is put back as it was when
+    the last node stops."""
+    global _receiving_nodes, _chunked_before
+    from pynetdicom import _config
+
+    with _RECEIVE_TO_FILES:
+        if on:
+            if _receiving_nodes == 0:
+                _chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+                _config.STORE_RECV_CHUNKED_DATASET = True
+            _receiving_nodes += 1
+        else:
+            _receiving_nodes -= 1
+            if _receiving_nodes == 0:
+                _config.STORE_RECV_CHUNKED_DATASET = _chunked_before
 
 
 def why_not_a_radiograph(header) -> str | None:
@@ -376,6 +431,7 @@ class DicomNode:
         self._stopped = threading.Event()
         self._peer_lock = threading.Lock()  # one association request judged against its peer's share at a time
         self._reaper: threading.Thread | None = None
+        self._to_files = False  # this node holds pynetdicom's receive-to-file setting on
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -397,6 +453,7 @@ class DicomNode:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -414,6 +471,8 @@ class DicomNode:
         self._ae = ae
         self._reaper = threading.Thread(target=self._end_idle_associations, name="pneumoscan-idle", daemon=True)
         self._reaper.start()
+        _receive_to_files(True)
+        self._to_files = True
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
@@ -461,6 +520,9 @@ class DicomNode:
         self._answer_the_rest()
         with self._lock:
             self._results.close()
+        if self._to_files:
+            self._to_files = False
+            _receive_to_files(False)
 
     def _answer_the_rest(self) -> None:
         """A row for every acknowledged image still without one when the node must stop."""
@@ -509,6 +571,21 @@ class DicomNode:
             return read(nr_bytes)
 
         sock.recv = bounded_recv
+
+    @staticmethod
+    def _on_closed(event) -> None:
+        """A connection closed in the middle of a dataset (aborted, over the size limit) leaves pynetdicom's
+        temporary file of it behind: remove it (a complete one is removed by pynetdicom after the handler)."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is None:
+            return
+        message._data_set_file = message._data_set_path = None
+        try:
+            partial.close()
+            os.unlink(partial.name)
+        except OSError:
+            pass
 
     def _on_pdu(self, event) -> None:
         """Counts the bytes of the dataset being received; one over ``max_dataset_bytes`` aborts the association."""
@@ -598,21 +675,22 @@ class DicomNode:
         if self._stopped.is_set():
             return STATUS_OUT_OF_RESOURCES
         try:
-            data = event.encoded_dataset(include_meta=True)
+            arrived = _arrived(event)
+            size = arrived.stat().st_size if isinstance(arrived, Path) else len(arrived)
         except Exception:  # noqa: BLE001 - a dataset we cannot even hold is the sender's problem, not a crash
             LOG.exception("C-STORE could not be read")
             return STATUS_CANNOT_UNDERSTAND
-        refusal = self._refusal(data)
+        refusal = self._refusal(arrived)
         if refusal:
             LOG.warning("C-STORE from %s rejected: %s", event.assoc.requestor.ae_title, refusal)
             self._count("rejected")
             return STATUS_NOT_THIS_SOP_CLASS
-        item = Received(data, event.assoc.requestor.ae_title, held=len(data))
+        item = Received(event.assoc.requestor.ae_title, size=size, held=size)
         if not self._budget.take(item.held, self.limits.queue_wait):
             LOG.warning("queue full: C-STORE from %s answered out of resources", item.calling_ae)
             return STATUS_OUT_OF_RESOURCES
         try:
-            item.spool = self._write_spool(data, item.calling_ae)
+            item.spool = self._write_spool(arrived, item.calling_ae)
         except OSError as exc:
             self._release(item)
             LOG.warning("cannot spool a C-STORE from %s (%s): answered out of resources", item.calling_ae, exc)
@@ -632,14 +710,30 @@ class DicomNode:
         return STATUS_SUCCESS  # acknowledged only now: the image is on disk and will have its row
 
     # -- the spool ---------------------------------------------------------------------------------------------
-    def _write_spool(self, data: bytes, calling_ae: str) -> Path:
-        """Write one received image to the spool and fsync it (file and folder) before it is acknowledged."""
+    def _write_spool(self, arrived: Path | bytes, calling_ae: str) -> Path:
+        """Put one received image in the spool and fsync it (file and folder) before it is acknowledged: the file
+        pynetdicom received it into is moved there (copied, where ``TMPDIR`` is on another file system)."""
         name = f"{time.time_ns()}-{next(self._spooled)}-{calling_ae.encode().hex()}.dcm"
         part = self.spool / (name + ".part")
-        with open(part, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            if isinstance(arrived, Path):
+                try:
+                    os.replace(arrived, part)
+                except OSError:
+                    shutil.copyfile(arrived, part)
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                with open(part, "wb") as file:
+                    file.write(arrived)
+                    file.flush()
+                    os.fsync(file.fileno())
+        except OSError:
+            part.unlink(missing_ok=True)
+            raise
         os.replace(part, self.spool / name)
         _fsync_folder(self.spool)
         return self.spool / name
@@ -652,8 +746,8 @@ class DicomNode:
         if found:
             LOG.warning("recovering %d acknowledged image(s) from %s", len(found), self.spool)
         for path in found:
-            data = path.read_bytes()
-            item = Received(data, _spooled_sender(path), held=len(data), spool=path, recovered=True)
+            size = path.stat().st_size
+            item = Received(_spooled_sender(path), size=size, held=size, spool=path, recovered=True)
             item.received_at = _spooled_time(path) or item.received_at
             self._budget.take(item.held, None)
             with self._lock:
@@ -662,12 +756,17 @@ class DicomNode:
             self._count("received")
 
     @staticmethod
-    def _refusal(data: bytes) -> str | None:
-        """Why a received dataset is rejected with a failure status (no row), or None to accept it."""
+    def _refusal(arrived: Path | bytes) -> str | None:
+        """Why a received dataset is rejected with a failure status (no row), or None to accept it (its header
+        alone is read: no pixel data, and from a file no value over 64 KiB)."""
         import pydicom
 
+        from .dicom_sr import HEADER_DEFER
+
+        on_disk = isinstance(arrived, Path)
+        source, defer = (arrived, HEADER_DEFER) if on_disk else (io.BytesIO(arrived), None)
         try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            header = pydicom.dcmread(source, stop_before_pixels=True, force=True, defer_size=defer)
         except Exception as exc:  # noqa: BLE001 - an unreadable header is the sender's error
             return f"not a readable DICOM dataset ({str(exc)[:150]})"
         return why_not_a_radiograph(header)
@@ -697,7 +796,7 @@ class DicomNode:
                     self._finish(item, self._record(item, None, failure))
 
     def _answer_batch(self, batch: list[Received]) -> None:
-        answers = answer_images(self.classifier, [i.data for i in batch], names=[i.calling_ae for i in batch])
+        answers = answer_images(self.classifier, [i.spool for i in batch], names=[i.calling_ae for i in batch])
         for item, (source, result) in zip(batch, answers):
             record = item.record = self._record(item, source, result)
             if self._senders and source is not None:
@@ -729,7 +828,7 @@ class DicomNode:
     def _release(self, item: Received) -> None:
         if item.held:
             self._budget.give(item.held)
-        item.held, item.data = 0, b""
+        item.held = 0
 
     def _finish(self, item: Received, record: dict, keep_spool: bool = False) -> None:
         """Write the image's one results row (fsynced), then drop its spooled copy; a second call is a no-op."""
@@ -774,10 +873,20 @@ class DicomNode:
         if self.send_cam and result.ok:
             from .dicom_sr import build_cam_image
 
-            overlay = self.classifier.explain(_NamedBytes(item.data, record["path"])).overlay()
+            overlay = self.classifier.explain(_SpooledImage(item.spool, record["path"])).overlay()
             cam = build_cam_image(source, np.asarray(overlay), self.model)
             sender.send(cam)
             record["cam_instance_uid"] = str(cam.SOPInstanceUID)
+
+
+def _arrived(event) -> Path | bytes:
+    """The received dataset: the file pynetdicom wrote it to as it arrived, or (where the process-wide setting
+    was turned off by someone else) its bytes in memory, with the file meta information."""
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        path = None
+    return Path(path) if path is not None else event.encoded_dataset(include_meta=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -822,9 +931,10 @@ def _summary(record: dict) -> str:
     return f"{record['path']}: {what}"
 
 
-def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequence[str] | None = None) -> list:
-    """``(header, Prediction)`` per DICOM file's bytes, classified together; the header is None (and the
-    prediction an error) for a file whose header lacks the UIDs a report needs."""
+def answer_images(classifier: Classifier, files: Sequence[bytes | Path], names: Sequence[str] | None = None) -> list:
+    """``(header, Prediction)`` per DICOM file (its bytes or its path: a path is read only while it is decoded),
+    classified together; the header is None (and the prediction an error) for a file whose header lacks the UIDs
+    a report needs."""
     from .dicom_sr import read_header
 
     headers, sources = [], []
@@ -839,7 +949,7 @@ def answer_images(classifier: Classifier, files: Sequence[bytes], names: Sequenc
             sources.append(None)
             continue
         headers.append((header, None))
-        sources.append(_NamedBytes(data, name))
+        sources.append(_SpooledImage(data, name) if isinstance(data, Path) else _NamedBytes(data, name))
     todo = [s for s in sources if s is not None]
     predicted = iter(classifier.predict(todo, batch_size=max(1, len(todo)))) if todo else iter(())
     return [(h, p) if p is not None else (h, next(predicted)) for h, p in headers]

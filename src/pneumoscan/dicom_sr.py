@@ -115,10 +115,20 @@ class ModelInfo:
         )
 
 
-def read_header(data: bytes, name: str = "<dicom>") -> Dataset:
-    """The header of a DICOM file (no pixel data read), with the UIDs a report needs, or :class:`ImageError`."""
+HEADER_DEFER = 64 * 1024  # read from a path: header values larger than this stay on disk until asked for
+
+
+def read_header(data: bytes | Path, name: str = "<dicom>") -> Dataset:
+    """The header of a DICOM file, its bytes or its path (no pixel data read, and from a path no value over
+    64 KiB: those are read only if asked for), with the UIDs a report needs, or :class:`ImageError`."""
+    on_disk = isinstance(data, Path)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(
+            data if on_disk else io.BytesIO(data),
+            stop_before_pixels=True,
+            force=True,
+            defer_size=HEADER_DEFER if on_disk else None,
+        )
     except Exception as exc:  # noqa: BLE001 - any parser failure is this input's error
         raise ImageError(name, f"not a readable DICOM file ({str(exc)[:150]})", "unsupported") from None
     missing = [k for k in REQUIRED_UIDS if not ds.get(k)]

@@ -551,6 +551,11 @@ class Classifier:
         try:
             return prepare_with_chroma(source, self.bundle.preprocessing), None
         except ImageError as exc:
+            # kept until the batch is classified: without its traceback, which holds the loader's frames and so
+            # the input's bytes and parsed dataset (a refused 90 MB DICOM would otherwise keep 180 MB)
+            cause: BaseException | None = exc
+            while cause is not None:
+                cause = cause.with_traceback(None).__cause__ or cause.__context__
             return None, exc
         except Exception as exc:  # noqa: BLE001 - one input's failure never costs the others their result
             return None, ImageError(source_name(source), f"cannot be read ({type(exc).__name__})")
