@@ -25,7 +25,11 @@ from pneumoscan.inference import Classifier
 
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 MUST = {"mean": 0.005, "largest": 0.05, "flips": 1}
-ENGINES = {"onnx fp32": {"engine": "onnx"}, "onnx int8": {"engine": "onnx", "int8": True}, "torch": {"engine": "torch"}}
+ENGINES = {
+    "onnx fp32": {"engine": "onnx", "fp32": True},
+    "onnx int8": {"engine": "onnx", "int8": True},
+    "torch": {"engine": "torch"},
+}
 
 
 def pairs() -> list[tuple[Path, Path]]:

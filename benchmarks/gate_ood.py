@@ -39,7 +39,7 @@ from pneumoscan.data import load_images, load_split, shared_data_root  # noqa: E
 from pneumoscan.gate import gate_images  # noqa: E402
 from pneumoscan.images import load_image, prepare_with_chroma  # noqa: E402
 
-ENGINES = {"ONNX fp32": {"engine": "auto"}, "ONNX int8": {"int8": True}, "PyTorch": {"engine": "torch"}}
+ENGINES = {"ONNX fp32": {"fp32": True}, "ONNX int8": {"int8": True}, "PyTorch": {"engine": "torch"}}
 
 
 def judge(clf: Classifier, images: np.ndarray, chroma: list[float] | None = None):

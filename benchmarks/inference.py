@@ -55,7 +55,8 @@ def latencies_ms(clf: Classifier, files: list[Path]) -> list[float]:
 def peak_rss_child(bundle: Path, engine: str, int8: bool, files: list[Path]) -> float:
     """Peak RSS (MB) of a fresh process that loads one engine and predicts ``files`` in batches of 32."""
     args = ["predict", "--model", bundle, "--engine", engine, "--batch-size", "32", "--quiet", "--format", "csv"]
-    return run_child("pneumoscan.cli", [*args, *(["--int8"] if int8 else []), *files])[1]
+    precision = ["--int8"] if int8 else ["--fp32"] if engine == "onnx" else []
+    return run_child("pneumoscan.cli", [*args, *precision, *files])[1]
 
 
 def main() -> None:
@@ -70,7 +71,10 @@ def main() -> None:
     fullres = list_images(data / "fullres_sample")
     with tempfile.TemporaryDirectory() as tmp:
         bundle = prepared_bundle(args.model, Path(tmp))
-        classifiers = {name: Classifier.load(bundle, engine=engine, int8=int8) for name, engine, int8 in ENGINES}
+        classifiers = {
+            name: Classifier.load(bundle, engine=engine, int8=int8, fp32=engine == "onnx" and not int8)
+            for name, engine, int8 in ENGINES
+        }
         for clf in classifiers.values():  # warm up: first runs allocate and pick kernels
             clf.predict(test_files[:32])
             clf.predict_one(test_files[0])

@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for model in args.model or ["default"]:
-        fp32 = Classifier.load(model, engine="onnx")
+        fp32 = Classifier.load(model, engine="onnx", fp32=True)
         int8 = Classifier.load(model, engine="onnx", int8=True)
         for name, (files, labels) in film_sets(model).items():
             r = compare(fp32, int8, files, labels)

@@ -33,7 +33,8 @@ def pairs(root: Path | None = None) -> list[tuple[Path, Path]]:
 
 
 def skew(bundle: str, engine: str) -> dict:
-    kwargs = {"engine": "torch"} if engine == "torch" else {"engine": "onnx", "int8": engine == "int8"}
+    onnx = {"engine": "onnx", "int8": engine == "int8", "fp32": engine != "int8"}
+    kwargs = {"engine": "torch"} if engine == "torch" else onnx
     clf = Classifier.load(bundle, gate=False, **kwargs)
     ps = pairs()
     full = np.array([r.probability for r in clf.predict([str(f) for f, _ in ps], errors="raise")])

@@ -75,7 +75,7 @@ def test_teacher_probabilities_are_the_classifiers_and_are_computed_once(small_d
     teacher = Teacher.load(SHIPPED)
     p, kept, errors = teacher.probabilities(samples, progress=False, cache=tmp_path)
     assert not errors and kept == samples
-    direct = inference.Classifier.load(SHIPPED, gate=False).predict([s.path for s in samples])
+    direct = inference.Classifier.load(SHIPPED, gate=False, fp32=True).predict([s.path for s in samples])
     assert p == pytest.approx([r.probability for r in direct], abs=1e-6)
     assert [s.label for s in samples] == [0] * 4 + [1] * 4 and p[4:].mean() > p[:4].mean()
 

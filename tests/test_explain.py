@@ -18,9 +18,9 @@ IMAGES = sorted(EXAMPLES.glob("*/*.jpeg"))
 
 @pytest.fixture(scope="module")
 def onnx_clf():
-    # the bundled default model on ONNX
-    # Runtime, what the base install runs; an ensemble's explanations: tests/test_ensemble.py
-    return Classifier.load("default")
+    # the bundled default model's fp32 ONNX model, the one Grad-CAM reads its feature map from (an int8
+    # model's is quantised); an ensemble's explanations: tests/test_ensemble.py
+    return Classifier.load("default", fp32=True)
 
 
 @pytest.fixture(scope="module")

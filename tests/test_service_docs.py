@@ -40,7 +40,8 @@ def test_cam_without_autograd(onnx_app):
     r = client.post("/v1/predict", files={"file": (xray.name, xray.read_bytes())}, params={"cam": "true"})
     assert r.status_code == 200 and r.json()["cam"] and r.json()["label"] == "PNEUMONIA"
     clf = onnx_app.state.classifier
-    assert clf.engine.name == "onnx" and clf._torch_net is None  # the map came from ONNX Runtime and numpy
+    # the default predicts on int8; the map came from its fp32 ONNX model and numpy, never autograd
+    assert clf.engine.name == "onnx-int8" and clf._torch_net is None
 
 
 @pytest.mark.browser

@@ -153,7 +153,8 @@ def evaluate(
 
 def record_in_bundle(bundle: Bundle, split: str, report: dict) -> None:
     """Store a report in the bundle's metrics (under the split's name); the card is regenerated."""
-    metrics = {**bundle.metrics, split: {k: v for k, v in report.items() if k != "model"}}
+    recorded = {k: v for k, v in report.items() if k != "model"}
+    metrics = {**bundle.metrics, split: {**recorded, "engine": report["model"]["engine"]}}
     updated = bundle.write_copy(bundle.path, bundle.config, metrics)
     bundle.config, bundle.metrics = updated.config, updated.metrics
 
@@ -241,7 +242,7 @@ def append_to_ledger(path: str | Path, bundle: Bundle, report: dict, note: str =
         "sensitivity": number(report["sensitivity"], 4),
         "specificity": number(report["specificity"], 4),
         "loss": number(report["loss"], 4),
-        "note": "; ".join(filter(None, [f"engine {report['engine']}" if report.get("engine") else "", note])),
+        "note": "; ".join(filter(None, [f"engine {report['model']['engine']}", note])),
     }
     new = not path.is_file() or path.stat().st_size == 0
     with open(path, "a", newline="", encoding="utf-8") as f:

@@ -88,8 +88,9 @@ def metric_rows(metrics: dict) -> list[str]:
     ):
         r = metrics.get(split)
         if r:
+            engine = f", {md(r['engine'])}" if isinstance(r.get("engine"), str) else ""
             rows.append(
-                f"| {label} ({r['n']} images, {r.get('patients', '?')} patients) | {_with_ci(r, 'auc')} | "
+                f"| {label} ({r['n']} images, {r.get('patients', '?')} patients{engine}) | {_with_ci(r, 'auc')} | "
                 f"{_with_ci(r, 'accuracy')} | {_with_ci(r, 'sensitivity')} | {_with_ci(r, 'specificity')} | "
                 f"{_fmt(r.get('loss'))} | {_fmt(r.get('ece'))} |"
             )
