@@ -261,8 +261,8 @@ def test_symlinked_nested_and_misfit_members_are_refused(ensemble, shipped, tmp_
         load_bundle(nested)
 
     too_many = _copy(ensemble.path, tmp_path / "many")
-    _with_members(too_many, json.loads((too_many / CONFIG).read_text())["members"] * 5)
-    with pytest.raises(ConfigError, match="1 to 4 members"):
+    _with_members(too_many, json.loads((too_many / CONFIG).read_text())["members"] * 9)
+    with pytest.raises(ConfigError, match="1 to 8 members"):
         load_bundle(too_many)
 
 

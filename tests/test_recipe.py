@@ -66,3 +66,18 @@ def test_train_refuses_a_folder_without_train(tmp_path, capsys):
 def test_the_bundle_records_its_recipe(trained_bundle):
     recipe = trained_bundle.config["training"]["recipe"]
     assert recipe["recipe"] == "default" and recipe["fine_tune_epochs"] == 0  # the preset, and what overrode it
+
+
+@pytest.mark.data
+def test_a_split_seed_fixes_the_validation_patients_while_the_seed_varies():
+    from conftest import D224
+
+    from pneumoscan.data import recipe_splits
+
+    def validation(*flags):
+        return [s.path for s in recipe_splits(D224, _config(*flags).recorded())[1]]
+
+    assert "split_seed" not in _config("--seed", "3").recorded()  # recipes recorded before it read the same
+    assert validation("--seed", "3") == validation("--seed", "3", "--split-seed", "3")
+    assert validation("--seed", "1", "--split-seed", "7") == validation("--seed", "2", "--split-seed", "7")
+    assert validation("--seed", "1") != validation("--seed", "2")

@@ -158,15 +158,12 @@ class Bundle:
     def training_splits(self, root: str | Path | None = None):
         """The (train, validation) samples this bundle was trained with: its recipe's patient split of
         ``root`` (default: the training data recorded in the bundle)."""
-        from .data import training_splits
+        from .data import recipe_splits
 
-        recipe = self.config.get("training", {}).get("recipe", {})
         root = root or self.config.get("training", {}).get("data")
         if not root:
             raise ConfigError(f"{self.path}: the bundle records no training data; pass its root")
-        return training_splits(
-            root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0)
-        )
+        return recipe_splits(root, self.config.get("training", {}).get("recipe", {}))
 
     def load_head(self, name: str):
         """The feature head ``name`` (a key of :data:`feature_heads.HEADS`), or None for a bundle without it."""

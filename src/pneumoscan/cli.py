@@ -452,7 +452,7 @@ def _run_listen(args) -> int:
     return 0
 
 
-@command("ensemble", help="combine 1 to 4 bundles into one ensemble bundle (mean of calibrated logits)")
+@command("ensemble", help="combine 1 to 8 bundles into one ensemble bundle (mean of calibrated logits)")
 def _run_ensemble(args) -> int:
     """Copy the member bundles into OUT/members/ and write an ensemble bundle: the combined logit is the mean of each
     member's logit divided by its temperature; the ensemble's own temperature is fitted on the validation images no

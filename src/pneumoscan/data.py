@@ -189,6 +189,14 @@ def training_splits(root: str | Path, val_source: str = "patients", val_fraction
     raise ConfigError(f"--val-source must be 'patients', 'temporal' or 'official', got {val_source!r}")
 
 
+def recipe_splits(root: str | Path, recipe: dict):
+    """(train, val) as a recorded recipe (a run's or a bundle's ``training.recipe``) names them: its
+    ``split_seed``, else its ``seed``, draws the validation patients."""
+    seed = recipe.get("split_seed")
+    seed = recipe.get("seed", 0) if seed is None else seed
+    return training_splits(root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), seed)
+
+
 def class_counts(samples: list[Sample]) -> dict[str, int]:
     counts = Counter(s.label for s in samples)
     return {c: counts.get(i, 0) for i, c in enumerate(CLASSES)}

@@ -1,4 +1,4 @@
-"""Ensembles: one bundle that holds up to four ordinary bundles and averages their calibrated logits.
+"""Ensembles: one bundle that holds up to eight ordinary bundles and averages their calibrated logits.
 
 An ensemble bundle is a folder with its own ``config.json`` (format ``pneumoscan-ensemble/1``: members,
 image size, threshold, temperature), ``metrics.json`` and ``MODEL_CARD.md``, and ``members/<name>/``,
@@ -48,7 +48,7 @@ from .options import EnsembleOptions
 from .settings import DECLARED, declared
 
 MEMBERS = "members"  # the folder that holds one folder per member
-MAX_MEMBERS = 4
+MAX_MEMBERS = 8  # a deep ensemble of five to eight seeds; each member costs its network time
 MEMBER_NAME = re.compile(r"[a-z0-9_-]{1,32}")  # a member's folder name: never a path
 
 _ENSEMBLE_SCHEMA = {

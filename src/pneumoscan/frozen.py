@@ -21,7 +21,7 @@ import numpy as np
 
 from . import metrics as M
 from .bundle import Bundle, dense_head_logits, save_bundle
-from .data import stratified_subset, summarize, training_splits
+from .data import recipe_splits, stratified_subset, summarize
 from .distill import Teacher, balanced_class_weights, distillation_loss, soft_rows
 from .feature_head import FitData
 from .feature_heads import fit_heads_on
@@ -137,7 +137,7 @@ def train_frozen(cfg: TrainConfig, teacher: Teacher | None = None) -> Bundle:
     write_json(out / "config.json", run_config(cfg, teacher))
     head_only = get_backbone(cfg.backbone).head_only_when_frozen and cfg.weights == "imagenet"
     graph = _shipped_graph(cfg) if head_only else None
-    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
+    train_samples, val_samples = recipe_splits(cfg.data, cfg.recorded())
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     args = {"image_size": cfg.image_size, "weights": cfg.weights, "progress": cfg.progress, "graph": graph}
     x_train, train_samples, train_errors = frozen_features(cfg.backbone, train_samples, **args)

@@ -413,7 +413,7 @@ class HeadsFitOptions:
 @dataclass
 class EnsembleOptions:
     members: list[str] = option(
-        help="the member bundles, 1 to 4; the first is the primary (its gate, subtype head and Grad-CAM)",
+        help="the member bundles, 1 to 8; the first is the primary (its gate, subtype head and Grad-CAM)",
         positional=True,
         path=True,
         nargs="+",

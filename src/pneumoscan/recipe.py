@@ -90,6 +90,13 @@ class TrainConfig:
     operating_rule: str = operating_rule_option()  # declared once for train, calibrate and evaluate
     target_sensitivity: float | None = target_sensitivity_option()
     seed: int = option(0, "seed for the split, initialisation, order and augmentation", at_least=0, below=2**32)
+    split_seed: int | None = option(
+        None,
+        "seed for the validation split alone (default: --seed): the members of a deep ensemble share one split "
+        "and differ in --seed",
+        at_least=0,
+        below=2**32,
+    )
     devices: int = option(
         1, "processes/devices per node; 2+ runs DDP (gloo on CPU, NCCL on GPUs)", at_least=1, at_most=1024
     )
@@ -179,6 +186,8 @@ class TrainConfig:
         for name, off in OFF_UNLESS_RECORDED.items():  # added later: a recipe recorded before reads as off
             if augmentation.get(name) == off:
                 del augmentation[name]
+        if recorded["split_seed"] is None:  # added later too: absent means the split follows --seed
+            del recorded["split_seed"]
         return recorded
 
     def check(self) -> None:

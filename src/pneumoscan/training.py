@@ -32,10 +32,10 @@ from .data import (
     ImageDataset,
     fits_in_memory,
     load_images,
+    recipe_splits,
     require_train_folder,
     stratified_subset,
     summarize,
-    training_splits,
 )
 from .distill import Teacher, aligned, balanced_class_weights, distillation_loss
 from .errors import ConfigError
@@ -361,7 +361,7 @@ def _is_rank_zero() -> bool:
 def load_training_data(cfg: TrainConfig, rank_zero: bool, teacher: Teacher | None = None) -> TrainingData:
     """Train and validation images (validation carved by patient), decoded once; unreadable ones skipped.
     With a teacher, each training image also carries the teacher's probability (computed or cached first)."""
-    train_samples, val_samples = training_splits(cfg.data, cfg.val_source, cfg.val_fraction, cfg.seed)
+    train_samples, val_samples = recipe_splits(cfg.data, cfg.recorded())
     train_samples = stratified_subset(train_samples, cfg.limit, cfg.seed)
     val_samples = stratified_subset(val_samples, None if cfg.limit is None else max(8, cfg.limit // 4), cfg.seed)
     in_memory = cfg.cache == "memory" or (cfg.cache == "auto" and fits_in_memory(len(train_samples), cfg.image_size))
