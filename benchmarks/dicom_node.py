@@ -9,7 +9,8 @@ at 400-2900 px) to a `pneumoscan listen --send-to` process as fast as it takes t
 then mostly time in the node's bounded queue), or with --rate R one sender (pynetdicom) offers R images/s.
 Prints images/s from the first store to the last report sent, receipt-to-report-sent latency percentiles
 (each image's time from the node holding it to Orthanc acknowledging its report), the node's peak RSS, and,
-for reference, the same images classified in-process without the network (decode + model, batch 16).
+for reference, the same images classified in-process without the network (decode + model, batch 16), and
+the transport's own rate: the same senders storing the same files straight into the same Orthanc.
 
 --large N: N storescu processes (each its own AE title) send one large uncompressed multi-frame CR dataset
 (about --large-mb MB, real film frames) each, all at once; prints the node's RSS before and at its peak, and
@@ -107,9 +108,12 @@ def main() -> None:
     finally:
         node.terminate()
         node.wait(60)
+    try:
         held = orthanc.get("/statistics")["CountInstances"]
+        direct = None if args.rate else stored_directly(work, orthanc.dicom_port, args.senders, args.max_seconds)
+    finally:
         orthanc.stop()
-    report(args, files, rows, elapsed, rss, held, codes)
+    report(args, files, rows, elapsed, rss, held, codes, direct)
 
 
 def large(senders: int, megabytes: float, fp32: bool, max_seconds: float) -> None:
@@ -157,11 +161,11 @@ def large(senders: int, megabytes: float, fp32: bool, max_seconds: float) -> Non
     print(f"node RSS before {before:.0f} MB, peak {peak:.0f} MB; {len(rows)} rows in {elapsed:.1f} s")
 
 
-def send_all(work: Path, port: int, senders: int, max_seconds: float) -> list[int]:
-    """``senders`` storescu processes, each sending its share of the files as fast as the node takes them."""
+def send_all(work: Path, port: int, senders: int, max_seconds: float, called: str = "PNEUMOSCAN") -> list[int]:
+    """``senders`` storescu processes, each sending its share of the files as fast as ``called`` takes them."""
     senders = [
         subprocess.Popen(
-            [STORESCU, "-aet", "BENCH", "-aec", "PNEUMOSCAN", "-xy", "127.0.0.1", str(port)]
+            [STORESCU, "-aet", "BENCH", "-aec", called, "-xy", "127.0.0.1", str(port)]
             + [str(f) for f in sorted((work / "in" / str(k)).iterdir())],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -169,6 +173,16 @@ def send_all(work: Path, port: int, senders: int, max_seconds: float) -> list[in
         for k in range(senders)
     ]
     return [s.wait(max_seconds) for s in senders]
+
+
+def stored_directly(work: Path, port: int, senders: int, max_seconds: float) -> float:
+    """The transport's own rate: the same senders storing the same files straight into Orthanc (images/s)."""
+    count = len(list(work.glob("in/*/*.dcm")))
+    start = time.monotonic()
+    codes = send_all(work, port, senders, max_seconds, called="ORTHANC")
+    if any(codes):
+        raise SystemExit(f"storing into Orthanc directly failed: storescu exit codes {codes}")
+    return count / (time.monotonic() - start)
 
 
 def paced(files: list[Path], port: int, rate: float) -> int:
@@ -187,7 +201,7 @@ def paced(files: list[Path], port: int, rate: float) -> int:
     return failed
 
 
-def report(args, files, rows, elapsed, rss, held, codes) -> None:
+def report(args, files, rows, elapsed, rss, held, codes, direct: float | None) -> None:
     seconds = np.array([r["seconds"] for r in rows])
     sent = sum("sr_instance_uid" in r for r in rows)
     refused = sum("error" in r for r in rows)
@@ -196,8 +210,8 @@ def report(args, files, rows, elapsed, rss, held, codes) -> None:
     how = f"offered at {args.rate:g}/s by one sender" if args.rate else f"from {args.senders} storescu senders"
     engine = ("fp32" if args.fp32 else "the bundle's default") + ("; reports by STOW-RS" if args.stow else "")
     print(f"\n{len(files)} CR images ({size}, JPEG baseline) {how}; senders' exit codes {codes}; engine {engine}")
-    print(f"| {'measure':<44} | {'value':>10} |")
-    print(f"|{'-' * 46}|{'-' * 12}|")
+    print(f"| {'measure':<56} | {'value':>10} |")
+    print(f"|{'-' * 58}|{'-' * 12}|")
     for name, value in [
         ("images/s, first store to last report sent", f"{len(files) / elapsed:.1f}"),
         ("receipt to report sent, p50 (ms)", f"{1000 * np.percentile(seconds, 50):.0f}"),
@@ -209,8 +223,16 @@ def report(args, files, rows, elapsed, rss, held, codes) -> None:
         ("node peak RSS (MB)", f"{rss:.0f}"),
         ("reference: classify in-process, images/s", f"{reference:.1f}"),
         ("node rate / in-process rate", f"{len(files) / elapsed / reference:.2f}"),
+        *(
+            [
+                ("reference: the senders into Orthanc directly, images/s", f"{direct:.1f}"),
+                ("node rate / direct rate", f"{len(files) / elapsed / direct:.2f}"),
+            ]
+            if direct
+            else []
+        ),
     ]:
-        print(f"| {name:<44} | {value:>10} |")
+        print(f"| {name:<56} | {value:>10} |")
     share = len(files) / elapsed / reference
     verdict = "met" if share >= 0.8 else "NOT met"
     print(f"must: the node at least 80% of classifying in-process: {verdict} ({share:.2f})")
