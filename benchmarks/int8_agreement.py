@@ -21,7 +21,7 @@ import numpy as np
 from harness import table
 
 from pneumoscan.bundle import load_bundle
-from pneumoscan.data import load_split, training_splits
+from pneumoscan.data import load_split
 from pneumoscan.inference import Classifier
 from pneumoscan.metrics import roc_auc
 
@@ -31,11 +31,8 @@ MUST = {"agree": 0.995, "mean": 0.005, "auc": 0.002}
 
 def film_sets(model: str) -> dict[str, tuple[list[Path], np.ndarray | None]]:
     """name -> (files, labels or None): the bundle's validation films, the official val, the full-res originals."""
-    recipe = load_bundle(model).config.get("training", {}).get("recipe", {})
     root = DATA / "chest_xray_224"
-    _, val = training_splits(
-        root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), recipe.get("seed", 0)
-    )
+    _, val = load_bundle(model).training_splits(root)
     official = load_split(root, "val")
     fullres = sorted((DATA / "fullres_sample").rglob("*.jpeg")) + sorted((DATA / "val_fullres").rglob("*.jpeg"))
     return {

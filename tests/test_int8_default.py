@@ -76,7 +76,9 @@ def test_a_bundle_whose_int8_is_not_shown_to_agree_runs_fp32_and_says_why(tmp_pa
     assert Classifier.load(folder, int8=True).engine.name == "onnx-int8"  # still there when asked for
 
 
-@pytest.mark.parametrize("bad", [{"sha256": "x"}, "yes", {"films": True}])
+@pytest.mark.parametrize(
+    "bad", [{"sha256": "x"}, "yes", {"films": True}, {"gate_verdicts_differ": -1}, {"auc_int8": 1.5}, {"max_abs_dp": 0}]
+)
 def test_a_malformed_int8_record_is_refused_in_one_line(tmp_path, bad):
     folder = _copy_of_default(tmp_path)
     _edit_config(folder, lambda c: c.update(int8=bad if not isinstance(bad, dict) else {**c["int8"], **bad}))
@@ -103,9 +105,12 @@ def test_export_measures_int8_on_the_validation_films_and_the_choice_follows(tra
     _, validation = bundle.training_splits(small_data)
     assert record["films"] == len(validation) > 0
     assert record["sha256"] == load_bundle(bundle.path).config["files"]["model.int8.onnx"]
-    runs_int8, why = load_bundle(bundle.path).int8_status()
-    assert runs_int8 == (int8_status(load_bundle(bundle.path).config)[0]) and str(record["films"]) in why
-    assert Classifier.load(bundle.path).engine.name == ("onnx-int8" if runs_int8 else "onnx")
+    runs_int8, why = load_bundle(bundle.path).int8_status()  # a few validation films cannot show 99.5%
+    assert record["films"] < MUST["films"] and not runs_int8 and f"measured on {record['films']} films" in why
+    assert Classifier.load(bundle.path).engine.name == "onnx"
+    agreeing = {"labels_agree": 1.0, "mean_abs_dp": 0.0, "max_abs_dp": 0.0, "auc_int8": record["auc_fp32"]}
+    enough = {**record, **agreeing, "films": MUST["films"], "gate_verdicts_differ": 0}
+    assert int8_status({**load_bundle(bundle.path).config, "int8": enough})[0]
 
 
 def test_models_and_predict_say_which_engine_runs(tmp_path):

@@ -81,3 +81,6 @@ def test_a_split_seed_fixes_the_validation_patients_while_the_seed_varies():
     assert validation("--seed", "3") == validation("--seed", "3", "--split-seed", "3")
     assert validation("--seed", "1", "--split-seed", "7") == validation("--seed", "2", "--split-seed", "7")
     assert validation("--seed", "1") != validation("--seed", "2")
+    for hostile in ({"split_seed": [1]}, {"seed": "3"}, {"seed": -1}, {"val_fraction": "0.1"}, {"val_fraction": 2}):
+        with pytest.raises(ConfigError, match="recorded recipe"):  # a bundle's recipe comes from anywhere
+            recipe_splits(D224, hostile)

@@ -194,7 +194,12 @@ def recipe_splits(root: str | Path, recipe: dict):
     ``split_seed``, else its ``seed``, draws the validation patients."""
     seed = recipe.get("split_seed")
     seed = recipe.get("seed", 0) if seed is None else seed
-    return training_splits(root, recipe.get("val_source", "patients"), recipe.get("val_fraction", 0.1), seed)
+    fraction = recipe.get("val_fraction", 0.1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"the recorded recipe's split seed must be a whole number in [0, 2**32), got {seed!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"the recorded recipe's val_fraction must be a number in (0, 1), got {fraction!r}")
+    return training_splits(root, recipe.get("val_source", "patients"), fraction, seed)
 
 
 def class_counts(samples: list[Sample]) -> dict[str, int]:

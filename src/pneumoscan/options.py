@@ -279,14 +279,22 @@ class ExportOptions:
         path=True,
         metavar="FILE",
     )
-    int8: bool = option(False, "also quantise to int8, calibrated on training images")
+    int8: bool = option(
+        False,
+        "also quantise to int8, calibrated on training images; without --out, int8 is then measured against "
+        "fp32 on the bundle's validation films and recorded, and becomes the bundle's default engine where it "
+        "answers as fp32 does (pneumoscan models says which and why)",
+    )
     int8_only: bool = option(
         False,
         "with --int8 and no --out: put only the int8 model into the bundle (the fp32 export is then made on "
         "first use, into the cache), keeping the bundle small",
     )
     calibration_data: str | None = option(
-        None, "dataset root whose train split calibrates int8 (default: the bundle's training data)", path=True
+        None,
+        "dataset root whose train split calibrates int8 (its training patients) and, without --out, measures it "
+        "(its validation patients) (default: the bundle's training data)",
+        path=True,
     )
     calibration_images: int = option(
         1024, "training images (from the training patients) used to calibrate int8", at_least=2, at_most=100_000

@@ -12,21 +12,24 @@ Light on purpose (numpy only): the engine choice reads it at every start.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 
 # What int8 must meet, against fp32 on the same films, to be a bundle's default engine.
-MUST = {"labels_agree": 0.995, "mean_abs_dp": 0.005, "auc_difference": 0.002, "gate_verdicts_differ": 0}
+# At least 200 films, so that 99.5% agreement can tell one disagreement from none.
+MUST = {"films": 200, "labels_agree": 0.995, "mean_abs_dp": 0.005, "auc_difference": 0.002, "gate_verdicts_differ": 0}
+REAL = (float, int)
 RECORD_KEYS = {
     "sha256": str,
     "films": int,
     "source": str,
-    "labels_agree": float,
-    "mean_abs_dp": float,
-    "max_abs_dp": float,
-    "auc_fp32": (float, type(None)),
-    "auc_int8": (float, type(None)),
+    "labels_agree": REAL,
+    "mean_abs_dp": REAL,
+    "max_abs_dp": REAL,
+    "auc_fp32": (*REAL, type(None)),
+    "auc_int8": (*REAL, type(None)),
     "gate_verdicts_differ": (int, type(None)),
 }
 
@@ -60,6 +63,8 @@ def agreement(
 def shortfall(measured: dict) -> str | None:
     """What a measured agreement misses of :data:`MUST`, in words; None when it meets it."""
     misses = []
+    if measured["films"] < MUST["films"]:
+        misses.append(f"measured on {measured['films']} films (must {MUST['films']})")
     if measured["labels_agree"] < MUST["labels_agree"]:
         misses.append(f"labels agree on {measured['labels_agree']:.2%} (must {MUST['labels_agree']:.1%})")
     if measured["mean_abs_dp"] > MUST["mean_abs_dp"]:
@@ -84,7 +89,7 @@ def int8_status(config: dict) -> tuple[bool, str]:
         return False, "int8 model changed since it was measured against fp32 (export --int8 again)"
     missed = shortfall(record)
     if missed:
-        return False, f"int8 differs from fp32 on {record['films']} validation films: {missed}"
+        return False, f"int8 not shown to answer as fp32 on {record['films']} validation films: {missed}"
     return True, (
         f"int8 agrees with fp32 on {record['films']} validation films: labels {record['labels_agree']:.2%}, "
         f"mean |dp| {record['mean_abs_dp']:.4f}, largest {record['max_abs_dp']:.3f}"
@@ -103,5 +108,16 @@ def check_record(record, where: str) -> None:
             raise ConfigError(f"{where}: config.json 'int8.{key}' has the wrong type")
     if not re.fullmatch("[0-9a-f]{64}", record["sha256"]):
         raise ConfigError(f"{where}: config.json 'int8.sha256' is not a sha256 hex digest")
-    if record["films"] < 1 or not 0 <= record["labels_agree"] <= 1 or not 0 <= record["mean_abs_dp"] <= 1:
-        raise ConfigError(f"{where}: config.json 'int8' holds a count or share out of range")
+    numbers = {k: v for k, v in record.items() if isinstance(v, REAL)}
+    if not all(math.isfinite(v) for v in numbers.values()):
+        raise ConfigError(f"{where}: config.json 'int8' holds a number that is not finite")
+    aucs = [record[k] for k in ("auc_fp32", "auc_int8") if record[k] is not None]
+    differ = record["gate_verdicts_differ"]
+    if (
+        record["films"] < 1
+        or not 0 <= record["labels_agree"] <= 1
+        or not 0 <= record["mean_abs_dp"] <= record["max_abs_dp"] <= 1
+        or not all(0 <= auc <= 1 for auc in aucs)
+        or (differ is not None and not 0 <= differ <= record["films"])
+    ):
+        raise ConfigError(f"{where}: config.json 'int8' holds a count, share or difference out of range")
