@@ -210,37 +210,18 @@ def _statically_quantised(bundle, path: Path) -> bool:
     return path.name == ONNX_INT8 and not bundle.head_only
 
 
-# Rebuilt graphs of this process, by what they are a function of (the weights, the config but for the files
-# it vouches for, the reference X-rays): a second bundle with the same weights rebuilds to the same graphs.
-_REBUILT: dict[tuple, bytes] = {}
-
-
 def _rebuild(bundle, onnx_files: list[Path], films: np.ndarray, folder: Path) -> dict[Path, Path]:
     """Each of ``onnx_files`` made again from the bundle's weights into ``folder``: the fp32 export, the
     static int8 model calibrated on ``films`` (its calibration-dependent values are compared within bounds),
     a head-only bundle's int8 backbone graph from the registry's weights followed by its head."""
-    import hashlib
-    import json
-
     from .bundle import ONNX
     from .export import export_onnx, quantize_int8
 
-    config = {k: v for k, v in bundle.config.items() if k not in ("files", "int8")}
-    made_of = (bundle.weights_sha256, json.dumps(config, sort_keys=True), hashlib.sha256(films.tobytes()).hexdigest())
-    rebuilt = {}
-    for path in onnx_files:
-        name = path.name if _statically_quantised(bundle, path) else ONNX
-        if (*made_of, name) not in _REBUILT:
-            if (*made_of, ONNX) not in _REBUILT:
-                _REBUILT.clear()  # one bundle's graphs at a time
-                _REBUILT[(*made_of, ONNX)] = export_onnx(bundle, folder / "rebuilt.onnx").read_bytes()
-            if name != ONNX:
-                fp32 = folder / "rebuilt.onnx"
-                fp32.write_bytes(_REBUILT[(*made_of, ONNX)])
-                _REBUILT[(*made_of, name)] = quantize_int8(bundle, fp32, films, folder / name).read_bytes()
-        rebuilt[path] = folder / f"rebuilt-{name}"
-        rebuilt[path].write_bytes(_REBUILT[(*made_of, name)])
-    return rebuilt
+    fp32 = export_onnx(bundle, folder / ONNX)
+    return {
+        path: quantize_int8(bundle, fp32, films, folder / path.name) if _statically_quantised(bundle, path) else fp32
+        for path in onnx_files
+    }
 
 
 def _graph_difference(given: Path, rebuilt: Path, calibrated: bool) -> str | None:
