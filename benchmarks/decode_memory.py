@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumoscan.data import shared_data_root
-from pneumoscan.images import DRAFT_OVERSAMPLE, _peak_bytes_per_pixel, jpeg_header
+from pneumoscan.io.dataset import shared_data_root
+from pneumoscan.io.images import DRAFT_OVERSAMPLE, _peak_bytes_per_pixel, jpeg_header
 
 # The child resets its peak RSS (/proc/self/clear_refs) first: a forked process starts with its parent's.
 CHILD = """
 import sys
-from pneumoscan.images import load_image
+from pneumoscan.io.images import load_image
 
 def status(key):
     for line in open("/proc/self/status"):

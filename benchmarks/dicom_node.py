@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import process_memory_mb  # noqa: E402
 from pacs import ECHOSCU, STORESCU, Orthanc, chest_dicom, free_port  # noqa: E402
 
-from pneumoscan.data import shared_data_root  # noqa: E402
+from pneumoscan.io.dataset import shared_data_root  # noqa: E402
 
 
 def films(count: int, fullres: bool) -> list[Path]:

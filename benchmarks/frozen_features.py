@@ -8,8 +8,8 @@ The test split is only ever passed at read time (after the ranking rule chose a 
 import argparse
 import time
 
-from pneumoscan.data import load_split, shared_data_root
-from pneumoscan.features import frozen_features
+from pneumoscan.io.dataset import load_split, shared_data_root
+from pneumoscan.training.features import frozen_features
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from harness import table
 
-from pneumoscan.inference import Classifier
+from pneumoscan.inference.classifier import Classifier
 
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 MUST = {"mean": 0.005, "largest": 0.05, "flips": 1}

@@ -20,12 +20,12 @@ from statistics import NormalDist
 
 import numpy as np
 
-import pneumoscan.gate as G
+import pneumoscan.model.heads.gate as G
 from pneumoscan import Classifier
-from pneumoscan.data import load_images, shared_data_root
-from pneumoscan.gate import PERTURBED_IMAGES as GATE_PERTURBED_IMAGES
-from pneumoscan.gate import gate_images, perturbed_sample
-from pneumoscan.shift import PERTURBATIONS
+from pneumoscan.io.dataset import load_images, shared_data_root
+from pneumoscan.io.shift import PERTURBATIONS
+from pneumoscan.model.heads.gate import PERTURBED_IMAGES as GATE_PERTURBED_IMAGES
+from pneumoscan.model.heads.gate import gate_images, perturbed_sample
 
 
 def earlier_rule(scores: np.ndarray, keep: float) -> float:

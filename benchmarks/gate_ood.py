@@ -35,9 +35,9 @@ import ood  # noqa: E402
 from harness import timed, timed_call  # noqa: E402
 
 from pneumoscan import Classifier  # noqa: E402
-from pneumoscan.data import load_images, load_split, shared_data_root  # noqa: E402
-from pneumoscan.gate import gate_images  # noqa: E402
-from pneumoscan.images import load_image, prepare_with_chroma  # noqa: E402
+from pneumoscan.io.dataset import load_images, load_split, shared_data_root  # noqa: E402
+from pneumoscan.io.images import load_image, prepare_with_chroma  # noqa: E402
+from pneumoscan.model.heads.gate import gate_images  # noqa: E402
 
 ENGINES = {"ONNX fp32": {"fp32": True}, "ONNX int8": {"int8": True}, "PyTorch": {"engine": "torch"}}
 

@@ -22,15 +22,16 @@ import numpy as np
 from harness import run_child, self_peak_rss_mb, table, timed
 
 from pneumoscan import Classifier
-from pneumoscan.bundle import load_bundle
-from pneumoscan.data import list_images, shared_data_root
+from pneumoscan.io.dataset import list_images, shared_data_root
+from pneumoscan.model.store import load_bundle
 
 ENGINES = (("torch", "torch", False), ("onnx fp32", "onnx", False), ("onnx int8", "onnx", True))
 
 
 def prepared_bundle(model: str | None, workdir: Path) -> Path:
     """A copy of the bundle with model.onnx and model.int8.onnx (exported here when missing)."""
-    from pneumoscan.export import export_onnx, quantize_int8, training_images
+    from pneumoscan.model.onnx_export import export_onnx, quantize_int8
+    from pneumoscan.training.export import training_images
 
     source = load_bundle(model)
     path = Path(shutil.copytree(source.path, workdir / "model"))

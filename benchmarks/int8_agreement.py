@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from harness import table
 
-from pneumoscan.bundle import load_bundle
-from pneumoscan.data import load_split
-from pneumoscan.inference import Classifier
-from pneumoscan.metrics import roc_auc
+from pneumoscan.core.metrics import roc_auc
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dataset import load_split
+from pneumoscan.model.store import load_bundle
 
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 MUST = {"agree": 0.995, "mean": 0.005, "auc": 0.002}

@@ -27,7 +27,7 @@ import corpus  # noqa: E402
 import ood  # noqa: E402
 
 from pneumoscan import Classifier  # noqa: E402
-from pneumoscan.data import shared_data_root  # noqa: E402
+from pneumoscan.io.dataset import shared_data_root  # noqa: E402
 
 
 def shifted_dicom(grey: np.ndarray) -> bytes:

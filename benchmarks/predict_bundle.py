@@ -17,8 +17,8 @@ from pathlib import Path
 
 from harness import run_child
 
-from pneumoscan.bundle import load_bundle
-from pneumoscan.inference import Classifier
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.model.store import load_bundle
 
 
 def in_process(model: Path, files: list[str]) -> float:

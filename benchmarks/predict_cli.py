@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness import run_child
 
-from pneumoscan.data import list_images, shared_data_root
+from pneumoscan.io.dataset import list_images, shared_data_root
 
 
 def run_once(src: Path | None, folder: Path, extra: list[str]) -> tuple[float, float]:

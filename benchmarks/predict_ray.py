@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import interleaved, medians, run_child, table
 
-from pneumoscan.data import list_images, shared_data_root
+from pneumoscan.io.dataset import list_images, shared_data_root
 
 
 def run(extra: list[str], folder: Path, out: Path) -> float:

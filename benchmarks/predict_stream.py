@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness import run_child
 
-from pneumoscan.data import list_images, shared_data_root
+from pneumoscan.io.dataset import list_images, shared_data_root
 
 
 def run(count: int, sources: list[Path], workdir: Path) -> tuple[float, float]:

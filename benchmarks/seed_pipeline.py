@@ -133,7 +133,7 @@ def main() -> None:
         xrv_worker(Path(args.xrv_worker[0]), Path(args.xrv_worker[1]))
         return
 
-    from pneumoscan.data import list_images, shared_data_root
+    from pneumoscan.io.dataset import list_images, shared_data_root
 
     folder = shared_data_root().resolve() / "chest_xray_224" / "test"
     n = len(list_images(folder))

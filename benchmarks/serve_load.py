@@ -21,7 +21,7 @@ import time
 import numpy as np
 from harness import process_memory_mb, table
 
-from pneumoscan.data import list_images, shared_data_root
+from pneumoscan.io.dataset import list_images, shared_data_root
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ SECOND = DATA / "chest_xray_224" / "val" / "NORMAL" / "NORMAL2-IM-1427-0001.jpeg
 def phases(model: str) -> None:
     """Run in a fresh process: seconds of each phase before and after the first answer, as JSON."""
     start = time.perf_counter()
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     imported = time.perf_counter()
     clf = Classifier.load(model)

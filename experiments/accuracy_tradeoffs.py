@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-import pneumoscan.images as images
+import pneumoscan.io.images as images
 from pneumoscan import Classifier
-from pneumoscan import metrics as M
-from pneumoscan.data import list_images, load_images, load_split, shared_data_root, training_splits
-from pneumoscan.export import export_onnx
-from pneumoscan.inference import OnnxEngine
+from pneumoscan.core import metrics as M
+from pneumoscan.inference.engines import OnnxEngine
+from pneumoscan.io.dataset import list_images, load_images, load_split, shared_data_root, training_splits
+from pneumoscan.model.onnx_export import export_onnx
 
 
 def draft_table(clf: Classifier, files: list[Path]) -> None:

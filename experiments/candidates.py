@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pneumoscan import metrics as M
-from pneumoscan.data import load_split, shared_data_root, split_by_number, split_by_patient, stratified_subset
-from pneumoscan.features import frozen_features
-from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits
-from pneumoscan.frozen_onnx import INT8, backbone_graph
+from pneumoscan.core import metrics as M
+from pneumoscan.io.dataset import load_split, shared_data_root, split_by_number, split_by_patient, stratified_subset
+from pneumoscan.model.frozen_graphs import INT8, backbone_graph
+from pneumoscan.training.features import frozen_features
+from pneumoscan.training.frozen import fit_logistic, fit_mlp, head_logits
 
 
 def scores(y_t, logits_t, y_p, logits_p) -> dict:

@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from candidates import design_sets, scores  # noqa: E402
 
-from pneumoscan import metrics as M  # noqa: E402
-from pneumoscan.data import shared_data_root  # noqa: E402
-from pneumoscan.distill import Teacher  # noqa: E402
-from pneumoscan.features import frozen_features  # noqa: E402
-from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits  # noqa: E402
+from pneumoscan.core import metrics as M  # noqa: E402
+from pneumoscan.io.dataset import shared_data_root  # noqa: E402
+from pneumoscan.training.distill import Teacher  # noqa: E402
+from pneumoscan.training.features import frozen_features  # noqa: E402
+from pneumoscan.training.frozen import fit_logistic, fit_mlp, head_logits  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).parents[1] / "src" / "pneumoscan" / "default_model"
 
@@ -113,13 +113,12 @@ def main() -> None:
 
 def stored_features(prefix: str, samples: list) -> np.ndarray:
     """Features of every sample from the feature cache's stores named ``prefix*`` (all must be there)."""
-    from safetensors.numpy import load_file
+    from pneumoscan.training.features import RowCache, cache_root
 
-    from pneumoscan.features import _stored, cache_root, image_key
+    def absent(missing: list) -> None:
+        raise SystemExit(f"{len(missing)} images have no stored features under {prefix}")
 
-    rows, _ = _stored(cache_root(), prefix)
-    stores = {store: load_file(str(store))["features"] for store, _ in rows.values()}
-    return np.stack([stores[rows[image_key(s.path)][0]][rows[image_key(s.path)][1]] for s in samples])
+    return RowCache(cache_root(), prefix, 0).rows(samples, absent)[0]
 
 
 def row(first: list[str], rows: list[dict]) -> str:

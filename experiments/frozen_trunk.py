@@ -3,7 +3,7 @@
     python experiments/frozen_trunk.py [--size 224] [--batch 32] [--repeats 5]
 
 Eager PyTorch (the baseline), the frozen TorchScript trunk that training uses
-(`pneumoscan.training.compile_frozen`), `torch.compile`, and ONNX Runtime, all in this process on
+(`pneumoscan.training.trainer.compile_frozen`), `torch.compile`, and ONNX Runtime, all in this process on
 the same random batch; medians of ``--repeats`` timed passes after a warm-up.
 """
 
@@ -19,8 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from pneumoscan.models import create_model
-from pneumoscan.training import compile_frozen
+from pneumoscan.model.networks import create_model
+from pneumoscan.training.trainer import compile_frozen
 
 
 def images_per_s(forward, x: torch.Tensor, repeats: int) -> float:

@@ -12,9 +12,9 @@ import argparse
 
 import numpy as np
 
-from pneumoscan.data import load_split, shared_data_root
-from pneumoscan.features import frozen_features
-from pneumoscan.frozen_onnx import INT8, backbone_graph
+from pneumoscan.io.dataset import load_split, shared_data_root
+from pneumoscan.model.frozen_graphs import INT8, backbone_graph
+from pneumoscan.training.features import frozen_features
 
 
 def rowwise_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:

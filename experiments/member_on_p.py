@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import metrics as M
-from pneumoscan.bundle import load_bundle
-from pneumoscan.data import load_images
-from pneumoscan.inference import Classifier
+from pneumoscan.core import metrics as M
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dataset import load_images
+from pneumoscan.model.store import load_bundle
 
 
 def main() -> None:

@@ -14,10 +14,11 @@ import argparse
 
 import numpy as np
 
-from pneumoscan import metrics as M
-from pneumoscan.bundle import WEIGHTS, write_bundle
-from pneumoscan.data import load_images
-from pneumoscan.inference import Classifier
+from pneumoscan.core import metrics as M
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dataset import load_images
+from pneumoscan.model.bundle import write_bundle
+from pneumoscan.model.schema import WEIGHTS
 
 NOTE = (
     " The operating threshold was then changed from {old:.4f} (Youden on validation) to 0.5 (balanced: logit 0, "

@@ -5,7 +5,7 @@
 
 The rule (fixed on 2026-11-28, before any candidate existed; see docs/research-log.md):
 - each bundle is scored on the validation patients of its own recipe (carved from train by patient), clean
-  and under every perturbation of ``pneumoscan.shift`` (seed 0, all validation images);
+  and under every perturbation of ``pneumoscan.io.shift`` (seed 0, all validation images);
 - its shift-proxy AUC is the worst AUC over the perturbations;
 - candidates are ranked by the mean of clean-validation AUC and shift-proxy AUC; ties (within 0.0005)
   go to the lower calibrated validation loss.
@@ -19,9 +19,9 @@ import argparse
 import numpy as np
 
 from pneumoscan import Classifier
-from pneumoscan import metrics as M
-from pneumoscan.data import load_images
-from pneumoscan.shift import perturb
+from pneumoscan.core import metrics as M
+from pneumoscan.io.dataset import load_images
+from pneumoscan.io.shift import perturb
 
 
 def score(bundle_path: str | None, data: str) -> dict:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import metrics as M
-from pneumoscan.bundle import load_bundle
-from pneumoscan.data import load_images, training_splits
-from pneumoscan.models import predict_logits
+from pneumoscan.core import metrics as M
+from pneumoscan.io.dataset import load_images, training_splits
+from pneumoscan.model.networks import predict_logits
+from pneumoscan.model.store import load_bundle
 
 
 def branch(source: Path, target: Path, changes: dict) -> None:

@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pneumoscan import metrics as M
-from pneumoscan.bundle import load_bundle, save_bundle
-from pneumoscan.data import load_images
-from pneumoscan.images import Preprocessing, prepare
-from pneumoscan.inference import Classifier
+from pneumoscan.core import metrics as M
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dataset import load_images
+from pneumoscan.io.images import Preprocessing, prepare
+from pneumoscan.model.bundle import save_bundle
+from pneumoscan.model.store import load_bundle
 
 DATA = "/work/shared/data/chest_xray_224"
 CANON = Preprocessing(224)

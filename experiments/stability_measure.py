@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.data import shared_data_root
-from pneumoscan.inference import Classifier
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dataset import shared_data_root
 
 
 def pairs(root: Path | None = None) -> list[tuple[Path, Path]]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import Classifier
-from pneumoscan import metrics as M
-from pneumoscan.data import load_images, load_split, shared_data_root, split_by_number, split_by_patient
+from pneumoscan.core import metrics as M
+from pneumoscan.io.dataset import load_images, load_split, shared_data_root, split_by_number, split_by_patient
 
 
 def designs(root: Path) -> dict[str, list]:

@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from layers import LAYER_OF
 
-from pneumoscan.data import shared_data_root
+from pneumoscan.io.dataset import shared_data_root
 
 DATA = shared_data_root().resolve()
 D224 = DATA / "chest_xray_224"
@@ -49,6 +50,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.data)
+        layer = LAYER_OF.get(item.path.name)
+        if layer is None:
+            raise pytest.UsageError(f"{item.path.name}: say in tests/layers.py which layer it tests")
+        item.add_marker(getattr(pytest.mark, layer))
     missing = {}
     if not D224.is_dir():
         missing["data"] = f"real data not found at {DATA}: set PNEUMOSCAN_DATA to the shared data folder"
@@ -102,7 +107,8 @@ def small_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_bundle(small_data, tmp_path_factory):
     """A bundle trained for two frozen epochs on 200 real images (about 15 s): for inference tests."""
-    from pneumoscan.training import TrainConfig, train
+    from pneumoscan.training.recipe import TrainConfig
+    from pneumoscan.training.trainer import train
 
     out = tmp_path_factory.mktemp("run")
     bundle = train(
@@ -116,8 +122,9 @@ def exported_bundle(trained_bundle, tmp_path_factory):
     """A copy of that bundle with model.onnx and model.int8.onnx."""
     import shutil
 
-    from pneumoscan.bundle import load_bundle
-    from pneumoscan.export import export_onnx, quantize_int8, training_images
+    from pneumoscan.model.onnx_export import export_onnx, quantize_int8
+    from pneumoscan.model.store import load_bundle
+    from pneumoscan.training.export import training_images
 
     bundle = load_bundle(shutil.copytree(trained_bundle.path, tmp_path_factory.mktemp("exported") / "model"))
     fp32 = export_onnx(bundle)
@@ -129,8 +136,8 @@ def exported_bundle(trained_bundle, tmp_path_factory):
 def head_only_bundle(tmp_path_factory):
     """DINOv2 frozen features + logistic head on 20 + 20 real training X-rays (30% patients held out): a head-only
     bundle (the head stored, the int8 ONNX features graph shipped). Needs the backbones extra."""
-    from pneumoscan.recipe import TrainConfig
-    from pneumoscan.training import train
+    from pneumoscan.training.recipe import TrainConfig
+    from pneumoscan.training.trainer import train
 
     data = link_dataset(tmp_path_factory.mktemp("dino-data"), {"train": 20})
     cfg = TrainConfig(

@@ -16,7 +16,7 @@ def _real_224() -> Path:
     an example image shipped in the package: tests need no dataset to have it."""
     from conftest import scratch_dir
 
-    from pneumoscan.images import prepare
+    from pneumoscan.io.images import prepare
 
     path = scratch_dir("pneumoscan-corpus-") / "person1946_bacteria_4874.jpeg"
     grey = prepare(EXAMPLES / "PNEUMONIA" / path.name, 224)

@@ -15,12 +15,13 @@ import pytest
 from conftest import D224, real_images
 from PIL import Image
 
-from pneumoscan.adapt import MIN_FILMS, adapt_bundle, refuse_unadaptable
-from pneumoscan.backbones import sha256_file
-from pneumoscan.bundle import Bundle, default_bundle_path, load_bundle
-from pneumoscan.cli import main
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import prepare
+from pneumoscan.cli.main import main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.images import prepare
+from pneumoscan.model.backbones import sha256_file
+from pneumoscan.model.bundle import Bundle
+from pneumoscan.model.store import default_bundle_path, load_bundle
+from pneumoscan.training.adapt import MIN_FILMS, adapt_bundle, refuse_unadaptable
 
 pytestmark = pytest.mark.data
 SITE_FILMS = 60
@@ -70,7 +71,7 @@ def adapted(site, tmp_path_factory):
 
 
 def test_adapting_to_a_darker_scanner_brings_its_answers_back(site, adapted):
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     folder, originals = site
     bundle, _ = adapted
@@ -114,7 +115,7 @@ def test_the_record_says_which_films_and_what_was_kept(site, adapted):
 
 
 def test_the_adapted_bundle_predicts_on_every_engine_and_verifies(site, adapted, capsys):
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     folder, _ = site
     bundle, _ = adapted
@@ -153,7 +154,7 @@ def test_a_folder_of_many_pictures_that_are_no_xrays_is_refused(tmp_path, capsys
 
 
 def test_ensembles_head_only_bundles_and_bundles_without_a_gate_are_refused(tmp_path):
-    from pneumoscan.ensemble import Ensemble
+    from pneumoscan.model.ensemble import Ensemble
 
     source = load_bundle(None)
     ensemble = Ensemble(tmp_path, {**source.config, "format": "pneumoscan-ensemble/1"}, members=[source])

@@ -8,19 +8,20 @@ import pytest
 import torch
 from conftest import real_images
 
-from pneumoscan import backbones
-from pneumoscan.backbones import REGISTRY, get_backbone, provenance, weights_file
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import prepare
-from pneumoscan.models import BUILDERS, create_model, imagenet_classifier
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.images import prepare
+from pneumoscan.model import backbones
+from pneumoscan.model.backbones import REGISTRY, get_backbone, provenance, weights_file
+from pneumoscan.model.networks import BUILDERS, create_model, imagenet_classifier
 
 pytestmark = pytest.mark.backbones
 
 
 def test_registry_is_torch_free_and_breaks_the_import_cycle():
     code = (
-        "import sys; import pneumoscan.backbones, pneumoscan.bundle, pneumoscan.recipe, pneumoscan.model_card; "
-        "assert 'torch' not in sys.modules, 'torch imported'; import pneumoscan.models"
+        "import sys; import pneumoscan.model.backbones, pneumoscan.model.bundle, pneumoscan.training.recipe, "
+        "pneumoscan.model.card; "
+        "assert 'torch' not in sys.modules, 'torch imported'; import pneumoscan.model.networks"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -69,7 +70,7 @@ def test_lite2_imagenet_weights_recognise_a_cat():
 
 @pytest.mark.data
 def test_dinov2_extraction_matches_the_onnx_original():
-    from pneumoscan.vit import onnx_reference_tokens
+    from pneumoscan.model.vit import onnx_reference_tokens
 
     net = create_model("dinov2_vits14", image_size=224).eval()
     images = np.stack(

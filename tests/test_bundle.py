@@ -1,16 +1,14 @@
 """Safe model loading: a truncated, tampered or mismatched bundle stops with a clear one-line error."""
 
-import ast
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from pneumoscan.bundle import load_bundle
-from pneumoscan.errors import ConfigError
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.model.store import load_bundle
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ def test_intact_bundle_loads(copy):
 
 
 def test_pretrained_weights_provenance_in_config_and_card(copy):
-    from pneumoscan.backbones import REGISTRY
+    from pneumoscan.model.backbones import REGISTRY
 
     bundle = load_bundle(copy)
     source = REGISTRY["efficientnet_lite0"].weights
@@ -90,54 +88,3 @@ def test_cli_refuses_a_tampered_bundle_with_exit_2(copy):
     )
     assert done.returncode == 2 and "sha256 does not match" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-
-
-PACKAGE = Path(__file__).parents[1] / "src" / "pneumoscan"
-
-
-def _module_imports() -> dict[str, set[str]]:
-    """Each module of the package and the package modules it imports when it is imported (module level)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    graph = {}
-    for path in PACKAGE.glob("*.py"):
-        found = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumoscan."):
-                found.add(node.module.split(".")[1])
-        graph[path.stem] = found & modules - {"__init__"}
-    return graph
-
-
-def test_the_import_graph_has_no_cycles():
-    graph, done, path = _module_imports(), set(), []
-
-    def visit(module):
-        if module in path:
-            pytest.fail("import cycle: " + " -> ".join(path[path.index(module) :] + [module]))
-        if module in done:
-            return
-        path.append(module)
-        for imported in sorted(graph[module]):
-            visit(imported)
-        path.pop()
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module)
-    assert {"bundle", "bundle_schema", "fileio"} <= graph.keys() and "bundle_schema" in graph["bundle"]
-    assert graph["fileio"] <= {"errors"} and "bundle" not in graph["bundle_schema"] | graph["fileio"]
-    assert graph["feature_head"] <= {"errors"}  # the interface: what the registry and the schema rest on
-
-
-def test_the_bundle_module_still_exports_every_bundle_name():
-    import pneumoscan.bundle as bundle
-    from pneumoscan import bundle_schema, fileio
-
-    for name in ("read_json_object", "parse_json_object", "write_json", "atomic_write", "MAX_JSON_BYTES"):
-        assert getattr(bundle, name) is getattr(fileio, name)
-    for name in ("ANSWER_FILES", "MAX_FILE_BYTES", "validate_config", "validate_metrics", "check_schema", "GATE"):
-        assert getattr(bundle, name) is getattr(bundle_schema, name)
-    assert all(hasattr(bundle, name) for name in bundle.__all__)
-    assert bundle.GATE == "gate.safetensors" and bundle.SUBTYPE == "subtype.safetensors"

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from pneumoscan import Classifier
-from pneumoscan import metrics as M
-from pneumoscan.bundle import load_bundle
-from pneumoscan.calibrate import calibrate_bundle
-from pneumoscan.cli import main
-from pneumoscan.data import load_images, load_split
-from pneumoscan.demo import EXAMPLES
-from pneumoscan.errors import ConfigError
+from pneumoscan.cli.demo import EXAMPLES
+from pneumoscan.cli.main import main
+from pneumoscan.core import metrics as M
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.dataset import load_images, load_split
+from pneumoscan.model.store import load_bundle
+from pneumoscan.training.calibrate import calibrate_bundle
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_target_sensitivity_is_reached_in_sample(trained_bundle, local_set, tmp_
 def test_calibrated_bundle_keeps_its_onnx_models(exported_bundle, local_set, tmp_path):
     """ONNX exports hold logits only: a recalibrated bundle keeps them (int8 included), with the new
     operating point in their metadata, and shares the fp32 cache with its source."""
-    from pneumoscan.inference import onnx_cache_path
+    from pneumoscan.inference.engines import onnx_cache_path
 
     bundle, _ = calibrate_bundle(local_set, tmp_path / "m", model=exported_bundle.path, n_resamples=50, progress=False)
     assert {"model.onnx", "model.int8.onnx", "gate.safetensors"} <= set(bundle.config["files"])
@@ -175,8 +175,8 @@ def test_a_calibrated_bundle_has_its_own_name_and_version_and_records_its_source
     """A comparison of a model and its calibrated copy tells them apart by name, not only by path."""
     import time
 
-    from pneumoscan.bundle import resolve_model
-    from pneumoscan.text import markdown_text
+    from pneumoscan.core.text import markdown_text
+    from pneumoscan.model.store import resolve_model
 
     source = load_bundle(resolve_model("fast"))
     bundle, _ = calibrate_bundle(EXAMPLES, tmp_path / "m", model="fast", n_resamples=20, progress=False)

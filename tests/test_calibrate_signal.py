@@ -6,9 +6,9 @@ import shutil
 import pytest
 from conftest import real_images
 
-from pneumoscan.calibrate import calibrate_bundle
-from pneumoscan.cli import main
-from pneumoscan.errors import ConfigError
+from pneumoscan.cli.main import main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.training.calibrate import calibrate_bundle
 
 pytestmark = pytest.mark.data
 

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan import calibrate, data_prepare, evaluation, service, verify
-from pneumoscan.cli import build_parser, main
-from pneumoscan.errors import ConfigError
-from pneumoscan.inference import Classifier
-from pneumoscan.settings import flag_name
+from pneumoscan.cli.main import build_parser, main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.core.settings import flag_name
+from pneumoscan.evaluation import evaluate as evaluation
+from pneumoscan.evaluation import verify
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io import prepare as data_prepare
+from pneumoscan.serving import service
+from pneumoscan.training import calibrate
 
 
 def _cli(*args):
@@ -37,17 +41,14 @@ def _subparsers(parser=None):
 def test_every_command_lists_every_declared_option_with_help():
     """Each command's --help names every option its options class declares, and every argument of every
     command (declared or not) has help text."""
-    from pneumoscan.data import Augmentation
-    from pneumoscan.options import COMMANDS as DECLARED
-    from pneumoscan.options import TrainRunOptions
-    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.cli.main import options_of
+    from pneumoscan.core.options import COMMANDS as DECLARED
 
     parsers = _subparsers()
-    assert set(parsers) == set(DECLARED) | {"train"}
+    assert set(parsers) == set(DECLARED) | {"train", "heads fit"}
     for command, sub in parsers.items():
         text = sub.format_help()
-        classes = (DECLARED[command],) if command in DECLARED else (TrainRunOptions, TrainConfig, Augmentation)
-        for cls in classes:
+        for cls in options_of(command):
             for f in fields(cls):
                 if "spec" in f.metadata:
                     assert flag_name(f) in text, f"{command} --help lacks {flag_name(f)}"
@@ -119,7 +120,7 @@ def test_api_defaults_are_the_declared_ones():
     """The Python API's defaults are the options' defaults (one declaration), shown by help()."""
     import inspect
 
-    from pneumoscan.settings import default_of
+    from pneumoscan.core.settings import default_of
 
     functions = [evaluation.evaluate, calibrate.calibrate_bundle, service.serve, service.create_app]
     functions += [Classifier.load, Classifier.predict, data_prepare.prepare_dataset, verify.verify_bundle]
@@ -132,7 +133,7 @@ def test_api_defaults_are_the_declared_ones():
                 assert parameters[name].default == default_of(cls, option_name), (func.__qualname__, name)
     assert inspect.signature(evaluation.evaluate).parameters["rule"].default == "balanced"
     assert inspect.signature(calibrate.calibrate_bundle).parameters["rule"].default == "balanced"
-    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.training.recipe import TrainConfig
 
     assert TrainConfig().operating_rule == "balanced"
 
@@ -197,9 +198,9 @@ def test_train_options_come_from_the_config_definitions():
     """Every TrainConfig and Augmentation option is a train flag with its default in the help."""
     from dataclasses import fields
 
-    from pneumoscan.data import Augmentation
-    from pneumoscan.recipe import TrainConfig
-    from pneumoscan.settings import flag_name
+    from pneumoscan.core.settings import flag_name
+    from pneumoscan.training.augment import Augmentation
+    from pneumoscan.training.recipe import TrainConfig
 
     parser = build_parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
@@ -209,7 +210,7 @@ def test_train_options_come_from_the_config_definitions():
             if "spec" in f.metadata:
                 assert flag_name(f) in flags, f.name
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--zoom", "0.2", "--no-hflip"])
-    from pneumoscan.settings import from_args
+    from pneumoscan.core.settings import from_args
 
     cfg = from_args(TrainConfig, args, augmentation=from_args(Augmentation, args))
     assert cfg.augmentation.zoom == 0.2 and not cfg.augmentation.hflip and cfg.epochs == TrainConfig().epochs
@@ -219,8 +220,8 @@ def test_train_options_come_from_the_config_definitions():
 def test_export_and_train_options_are_checked_as_declared():
     """The export API takes its defaults and checks from the same declaration as the CLI; train's --resume
     and --quiet are declared options too."""
-    from pneumoscan.errors import ConfigError
-    from pneumoscan.export import export_bundle
+    from pneumoscan.core.errors import ConfigError
+    from pneumoscan.training.export import export_bundle
 
     with pytest.raises(ConfigError, match="--calibration-images must be >= 2 and <= 100000, got 1"):
         export_bundle(calibration_images=1)

@@ -5,8 +5,15 @@ import unittest.mock
 import pytest
 from conftest import D224, link_dataset, real_images
 
-from pneumoscan.data import check_dataset, load_split, patient_id, split_by_patient, stratified_subset, training_splits
-from pneumoscan.errors import ConfigError
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.dataset import (
+    check_dataset,
+    load_split,
+    patient_id,
+    split_by_patient,
+    stratified_subset,
+    training_splits,
+)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +99,8 @@ def test_acquisition_jitter_changes_real_xrays_within_bounds_and_is_seeded():
     import numpy as np
     import torch
 
-    from pneumoscan.data import AcquisitionJitter, Augmentation
-    from pneumoscan.images import prepare
+    from pneumoscan.io.images import prepare
+    from pneumoscan.training.augment import AcquisitionJitter, Augmentation
 
     image = torch.from_numpy(prepare(real_images("train", "NORMAL", 1)[0], 224))[None]
     jitter = AcquisitionJitter(1.0)
@@ -119,7 +126,7 @@ def test_data_check_explains_crossing_patients_and_names_real_leaks(tmp_path, ca
     two splits, byte-identical or re-encoded, is called a leak."""
     from PIL import Image
 
-    from pneumoscan.cli import main
+    from pneumoscan.cli.main import main
 
     films = (
         sorted((D224 / "train" / "PNEUMONIA").glob("*.jpeg"))[:2] + sorted((D224 / "train" / "NORMAL").glob("*"))[:2]
@@ -150,9 +157,9 @@ def test_aspect_jitter_rescales_width_against_height_and_is_off_by_default():
     import numpy as np
     import torch
 
-    from pneumoscan.data import AspectJitter, Augmentation
-    from pneumoscan.images import prepare
-    from pneumoscan.recipe import TrainConfig
+    from pneumoscan.io.images import prepare
+    from pneumoscan.training.augment import AspectJitter, Augmentation
+    from pneumoscan.training.recipe import TrainConfig
 
     square = np.zeros((1, 224, 224), np.uint8)
     square[0, 72:152, 72:152] = 200  # an 80 x 80 block

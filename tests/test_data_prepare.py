@@ -16,11 +16,11 @@ from conftest import FULLRES, real_images
 from corpus import dicom
 from PIL import Image
 
-from pneumoscan.cli import main
-from pneumoscan.data import check_dataset, load_split
-from pneumoscan.data_prepare import MAX_ARCHIVE_RATIO, MAX_ENTRY_RATIO, place, prepare_dataset, unsafe_name
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import load_image, prepare
+from pneumoscan.cli.main import main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.dataset import check_dataset, load_split
+from pneumoscan.io.images import load_image, prepare
+from pneumoscan.io.prepare import MAX_ARCHIVE_RATIO, MAX_ENTRY_RATIO, place, prepare_dataset, unsafe_name
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
 
@@ -112,7 +112,7 @@ def test_resized_copy_is_what_the_loader_makes(tmp_path):
     original = _examples("NORMAL")[0]
     resized = np.asarray(load_image(root / "train" / "NORMAL" / original.name))
     assert resized.shape == (64, 64)
-    from pneumoscan.images import prepare
+    from pneumoscan.io.images import prepare
 
     assert np.abs(resized.astype(int) - prepare(original, 64).astype(int)).mean() < 2  # JPEG q95 of the same
 

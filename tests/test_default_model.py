@@ -5,11 +5,11 @@ import pytest
 from conftest import FULLRES, VAL_FULLRES
 
 from pneumoscan import Classifier
-from pneumoscan.bundle import default_bundle_path, load_bundle, resolve_model
-from pneumoscan.data import list_images
-from pneumoscan.ensemble import Ensemble
-from pneumoscan.images import Preprocessing, load_image, prepare
-from pneumoscan.model_card import model_card
+from pneumoscan.io.dataset import list_images
+from pneumoscan.io.images import Preprocessing, load_image, prepare
+from pneumoscan.model.card import model_card
+from pneumoscan.model.ensemble import Ensemble
+from pneumoscan.model.store import default_bundle_path, load_bundle, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_bundle_is_small_complete_and_verified():
 @pytest.mark.data
 def test_bundled_model_separates_the_official_val_images(clf):
     """The 16 official val images (never trained on): all pneumonia cases rank above most normals."""
-    from pneumoscan.metrics import roc_auc
+    from pneumoscan.core.metrics import roc_auc
 
     files = list_images(VAL_FULLRES)
     y = [int("PNEUMONIA" in str(f)) for f in files]
@@ -107,8 +107,8 @@ def test_re_encodings_of_one_image_agree_within_0_01(clf):
 
 def test_every_bundled_model_has_a_version_that_traces():
     """/v1/model and the DICOM SR name each model by version: none is "" or "unversioned"."""
-    from pneumoscan.bundle import BUNDLED_MODELS
-    from pneumoscan.dicom_sr import ModelInfo
+    from pneumoscan.io.dicom_sr import ModelInfo
+    from pneumoscan.model.store import BUNDLED_MODELS
 
     bundles = [load_bundle(resolve_model(name)) for name in BUNDLED_MODELS]
     bundles += [m for b in bundles if isinstance(b, Ensemble) for m in b.members]

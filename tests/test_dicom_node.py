@@ -22,10 +22,10 @@ import pytest
 from conftest import DATA, real_images
 from pacs import STORESCU, Orthanc, bomb_dicom, chest_dicom, free_port
 
-from pneumoscan.cli import main
-from pneumoscan.dicom_node import DicomNode, NodeLimits, Peer, destination
-from pneumoscan.dicom_sr import finding_of
-from pneumoscan.inference import Classifier
+from pneumoscan.cli.main import main
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.io.dicom_sr import finding_of
+from pneumoscan.serving.dicom_node import DicomNode, NodeLimits, Peer, destination
 
 pytestmark = [pytest.mark.dicom, pytest.mark.data]
 
@@ -484,7 +484,7 @@ def test_receiving_to_files_is_on_while_a_node_serves_and_a_store_still_works_wi
 
     from pynetdicom import _config
 
-    import pneumoscan.dicom_node as dicom_node
+    import pneumoscan.serving.dicom_node as dicom_node
 
     incoming = tmp_path / "tmp"
     incoming.mkdir()
@@ -652,7 +652,7 @@ def test_listen_warns_without_allow_and_a_busy_port_is_one_line_exit_2(capsys, t
 
 
 def test_every_listen_option_is_explained():
-    from pneumoscan.cli import build_parser
+    from pneumoscan.cli.main import build_parser
 
     parser = build_parser()
     listen = next(a for a in parser._actions if a.dest == "command").choices["listen"]

@@ -13,10 +13,10 @@ from conftest import DATA
 from pacs import bomb_dicom, chest_dicom
 from pydicom.sr.codedict import codes
 
-from pneumoscan import dicom_sr
-from pneumoscan.dicom_sr import ModelInfo, build_cam_image, build_report, finding_of, read_header
-from pneumoscan.errors import ImageError
-from pneumoscan.inference import Prediction
+from pneumoscan.core.errors import ImageError
+from pneumoscan.inference.result import Prediction
+from pneumoscan.io import dicom_sr
+from pneumoscan.io.dicom_sr import ModelInfo, build_cam_image, build_report, finding_of, read_header
 
 FILM = DATA / "fullres_sample" / "PNEUMONIA" / "person1411_bacteria_3593.jpeg"
 MODEL = ModelInfo("pneumoscan-test-model", "2026.12.01", "ab" * 32, "balanced")

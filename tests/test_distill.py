@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.bundle import resolve_model
-from pneumoscan.data import load_split, stratified_subset
+from pneumoscan.io.dataset import load_split, stratified_subset
+from pneumoscan.model.store import resolve_model
 
 SHIPPED = resolve_model("default")  # the bundled model as teacher (any bundle teaches)
 
@@ -24,7 +24,7 @@ def _bce(logit: float, target: float) -> float:
 
 
 def test_distillation_loss_is_the_formula_and_listens_to_the_teacher():
-    from pneumoscan.distill import distillation_loss
+    from pneumoscan.training.distill import distillation_loss
 
     logits = [2.0, -1.0, 0.5, -0.2]
     labels = [1.0, 0.0, 1.0, 0.0]
@@ -50,7 +50,7 @@ def test_distillation_loss_is_the_formula_and_listens_to_the_teacher():
 
 def test_weighted_rows_give_a_logistic_regression_the_same_loss():
     """soft_rows turns the distillation loss into weighted rows: their weighted log loss is n times the loss."""
-    from pneumoscan.distill import distillation_loss, soft_rows
+    from pneumoscan.training.distill import distillation_loss, soft_rows
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 3))
@@ -68,21 +68,21 @@ def test_weighted_rows_give_a_logistic_regression_the_same_loss():
 
 @pytest.mark.data
 def test_teacher_probabilities_are_the_classifiers_and_are_computed_once(small_data, tmp_path, monkeypatch):
-    from pneumoscan import inference
-    from pneumoscan.distill import Teacher
+    from pneumoscan.inference import classifier
+    from pneumoscan.training.distill import Teacher
 
     samples = stratified_subset(load_split(small_data, "train"), 4)
     teacher = Teacher.load(SHIPPED)
     p, kept, errors = teacher.probabilities(samples, progress=False, cache=tmp_path)
     assert not errors and kept == samples
-    direct = inference.Classifier.load(SHIPPED, gate=False, fp32=True).predict([s.path for s in samples])
+    direct = classifier.Classifier.load(SHIPPED, gate=False, fp32=True).predict([s.path for s in samples])
     assert p == pytest.approx([r.probability for r in direct], abs=1e-6)
     assert [s.label for s in samples] == [0] * 4 + [1] * 4 and p[4:].mean() > p[:4].mean()
 
     def no_teacher_run(*args, **kwargs):
         raise AssertionError("the cached probabilities were computed again")
 
-    monkeypatch.setattr(inference, "Classifier", no_teacher_run)
+    monkeypatch.setattr(classifier, "Classifier", no_teacher_run)
     again, kept_again, _ = teacher.probabilities(samples[2:], progress=False, cache=tmp_path)
     assert kept_again == samples[2:] and again == pytest.approx(p[2:])
     assert len(list(tmp_path.glob(f"teacher-{teacher.digest[:16]}-*.safetensors"))) == 1
@@ -92,9 +92,9 @@ def test_teacher_probabilities_are_the_classifiers_and_are_computed_once(small_d
 def test_a_student_that_only_hears_the_teacher_learns_what_it_says(small_data):
     """A = 1 with a teacher that contradicts every label: both frozen-feature heads learn the contradiction
     (the teacher's target is really what they fit), while A = 0 learns the labels."""
-    from pneumoscan import metrics as M
-    from pneumoscan.features import frozen_features
-    from pneumoscan.frozen import fit_logistic, fit_mlp, head_logits
+    from pneumoscan.core import metrics as M
+    from pneumoscan.training.features import frozen_features
+    from pneumoscan.training.frozen import fit_logistic, fit_mlp, head_logits
 
     samples = stratified_subset(load_split(small_data, "train"), 20)
     x, kept, _ = frozen_features("efficientnet_lite0", samples, 224, progress=False)
@@ -117,8 +117,8 @@ def _cli(*args):
 
 @pytest.mark.data
 def test_train_with_the_shipped_bundle_as_teacher_records_it_and_writes_a_working_bundle(small_data, tmp_path):
-    from pneumoscan.backbones import sha256_file
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
+    from pneumoscan.model.backbones import sha256_file
 
     out = tmp_path / "run"
     done = _cli(
@@ -158,9 +158,9 @@ def test_a_bad_teacher_is_one_line_and_exit_2(small_data, tmp_path, extra, fragm
 
 
 def test_resume_refuses_a_teacher_that_changed_since_the_run_started(tmp_path):
-    from pneumoscan.distill import Teacher
-    from pneumoscan.errors import ConfigError
-    from pneumoscan.training import check_same_teacher
+    from pneumoscan.core.errors import ConfigError
+    from pneumoscan.training.distill import Teacher
+    from pneumoscan.training.run import check_same_teacher
 
     teacher = Teacher.load(SHIPPED)
     config = tmp_path / "config.json"

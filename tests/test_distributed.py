@@ -15,7 +15,7 @@ def test_ray_prediction_matches_one_process(trained_bundle, small_data, tmp_path
     import ray
 
     from pneumoscan import Classifier
-    from pneumoscan.distributed import iter_predictions_ray
+    from pneumoscan.inference.distributed import iter_predictions_ray
 
     files = sorted((small_data / "test").rglob("*.jpeg"))[:40]
     broken = tmp_path / "broken.jpeg"

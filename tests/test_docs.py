@@ -107,7 +107,7 @@ def test_the_checker_finds_what_is_broken(tmp_path):
 def test_readme_results_row_is_the_bundled_models_recorded_test_read():
     """The README's row for the bundled model is what ``pneumoscan evaluate --record`` stored in it
     (AUC and accuracy with their intervals, sensitivity, specificity and loss, at the shipped threshold)."""
-    from pneumoscan.bundle import load_bundle, resolve_model
+    from pneumoscan.model.store import load_bundle, resolve_model
 
     name = "default"
     test = load_bundle(resolve_model(name)).metrics["test"]

@@ -63,7 +63,7 @@ COMMANDS = in_run_order()
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, small_data, trained_bundle) -> Path:
     """A fresh folder with every name the pages' commands take as given."""
-    from pneumoscan.bundle import default_bundle_path
+    from pneumoscan.model.store import default_bundle_path
 
     here = tmp_path_factory.mktemp("user")
     with zipfile.ZipFile(here / "archive.zip", "w") as z:  # the download as Kaggle names it, small

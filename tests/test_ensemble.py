@@ -13,11 +13,13 @@ from conftest import D224, real_images
 from corpus import REAL
 
 from pneumoscan import Classifier
-from pneumoscan.bundle import CONFIG, WEIGHTS, default_bundle_path, load_bundle, resolve_model
-from pneumoscan.ensemble import Ensemble, make_ensemble, member_name, write_ensemble
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import prepare
-from pneumoscan.metrics import sigmoid
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.core.metrics import sigmoid
+from pneumoscan.io.images import prepare
+from pneumoscan.model.ensemble import Ensemble, write_ensemble
+from pneumoscan.model.schema import CONFIG, WEIGHTS
+from pneumoscan.model.store import default_bundle_path, load_bundle, resolve_model
+from pneumoscan.training.ensemble import make_ensemble, member_name
 
 EXAMPLES = sorted((default_bundle_path().parent / "examples").rglob("*.jpeg"))
 
@@ -98,8 +100,8 @@ def test_int8_runs_every_member_that_has_one(ensemble):
 def test_serve_and_evaluate_an_ensemble(ensemble, tmp_path):
     from fastapi.testclient import TestClient
 
-    from pneumoscan.evaluation import evaluate
-    from pneumoscan.service import create_app
+    from pneumoscan.evaluation.evaluate import evaluate
+    from pneumoscan.serving.service import create_app
 
     client = TestClient(create_app(model=str(ensemble.path)))
     r = client.post("/v1/predict", files={"file": ("x.jpeg", REAL.read_bytes())}, params={"cam": "true"})
@@ -118,7 +120,7 @@ def test_serve_and_evaluate_an_ensemble(ensemble, tmp_path):
 def test_make_ensemble_fits_its_temperature_on_the_shared_validation_split(trained_bundle, small_data, tmp_path):
     """Two members trained on the same split (the small bundle, and a copy of it at another temperature):
     the ensemble's temperature minimises the log loss of the combined logits on that validation split."""
-    from pneumoscan.metrics import fit_temperature
+    from pneumoscan.core.metrics import fit_temperature
 
     first = trained_bundle
     twin = first.write_copy(tmp_path / "twin", {**first.config, "temperature": first.temperature * 2}, {})
@@ -149,7 +151,7 @@ def test_make_ensemble_fits_its_temperature_on_the_shared_validation_split(train
     assert loss(made.temperature) < min(loss(made.temperature * 0.8), loss(made.temperature * 1.25))
     assert "Grad-CAM explains the primary member" in (out / "MODEL_CARD.md").read_text()
     # and calibrate writes a recalibrated ensemble, members carried over
-    from pneumoscan.calibrate import calibrate_bundle
+    from pneumoscan.training.calibrate import calibrate_bundle
 
     calibrated, _ = calibrate_bundle(
         small_data, tmp_path / "site", model=out, split="test", n_resamples=50, progress=False
@@ -163,7 +165,7 @@ def test_make_ensemble_fits_its_temperature_on_the_shared_validation_split(train
 def test_members_of_other_validation_designs_share_only_what_none_trained_on(shipped, tmp_path):
     """A member trained with the temporal design and one trained with random patients: the ensemble's
     temperature is fitted on the images held out of both."""
-    from pneumoscan.data import training_splits
+    from pneumoscan.io.dataset import training_splits
 
     recipe = {**shipped.config["training"]["recipe"], "val_source": "temporal", "val_fraction": 0.2}
     temporal = shipped.write_copy(
@@ -267,8 +269,8 @@ def test_symlinked_nested_and_misfit_members_are_refused(ensemble, shipped, tmp_
 
 
 def test_members_of_another_image_size_are_refused(shipped, tmp_path):
-    from pneumoscan.bundle import save_bundle
-    from pneumoscan.models import create_model
+    from pneumoscan.model.bundle import save_bundle
+    from pneumoscan.model.networks import create_model
 
     config = {k: v for k, v in shipped.config.items() if k not in ("files", "weights_sha256", "pretrained")}
     small = save_bundle(
@@ -290,7 +292,7 @@ def test_members_of_another_image_size_are_refused(shipped, tmp_path):
 
 
 def test_verify_checks_every_member(ensemble):
-    from pneumoscan.verify import verify_bundle
+    from pneumoscan.evaluation.verify import verify_bundle
 
     checks = verify_bundle(ensemble.path)
     assert [c.engine for c in checks] == ["fast:onnx", "fast:onnx-int8"]  # the small member has no ONNX model
@@ -318,7 +320,7 @@ def test_bundled_models_by_name_and_a_path_wins(tmp_path, monkeypatch):
 
 
 def test_ensemble_and_models_options_are_explained_and_errors_are_one_line(tmp_path):
-    from pneumoscan.cli import build_parser
+    from pneumoscan.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in ("ensemble", "models"):

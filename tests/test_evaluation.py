@@ -30,7 +30,7 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def evaluated(trained_bundle, small_data, tmp_path_factory):
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
     return out, evaluate(
@@ -54,7 +54,7 @@ def test_metrics_json_has_the_contract_keys(evaluated):
 
 
 def test_console_table_shows_0_5_as_a_second_column_only_when_it_is_another_threshold(evaluated):
-    from pneumoscan.evaluation import metrics_table
+    from pneumoscan.evaluation.evaluate import metrics_table
 
     out, _ = evaluated
     report = json.loads((out / "metrics.json").read_text())
@@ -126,7 +126,7 @@ def test_report_opens_in_a_real_browser(evaluated, tmp_path):
 
 
 def test_comparing_two_models(trained_bundle, exported_bundle, small_data, tmp_path):
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     summary = evaluate(
         small_data,
@@ -144,8 +144,8 @@ def test_comparing_two_models(trained_bundle, exported_bundle, small_data, tmp_p
 
 
 def test_record_stores_the_report_in_the_bundle(trained_bundle, small_data, tmp_path):
-    from pneumoscan.bundle import load_bundle
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
+    from pneumoscan.model.store import load_bundle
 
     copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
     evaluate(
@@ -190,15 +190,15 @@ def test_cross_fitted_local_calibration(trained_bundle, small_data, tmp_path):
 def examples_evaluated(tmp_path_factory):
     """The bundled `fast` model on the 16 bundled examples (8 bacterial, no viral pneumonia): its subtype
     sensitivity, precision and F1 are undefined."""
-    from pneumoscan.demo import EXAMPLES
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.cli.demo import EXAMPLES
+    from pneumoscan.evaluation.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("examples-eval")
     return out, evaluate(EXAMPLES, None, ["fast"], out, n_resamples=200, progress=False)
 
 
 def test_undefined_metrics_never_read_as_zero(examples_evaluated):
-    from pneumoscan.evaluation import metrics_table
+    from pneumoscan.evaluation.evaluate import metrics_table
 
     out, summary = examples_evaluated
     report = json.loads((out / "metrics.json").read_text())
@@ -224,7 +224,7 @@ def test_undefined_metrics_never_read_as_zero(examples_evaluated):
 
 
 def test_undefined_reasons():
-    from pneumoscan.metrics import binary_metrics, undefined_reason
+    from pneumoscan.core.metrics import binary_metrics, undefined_reason
 
     none_called = binary_metrics([0, 0, 1], [0.1, 0.2, 0.3], 0.5)  # no positive call
     assert none_called["precision"] is None and undefined_reason(none_called, "precision") == "none predicted positive"

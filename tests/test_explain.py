@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pneumoscan import Classifier
-from pneumoscan.bundle import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT
-from pneumoscan.demo import EXAMPLES
-from pneumoscan.explain import ClosedFormError, class_activation_map, grad_cam_map
-from pneumoscan.images import prepare
+from pneumoscan.cli.demo import EXAMPLES
+from pneumoscan.inference.explain import ClosedFormError, class_activation_map, grad_cam_map
+from pneumoscan.io.images import prepare
+from pneumoscan.model.schema import ONNX_FEATURE_MAP, ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT
 
 IMAGES = sorted(EXAMPLES.glob("*/*.jpeg"))
 

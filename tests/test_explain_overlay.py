@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pneumoscan import Classifier
-from pneumoscan.demo import EXAMPLES
-from pneumoscan.explain import CAM_CLEAR, CAM_OPAQUE, Explanation, cam_alpha
+from pneumoscan.cli.demo import EXAMPLES
+from pneumoscan.inference.explain import CAM_CLEAR, CAM_OPAQUE, Explanation, cam_alpha
 
 IMAGES = sorted(EXAMPLES.glob("*/*.jpeg"))
 

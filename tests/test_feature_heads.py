@@ -1,4 +1,4 @@
-"""Feature heads as one concept: the interface and the registry (``feature_heads.HEADS``), and the claim of
+"""Feature heads as one concept: the interface and the registry (``model.heads.registry.HEADS``), and the claim of
 docs/architecture.md that adding a head touches three files. A copy of the package gets a new head the
 documented way, its own module and one entry in the registry, and nothing else; the new head is then
 fitted by ``heads fit``, written into a bundle and vouched for by sha256, loaded back, applied by the
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import output
-from pneumoscan.bundle import ANSWER_FILES, MAX_FILE_BYTES
-from pneumoscan.feature_head import Batch, FeatureHead, signed_root
-from pneumoscan.feature_heads import HEADS, result_fields
-from pneumoscan.gate import Gate
-from pneumoscan.subtype import SubtypeHead
+from pneumoscan.inference import result as output
+from pneumoscan.model.heads.base import Batch, FeatureHead, signed_root
+from pneumoscan.model.heads.gate import Gate
+from pneumoscan.model.heads.registry import HEADS, result_fields
+from pneumoscan.model.heads.subtype import SubtypeHead
+from pneumoscan.model.schema import ANSWER_FILES, MAX_FILE_BYTES
 
 SRC = Path(__file__).parents[1] / "src" / "pneumoscan"
 
@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .feature_head import Batch, Evaluation, FeatureHead, FitData, Fitted, ResultField, read_safetensors, signed_root
-from .errors import ConfigError
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.model.heads.base import (
+    Batch, Evaluation, FeatureHead, FitData, Fitted, ResultField, read_safetensors, signed_root,
+)
 
 
 class DistanceHead(FeatureHead):
@@ -89,16 +91,18 @@ from pathlib import Path
 
 import pneumoscan
 assert Path(pneumoscan.__file__).parent == Path(sys.argv[1]), pneumoscan.__file__
-from pneumoscan import Classifier, output
-from pneumoscan.bundle import ANSWER_FILES, load_bundle
-from pneumoscan.cli import main
-from pneumoscan.data import list_images
-from pneumoscan.errors import ConfigError
-from pneumoscan.evaluation import evaluate, metrics_table
+from pneumoscan import Classifier
+from pneumoscan.cli.main import main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.evaluation.evaluate import evaluate, metrics_table
+from pneumoscan.inference import output, result
+from pneumoscan.io.dataset import list_images
+from pneumoscan.model.schema import ANSWER_FILES
+from pneumoscan.model.store import load_bundle
 
 bundle_path, data = Path(sys.argv[2]), Path(sys.argv[3])
-seen = {"answer_files": list(ANSWER_FILES), "fields": list(output.FIELDS), "csv": list(output.CSV_COLUMNS)}
-seen["page_fields"] = [f["name"] for f in output.field_list()]
+seen = {"answer_files": list(ANSWER_FILES), "fields": list(result.FIELDS), "csv": list(result.CSV_COLUMNS)}
+seen["page_fields"] = [f["name"] for f in result.field_list()]
 seen["heads_fit_exit"] = main(["heads", "fit", str(bundle_path), "--data", str(data), "--only", "distance", "--quiet"])
 bundle = load_bundle(bundle_path)  # checks every recorded sha256
 seen["recorded"] = sorted(bundle.config["files"])
@@ -139,14 +143,14 @@ def test_the_registry_holds_the_gate_then_the_subtype_head():
 def test_one_signed_root_for_both_heads():
     x = np.array([[4.0, -9.0, 0.0]])
     assert signed_root(x).tolist() == [[2.0, -3.0, 0.0]]
-    import pneumoscan.gate as gate
-    import pneumoscan.subtype as subtype
+    import pneumoscan.model.heads.gate as gate
+    import pneumoscan.model.heads.subtype as subtype
 
     assert not hasattr(gate, "_root") and not hasattr(subtype, "_transform")
 
 
 def test_a_refusing_head_keeps_its_fields_only(trained_bundle):
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     clf = Classifier(trained_bundle, gate=True)
     images = np.zeros((2, trained_bundle.image_size, trained_bundle.image_size), np.uint8)
@@ -165,14 +169,17 @@ def test_a_refusing_head_keeps_its_fields_only(trained_bundle):
 def test_a_new_head_touches_its_module_and_the_registry_only(trained_bundle, small_data, tmp_path):
     package = tmp_path / "src" / "pneumoscan"
     shutil.copytree(SRC, package, ignore=shutil.ignore_patterns("default_model", "__pycache__"))
-    (package / "distance_head.py").write_text(textwrap.dedent(DUMMY_HEAD))
-    registry = package / "feature_heads.py"
+    (package / "model" / "heads" / "distance.py").write_text(textwrap.dedent(DUMMY_HEAD))
+    registry = package / "model" / "heads" / "registry.py"
     text = registry.read_text()
     entry = "(Gate, SubtypeHead)"
     assert text.count(entry) == 1  # the registry's one line a new head is added to
     text = text.replace(entry, "(Gate, SubtypeHead, DistanceHead)")
     registry.write_text(
-        text.replace("from .gate import Gate\n", "from .distance_head import DistanceHead\nfrom .gate import Gate\n")
+        text.replace(
+            "from pneumoscan.model.heads.gate import Gate\n",
+            "from pneumoscan.model.heads.distance import DistanceHead\nfrom pneumoscan.model.heads.gate import Gate\n",
+        )
     )
     changed = [p.name for p in package.rglob("*.py") if not (SRC / p.relative_to(package)).exists()]
     changed += [
@@ -180,7 +187,7 @@ def test_a_new_head_touches_its_module_and_the_registry_only(trained_bundle, sma
         for p in package.rglob("*.py")
         if (SRC / p.relative_to(package)).exists() and p.read_bytes() != (SRC / p.relative_to(package)).read_bytes()
     ]
-    assert sorted(changed) == ["distance_head.py", "feature_heads.py"]
+    assert sorted(changed) == ["distance.py", "registry.py"]
 
     bundle = shutil.copytree(trained_bundle.path, tmp_path / "model")
     command = [sys.executable, "-c", SCENARIO, str(package), str(bundle), str(small_data), str(tmp_path / "evaluation")]

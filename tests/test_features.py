@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import real_images
 
-from pneumoscan import features as F
-from pneumoscan.data import Sample, load_split, patient_id, patient_series, split_by_number
-from pneumoscan.models import create_model
+from pneumoscan.io.dataset import Sample, load_split, patient_id, patient_series, split_by_number
+from pneumoscan.model.networks import create_model
+from pneumoscan.training import features as F
 
 pytestmark = pytest.mark.data
 
@@ -27,7 +27,7 @@ def test_features_are_cached_and_equal_the_network(tmp_path, monkeypatch):
 
     import torch
 
-    from pneumoscan.images import prepare
+    from pneumoscan.io.images import prepare
 
     net = create_model("efficientnet_lite0").eval()
     with torch.inference_mode():
@@ -88,12 +88,12 @@ def test_temporal_split_holds_out_the_highest_numbers_of_each_series():
 
 @pytest.mark.parametrize("head", ["logistic", "mlp"])
 def test_train_frozen_features_writes_a_working_bundle(small_data, tmp_path, head):
-    from pneumoscan import metrics as M
-    from pneumoscan.backbones import REGISTRY
-    from pneumoscan.data import load_images
-    from pneumoscan.models import predict_logits
-    from pneumoscan.recipe import TrainConfig
-    from pneumoscan.training import train
+    from pneumoscan.core import metrics as M
+    from pneumoscan.io.dataset import load_images
+    from pneumoscan.model.backbones import REGISTRY
+    from pneumoscan.model.networks import predict_logits
+    from pneumoscan.training.recipe import TrainConfig
+    from pneumoscan.training.trainer import train
 
     cfg = TrainConfig(
         data=str(small_data), out=str(tmp_path / "run"), frozen_features=True, head=head, val_fraction=0.3

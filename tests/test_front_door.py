@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import link_dataset, real_images
 
-from pneumoscan.cli import _COMMANDS
+from pneumoscan.cli.main import _COMMANDS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
 RUNNING = {"serve", "listen"}  # they run until stopped: started, asked, stopped

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 from conftest import real_images
 
-from pneumoscan import metrics as M
-from pneumoscan.backbones import REGISTRY
-from pneumoscan.bundle import ONNX, WEIGHTS, load_bundle
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import prepare
+from pneumoscan.core import metrics as M
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.images import prepare
+from pneumoscan.model.backbones import REGISTRY
+from pneumoscan.model.schema import ONNX, WEIGHTS
+from pneumoscan.model.store import load_bundle
 
 pytestmark = [pytest.mark.backbones, pytest.mark.data]
 
 
 def _validation_images(bundle, data):
-    from pneumoscan.data import load_images
+    from pneumoscan.io.dataset import load_images
 
     images, samples, _ = load_images(bundle.training_splits(data)[1], bundle.image_size, progress=False)
     return images, np.array([s.label for s in samples])
@@ -39,7 +40,7 @@ def test_the_bundle_stores_the_head_alone_and_pins_the_backbone(head_only_bundle
 
 
 def test_onnx_predicts_what_the_head_was_fitted_on(head_only_bundle):
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     bundle, data = head_only_bundle
     clf = Classifier(load_bundle(bundle.path), engine="onnx", gate=False)
@@ -49,8 +50,8 @@ def test_onnx_predicts_what_the_head_was_fitted_on(head_only_bundle):
     assert features.shape == (len(images), 768)
     # the head was fitted and scored on the int8 graph's features (cached, computed 32 at a time): the
     # shipped graph, run 8 at a time, gives the same features, logits and AUC
-    from pneumoscan.features import frozen_features
-    from pneumoscan.frozen_onnx import INT8, backbone_graph
+    from pneumoscan.model.frozen_graphs import INT8, backbone_graph
+    from pneumoscan.training.features import frozen_features
 
     graph = backbone_graph("dinov2_vits14", 224, INT8)
     cached, _, _ = frozen_features("dinov2_vits14", bundle.training_splits(data)[1], graph=graph, progress=False)
@@ -64,8 +65,8 @@ def test_onnx_predicts_what_the_head_was_fitted_on(head_only_bundle):
 def test_torch_path_agrees_with_the_fp32_onnx_path(head_only_bundle, tmp_path):
     import onnxruntime as ort
 
-    from pneumoscan.export import export_head_only
-    from pneumoscan.models import predict_outputs
+    from pneumoscan.model.networks import predict_outputs
+    from pneumoscan.model.onnx_export import export_head_only
 
     bundle, data = head_only_bundle
     images, _ = _validation_images(bundle, data)
@@ -79,7 +80,7 @@ def test_torch_path_agrees_with_the_fp32_onnx_path(head_only_bundle, tmp_path):
 
 
 def test_int8_features_follow_the_fp32_ones_on_real_images():
-    from pneumoscan.frozen_onnx import FP32, INT8, GraphFeatures, backbone_graph
+    from pneumoscan.model.frozen_graphs import FP32, INT8, GraphFeatures, backbone_graph
 
     paths = real_images("train", "NORMAL", 3) + real_images("train", "PNEUMONIA", 3) + real_images("test", "NORMAL", 2)
     images = np.stack([prepare(p, 224) for p in paths])
@@ -120,7 +121,7 @@ def test_tampered_head_weights_are_refused(head_only_bundle, tmp_path):
 def test_head_weights_of_another_shape_or_with_a_backbone_are_refused(head_only_bundle, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from pneumoscan.backbones import sha256_file
+    from pneumoscan.model.backbones import sha256_file
 
     bundle, _ = head_only_bundle
     folder = _copy(bundle, tmp_path)
@@ -150,7 +151,7 @@ def test_a_head_pinned_to_other_backbone_weights_is_refused(head_only_bundle, tm
 
 
 def test_grad_cam_on_a_vit_says_why_it_cannot(head_only_bundle):
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     bundle, _ = head_only_bundle
     clf = Classifier(load_bundle(bundle.path), engine="onnx", gate=False)
@@ -159,7 +160,7 @@ def test_grad_cam_on_a_vit_says_why_it_cannot(head_only_bundle):
 
 
 def test_no_static_int8_model_is_made_over_the_int8_backbone(head_only_bundle):
-    from pneumoscan.export import quantize_int8
+    from pneumoscan.model.onnx_export import quantize_int8
 
     bundle, _ = head_only_bundle
     with pytest.raises(ConfigError, match="already holds its backbone with int8 MatMul weights"):
@@ -168,7 +169,7 @@ def test_no_static_int8_model_is_made_over_the_int8_backbone(head_only_bundle):
 
 def test_int8_runs_the_int8_backbone_it_ships(head_only_bundle, recwarn):
     """A head-only bundle's model.onnx is its int8 model: `--int8` runs it alone, the same answers, no warning."""
-    from pneumoscan.inference import Classifier
+    from pneumoscan.inference.classifier import Classifier
 
     bundle, _ = head_only_bundle
     images = real_images("val", "NORMAL", 2)

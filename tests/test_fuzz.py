@@ -10,8 +10,8 @@ from corpus import REAL, dicom, encode, png16, real_grey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pneumoscan.errors import ImageError
-from pneumoscan.images import load_image, prepare
+from pneumoscan.core.errors import ImageError
+from pneumoscan.io.images import load_image, prepare
 
 settings.register_profile("suite", max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=20000, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

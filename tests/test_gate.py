@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan.errors import ConfigError
-from pneumoscan.gate import FeatureScore, Gate, Mahalanobis, image_statistics, keeping, refusal, shrinkage
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.model.heads.gate import FeatureScore, Gate, Mahalanobis, image_statistics, keeping, refusal, shrinkage
 
 
 def _features(rng, n, shift=0.0):
@@ -179,7 +179,7 @@ def test_refusals_on_every_path(trained_bundle, tmp_path):
     from ood import noise_and_blank, photographs
 
     from pneumoscan import Classifier
-    from pneumoscan.service import create_app
+    from pneumoscan.serving.service import create_app
 
     inputs = {"cat.png": photographs()["chelsea"], "blank.png": noise_and_blank()["blank 128"]}
     for name, data in inputs.items():
@@ -217,7 +217,7 @@ def test_bundled_gate_refuses_what_it_must_and_keeps_the_test_split():
     from ood import MUST_REFUSE
 
     from pneumoscan import Classifier
-    from pneumoscan.data import load_split
+    from pneumoscan.io.dataset import load_split
 
     clf = Classifier.load()
     assert clf.gate is not None
@@ -235,7 +235,7 @@ def _val_films() -> list[np.ndarray]:
     """The official val films at full resolution (never used to fit a bundle's gate)."""
     from conftest import VAL_FULLRES
 
-    from pneumoscan.images import load_image
+    from pneumoscan.io.images import load_image
 
     return [np.asarray(load_image(p)) for p in sorted(VAL_FULLRES.rglob("*.jpeg"))]
 
@@ -387,7 +387,7 @@ def test_colour_becomes_grey_one_way(tmp_path):
     """A colour file, array and PIL image become the same grey (ITU-R 601 luma) and record their chroma."""
     from PIL import Image
 
-    from pneumoscan.images import CHROMA, load_image
+    from pneumoscan.io.images import CHROMA, load_image
 
     rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     path = tmp_path / "c.png"

@@ -7,8 +7,9 @@ from dataclasses import fields
 
 import pytest
 
-from pneumoscan.bundle import CARD, GATE, SUBTYPE, load_bundle
-from pneumoscan.cli import main
+from pneumoscan.cli.main import main
+from pneumoscan.model.schema import CARD, GATE, SUBTYPE
+from pneumoscan.model.store import load_bundle
 
 
 def _sha256(path) -> str:
@@ -37,8 +38,8 @@ def test_heads_fit_writes_the_subtype_head_records_it_and_regenerates_the_card(t
 
 
 def test_heads_fit_refuses_a_bad_value_as_the_api_does(tmp_path, capsys):
-    from pneumoscan.errors import ConfigError
-    from pneumoscan.heads import fit_heads
+    from pneumoscan.core.errors import ConfigError
+    from pneumoscan.training.heads import fit_heads
 
     assert main(["heads", "fit", str(tmp_path), "--data", str(tmp_path), "--only", "lungs"]) == 2
     with pytest.raises(ConfigError) as raised:
@@ -47,9 +48,8 @@ def test_heads_fit_refuses_a_bad_value_as_the_api_does(tmp_path, capsys):
 
 
 def test_only_takes_the_heads_there_are():
-    from pneumoscan.heads import FITTERS
-    from pneumoscan.options import HeadsFitOptions
-    from pneumoscan.settings import _spec
+    from pneumoscan.core.settings import _spec
+    from pneumoscan.training.heads import FITTERS, HeadsFitOptions
 
     only = next(f for f in fields(HeadsFitOptions) if f.name == "only")
     assert set(_spec(only).choices) == set(FITTERS)

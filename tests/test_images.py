@@ -5,8 +5,8 @@ import pytest
 from corpus import REAL, bomb_png, dicom, encode, exif_rotated, png16, real_grey, write
 from PIL import Image
 
-from pneumoscan.errors import ImageError
-from pneumoscan.images import load_image, prepare
+from pneumoscan.core.errors import ImageError
+from pneumoscan.io.images import load_image, prepare
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_draft_decoding_changes_little():
     """Reduced-scale JPEG decoding on full-resolution files: pixels close to a full decode."""
     from conftest import FULLRES
 
-    from pneumoscan.images import Preprocessing
+    from pneumoscan.io.images import Preprocessing
 
     for path in sorted((FULLRES / "NORMAL").iterdir())[:4]:
         full = Preprocessing(224).apply(load_image(path))

@@ -10,9 +10,9 @@ from corpus import REAL, write
 from PIL import Image
 
 from pneumoscan import Classifier
-from pneumoscan.errors import ConfigError
-from pneumoscan.explain import class_activation_map
-from pneumoscan.images import prepare
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.inference.explain import class_activation_map
+from pneumoscan.io.images import prepare
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_onnx_matches_torch_on_real_images(exported_bundle):
 
 @pytest.mark.data
 def test_int8_stays_close(exported_bundle):
-    from pneumoscan.metrics import roc_auc
+    from pneumoscan.core.metrics import roc_auc
 
     files = real_images("test", "NORMAL", 30) + real_images("test", "PNEUMONIA", 30)
     y = [0] * 30 + [1] * 30
@@ -74,7 +74,7 @@ def test_int8_stays_close(exported_bundle):
 
 
 def test_auto_engine_exports_once_into_the_cache(trained_bundle):
-    from pneumoscan.inference import onnx_cache_path
+    from pneumoscan.inference.engines import onnx_cache_path
 
     clf = Classifier.load(trained_bundle.path)  # the bundle carries no ONNX model
     assert clf.engine.name == "onnx"

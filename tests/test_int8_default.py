@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import real_images
 
-from pneumoscan.bundle import load_bundle, resolve_model
-from pneumoscan.errors import ConfigError
-from pneumoscan.inference import Classifier
-from pneumoscan.quantization import MUST, int8_status
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.model.quantization import MUST, int8_status
+from pneumoscan.model.store import load_bundle, resolve_model
 
 pytestmark = pytest.mark.data
 
@@ -95,7 +95,8 @@ def test_a_new_operating_point_keeps_the_measured_int8(tmp_path):
 
 
 def test_export_measures_int8_on_the_validation_films_and_the_choice_follows(trained_bundle, small_data, tmp_path):
-    from pneumoscan.export import export_onnx, quantize_int8, record_int8_agreement, training_images
+    from pneumoscan.model.onnx_export import export_onnx, quantize_int8
+    from pneumoscan.training.export import record_int8_agreement, training_images
 
     bundle = load_bundle(shutil.copytree(trained_bundle.path, tmp_path / "model"))
     fp32 = export_onnx(bundle)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pneumoscan import metrics as M
+from pneumoscan.core import metrics as M
 
 Y = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 P = [0.1, 0.4, 0.6, 0.2, 0.8, 0.7, 0.3, 0.9, 0.6, 0.55]

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.errors import ConfigError
-from pneumoscan.images import prepare
-from pneumoscan.models import create_model, imagenet_classifier, lite0_from_lukemelas
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.images import prepare
+from pneumoscan.model.networks import create_model, imagenet_classifier, lite0_from_lukemelas
 
 CATS = {281, 282, 285}
 

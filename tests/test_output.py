@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.bundle import resolve_model
-from pneumoscan.cli import main
-from pneumoscan.figures import short_name
-from pneumoscan.inference import Prediction
-from pneumoscan.output import CSV_COLUMNS, FIELDS, TABLE, record, write_predictions
+from pneumoscan.cli.main import main
+from pneumoscan.inference.output import TABLE, write_predictions
+from pneumoscan.inference.result import CSV_COLUMNS, FIELDS, Prediction, record
+from pneumoscan.model.store import resolve_model
+from pneumoscan.report.figures import short_name
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "examples"
 SHIPPED = resolve_model("default")
@@ -32,7 +32,7 @@ def _run(capsys, *args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """The shipped model on the examples folder (a flat NORMAL/PNEUMONIA folder), as `evaluate` writes it."""
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
     return out, evaluate(EXAMPLES, "test", None, out, n_resamples=50, progress=False)
@@ -113,7 +113,7 @@ def test_predict_prints_each_error_once_and_format_must_agree_with_output(tmp_pa
 
 
 def test_export_into_the_bundle_by_its_path_is_used(tmp_path, capsys):
-    from pneumoscan.bundle import load_bundle
+    from pneumoscan.model.store import load_bundle
 
     bundle = shutil.copytree(SHIPPED, tmp_path / "model")
     code, _, err = _run(capsys, "export", "--model", bundle, "--out", bundle / "other.onnx")
@@ -179,8 +179,8 @@ def test_resume_reads_the_sidecar_and_refuses_without_it(tmp_path, capsys):
 
 def test_a_results_file_of_the_older_format_still_resumes(tmp_path, capsys):
     """pneumoscan-results/1 kept the settings on the first line; such a file is resumed in its own format."""
-    from pneumoscan.inference import Classifier
-    from pneumoscan.output import LEGACY_FORMAT, results_settings
+    from pneumoscan.inference.classifier import Classifier
+    from pneumoscan.inference.output import LEGACY_FORMAT, results_settings
 
     settings = {**results_settings(Classifier.load(SHIPPED), True), "format": LEGACY_FORMAT}
     out = tmp_path / "old.jsonl"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from pneumoscan.bundle import resolve_model
-from pneumoscan.cli import build_parser, main
-from pneumoscan.data import Augmentation
-from pneumoscan.errors import ConfigError
-from pneumoscan.recipe import RECIPES, TrainConfig
-from pneumoscan.settings import given
+from pneumoscan.cli.main import build_parser, main
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.core.settings import given
+from pneumoscan.model.store import resolve_model
+from pneumoscan.training.augment import Augmentation
+from pneumoscan.training.recipe import RECIPES, TrainConfig
 
 SHIPPED_CONFIG = resolve_model("default") / "config.json"  # the recipe's model
 NOT_THE_RECIPE = {"data", "out", "recipe", "devices", "num_nodes", "accelerator", "precision", "workers", "cache"}
@@ -72,7 +72,7 @@ def test_the_bundle_records_its_recipe(trained_bundle):
 def test_a_split_seed_fixes_the_validation_patients_while_the_seed_varies():
     from conftest import D224
 
-    from pneumoscan.data import recipe_splits
+    from pneumoscan.io.dataset import recipe_splits
 
     def validation(*flags):
         return [s.path for s in recipe_splits(D224, _config(*flags).recorded())[1]]

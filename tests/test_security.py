@@ -20,9 +20,9 @@ from corpus import REAL, bomb_png, dicom, encode, real_grey, write
 from PIL import Image
 
 from pneumoscan import Classifier
-from pneumoscan.bundle import load_bundle
-from pneumoscan.errors import ConfigError, ImageError
-from pneumoscan.images import load_image
+from pneumoscan.core.errors import ConfigError, ImageError
+from pneumoscan.io.images import load_image
+from pneumoscan.model.store import load_bundle
 
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
@@ -62,7 +62,7 @@ def test_resume_refuses_a_planted_checkpoint(small_data, tmp_path):
 
 
 def test_resume_state_cannot_point_outside_the_run(small_data, tmp_path):
-    from pneumoscan.training import RunState
+    from pneumoscan.training.trainer import RunState
 
     run = tmp_path / "run"
     run.mkdir()
@@ -95,7 +95,8 @@ def test_resume_with_a_broken_config_is_one_line(tmp_path, config, fragment):
 @pytest.fixture
 def hostile_bundle(exported_bundle, tmp_path):
     """A copy of a real bundle whose strings carry markup, as a hostile author would write them."""
-    from pneumoscan.bundle import WEIGHTS, write_bundle
+    from pneumoscan.model.bundle import write_bundle
+    from pneumoscan.model.schema import WEIGHTS
 
     copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
     bundle = load_bundle(copy)
@@ -125,7 +126,7 @@ def test_swapped_onnx_is_refused(exported_bundle, tmp_path):
 
 def test_onnx_from_other_weights_is_refused_even_with_a_matching_sha(exported_bundle, trained_bundle, tmp_path):
     """An ONNX model must carry the bundle's weights digest in its metadata, whatever config.json says."""
-    from pneumoscan.bundle import sha256_file
+    from pneumoscan.model.backbones import sha256_file
 
     copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
     other = tmp_path / "other.onnx"
@@ -145,7 +146,7 @@ def test_onnx_from_other_weights_is_refused_even_with_a_matching_sha(exported_bu
 
 
 def test_a_poisoned_cache_entry_is_exported_again(trained_bundle):
-    from pneumoscan.inference import onnx_cache_path
+    from pneumoscan.inference.engines import onnx_cache_path
 
     Classifier.load(trained_bundle.path)  # fills the cache
     path = onnx_cache_path(trained_bundle)
@@ -191,7 +192,8 @@ def test_onnx_with_the_wrong_contract_is_refused(exported_bundle, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from pneumoscan.bundle import onnx_metadata, sha256_file
+    from pneumoscan.model.backbones import sha256_file
+    from pneumoscan.model.bundle import onnx_metadata
 
     copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
     size = exported_bundle.image_size
@@ -245,7 +247,7 @@ def test_csv_cells_never_start_a_formula(hostile_names, trained_bundle):
 def test_evaluation_predictions_csv_is_safe_too(trained_bundle, tmp_path):
     import csv
 
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     root = tmp_path / "data"
     for label, source in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_virus_6.jpeg")):
@@ -613,7 +615,7 @@ def test_the_served_model_card_is_generated_not_read(trained_bundle, tmp_path):
     """A card swapped for a link to a private file after the service started is never sent."""
     from fastapi.testclient import TestClient
 
-    from pneumoscan.service import create_app
+    from pneumoscan.serving.service import create_app
 
     copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
     secret = tmp_path / "secret.txt"
@@ -686,14 +688,14 @@ def test_resume_matches_inputs_by_resolved_path_and_csv_names_never_collide(trai
 
 
 def _settings(**changes) -> dict:
-    from pneumoscan.output import RESULTS_FORMAT
+    from pneumoscan.inference.output import RESULTS_FORMAT
 
     base = {"format": RESULTS_FORMAT, "model": "m", "weights_sha256": "0" * 64, "engine": "onnx"}
     return {**base, "threshold": 0.5, "temperature": 1.0, "gate": "on", "cwd": "/", **changes}
 
 
 def test_a_second_writer_of_a_results_file_is_refused(tmp_path):
-    from pneumoscan.output import ResultsFile
+    from pneumoscan.inference.output import ResultsFile
 
     first = ResultsFile(tmp_path / "r.jsonl", _settings(), ["/x.jpeg"])
     try:
@@ -709,7 +711,7 @@ def test_resume_reads_the_file_a_line_at_a_time(tmp_path):
     """Memory follows this run's inputs, not the size of the file being resumed."""
     import tracemalloc
 
-    from pneumoscan.output import ResultsFile
+    from pneumoscan.inference.output import ResultsFile
 
     path = tmp_path / "big.jsonl"
     row = {"path": "", "error": "x" * 200}
@@ -766,7 +768,7 @@ def test_a_recursive_glob_over_a_deep_tree(trained_bundle, tmp_path):
 def test_glob_files_agrees_with_glob_on_a_small_tree(tmp_path, monkeypatch):
     import glob
 
-    from pneumoscan.inference import glob_files
+    from pneumoscan.inference.inputs import glob_files
 
     for name in ("a/b/x.jpeg", "a/.hidden/y.jpeg", "c/z.png", "top.jpeg", "a/b/c/d/w.dcm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -831,9 +833,9 @@ def test_an_empty_path_is_a_usage_error(tmp_path, args):
 
 
 def test_the_api_refuses_an_empty_path_too(trained_bundle, tmp_path):
-    from pneumoscan.calibrate import calibrate_bundle
-    from pneumoscan.data import check_dataset
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
+    from pneumoscan.io.dataset import check_dataset
+    from pneumoscan.training.calibrate import calibrate_bundle
 
     for call in (
         lambda: check_dataset(""),
@@ -864,7 +866,7 @@ def tiny_split(tmp_path):
 def test_the_ledger_records_the_code_that_ran_not_the_current_folder(trained_bundle, tiny_split, tmp_path):
     import csv
 
-    from pneumoscan.evaluation import code_version
+    from pneumoscan.evaluation.evaluate import code_version
 
     other = tmp_path / "other-repo"  # the user runs pneumoscan from inside another repository
     other.mkdir()

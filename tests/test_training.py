@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan.bundle import load_bundle
-from pneumoscan.errors import ConfigError
-from pneumoscan.training import TrainConfig, train
+from pneumoscan.core.errors import ConfigError
+from pneumoscan.model.store import load_bundle
+from pneumoscan.training.recipe import TrainConfig
+from pneumoscan.training.trainer import train
 
 
 def test_run_folder_holds_everything(trained_bundle):
@@ -37,7 +38,7 @@ def test_run_folder_holds_everything(trained_bundle):
 def test_training_learns_and_evaluation_on_real_test_images_shows_it(trained_bundle, small_data, tmp_path):
     """End to end on real images: a broken pipeline (labels shuffled, misaligned predictions,
     wrong normalisation) would not reach this AUC on held-out test images."""
-    from pneumoscan.evaluation import evaluate
+    from pneumoscan.evaluation.evaluate import evaluate
 
     summary = evaluate(small_data, "test", [str(trained_bundle.path)], tmp_path, n_resamples=200, progress=False)
     report = summary["models"][0]
@@ -187,7 +188,7 @@ def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
 
 
 def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
-    from pneumoscan.data import fits_in_memory
+    from pneumoscan.io.dataset import fits_in_memory
 
     assert fits_in_memory(5216, 224) and not fits_in_memory(10**9, 224)
     bundle = train(

@@ -25,7 +25,7 @@ def _edit(bundle_path, name: str, edit) -> None:
     and re-record its sha256 in config.json: what a hostile author can do."""
     import onnx
 
-    from pneumoscan.bundle import sha256_file
+    from pneumoscan.model.backbones import sha256_file
 
     path = bundle_path / name
     model = onnx.load(str(path))
@@ -190,8 +190,8 @@ def test_verify_passes_a_bundle_exported_here(exported_bundle):
 
 def test_each_run_probes_with_images_of_its_own(exported_bundle):
     """The probe images come from a fresh seed each run: a graph cannot be made to behave on them alone."""
-    from pneumoscan.images import prepare
-    from pneumoscan.verify import probe_images, reference_images, verify_bundle
+    from pneumoscan.evaluation.verify import probe_images, reference_images, verify_bundle
+    from pneumoscan.io.images import prepare
 
     films = np.stack([prepare(f, exported_bundle.preprocessing) for f in reference_images()])
     a, b = probe_images(films, 1), probe_images(films, 2)
@@ -205,7 +205,7 @@ def test_a_graph_with_its_tensors_renamed_is_the_same_graph(exported_bundle):
     """The comparison follows wiring and values, not the names an exporter gives its tensors."""
     import onnx
 
-    from pneumoscan.onnx_compare import graph_difference
+    from pneumoscan.model.onnx_compare import graph_difference
 
     model = onnx.load(str(exported_bundle.path / "model.int8.onnx"))
     renamed = onnx.load(str(exported_bundle.path / "model.int8.onnx"))
@@ -247,7 +247,7 @@ def test_verify_catches_an_edited_graph_that_loads(exported_bundle, tmp_path, ed
     """Each edit keeps the metadata and re-records the digest, so the bundle loads and predicts; verify names
     the edited model as not the graph its weights export to, and passes the other."""
     from pneumoscan import Classifier
-    from pneumoscan.verify import verify_bundle
+    from pneumoscan.evaluation.verify import verify_bundle
 
     name, change = EDITS[edit]
     copy = shutil.copytree(exported_bundle.path, tmp_path / "model")
@@ -275,9 +275,9 @@ def test_the_bundled_default_passes():
 
 def _towards_normal(bundle, size: float) -> np.ndarray:
     """A feature offset of ``size`` times the mean feature norm, along the direction that lowers the head's logit."""
-    from pneumoscan.images import prepare
-    from pneumoscan.inference import OnnxEngine
-    from pneumoscan.verify import reference_images
+    from pneumoscan.evaluation.verify import reference_images
+    from pneumoscan.inference.engines import OnnxEngine
+    from pneumoscan.io.images import prepare
 
     head = bundle.head_weights()
     direction = -(head["w2"] @ head["w1"])[0]
@@ -302,7 +302,7 @@ def test_verify_catches_an_edited_head_only_graph(head_only_bundle, tmp_path, ed
     """A head-only bundle (a frozen DINOv2) ships its backbone only as an int8 graph: verify rebuilds that graph
     from the registry's pinned weights, so an edit is caught whatever its size, and compares its logits with the
     head on the float32 backbone's features, so a shift that moves answers is caught by the numbers too."""
-    from pneumoscan.verify import TOLERANCE, verify_bundle
+    from pneumoscan.evaluation.verify import TOLERANCE, verify_bundle
 
     bundle, _ = head_only_bundle
     (genuine,) = verify_bundle(bundle.path)

@@ -5,9 +5,9 @@
 >>> clf.predict(["chest.jpeg"])
 """
 
-__version__ = "0.1.0"
-
-from .errors import ConfigError, ImageError, PneumoscanError  # noqa: E402
-from .inference import Classifier, Prediction  # noqa: E402
+from pneumoscan.core.errors import ConfigError, ImageError, PneumoscanError
+from pneumoscan.core.package import __version__
+from pneumoscan.inference.classifier import Classifier
+from pneumoscan.inference.result import Prediction
 
 __all__ = ["Classifier", "Prediction", "PneumoscanError", "ConfigError", "ImageError", "__version__"]

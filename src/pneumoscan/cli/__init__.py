@@ -1,0 +1,1 @@
+"""The pneumoscan command: argument parsing over the API, and the demo. Imports every layer."""

@@ -1,0 +1,1 @@
+"""Held-out evaluation, the ledger of test reads, bundle verification. Imports core to inference."""

@@ -1,0 +1,1 @@
+"""Figures (PNG) and the HTML report of an evaluation. Imports core."""

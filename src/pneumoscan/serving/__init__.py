@@ -1,0 +1,1 @@
+"""The HTTP service and its page, the DICOM node. Imports core, io, model, inference."""

@@ -1,0 +1,1 @@
+"""Making bundles: trainers, heads, calibration, adaptation, ensembles, export. Imports core to evaluation."""
