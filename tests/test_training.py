@@ -11,6 +11,12 @@ from pneumoscan.model.store import load_bundle
 from pneumoscan.training.recipe import TrainConfig
 from pneumoscan.training.trainer import train
 
+# Tests of a mechanism (seeding, DDP, torchrun, resume, streaming, skipping, progress) train at this size: the
+# network's cost per image falls with its area (about 12x from 224 px), and so does a small run's largest
+# step, the input gate's features of its validation films under every acquisition perturbation. The session's
+# ``trained_bundle`` stays at 224 px: the tests above read its quality on held-out test images.
+MECHANISM_SIZE = 64
+
 
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent
@@ -57,7 +63,14 @@ def test_seeded_cpu_runs_repeat(small_data, tmp_path):
     def run(out):
         train(
             TrainConfig(
-                data=str(small_data), out=str(out), epochs=1, fine_tune_epochs=0, limit=24, progress=False, seed=5
+                data=str(small_data),
+                out=str(out),
+                epochs=1,
+                fine_tune_epochs=0,
+                limit=24,
+                image_size=MECHANISM_SIZE,
+                progress=False,
+                seed=5,
             )
         )
         return open(out / "history.csv").read().splitlines()[1].split(",")
@@ -102,6 +115,8 @@ def test_fine_tuning_and_ddp_on_two_cpu_processes(small_data, tmp_path):
         "24",
         "--devices",
         "2",
+        "--image-size",
+        str(MECHANISM_SIZE),
         "--quiet",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -134,6 +149,8 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
         "60",
         "--seed",
         "3",
+        "--image-size",
+        str(MECHANISM_SIZE),
         "--quiet",
     ]
     cli = [sys.executable, "-m", "pneumoscan.cli"]
@@ -150,6 +167,8 @@ def test_resume_after_sigkill_mid_epoch(small_data, tmp_path):
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    history = killed / "history.csv"
+    assert len(list(csv.DictReader(open(history))) if history.is_file() else []) < 4  # killed with epochs to go
     assert not (killed / "model").exists()
     import torch
 
@@ -181,7 +200,16 @@ def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
 
     root = link_dataset(tmp_path / "data", {"train": 20})
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"broken")
-    bundle = train(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=1, fine_tune_epochs=0, progress=False))
+    bundle = train(
+        TrainConfig(
+            data=str(root),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            fine_tune_epochs=0,
+            image_size=MECHANISM_SIZE,
+            progress=False,
+        )
+    )
     skipped = bundle.config["training"]["skipped_unreadable"]
     assert len(skipped) == 1 and "IM-9999-0001.jpeg" in skipped[0]
     assert "skipped" in capsys.readouterr().out
@@ -200,6 +228,7 @@ def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
             limit=24,
             cache="disk",
             workers=2,
+            image_size=MECHANISM_SIZE,
             progress=False,
         )
     )
@@ -232,6 +261,8 @@ def test_two_nodes_under_torchrun_train_one_bundle(small_data, tmp_path):
             "2",
             "--accelerator",
             "cpu",
+            "--image-size",
+            str(MECHANISM_SIZE),
             "--quiet",
         ]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -253,7 +284,17 @@ def test_every_phase_after_the_epochs_is_named_with_a_bar_over_its_images(small_
     show a bar that reaches its count."""
     import re
 
-    train(TrainConfig(data=str(small_data), out=str(tmp_path), epochs=1, fine_tune_epochs=0, limit=24, seed=1))
+    train(
+        TrainConfig(
+            data=str(small_data),
+            out=str(tmp_path),
+            epochs=1,
+            fine_tune_epochs=0,
+            limit=24,
+            seed=1,
+            image_size=MECHANISM_SIZE,
+        )
+    )
     err = capfd.readouterr().err
     after = err[err.index("after training: temperature and threshold") :]
     for step in ("training curves", "the feature heads (gate, subtype)", "writing the bundle to"):
