@@ -18,6 +18,14 @@ from pneumoscan.training.trainer import train
 MECHANISM_SIZE = 64
 
 
+def mechanism_run(data, out, **options):
+    """One frozen epoch at MECHANISM_SIZE, quiet unless ``progress`` is given: a run for a mechanism's test."""
+    options = {"progress": False, **options}
+    return train(
+        TrainConfig(data=str(data), out=str(out), epochs=1, fine_tune_epochs=0, image_size=MECHANISM_SIZE, **options)
+    )
+
+
 def test_run_folder_holds_everything(trained_bundle):
     run = trained_bundle.path.parent
     for name in (
@@ -61,18 +69,7 @@ def test_best_weights_by_validation_auc_are_kept(trained_bundle):
 
 def test_seeded_cpu_runs_repeat(small_data, tmp_path):
     def run(out):
-        train(
-            TrainConfig(
-                data=str(small_data),
-                out=str(out),
-                epochs=1,
-                fine_tune_epochs=0,
-                limit=24,
-                image_size=MECHANISM_SIZE,
-                progress=False,
-                seed=5,
-            )
-        )
+        mechanism_run(small_data, out, limit=24, seed=5)
         return open(out / "history.csv").read().splitlines()[1].split(",")
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
@@ -200,16 +197,7 @@ def test_unreadable_training_images_are_listed_and_skipped(tmp_path, capsys):
 
     root = link_dataset(tmp_path / "data", {"train": 20})
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"broken")
-    bundle = train(
-        TrainConfig(
-            data=str(root),
-            out=str(tmp_path / "run"),
-            epochs=1,
-            fine_tune_epochs=0,
-            image_size=MECHANISM_SIZE,
-            progress=False,
-        )
-    )
+    bundle = mechanism_run(root, tmp_path / "run")
     skipped = bundle.config["training"]["skipped_unreadable"]
     assert len(skipped) == 1 and "IM-9999-0001.jpeg" in skipped[0]
     assert "skipped" in capsys.readouterr().out
@@ -219,19 +207,7 @@ def test_images_stream_from_disk_when_they_do_not_fit(small_data, tmp_path):
     from pneumoscan.io.dataset import fits_in_memory
 
     assert fits_in_memory(5216, 224) and not fits_in_memory(10**9, 224)
-    bundle = train(
-        TrainConfig(
-            data=str(small_data),
-            out=str(tmp_path),
-            epochs=1,
-            fine_tune_epochs=0,
-            limit=24,
-            cache="disk",
-            workers=2,
-            image_size=MECHANISM_SIZE,
-            progress=False,
-        )
-    )
+    bundle = mechanism_run(small_data, tmp_path, limit=24, cache="disk", workers=2)
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert len(rows) == 1 and 0.5 < float(rows[0]["val_auc"]) <= 1 and 0 < bundle.threshold < 1
 
@@ -284,17 +260,7 @@ def test_every_phase_after_the_epochs_is_named_with_a_bar_over_its_images(small_
     show a bar that reaches its count."""
     import re
 
-    train(
-        TrainConfig(
-            data=str(small_data),
-            out=str(tmp_path),
-            epochs=1,
-            fine_tune_epochs=0,
-            limit=24,
-            seed=1,
-            image_size=MECHANISM_SIZE,
-        )
-    )
+    mechanism_run(small_data, tmp_path, limit=24, seed=1, progress=True)
     err = capfd.readouterr().err
     after = err[err.index("after training: temperature and threshold") :]
     for step in ("training curves", "the feature heads (gate, subtype)", "writing the bundle to"):
